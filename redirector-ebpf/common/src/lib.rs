@@ -1,0 +1,292 @@
+//! Types and names shared by the redirector kernel programs and user space.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and no `bool`, so the
+//! kernel object and the loader agree on every byte. Each field says its byte
+//! order. Program and map names are spelled once, here.
+//!
+//! With the `user` feature the types implement `aya::Pod` so user space can
+//! read and write the maps.
+#![no_std]
+
+/// Program names, as the ELF symbols of the kernel object.
+pub mod programs {
+    pub const CONNECT4: &str = "redirector_connect4";
+    pub const CONNECT6: &str = "redirector_connect6";
+    pub const SOCKOPS: &str = "redirector_sockops";
+    pub const GETSOCKOPT: &str = "redirector_getsockopt";
+    /// Every program, in the order the loader attaches them. The getsockopt
+    /// and sockops programs go first so that a connection redirected by
+    /// connect4/6 always finds them in place.
+    pub const ALL: [&str; 4] = [GETSOCKOPT, SOCKOPS, CONNECT4, CONNECT6];
+}
+
+/// Map names, as the ELF symbols of the kernel object and the file names of
+/// their pins under the bpffs directory.
+pub mod maps {
+    /// cgroup id (u64) -> [`super::Enrollment`]. Written by user space.
+    pub const ENROLLED: &str = "ENROLLED";
+    /// destination port (u16, host order) -> u8. Written by user space.
+    pub const EXCLUDED_PORTS: &str = "EXCL_PORTS";
+    /// LPM trie of IPv4 prefixes that are never captured.
+    pub const EXCLUDED_CIDRS4: &str = "EXCL_CIDR4";
+    /// LPM trie of IPv6 prefixes that are never captured.
+    pub const EXCLUDED_CIDRS6: &str = "EXCL_CIDR6";
+    /// One [`super::CaptureConfig`] at index 0. Written by user space.
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-CPU decision counters: [`super::CounterKey`] -> u64.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Original destinations of connections between the client's connect()
+    /// and the proxy's accept: [`super::ConnKey`] -> [`super::OriginalDst`].
+    /// An entry lives only for the TCP handshake.
+    pub const PENDING: &str = "PENDING_DST";
+    /// Socket-local storage holding each captured socket's original destination.
+    pub const SOCKET_DST: &str = "SOCKET_DST";
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `SO_ORIGINAL_DST` (`SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (`SOL_IPV6`) share
+/// this option number.
+pub const SO_ORIGINAL_DST: i32 = 80;
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+
+/// The default outbound listener port (Istio's).
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// The default socket mark of the proxy's own upstream sockets (Istio's
+/// 1337 is a uid; the mark is ours).
+pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+
+/// [`CaptureConfig::flags`]: capture connections to loopback destinations too.
+pub const FLAG_CAPTURE_LOOPBACK: u32 = 1;
+
+/// Settings the kernel programs read on every connect. Index 0 of
+/// [`maps::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// cgroup v2 id (inode number) of the proxy's cgroup; host order.
+    pub proxy_cgroup_id: u64,
+    /// Socket mark the proxy sets on its upstream sockets; host order.
+    pub proxy_mark: u32,
+    /// `FLAG_*` bits; host order.
+    pub flags: u32,
+    /// Port of the proxy's outbound listener; host order.
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`maps::ENROLLED`]: how a cgroup is enrolled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrollment {
+    /// Reserved for per-workload capture flags; 0 today. Host order.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Where a captured connection was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// The address as the kernel holds it: network byte order, four 32-bit
+    /// words laid out as the 16 address bytes. An IPv4 destination sits in
+    /// the IPv4-mapped form `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// Destination port; host order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family the application connected with
+    /// (IPv4-mapped IPv6 destinations are `AF_INET`); host order.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of [`maps::PENDING`]: the client end of a captured connection as both
+/// ends of the handshake see it. The network namespace cookie keeps two
+/// pods' identical loopback addresses apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Network namespace cookie; host order.
+    pub netns_cookie: u64,
+    /// Client address, IPv4 in the IPv4-mapped form; network order words.
+    pub addr: [u32; 4],
+    /// Client port; host order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Every decision the kernel programs count.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// connect() of an enrolled workload sent to the proxy.
+    Redirected = 0,
+    /// connect() from a cgroup that is not enrolled.
+    NotEnrolled = 1,
+    /// Destination port is excluded.
+    ExcludedPort = 2,
+    /// Destination address is in an excluded CIDR.
+    ExcludedCidr = 3,
+    /// Destination is loopback and loopback capture is off.
+    ExcludedLoopback = 4,
+    /// connect() by the proxy itself (its cgroup or its socket mark).
+    ProxyOwn = 5,
+    /// A map or socket storage was full: the connection went uncaptured.
+    ErrorMapFull = 6,
+    /// The proxy accepted a connection whose original destination was not
+    /// found.
+    ErrorLookupMiss = 7,
+    /// The proxy asked for a connection's original destination and got it.
+    OriginalDstAnswered = 8,
+}
+
+impl Decision {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Decision; Self::COUNT] = [
+        Decision::Redirected,
+        Decision::NotEnrolled,
+        Decision::ExcludedPort,
+        Decision::ExcludedCidr,
+        Decision::ExcludedLoopback,
+        Decision::ProxyOwn,
+        Decision::ErrorMapFull,
+        Decision::ErrorLookupMiss,
+        Decision::OriginalDstAnswered,
+    ];
+
+    /// The name used in `redirector status` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decision::Redirected => "redirected",
+            Decision::NotEnrolled => "not_enrolled",
+            Decision::ExcludedPort => "excluded_port",
+            Decision::ExcludedCidr => "excluded_cidr",
+            Decision::ExcludedLoopback => "excluded_loopback",
+            Decision::ProxyOwn => "proxy_own",
+            Decision::ErrorMapFull => "error_map_full",
+            Decision::ErrorLookupMiss => "error_lookup_miss",
+            Decision::OriginalDstAnswered => "original_dst_answered",
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Option<Decision> {
+        if (v as usize) < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Key of [`maps::COUNTERS`]. Counts from sockops, where no cgroup id is at
+/// hand, use cgroup id 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    /// cgroup v2 id; host order.
+    pub cgroup_id: u64,
+    /// A [`Decision`]; host order.
+    pub decision: u32,
+    pub _pad: u32,
+}
+
+/// Sizes of the maps, shared so user space can say when one is full.
+pub const MAX_ENROLLED: u32 = 16_384;
+pub const MAX_EXCLUDED_PORTS: u32 = 1_024;
+pub const MAX_EXCLUDED_CIDRS: u32 = 1_024;
+pub const MAX_COUNTERS: u32 = 65_536;
+/// Handshakes in flight at once (entries live from SYN to accept).
+pub const MAX_PENDING: u32 = 65_536;
+
+impl OriginalDst {
+    /// The IPv4 address (network order word) when the destination is IPv4.
+    pub const fn ipv4(&self) -> Option<u32> {
+        if self.family == AF_INET {
+            Some(self.addr[3])
+        } else {
+            None
+        }
+    }
+}
+
+/// `::ffff:0:0/96` in the kernel's word layout, on a little-endian machine:
+/// the third word holds bytes 00 00 ff ff.
+pub const fn v4_mapped_word() -> u32 {
+    u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// Whether `addr` (network order words) is an IPv4-mapped IPv6 address.
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == v4_mapped_word()
+}
+
+/// The IPv4-mapped form of an IPv4 address given as a network order word.
+pub const fn map_v4(ip4: u32) -> [u32; 4] {
+    [0, 0, v4_mapped_word(), ip4]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these are repr(C), made of integers, with explicit padding.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::Enrollment {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::CounterKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<CaptureConfig>(), 24);
+        assert_eq!(size_of::<Enrollment>(), 8);
+        assert_eq!(size_of::<OriginalDst>(), 24);
+        assert_eq!(size_of::<ConnKey>(), 32);
+        assert_eq!(size_of::<CounterKey>(), 16);
+        assert_eq!(align_of::<ConnKey>(), 8);
+    }
+
+    #[test]
+    fn v4_mapped_words_hold_the_address_bytes_in_network_order() {
+        let ip = u32::from_ne_bytes([198, 18, 0, 1]);
+        let mapped = map_v4(ip);
+        let mut bytes = [0u8; 16];
+        for (i, w) in mapped.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]
+        );
+        assert!(is_v4_mapped(&mapped));
+        assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
+    }
+
+    #[test]
+    fn original_dst_reports_ipv4_only_for_ipv4() {
+        let v4 = OriginalDst {
+            addr: map_v4(u32::from_ne_bytes([198, 18, 0, 1])),
+            port: 80,
+            family: AF_INET,
+            _pad: 0,
+        };
+        assert_eq!(v4.ipv4(), Some(u32::from_ne_bytes([198, 18, 0, 1])));
+        let v6 = OriginalDst { family: AF_INET6, ..v4 };
+        assert_eq!(v6.ipv4(), None);
+    }
+
+    #[test]
+    fn decisions_round_trip_through_their_numbers() {
+        for d in Decision::ALL {
+            assert_eq!(Decision::from_u32(d as u32), Some(d));
+        }
+        assert_eq!(Decision::from_u32(Decision::COUNT as u32), None);
+    }
+}

@@ -1,0 +1,454 @@
+//! Program entry points and the maps they share. Entry points are thin; the
+//! logic is in the `try_*` functions.
+
+use core::ffi::c_void;
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{bpf_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuHashMap},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+use aya_log_ebpf::warn;
+use redirector_common::{
+    is_v4_mapped, map_v4, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment, OriginalDst,
+    AF_INET, AF_INET6, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
+    MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+};
+
+const SOCK_STREAM: u32 = 1;
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+const PAGE_SIZE: i32 = 4096;
+
+#[map]
+static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(MAX_ENROLLED, 0);
+
+#[map]
+static EXCL_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+
+// LPM tries must be created without preallocation.
+#[map]
+static EXCL_CIDR4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS, 1);
+
+#[map]
+static EXCL_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS, 1);
+
+#[map]
+static CONFIG: Array<CaptureConfig> = Array::pinned(1, 0);
+
+#[map]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);
+
+#[map]
+static PENDING_DST: HashMap<ConnKey, OriginalDst> = HashMap::pinned(MAX_PENDING, 0);
+
+#[btf_map]
+static SOCKET_DST: SkStorage<OriginalDst> = SkStorage::new();
+
+#[inline(always)]
+fn socket_dst_map() -> *mut c_void {
+    ptr::from_ref(&SOCKET_DST).cast_mut().cast()
+}
+
+#[inline(always)]
+fn count(cgroup_id: u64, decision: Decision) {
+    let key = CounterKey {
+        cgroup_id,
+        decision: decision as u32,
+        _pad: 0,
+    };
+    match COUNTERS.get_ptr_mut(&key) {
+        // Per-CPU value: no other CPU touches it.
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            if COUNTERS.insert(&key, &1, 0).is_err() {
+                let global = CounterKey {
+                    cgroup_id: 0,
+                    decision: Decision::ErrorMapFull as u32,
+                    _pad: 0,
+                };
+                if let Some(v) = COUNTERS.get_ptr_mut(&global) {
+                    unsafe { *v += 1 }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. connect4 / connect6
+// ---------------------------------------------------------------------------
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirector_connect4(ctx: SockAddrContext) -> i32 {
+    // Always let the connect proceed: captured or not, never refused.
+    let _ = try_connect(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn is_loopback(addr: &[u32; 4], family: u16) -> bool {
+    if family == AF_INET {
+        // 127.0.0.0/8: the first byte of the network order word.
+        addr[3].to_ne_bytes()[0] == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+#[inline(always)]
+fn is_excluded_cidr(addr: &[u32; 4], family: u16) -> bool {
+    if family == AF_INET {
+        let key = Key::new(32, addr[3].to_ne_bytes());
+        EXCL_CIDR4.get(&key).is_some()
+    } else {
+        let mut bytes = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let w = addr[i].to_ne_bytes();
+            bytes[i * 4] = w[0];
+            bytes[i * 4 + 1] = w[1];
+            bytes[i * 4 + 2] = w[2];
+            bytes[i * 4 + 3] = w[3];
+            i += 1;
+        }
+        EXCL_CIDR6.get(&Key::new(128, bytes)).is_some()
+    }
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return Ok(());
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let cfg = CONFIG.get(0).ok_or(())?;
+    if cfg.outbound_port == 0 {
+        // The agent has not configured capture yet.
+        return Ok(());
+    }
+
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let mark = unsafe { (*sk).mark };
+    if cgroup_id == cfg.proxy_cgroup_id || (cfg.proxy_mark != 0 && mark == cfg.proxy_mark) {
+        count(cgroup_id, Decision::ProxyOwn);
+        return Ok(());
+    }
+    if unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
+        count(cgroup_id, Decision::NotEnrolled);
+        return Ok(());
+    }
+
+    let port = u16::from_be(sa.user_port as u16);
+    let (addr, family) = if v6 {
+        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        if is_v4_mapped(&a) {
+            (a, AF_INET)
+        } else {
+            (a, AF_INET6)
+        }
+    } else {
+        (map_v4(sa.user_ip4), AF_INET)
+    };
+
+    if is_loopback(&addr, family) && cfg.flags & FLAG_CAPTURE_LOOPBACK == 0 {
+        count(cgroup_id, Decision::ExcludedLoopback);
+        return Ok(());
+    }
+    if is_loopback(&addr, family) && port == cfg.outbound_port {
+        // Already aimed at the proxy: never loop.
+        count(cgroup_id, Decision::ExcludedLoopback);
+        return Ok(());
+    }
+    if unsafe { EXCL_PORTS.get(&port) }.is_some() {
+        count(cgroup_id, Decision::ExcludedPort);
+        return Ok(());
+    }
+    if is_excluded_cidr(&addr, family) {
+        count(cgroup_id, Decision::ExcludedCidr);
+        return Ok(());
+    }
+
+    let mut dst = OriginalDst {
+        addr,
+        port,
+        family,
+        _pad: 0,
+    };
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            socket_dst_map(),
+            sk.cast(),
+            ptr::from_mut(&mut dst).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    };
+    if stored.is_null() {
+        // Fail open: the connection goes where it was going, uncaptured,
+        // and the counter says so.
+        count(cgroup_id, Decision::ErrorMapFull);
+        warn!(
+            ctx,
+            "socket storage full: connection to port {} of cgroup {} not captured", port, cgroup_id
+        );
+        return Ok(());
+    }
+    // The entry may predate this connect() on a reused socket.
+    unsafe { *stored.cast::<OriginalDst>() = dst };
+
+    let port_be = u32::from(cfg.outbound_port.to_be());
+    if v6 {
+        if family == AF_INET {
+            let lo = map_v4(u32::from_ne_bytes([127, 0, 0, 1]));
+            sa.user_ip6[0] = lo[0];
+            sa.user_ip6[1] = lo[1];
+            sa.user_ip6[2] = lo[2];
+            sa.user_ip6[3] = lo[3];
+        } else {
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = 0;
+            sa.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        }
+    } else {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    }
+    sa.user_port = port_be;
+    count(cgroup_id, Decision::Redirected);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 2, 3. sockops
+// ---------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn redirector_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops(&ctx);
+    1
+}
+
+/// The local (`local == true`) or remote end of the socket as a [`ConnKey`].
+///
+/// Every context field is read with its own volatile load: the verifier
+/// rejects a context access through a computed offset, which is what the
+/// compiler makes of "this field or that one".
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext, local: bool) -> ConnKey {
+    let ops = ctx.ops;
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let family = unsafe { ptr::read_volatile(&(*ops).family) };
+    let (ip4, ip6, port) = unsafe {
+        if local {
+            (
+                ptr::read_volatile(&(*ops).local_ip4),
+                [
+                    ptr::read_volatile(&(*ops).local_ip6[0]),
+                    ptr::read_volatile(&(*ops).local_ip6[1]),
+                    ptr::read_volatile(&(*ops).local_ip6[2]),
+                    ptr::read_volatile(&(*ops).local_ip6[3]),
+                ],
+                // local_port is in host order.
+                ptr::read_volatile(&(*ops).local_port),
+            )
+        } else {
+            (
+                ptr::read_volatile(&(*ops).remote_ip4),
+                [
+                    ptr::read_volatile(&(*ops).remote_ip6[0]),
+                    ptr::read_volatile(&(*ops).remote_ip6[1]),
+                    ptr::read_volatile(&(*ops).remote_ip6[2]),
+                    ptr::read_volatile(&(*ops).remote_ip6[3]),
+                ],
+                // remote_port holds the network order port in its upper half
+                // on little-endian machines; read as big-endian it is the port.
+                u32::from_be(ptr::read_volatile(&(*ops).remote_port)),
+            )
+        }
+    };
+    let addr = if family == u32::from(AF_INET) {
+        map_v4(ip4)
+    } else {
+        ip6
+    };
+    ConnKey {
+        netns_cookie,
+        addr,
+        port,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return Ok(());
+    }
+    let sk: *mut bpf_sock = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The workload's socket: captured only if connect4/6 left its mark.
+        let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
+        if dst.is_null() {
+            return Ok(());
+        }
+        let dst = unsafe { *dst.cast::<OriginalDst>() };
+        let key = conn_key(ctx, true);
+        if PENDING_DST.insert(&key, &dst, 0).is_err() {
+            count(0, Decision::ErrorMapFull);
+            return Ok(());
+        }
+        // Remove the entry should the handshake never complete.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // The proxy's accepted socket (or any server's in the subtree).
+        let key = conn_key(ctx, false);
+        let Some(dst) = (unsafe { PENDING_DST.get(&key) }) else {
+            let ops = unsafe { &*ctx.ops };
+            if let Some(cfg) = CONFIG.get(0) {
+                if ops.local_port == u32::from(cfg.outbound_port) {
+                    count(0, Decision::ErrorLookupMiss);
+                }
+            }
+            return Ok(());
+        };
+        let mut dst = *dst;
+        let stored = unsafe {
+            bpf_sk_storage_get(
+                socket_dst_map(),
+                sk.cast(),
+                ptr::from_mut(&mut dst).cast(),
+                BPF_SK_STORAGE_GET_F_CREATE,
+            )
+        };
+        if stored.is_null() {
+            count(0, Decision::ErrorMapFull);
+        }
+        let _ = PENDING_DST.remove(&key);
+    } else {
+        // STATE_CB: args[1] is the new state.
+        if ctx.arg(1) == TCP_CLOSE {
+            let key = conn_key(ctx, true);
+            let _ = PENDING_DST.remove(&key);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 4. getsockopt(SO_ORIGINAL_DST)
+// ---------------------------------------------------------------------------
+
+#[cgroup_sockopt(getsockopt)]
+pub fn redirector_getsockopt(ctx: SockoptContext) -> i32 {
+    let _ = try_getsockopt(&ctx);
+    1
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+#[inline(always)]
+fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
+    let so = unsafe { &mut *ctx.sockopt };
+    let level = so.level;
+    if so.optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        // Options above a page are truncated for us; an optlen of 0 tells
+        // the kernel to keep its own answer untouched.
+        if so.optlen > PAGE_SIZE {
+            so.optlen = 0;
+        }
+        return Ok(());
+    }
+    let sk = unsafe { so.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
+    if dst.is_null() {
+        // Not a socket we captured: leave the kernel's answer (conntrack's,
+        // under iptables capture) as it is.
+        return Ok(());
+    }
+    let dst = unsafe { *dst.cast::<OriginalDst>() };
+    let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
+    let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
+
+    if level == SOL_IP {
+        let Some(ip4) = dst.ipv4() else {
+            count(cgroup_id, Decision::ErrorLookupMiss);
+            return Ok(());
+        };
+        let len = core::mem::size_of::<SockaddrIn>();
+        if optval + len > optval_end {
+            return Ok(());
+        }
+        let out = optval as *mut SockaddrIn;
+        unsafe {
+            (*out).family = AF_INET;
+            (*out).port_be = dst.port.to_be();
+            (*out).addr = ip4;
+            (*out).zero = [0; 8];
+        }
+        so.optlen = len as i32;
+    } else {
+        let len = core::mem::size_of::<SockaddrIn6>();
+        if optval + len > optval_end {
+            return Ok(());
+        }
+        let out = optval as *mut SockaddrIn6;
+        unsafe {
+            (*out).family = AF_INET6;
+            (*out).port_be = dst.port.to_be();
+            (*out).flowinfo = 0;
+            (*out).addr = dst.addr;
+            (*out).scope_id = 0;
+        }
+        so.optlen = len as i32;
+    }
+    so.retval = 0;
+    count(cgroup_id, Decision::OriginalDstAnswered);
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `redirector run`: the node agent. Checks the machine, binds the proxy's
+//! listeners, installs the eBPF capture, serves until SIGTERM/SIGINT, then
+//! drains. Every check that can fail runs before anything is attached, so a
+//! failed start leaves nothing behind.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::ebpf::EbpfCapture;
+use crate::proxy::{ProxySettings, ProxyStats};
+use crate::state::{AgentState, PROXY_CGROUP};
+use crate::{admin, cgroup, proxy, system};
+
+pub struct RunOptions {
+    pub config: AgentConfig,
+    pub state_dir: PathBuf,
+}
+
+fn bind_error(port: u16, field: &str, e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        anyhow!(
+            "port {port} is already in use (another agent? see `ss -ltnp 'sport = :{port}'`); stop that process or set {field} in the config"
+        )
+    } else {
+        anyhow!("cannot listen on port {port}: {e}")
+    }
+}
+
+fn bind_std(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if v6only {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Bind 127.0.0.1:port and, where the namespace has IPv6, [::1]:port.
+fn bind_loopback(port: u16, field: &str) -> Result<Vec<TcpListener>> {
+    let v4 = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false)
+        .map_err(|e| bind_error(port, field, e))?;
+    let mut out = vec![TcpListener::from_std(v4)?];
+    match bind_std(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), true) {
+        Ok(v6) => out.push(TcpListener::from_std(v6)?),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(bind_error(port, field, e)),
+        Err(e) => warn!(port, error = %e, "no IPv6 loopback listener; IPv6 capture is off"),
+    }
+    Ok(out)
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let cfg = opts.config;
+
+    let missing = system::missing_capabilities();
+    if !missing.is_empty() {
+        bail!(
+            "redirector run needs root or the capabilities {}: run it with sudo",
+            missing.join(", ")
+        );
+    }
+    let mount = cgroup::cgroup2_mount()?;
+    let root = match &cfg.cgroup_root {
+        Some(p) => cgroup::resolve(&mount, p).map_err(|e| anyhow!("capture.cgroupRoot: {e}"))?,
+        None => mount.clone(),
+    };
+
+    // The proxy gets a cgroup of its own inside the capture subtree: its
+    // accepted sockets must be seen by sockops and getsockopt, and its own
+    // connects are recognised by this cgroup's id.
+    let proxy_cgroup = root.join(PROXY_CGROUP);
+    cgroup::ensure(&proxy_cgroup)?;
+    let previous_cgroup = cgroup::cgroup_of_pid(&mount, std::process::id())?;
+    cgroup::move_pid(&proxy_cgroup, 0)?;
+    let proxy_cgroup_id = cgroup::cgroup_id(&proxy_cgroup)?;
+    let undo_move = || {
+        let _ = cgroup::move_pid(&previous_cgroup, 0);
+    };
+
+    // Listeners before programs: a taken port must fail the start before
+    // anything is attached.
+    let bound = (|| -> Result<_> {
+        let outbound = bind_loopback(cfg.outbound_port, "proxy.outboundPort")?;
+        let inbound = bind_loopback(cfg.inbound_port, "proxy.inboundPort")?;
+        let admin = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.admin_port)), false)
+            .map_err(|e| bind_error(cfg.admin_port, "proxy.adminPort", e))?;
+        Ok((outbound, inbound, TcpListener::from_std(admin)?))
+    })();
+    let (outbound, inbound, admin_listener) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            undo_move();
+            return Err(e);
+        }
+    };
+
+    let capture = match EbpfCapture::install(&cfg, &root, proxy_cgroup_id) {
+        Ok(c) => c,
+        Err(e) => {
+            undo_move();
+            return Err(e.into());
+        }
+    };
+    if capture.adopted {
+        info!("adopted the capture a previous agent left pinned");
+    }
+
+    let state = AgentState {
+        pid: std::process::id(),
+        mode: "ebpf".into(),
+        cgroup_root: root.clone(),
+        proxy_cgroup: proxy_cgroup.clone(),
+        bpffs_dir: cfg.bpffs_dir.clone(),
+        admin: admin_listener.local_addr()?,
+        outbound_port: cfg.outbound_port,
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    state.store(&opts.state_dir).context("recording the agent state")?;
+
+    info!(
+        mode = "ebpf",
+        cgroup_root = %root.display(),
+        proxy_cgroup = %proxy_cgroup.display(),
+        bpffs = %cfg.bpffs_dir.display(),
+        outbound = cfg.outbound_port,
+        inbound = cfg.inbound_port,
+        admin = %state.admin,
+        max_connections = cfg.max_connections,
+        connect_timeout_ms = cfg.connect_timeout.as_millis() as u64,
+        idle_timeout_ms = cfg.idle_timeout.as_millis() as u64,
+        exclude_ports = ?cfg.exclude_ports,
+        exclude_cidrs = ?cfg.exclude_cidrs.iter().map(|c| format!("{}/{}", c.addr, c.prefix_len)).collect::<Vec<_>>(),
+        capture_loopback = cfg.capture_loopback,
+        "agent ready"
+    );
+
+    let settings = ProxySettings {
+        max_connections: cfg.max_connections,
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.idle_timeout,
+        mark: cfg.proxy_mark,
+    };
+    let stats = Arc::new(ProxyStats::default());
+    let (tx, rx) = watch::channel(false);
+    let mut listeners = outbound;
+    listeners.extend(inbound);
+    let proxy_task = tokio::spawn(proxy::run_outbound(
+        listeners,
+        settings,
+        stats.clone(),
+        rx.clone(),
+        cfg.drain_timeout,
+    ));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, stats.clone(), rx));
+
+    wait_for_signal().await;
+    info!(
+        open = stats.open_count(),
+        drain_ms = cfg.drain_timeout.as_millis() as u64,
+        "shutting down: no new connections, draining open ones; capture stays installed for the next agent (`redirector uninstall` removes it)"
+    );
+    let _ = tx.send(true);
+    let _ = proxy_task.await;
+    let _ = admin_task.await;
+    drop(capture);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,441 @@
+//! The CLI commands that talk to an installed capture: `exec`, `enroll`,
+//! `unenroll`, `status`, `verify`, `uninstall`. They find the agent through
+//! its state record and work on the pinned maps directly, so enrollment
+//! works (and is kept) across agent restarts.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use redirector_common::Decision;
+use serde::Serialize;
+
+use crate::cgroup;
+use crate::ebpf::{self, PinnedMaps};
+use crate::proxy::StatsSnapshot;
+use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
+use crate::system::{self, Check};
+
+fn installed(state_dir: &Path) -> Result<(AgentState, PinnedMaps)> {
+    let state = AgentState::load(state_dir)?;
+    let maps = PinnedMaps::open(&state.bpffs_dir)?;
+    Ok((state, maps))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let missing = system::missing_capabilities();
+    if !missing.is_empty() {
+        bail!(
+            "redirector {what} needs root or the capabilities {}: run it with sudo",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `redirector exec`: run a command in a fresh enrolled cgroup and wait for
+/// it. Returns the command's exit code.
+pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Result<i32> {
+    require_root("exec")?;
+    let (state, maps) = installed(state_dir)?;
+    if !state.agent_running() {
+        bail!(
+            "the agent (pid {}) is not running, so a captured command could not connect anywhere; start it with `redirector run`",
+            state.pid
+        );
+    }
+    let program = command.first().context("no command given")?;
+    let name = match workload {
+        Some(n) => n.to_string(),
+        None => Path::new(program)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "workload".into()),
+    };
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("workload name `{name}` is not usable as a cgroup name; use letters, digits, - and _");
+    }
+    let cg = state.cgroup_root.join(WORKLOADS_CGROUP).join(&name);
+    cgroup::ensure(&cg)?;
+    let id = cgroup::cgroup_id(&cg)?;
+    maps.enroll(id)?;
+
+    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        .context("cgroup path")?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&command[1..]);
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork
+    // and exec; the path was prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if rc != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The terminal's Ctrl-C reaches the command; we wait for it to finish.
+    // SAFETY: plain signal disposition changes.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    let status = cmd.spawn().and_then(|mut c| c.wait());
+    // Last one out turns off the light: the cgroup goes (and is unenrolled)
+    // only when no other process of this workload is left in it.
+    if cgroup::remove_if_empty(&cg) {
+        let _ = maps.unenroll(id);
+    }
+    let status = status.with_context(|| format!("cannot run `{program}`"))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// `redirector enroll` / `unenroll`.
+pub fn enroll(state_dir: &Path, path: Option<&Path>, pid: Option<u32>, on: bool) -> Result<()> {
+    let verb = if on { "enroll" } else { "unenroll" };
+    require_root(verb)?;
+    let mount = cgroup::cgroup2_mount()?;
+    let cg = match (path, pid) {
+        (Some(p), _) => cgroup::resolve(&mount, p)?,
+        (None, Some(pid)) => cgroup::cgroup_of_pid(&mount, pid)?,
+        (None, None) => bail!("give a cgroup path or --pid"),
+    };
+    let (state, maps) = installed(state_dir)?;
+    if on && !cg.starts_with(&state.cgroup_root) {
+        bail!(
+            "cgroup {} is outside the capture subtree {}: the programs would never see it; enroll a cgroup under it or run the agent with a wider --cgroup",
+            cg.display(),
+            state.cgroup_root.display()
+        );
+    }
+    if on && cg.starts_with(&state.proxy_cgroup) {
+        bail!("cgroup {} is the proxy's own; it is never captured", cg.display());
+    }
+    let id = cgroup::cgroup_id(&cg)?;
+    if on {
+        maps.enroll(id)?;
+        println!("enrolled {} (cgroup id {id})", cg.display());
+    } else if maps.unenroll(id)? {
+        println!("unenrolled {} (cgroup id {id})", cg.display());
+    } else {
+        println!("{} was not enrolled", cg.display());
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct CgroupStatus {
+    cgroup_id: u64,
+    path: Option<String>,
+    enrolled: bool,
+    counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    agent_pid: u32,
+    agent_running: bool,
+    mode: String,
+    version: String,
+    cgroup_root: String,
+    bpffs_dir: String,
+    programs_attached: Vec<String>,
+    handshakes_in_flight: usize,
+    cgroups: Vec<CgroupStatus>,
+    proxy: Option<StatsSnapshot>,
+}
+
+/// cgroup ids to paths, for the cgroups under `root` (bounded walk).
+fn cgroup_paths(root: &Path, want: &[u64]) -> BTreeMap<u64, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    let mut seen = 0usize;
+    while let Some((dir, depth)) = stack.pop() {
+        seen += 1;
+        if seen > 50_000 || out.len() == want.len() {
+            break;
+        }
+        if let Ok(m) = std::fs::metadata(&dir) {
+            if want.contains(&m.ino()) {
+                out.insert(m.ino(), dir.clone());
+            }
+        }
+        if depth < 16 {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push((e.path(), depth + 1));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `redirector status`.
+pub fn status(state_dir: &Path, json: bool) -> Result<()> {
+    let (state, maps) = installed(state_dir)?;
+    let enrolled = maps.enrolled()?;
+    let counters = maps.counters()?;
+    let mut ids: Vec<u64> = enrolled.clone();
+    ids.extend(counters.keys().copied().filter(|k| *k != 0));
+    ids.sort_unstable();
+    ids.dedup();
+    let paths = cgroup_paths(&state.cgroup_root, &ids);
+    let mut cgroups: Vec<CgroupStatus> = ids
+        .iter()
+        .map(|id| CgroupStatus {
+            cgroup_id: *id,
+            path: paths.get(id).map(|p| p.display().to_string()),
+            enrolled: enrolled.contains(id),
+            counters: named(counters.get(id)),
+        })
+        .collect();
+    if let Some(global) = counters.get(&0) {
+        cgroups.push(CgroupStatus {
+            cgroup_id: 0,
+            path: Some("(kernel-wide: sockops)".into()),
+            enrolled: false,
+            counters: named(Some(global)),
+        });
+    }
+    let running = state.agent_running();
+    let proxy = if running {
+        crate::admin::fetch_stats(state.admin).ok()
+    } else {
+        None
+    };
+    let st = Status {
+        agent_pid: state.pid,
+        agent_running: running,
+        mode: state.mode.clone(),
+        version: state.version.clone(),
+        cgroup_root: state.cgroup_root.display().to_string(),
+        bpffs_dir: state.bpffs_dir.display().to_string(),
+        programs_attached: maps.links(),
+        handshakes_in_flight: maps.pending()?,
+        cgroups,
+        proxy,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "agent      {} (pid {}), mode {}, version {}",
+        if running { "running" } else { "NOT RUNNING" },
+        st.agent_pid,
+        st.mode,
+        st.version
+    );
+    println!("cgroup     {}", st.cgroup_root);
+    println!("pins       {}", st.bpffs_dir);
+    println!("programs   {}", st.programs_attached.join(", "));
+    println!("in flight  {} handshake(s)", st.handshakes_in_flight);
+    if let Some(p) = &st.proxy {
+        println!(
+            "proxy      {} open, {} accepted, {} forwarded, {} failed, {} over limit, {} B up, {} B down",
+            p.open.len(),
+            p.accepted,
+            p.forwarded,
+            p.failed,
+            p.rejected_over_limit,
+            p.bytes_up,
+            p.bytes_down
+        );
+    }
+    println!();
+    let cols: Vec<&str> = Decision::ALL.iter().map(|d| d.name()).collect();
+    println!("{:<8} {:<44} {:>8}  {}", "ENROLLED", "CGROUP", "ID", cols.join("  "));
+    for c in &st.cgroups {
+        let vals: Vec<String> = Decision::ALL
+            .iter()
+            .map(|d| format!("{:>w$}", c.counters[d.name()], w = d.name().len()))
+            .collect();
+        let path = c.path.clone().unwrap_or_else(|| "(gone)".into());
+        println!(
+            "{:<8} {:<44} {:>8}  {}",
+            if c.enrolled { "yes" } else { "no" },
+            path,
+            c.cgroup_id,
+            vals.join("  ")
+        );
+    }
+    if let Some(p) = &st.proxy {
+        if !p.open.is_empty() {
+            println!();
+            println!("{:<6} {:<28} {:<28} {:<28} {:>8}", "ID", "CLIENT", "ORIGINAL DST", "UPSTREAM LOCAL", "AGE ms");
+            for c in &p.open {
+                println!(
+                    "{:<6} {:<28} {:<28} {:<28} {:>8}",
+                    c.id,
+                    c.client,
+                    c.original_dst,
+                    c.upstream_local.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    c.age_ms
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn named(c: Option<&ebpf::DecisionCounts>) -> BTreeMap<&'static str, u64> {
+    Decision::ALL
+        .iter()
+        .map(|d| (d.name(), c.map(|c| c[*d as usize]).unwrap_or(0)))
+        .collect()
+}
+
+/// `redirector verify`.
+pub fn verify(json: bool) -> Result<()> {
+    let mut checks = vec![Check::new("kernel", true, system::kernel_release())];
+    checks.push(Check::new(
+        "btf",
+        system::has_btf(),
+        if system::has_btf() {
+            "/sys/kernel/btf/vmlinux".to_string()
+        } else {
+            "no /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_string()
+        },
+    ));
+    let mount = cgroup::cgroup2_mount();
+    checks.push(match &mount {
+        Ok(m) => Check::new("cgroup v2", true, m.display().to_string()),
+        Err(e) => Check::new("cgroup v2", false, e.to_string()),
+    });
+    let missing = system::missing_capabilities();
+    checks.push(Check::new(
+        "capabilities",
+        missing.is_empty(),
+        if missing.is_empty() {
+            "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN".to_string()
+        } else {
+            format!("missing {}: run as root", missing.join(", "))
+        },
+    ));
+    let bpffs = Path::new("/sys/fs/bpf");
+    let bpffs_ok = ebpf::is_bpffs(bpffs);
+    checks.push(Check::new(
+        "bpffs",
+        bpffs_ok || missing.is_empty(),
+        if bpffs_ok {
+            "/sys/fs/bpf".to_string()
+        } else if missing.is_empty() {
+            "not mounted at /sys/fs/bpf; the agent mounts it at start".to_string()
+        } else {
+            "not mounted: mount -t bpf bpf /sys/fs/bpf".to_string()
+        },
+    ));
+    if missing.is_empty() {
+        match ebpf::check_programs() {
+            Ok(progs) => {
+                for p in progs {
+                    checks.push(Check::new(
+                        format!("program {}", p.program),
+                        p.ok,
+                        match (&p.error, p.verified_instructions) {
+                            (Some(e), _) => e.clone(),
+                            (None, Some(n)) => format!("verifier accepted ({n} instructions processed)"),
+                            (None, None) => "verifier accepted".into(),
+                        },
+                    ));
+                }
+            }
+            Err(e) => checks.push(Check::new("programs", false, e.to_string())),
+        }
+    } else {
+        checks.push(Check::new(
+            "programs",
+            false,
+            "not checked: loading programs needs root",
+        ));
+    }
+    let ok = checks.iter().all(|c| c.ok);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": checks}))?);
+    } else {
+        for c in &checks {
+            println!("{:<4} {:<32} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} check(s) failed; see the rows marked FAIL",
+            checks.iter().filter(|c| !c.ok).count()
+        ))
+    }
+}
+
+/// `redirector uninstall`.
+pub fn uninstall(state_dir: &Path) -> Result<()> {
+    require_root("uninstall")?;
+    let state = match AgentState::load(state_dir) {
+        Ok(s) => Some(s),
+        Err(crate::state::StateError::Missing(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let bpffs_dir = state
+        .as_ref()
+        .map(|s| s.bpffs_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_BPFFS_DIR));
+    if let Some(s) = &state {
+        if s.agent_running() && s.pid != std::process::id() {
+            println!("stopping the agent (pid {})", s.pid);
+            // SAFETY: plain signal send.
+            unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while pid_alive(s.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if pid_alive(s.pid) {
+                unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGKILL) };
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    let removed = ebpf::remove_pins(&bpffs_dir);
+    let mut cgroups_removed = 0;
+    if let Some(s) = &state {
+        let workloads = s.cgroup_root.join(WORKLOADS_CGROUP);
+        if let Ok(rd) = std::fs::read_dir(&workloads) {
+            for e in rd.flatten() {
+                if e.path().is_dir() && cgroup::remove_if_empty(&e.path()) {
+                    cgroups_removed += 1;
+                }
+            }
+        }
+        cgroup::remove_if_empty(&workloads);
+        if cgroup::remove_if_empty(&s.proxy_cgroup) {
+            cgroups_removed += 1;
+        }
+        let _ = std::fs::remove_file(AgentState::path(state_dir));
+    }
+    if removed.is_empty() && state.is_none() {
+        println!("nothing to uninstall (no pins under {})", bpffs_dir.display());
+    } else {
+        println!(
+            "uninstalled: {} pin(s) removed under {}, {} cgroup(s) removed; no program of ours is attached",
+            removed.len(),
+            bpffs_dir.display(),
+            cgroups_removed
+        );
+    }
+    Ok(())
+}

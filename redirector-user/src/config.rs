@@ -1,0 +1,363 @@
+//! Agent settings: the YAML file `redirector run --config` reads, with the
+//! embedded default that `cargo xtask run` uses. Field names are camelCase
+//! like the rest of the mesh's YAML; [`AgentConfig::validate`] turns them into
+//! checked values once, at load.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The settings `cargo xtask run` starts the agent with.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}; check the path and its permissions")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default)]
+    proxy: RawProxy,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCapture {
+    cgroup_root: Option<String>,
+    #[serde(default)]
+    exclude_ports: Vec<u16>,
+    #[serde(default)]
+    exclude_cidrs: Vec<String>,
+    #[serde(default)]
+    capture_loopback: bool,
+    proxy_mark: Option<u32>,
+    bpffs_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawProxy {
+    outbound_port: Option<u16>,
+    inbound_port: Option<u16>,
+    admin_port: Option<u16>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+/// A destination prefix that is never captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match l {
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix_len })
+    }
+
+    /// Whether `ip` falls inside this prefix. (The kernel answers the same
+    /// question with an LPM trie; this is for user space and tests.)
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bytes: &[u8], len: u8) -> Vec<u8> {
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let bits = (len as i32 - (i as i32) * 8).clamp(0, 8);
+                    if bits == 0 {
+                        0
+                    } else {
+                        b & (0xffu8 << (8 - bits))
+                    }
+                })
+                .collect()
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                masked(&a.octets(), self.prefix_len) == masked(&b.octets(), self.prefix_len)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                masked(&a.octets(), self.prefix_len) == masked(&b.octets(), self.prefix_len)
+            }
+            (IpAddr::V4(_), IpAddr::V6(b)) => match b.to_ipv4_mapped() {
+                Some(b4) => self.contains(IpAddr::V4(b4)),
+                None => false,
+            },
+            (IpAddr::V6(_), IpAddr::V4(_)) => false,
+        }
+    }
+}
+
+/// Checked agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The cgroup subtree the programs attach to; `None`: the cgroup2 mount
+    /// root (every process on the machine can be enrolled).
+    pub cgroup_root: Option<PathBuf>,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
+    pub capture_loopback: bool,
+    pub proxy_mark: u32,
+    pub bpffs_dir: PathBuf,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub admin_port: u16,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirector";
+
+impl AgentConfig {
+    /// The embedded default settings.
+    pub fn embedded() -> AgentConfig {
+        Self::from_yaml("<embedded default>", DEFAULT_CONFIG).expect("embedded config is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_yaml(&path.display().to_string(), &text)
+    }
+
+    pub fn from_yaml(origin: &str, text: &str) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        Self::validate(origin, raw)
+    }
+
+    fn validate(origin: &str, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid {
+            path: origin.into(),
+            field,
+            message,
+        };
+        let exclude_cidrs = raw
+            .capture
+            .exclude_cidrs
+            .iter()
+            .map(|s| Cidr::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid("capture.excludeCidrs", m))?;
+        let dur = |field: &'static str, v: &Option<String>, d: Duration| match v {
+            None => Ok(d),
+            Some(s) => parse_duration(s).map_err(|m| invalid(field, m)),
+        };
+        let outbound_port = raw.proxy.outbound_port.unwrap_or(15001);
+        let inbound_port = raw.proxy.inbound_port.unwrap_or(15006);
+        let admin_port = raw.proxy.admin_port.unwrap_or(15000);
+        for (field, p) in [
+            ("proxy.outboundPort", outbound_port),
+            ("proxy.inboundPort", inbound_port),
+            ("proxy.adminPort", admin_port),
+        ] {
+            if p == 0 {
+                return Err(invalid(field, "port 0 is not allowed".into()));
+            }
+        }
+        if outbound_port == inbound_port || outbound_port == admin_port || inbound_port == admin_port {
+            return Err(invalid(
+                "proxy",
+                "outboundPort, inboundPort and adminPort must differ".into(),
+            ));
+        }
+        let max_connections = raw.proxy.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(invalid("proxy.maxConnections", "must be at least 1".into()));
+        }
+        if raw.capture.exclude_ports.contains(&0) {
+            return Err(invalid("capture.excludePorts", "port 0 is not a port".into()));
+        }
+        let proxy_mark = raw.capture.proxy_mark.unwrap_or(redirector_common::DEFAULT_PROXY_MARK);
+        if proxy_mark == 0 {
+            return Err(invalid(
+                "capture.proxyMark",
+                "0 would mark nothing; choose a non-zero mark".into(),
+            ));
+        }
+        Ok(AgentConfig {
+            cgroup_root: raw
+                .capture
+                .cgroup_root
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            exclude_ports: raw.capture.exclude_ports,
+            exclude_cidrs,
+            capture_loopback: raw.capture.capture_loopback,
+            proxy_mark,
+            bpffs_dir: raw
+                .capture
+                .bpffs_dir
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+            outbound_port,
+            inbound_port,
+            admin_port,
+            max_connections,
+            connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
+            idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,
+            drain_timeout: dur("proxy.drainTimeout", &raw.proxy.drain_timeout, Duration::from_secs(5))?,
+        })
+    }
+
+    /// Whether the kernel programs leave a connection to `dst` alone because
+    /// of an exclusion (the same rules as the kernel, for status and tests).
+    pub fn is_excluded(&self, dst: std::net::SocketAddr) -> bool {
+        let ip = match dst.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        (ip.is_loopback() && !self.capture_loopback)
+            || self.exclude_ports.contains(&dst.port())
+            || self.exclude_cidrs.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// Durations as Istio writes them: `10s`, `500ms`, `1m`, `1h`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration (e.g. 500ms, 10s, 5m, 1h)");
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => return Err(bad()),
+        };
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid_and_uses_istio_ports() {
+        let c = AgentConfig::embedded();
+        assert_eq!(c.outbound_port, 15001);
+        assert_eq!(c.inbound_port, 15006);
+        assert_eq!(c.admin_port, 15000);
+        assert!(!c.capture_loopback);
+        assert_eq!(c.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+    }
+
+    #[test]
+    fn durations_parse_like_istio_writes_them() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = AgentConfig::from_yaml("f.yaml", "proxy:\n  outbandPort: 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("f.yaml") && msg.contains("outbandPort"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_cidr_names_the_field_and_the_value() {
+        let err = AgentConfig::from_yaml("f.yaml", "capture:\n  excludeCidrs: [10.0.0.0/33]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture.excludeCidrs") && err.contains("10.0.0.0/33"), "{err}");
+    }
+
+    #[test]
+    fn clashing_ports_are_rejected() {
+        assert!(AgentConfig::from_yaml("f", "proxy:\n  outboundPort: 15006\n").is_err());
+    }
+
+    #[test]
+    fn cidr_matching_follows_the_prefix() {
+        let c = Cidr::parse("198.18.0.0/15").unwrap();
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:198.18.1.1".parse().unwrap()));
+        let c6 = Cidr::parse("2001:2::/48").unwrap();
+        assert!(c6.contains("2001:2::1".parse().unwrap()));
+        assert!(!c6.contains("2001:3::1".parse().unwrap()));
+        assert_eq!(Cidr::parse("10.1.2.3").unwrap().prefix_len, 32);
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn exclusions_cover_loopback_ports_and_cidrs() {
+        let c = AgentConfig::from_yaml(
+            "f",
+            "capture:\n  excludePorts: [22]\n  excludeCidrs: [198.18.5.0/24]\n",
+        )
+        .unwrap();
+        assert!(c.is_excluded("127.0.0.1:80".parse().unwrap()));
+        assert!(c.is_excluded("[::1]:80".parse().unwrap()));
+        assert!(c.is_excluded("198.18.0.1:22".parse().unwrap()));
+        assert!(c.is_excluded("198.18.5.9:80".parse().unwrap()));
+        assert!(c.is_excluded("[::ffff:198.18.5.9]:80".parse().unwrap()));
+        assert!(!c.is_excluded("198.18.0.1:80".parse().unwrap()));
+    }
+}

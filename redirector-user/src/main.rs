@@ -1,0 +1,164 @@
+//! `redirector`: the node agent and its command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use redirector::commands;
+use redirector::config::AgentConfig;
+use redirector::state::{DEFAULT_STATE_DIR, ENV_STATE_DIR};
+
+#[derive(Parser)]
+#[command(
+    name = "redirector",
+    version,
+    about = "Sidecarless service-mesh data plane: eBPF capture and a node proxy"
+)]
+struct Cli {
+    /// Where the agent records its runtime state (pins, cgroups, admin address).
+    #[arg(long, global = true, env = ENV_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load and attach the kernel programs, serve the proxy.
+    Run(RunArgs),
+    /// Run an unmodified command in an enrolled cgroup (the dev-box
+    /// equivalent of sidecar injection).
+    Exec {
+        /// Workload name: the cgroup is <capture root>/redirector-workloads/NAME.
+        #[arg(long)]
+        workload: Option<String>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Enroll a cgroup (by path) or the cgroup of a process (by --pid).
+    Enroll(Target),
+    /// Stop capturing a cgroup (by path) or the cgroup of a process (by --pid).
+    Unenroll(Target),
+    /// Show attached programs, enrolled cgroups, counters and open connections.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the kernel and this machine: version, BTF, cgroup v2, bpffs,
+    /// capabilities, and that every program passes the verifier.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+    /// Stop the agent if it runs, detach every program and remove every pin.
+    Uninstall,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Agent settings (YAML). Default: the embedded configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of mesh configuration (Istio YAML); read by the routing layer.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// cgroup v2 subtree to attach to (overrides capture.cgroupRoot).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for pins (overrides capture.bpffsDir).
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Args)]
+pub struct Target {
+    /// A cgroup v2 directory (absolute, or relative to the cgroup2 mount).
+    #[arg(conflicts_with = "pid", required_unless_present = "pid")]
+    cgroup: Option<PathBuf>,
+    /// A process whose cgroup to use.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REDIRECTOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => (|| {
+            init_logging(a.log_format == "json");
+            let mut config = match &a.config {
+                Some(p) => AgentConfig::load(p)?,
+                None => AgentConfig::embedded(),
+            };
+            if let Some(c) = a.cgroup {
+                config.cgroup_root = Some(c);
+            }
+            if let Some(d) = a.bpffs_dir {
+                config.bpffs_dir = d;
+            }
+            if let Some(d) = &a.config_dir {
+                if !d.is_dir() {
+                    anyhow::bail!(
+                        "--config-dir {}: not a readable directory; create it or fix the path",
+                        d.display()
+                    );
+                }
+                tracing::warn!(dir = %d.display(), "mesh routing configuration is not applied yet; connections are forwarded to their original destination");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(redirector::agent::run(redirector::agent::RunOptions {
+                config,
+                state_dir: cli.state_dir,
+            }))
+        })(),
+        Command::Exec { workload, command } => {
+            commands::exec(&cli.state_dir, workload.as_deref(), &command).map(|code| {
+                std::process::exit(code);
+            })
+        }
+        Command::Enroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, true),
+        Command::Unenroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
+        Command::Status { json } => commands::status(&cli.state_dir, json),
+        Command::Verify { json } => commands::verify(json),
+        Command::Version => {
+            println!("redirector {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Uninstall => commands::uninstall(&cli.state_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and what to do.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("redirector: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The node proxy's transparent TCP path: accept on the outbound listener,
+//! recover the original destination, connect to it, copy both ways.
+//!
+//! It does not know how a connection was captured: `SO_ORIGINAL_DST` is
+//! answered by our getsockopt program under eBPF capture and by conntrack
+//! under iptables capture. Routing, mTLS and L7 come later along this path.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn};
+
+/// Settings of the transparent path.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Mark set on upstream sockets so the capture never takes them again.
+    pub mark: u32,
+}
+
+/// One connection the proxy is carrying, as `redirector status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub original_dst: SocketAddr,
+    /// The proxy's own address on the upstream connection: what the server
+    /// sees as its peer.
+    pub upstream_local: Option<SocketAddr>,
+    pub age_ms: u128,
+}
+
+struct Entry {
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    upstream_local: Option<SocketAddr>,
+    started: Instant,
+}
+
+/// The connections open right now and totals since start.
+#[derive(Default)]
+pub struct ProxyStats {
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Entry>>,
+    pub accepted: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub failed: AtomicU64,
+    pub rejected_over_limit: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub accepted: u64,
+    pub forwarded: u64,
+    pub failed: u64,
+    pub rejected_over_limit: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub open: Vec<ConnectionInfo>,
+}
+
+impl ProxyStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let open = self
+            .open
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .map(|(id, e)| ConnectionInfo {
+                id: *id,
+                client: e.client,
+                original_dst: e.original_dst,
+                upstream_local: e.upstream_local,
+                age_ms: e.started.elapsed().as_millis(),
+            })
+            .collect();
+        StatsSnapshot {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            rejected_over_limit: self.rejected_over_limit.load(Ordering::Relaxed),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            open,
+        }
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.lock().expect("stats lock").len()
+    }
+}
+
+/// Removes a connection from the open table however its task ends.
+struct OpenGuard<'a> {
+    stats: &'a ProxyStats,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.stats.open.lock().expect("stats lock").remove(&self.id);
+    }
+}
+
+/// The original destination of an accepted connection, by the same
+/// getsockopt a sidecar proxy uses under iptables capture.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    let local = stream.local_addr()?;
+    // SAFETY: the buffers are sized for the structures the kernel writes.
+    unsafe {
+        if local.is_ipv4() {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                redirector_common::SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            );
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                u16::from_be(sa.sin_port),
+            )))
+        } else {
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                redirector_common::SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in6).cast(),
+                &mut len,
+            );
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            let port = u16::from_be(sa.sin6_port);
+            // An IPv4 destination reached over a dual-stack socket.
+            Ok(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+            })
+        }
+    }
+}
+
+/// Whether `dst` is one of the proxy's own listeners: forwarding there would
+/// loop.
+fn is_self(dst: SocketAddr, listeners: &[SocketAddr]) -> bool {
+    listeners
+        .iter()
+        .any(|l| l.port() == dst.port() && (dst.ip().is_loopback() || l.ip() == dst.ip()))
+}
+
+/// Serve the outbound listeners until `shutdown` turns true, then wait up to
+/// `drain` for open connections to finish.
+pub async fn run_outbound(
+    listeners: Vec<TcpListener>,
+    settings: ProxySettings,
+    stats: Arc<ProxyStats>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let settings = Arc::new(settings);
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        let limit = limit.clone();
+        let stats = stats.clone();
+        let settings = settings.clone();
+        let addrs = addrs.clone();
+        let mut shutdown = shutdown.clone();
+        accept_tasks.push(tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    r = listener.accept() => r,
+                    _ = shutdown.changed() => break,
+                };
+                let (stream, client) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    stats.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
+                    warn!(%client, limit = settings.max_connections, "connection limit reached; closing");
+                    continue;
+                };
+                let stats = stats.clone();
+                let settings = settings.clone();
+                let addrs = addrs.clone();
+                tokio::spawn(async move {
+                    handle(stream, client, &settings, &stats, &addrs).await;
+                    drop(permit);
+                });
+            }
+        }));
+    }
+    let _ = shutdown.changed().await;
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + drain;
+    while stats.open_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = stats.open_count();
+    if left > 0 {
+        warn!(open = left, "drain timeout: closing the connections still open");
+    } else {
+        info!("drained");
+    }
+}
+
+async fn connect_upstream(dst: SocketAddr, settings: &ProxySettings) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // The mark tells the kernel programs (and iptables) this is the proxy.
+    socket.set_mark(settings.mark)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(settings.connect_timeout, socket.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+    }
+}
+
+async fn handle(
+    mut client_stream: TcpStream,
+    client: SocketAddr,
+    settings: &ProxySettings,
+    stats: &ProxyStats,
+    listeners: &[SocketAddr],
+) {
+    let started = Instant::now();
+    let dst = match original_dst(&client_stream) {
+        Ok(d) => d,
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(%client, error = %e, "no original destination for this connection (was it captured?); closing");
+            return;
+        }
+    };
+    if is_self(dst, listeners) {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        warn!(%client, %dst, "original destination is the proxy itself; closing to avoid a loop");
+        return;
+    }
+    let id = stats.next_id.fetch_add(1, Ordering::Relaxed);
+    stats.open.lock().expect("stats lock").insert(
+        id,
+        Entry {
+            client,
+            original_dst: dst,
+            upstream_local: None,
+            started,
+        },
+    );
+    let _guard = OpenGuard { stats, id };
+
+    let mut upstream = match connect_upstream(dst, settings).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            info!(%client, original_dst = %dst, error = %e, "upstream connect failed");
+            return;
+        }
+    };
+    let upstream_local = upstream.local_addr().ok();
+    if let Some(e) = stats.open.lock().expect("stats lock").get_mut(&id) {
+        e.upstream_local = upstream_local;
+    }
+    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    debug!(%client, original_dst = %dst, "connected upstream");
+
+    let activity = Arc::new(AtomicU64::new(0));
+    let up_bytes = Arc::new(AtomicU64::new(0));
+    let down_bytes = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let mut c = Tracked::new(&mut client_stream, activity.clone(), epoch, up_bytes.clone());
+    let mut u = Tracked::new(&mut upstream, activity.clone(), epoch, down_bytes.clone());
+    let idle = settings.idle_timeout;
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+    tokio::pin!(copy);
+    let outcome = loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let idle_left = idle.saturating_sub(epoch.elapsed().saturating_sub(last));
+        tokio::select! {
+            r = &mut copy => break r.map(Some),
+            _ = tokio::time::sleep(idle_left) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if epoch.elapsed().saturating_sub(last) >= idle {
+                    break Ok(None);
+                }
+            }
+        }
+    };
+    drop(copy);
+    let (up, down) = (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed));
+    stats.bytes_up.fetch_add(up, Ordering::Relaxed);
+    stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(Some(_)) => info!(
+            %client, original_dst = %dst,
+            upstream_local = ?upstream_local,
+            bytes_up = up, bytes_down = down, duration_ms,
+            "connection closed"
+        ),
+        Ok(None) => info!(
+            %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
+            "idle timeout: connection closed"
+        ),
+        Err(e) => info!(
+            %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
+            error = %e, "connection ended with an error"
+        ),
+    }
+}
+
+/// A stream that records the time of its last read or write, for the idle
+/// timeout, and counts what it read.
+struct Tracked<'a> {
+    inner: &'a mut TcpStream,
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+    read_bytes: Arc<AtomicU64>,
+}
+
+impl<'a> Tracked<'a> {
+    fn new(
+        inner: &'a mut TcpStream,
+        activity: Arc<AtomicU64>,
+        epoch: Instant,
+        read_bytes: Arc<AtomicU64>,
+    ) -> Self {
+        Tracked {
+            inner,
+            activity,
+            epoch,
+            read_bytes,
+        }
+    }
+    fn touch(&self) {
+        self.activity
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tracked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_on_the_proxy_port_of_loopback_is_the_proxy() {
+        let l: Vec<SocketAddr> = vec!["127.0.0.1:15001".parse().unwrap()];
+        assert!(is_self("127.0.0.1:15001".parse().unwrap(), &l));
+        assert!(is_self("127.0.0.2:15001".parse().unwrap(), &l));
+        assert!(!is_self("198.18.0.1:15001".parse().unwrap(), &l));
+        assert!(!is_self("127.0.0.1:8080".parse().unwrap(), &l));
+    }
+
+    #[tokio::test]
+    async fn an_uncaptured_connection_has_no_original_destination() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(original_dst(&s).is_err());
+    }
+}
