@@ -1,1 +1,491 @@
-//! Helpers for the privileged tests.
+//! Helpers for the privileged end-to-end tests.
+//!
+//! Each test builds its own [`Topology`]: a client network namespace (where
+//! the agent and the workloads run) joined by a veth pair to a server
+//! namespace, with addresses in 198.18.0.0/15 and 2001:2::/48 (the
+//! benchmarking ranges), a test-only cgroup subtree, its own bpffs pin
+//! directory and state directory. Dropping it removes all of that, also when
+//! the test fails; [`clean_leftovers`] removes what a crashed run left.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub const CLIENT_V4: &str = "198.18.0.1";
+pub const SERVER_V4: &str = "198.18.0.2";
+/// A second server address, for CIDR exclusion.
+pub const SERVER_V4_B: &str = "198.18.0.3";
+pub const CLIENT_V6: &str = "2001:2::1";
+pub const SERVER_V6: &str = "2001:2::2";
+
+const PREFIX: &str = "rdt";
+
+/// Whether this process may run the privileged tests. Outside CI a non-root
+/// run skips them with a printed reason; in CI it is a failure.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("the privileged tests need root (cgroups, network namespaces, eBPF); CI must run them as root");
+    }
+    eprintln!("SKIPPED: this test needs root (cgroups, network namespaces, eBPF); run `sudo -E cargo xtask test`");
+    false
+}
+
+/// The `redirector` binary under test.
+pub fn redirector_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REDIRECTOR_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/redirector
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("redirector"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first with `cargo build -p redirector-user` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn cgroup2_mount() -> PathBuf {
+    redirector::cgroup::cgroup2_mount().expect("cgroup v2 mount")
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+static CLEAN: Once = Once::new();
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Remove network namespaces, cgroups and pins left by a test run whose
+/// process is gone.
+pub fn clean_leftovers() {
+    let alive = |name: &str| -> bool {
+        // Names are rdt<pid>x<n>.
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .map(redirector::state::pid_alive)
+            .unwrap_or(true)
+    };
+    if let Ok(rd) = fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(PREFIX) && !alive(&n) {
+                let _ = ip(&["netns", "del", &n]);
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(PREFIX) && !alive(&n) {
+                redirector::ebpf::remove_pins(&e.path());
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(cgroup2_mount()) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(PREFIX) && !alive(&n) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Kill what is left in a cgroup tree and remove it, deepest first.
+fn remove_cgroup_tree(root: &Path) {
+    let mut dirs = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    for d in dirs.iter().rev() {
+        if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: plain signal send.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while fs::remove_dir(d).is_err() && d.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A test's own hosts, cgroups and agent.
+pub struct Topology {
+    pub name: String,
+    pub client_ns: String,
+    pub server_ns: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    agent: Option<Child>,
+    servers: Vec<Server>,
+}
+
+impl Topology {
+    /// Build the namespaces, veth pair, addresses and cgroup subtree.
+    pub fn new() -> Result<Topology> {
+        CLEAN.call_once(clean_leftovers);
+        let name = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let tmp = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&tmp)?;
+        let t = Topology {
+            client_ns: format!("{name}c"),
+            server_ns: format!("{name}s"),
+            cgroup: cgroup2_mount().join(&name),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            state: tmp.join("state"),
+            log: tmp.join("agent.log"),
+            name,
+            agent: None,
+            servers: Vec::new(),
+        };
+        ip(&["netns", "add", &t.client_ns])?;
+        ip(&["netns", "add", &t.server_ns])?;
+        ip(&[
+            "link", "add", "veth-c", "netns", &t.client_ns, "type", "veth", "peer", "name", "veth-s",
+            "netns", &t.server_ns,
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (&t.client_ns, "veth-c", CLIENT_V4, CLIENT_V6),
+            (&t.server_ns, "veth-s", SERVER_V4, SERVER_V6),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+        }
+        ip(&["-n", &t.server_ns, "addr", "add", &format!("{SERVER_V4_B}/24"), "dev", "veth-s"])?;
+        fs::create_dir_all(&t.cgroup)?;
+        Ok(t)
+    }
+
+    pub fn ns_path(ns: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(ns)
+    }
+
+    /// A command that runs `redirector ARGS` in the client namespace.
+    pub fn redirector(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
+            .arg(redirector_bin())
+            .arg("--state-dir")
+            .arg(&self.state);
+        c
+    }
+
+    /// Write the agent settings for this topology (pins and cgroup are set
+    /// on the command line).
+    pub fn write_config(&self, extra_capture_yaml: &str) -> PathBuf {
+        let path = self.state.parent().unwrap().join("agent.yaml");
+        let text = format!(
+            "capture:\n  cgroupRoot: \"\"\n{extra_capture_yaml}proxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n"
+        );
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Start the agent and wait until it is ready.
+    pub fn start_agent(&mut self, extra_capture_yaml: &str) -> Result<()> {
+        let config = self.write_config(extra_capture_yaml);
+        let ready = |t: &Topology| {
+            t.log_lines()
+                .iter()
+                .filter(|l| l["fields"]["message"] == "agent ready")
+                .count()
+        };
+        let ready_before = ready(self);
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = self
+            .redirector()
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs)
+            .arg("--log-format")
+            .arg("json")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ready(self) > ready_before {
+                return Ok(());
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
+                bail!("agent exited with {status} before ready: {}", fs::read_to_string(&self.log)?);
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 20 s: {}", fs::read_to_string(&self.log)?);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill the agent without letting it clean up (a crash).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stop the agent with SIGTERM and wait for it.
+    pub fn stop_agent(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.agent.take()?;
+        // SAFETY: plain signal send.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// The agent's JSON log lines so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Upstream local addresses of the connections the proxy closed, from
+    /// its log.
+    pub fn proxied_upstream_locals(&self) -> BTreeSet<String> {
+        self.log_lines()
+            .iter()
+            .filter(|l| l["fields"]["message"] == "connection closed")
+            .filter_map(|l| l["fields"]["upstream_local"].as_str().map(str::to_string))
+            .map(|s| s.trim_start_matches("Some(").trim_end_matches(')').to_string())
+            .collect()
+    }
+
+    /// `redirector status --json`.
+    pub fn status(&self) -> Value {
+        let out = run(self.redirector().args(["status", "--json"])).expect("status");
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Counters of the cgroup at `path`, by decision name.
+    pub fn counters_of(&self, path: &Path) -> Value {
+        let s = self.status();
+        let p = path.display().to_string();
+        s["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["path"].as_str() == Some(p.as_str()))
+            .map(|c| c["counters"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Run a shell script as a workload (`redirector exec`) in the client
+    /// namespace.
+    pub fn exec_workload(&self, workload: &str, script: &str) -> Output {
+        self.redirector()
+            .args(["exec", "--workload", workload, "--", "bash", "-c", script])
+            .output()
+            .expect("redirector exec")
+    }
+
+    /// Run a shell script in the client namespace in the cgroup `cg` (which
+    /// is created; it is not enrolled).
+    pub fn run_in_cgroup(&self, cg: &Path, script: &str) -> Output {
+        fs::create_dir_all(cg).unwrap();
+        let procs = cg.join("cgroup.procs");
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
+            .args(["bash", "-c", script]);
+        // SAFETY: test helper; writes this child's pid into the cgroup.
+        unsafe {
+            c.pre_exec(move || fs::write(&procs, "0"));
+        }
+        c.output().expect("run in cgroup")
+    }
+
+    /// Start a server in the server namespace on `addr`.
+    pub fn server(&mut self, addr: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
+        let s = Server::start(&Self::ns_path(&self.server_ns), addr.parse().unwrap());
+        let peers = s.peers.clone();
+        self.servers.push(s);
+        peers
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Uninstall through the product first (stops the agent, unpins).
+        if self.state.join("agent.json").exists() {
+            let _ = self.redirector().arg("uninstall").output();
+        }
+        self.kill_agent();
+        redirector::ebpf::remove_pins(&self.bpffs);
+        remove_cgroup_tree(&self.cgroup);
+        let _ = ip(&["netns", "del", &self.client_ns]);
+        let _ = ip(&["netns", "del", &self.server_ns]);
+        if let Some(p) = self.state.parent() {
+            if std::env::var_os("REDIRECTOR_KEEP_LOGS").is_none() {
+                let _ = fs::remove_dir_all(p);
+            }
+        }
+    }
+}
+
+/// A TCP server inside a network namespace. It answers each connection
+/// with the peer address it sees: for an HTTP request, as the body of a 200
+/// response; otherwise as a first line `peer=ADDR`, then it echoes.
+pub struct Server {
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    pub fn start(netns: &Path, addr: SocketAddr) -> Server {
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = peers.clone();
+        let ns = netns.to_path_buf();
+        std::thread::spawn(move || {
+            // setns affects only this thread: the listener lives in the
+            // server namespace, the rest of the test process does not move.
+            let f = fs::File::open(&ns).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: valid namespace fd.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = TcpListener::bind(addr).expect("bind test server");
+            tx.send(()).unwrap();
+            for stream in l.incoming().flatten() {
+                let p = p.clone();
+                std::thread::spawn(move || serve(stream, p));
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("server started");
+        Server { peers, addr }
+    }
+}
+
+fn serve(stream: TcpStream, peers: Arc<Mutex<Vec<SocketAddr>>>) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    peers.lock().unwrap().push(peer);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return;
+    }
+    if first.starts_with("GET ") {
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 && line.trim() != "" {
+            line.clear();
+        }
+        let body = format!("peer={peer}\n");
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let _ = writeln!(w, "peer={peer}");
+    let mut buf = [0u8; 16384];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A bash snippet: connect with bash's own /dev/tcp (a plain connect() from
+/// an unmodified program), send a line, print the server's first line.
+pub fn bash_connect(host: &str, port: u16) -> String {
+    format!("exec 3<>/dev/tcp/{host}/{port} && echo hello >&3 && read -r line <&3 && echo \"$line\" && exec 3<&-")
+}
+
+/// The `peer=ADDR` a client printed, as an address.
+pub fn printed_peer(out: &Output) -> Option<SocketAddr> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("peer=").map(str::to_string))
+        .and_then(|s| s.parse().ok())
+}
+
+/// What `bpftool` says is attached to a cgroup (JSON), or None if bpftool is
+/// missing.
+pub fn attached_programs(cgroup: &Path) -> Vec<Value> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool is needed by the tests (apt-get install bpftool)");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Wait until `f` holds or the timeout passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,211 @@
+//! The capture path end to end, as root: real cgroups, network namespaces,
+//! kernel programs, the agent binary and unmodified clients (bash's
+//! /dev/tcp, curl).
+
+use std::time::Duration;
+
+use redirector_tests::*;
+
+fn upstream_locals_contain(t: &Topology, peer: std::net::SocketAddr) -> bool {
+    eventually(Duration::from_secs(5), || {
+        t.proxied_upstream_locals().contains(&peer.to_string())
+    })
+}
+
+#[test]
+fn enrolled_client_reaches_its_server_through_the_proxy() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+
+    let out = t.exec_workload("app", &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "client failed: {out:?}");
+    let peer = printed_peer(&out).expect("server answered with the peer it saw");
+    assert_eq!(peers.lock().unwrap().len(), 1, "exactly one connection reached the server");
+    // The server's peer is the proxy's upstream socket, not the client.
+    assert!(
+        upstream_locals_contain(&t, peer),
+        "server saw {peer}, proxy's upstream sockets were {:?}",
+        t.proxied_upstream_locals()
+    );
+
+    // curl over HTTP, same path.
+    let out = t.exec_workload("app", &format!("curl -sS -m 5 http://{SERVER_V4}:8080/"));
+    assert!(out.status.success(), "curl failed: {out:?}");
+    let peer = printed_peer(&out).unwrap();
+    assert!(upstream_locals_contain(&t, peer));
+
+    // The proxy's own upstream connects were seen and left alone.
+    let s = t.status();
+    let proxy_cg = t.cgroup.join("redirector-proxy");
+    let proxy = t.counters_of(&proxy_cg);
+    assert!(proxy["proxy_own"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(proxy["redirected"], 0, "{s}");
+    assert!(proxy["original_dst_answered"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(peers.lock().unwrap().len(), 2, "no connection was captured twice");
+}
+
+#[test]
+fn a_process_outside_enrolled_cgroups_is_not_captured() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+
+    let plain = t.cgroup.join("plain");
+    let out = t.run_in_cgroup(&plain, &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    let peer = printed_peer(&out).unwrap();
+    assert_eq!(peers.lock().unwrap().as_slice(), &[peer]);
+    assert!(t.proxied_upstream_locals().is_empty(), "the proxy carried nothing");
+    let c = t.counters_of(&plain);
+    assert!(c["not_enrolled"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(c["redirected"], 0, "{c}");
+    assert_eq!(t.status()["proxy"]["accepted"], 0);
+}
+
+#[test]
+fn excluded_ports_and_cidrs_pass_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let p9090 = t.server(&format!("{SERVER_V4}:9090"));
+    let pcidr = t.server(&format!("{SERVER_V4_B}:8080"));
+    t.start_agent(&format!("  excludePorts: [22, 9090]\n  excludeCidrs: [{SERVER_V4_B}/32]\n"))
+        .unwrap();
+
+    let out = t.exec_workload(
+        "app",
+        &format!("{} && {}", bash_connect(SERVER_V4, 9090), bash_connect(SERVER_V4_B, 8080)),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(p9090.lock().unwrap().len(), 1);
+    assert_eq!(pcidr.lock().unwrap().len(), 1);
+    // The servers saw the workload itself: its address, a port the proxy
+    // never used.
+    let locals = t.proxied_upstream_locals();
+    for p in p9090.lock().unwrap().iter().chain(pcidr.lock().unwrap().iter()) {
+        assert!(!locals.contains(&p.to_string()));
+    }
+    assert_eq!(t.status()["proxy"]["accepted"], 0);
+    // Counters went to the workload's cgroup, which exec removed on exit:
+    // find them by decision.
+    let s = t.status();
+    let sum = |name: &str| -> u64 {
+        s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
+    };
+    assert_eq!(sum("excluded_port"), 1, "{s}");
+    assert_eq!(sum("excluded_cidr"), 1, "{s}");
+    assert_eq!(sum("redirected"), 0, "{s}");
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations_are_captured() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("[{SERVER_V6}]:8080"));
+    let peers4 = t.server(&format!("{SERVER_V4}:8081"));
+    t.start_agent("").unwrap();
+
+    let out = t.exec_workload("app", &format!("curl -sS -m 5 -g 'http://[{SERVER_V6}]:8080/'"));
+    assert!(out.status.success(), "{out:?}");
+    let peer = printed_peer(&out).unwrap();
+    assert!(peer.is_ipv6());
+    assert!(upstream_locals_contain(&t, peer), "{:?}", t.proxied_upstream_locals());
+
+    // A dual-stack socket connecting to an IPv4-mapped address.
+    let out = t.exec_workload("app", &bash_connect(&format!("::ffff:{SERVER_V4}"), 8081));
+    assert!(out.status.success(), "{out:?}");
+    let peer = printed_peer(&out).unwrap();
+    assert!(upstream_locals_contain(&t, peer), "{:?}", t.proxied_upstream_locals());
+    assert_eq!(peers.lock().unwrap().len(), 1);
+    assert_eq!(peers4.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn two_thousand_short_connections_leave_no_per_connection_state() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+
+    let script = format!(
+        "for i in $(seq 2000); do exec 3<>/dev/tcp/{SERVER_V4}/8080 || exit 1; echo x >&3; read -r l <&3 || exit 2; exec 3<&-; done"
+    );
+    let out = t.exec_workload("churn", &script);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(peers.lock().unwrap().len(), 2000);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = t.status();
+            s["handshakes_in_flight"] == 0 && s["proxy"]["open"].as_array().map(|a| a.is_empty()) == Some(true)
+        }),
+        "state left behind: {}",
+        t.status()
+    );
+    let s = t.status();
+    assert_eq!(s["proxy"]["forwarded"], 2000, "{s}");
+    assert_eq!(s["proxy"]["failed"], 0, "{s}");
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_capture_and_keeps_capturing() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+    // A long-lived enrolled cgroup, enrolled by path.
+    let app = t.cgroup.join("longlived");
+    std::fs::create_dir_all(&app).unwrap();
+    let out = t.redirector().arg("enroll").arg(&app).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let out = t.run_in_cgroup(&app, &bash_connect(SERVER_V4, 8080));
+    assert!(upstream_locals_contain(&t, printed_peer(&out).unwrap()));
+
+    t.kill_agent();
+    t.start_agent("").unwrap();
+    assert!(t.log_lines().iter().any(|l| l["fields"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("adopted"))));
+    let s = t.status();
+    assert_eq!(s["programs_attached"].as_array().unwrap().len(), 4, "{s}");
+    // One link per program on the cgroup: the old ones were replaced.
+    assert_eq!(attached_programs(&t.cgroup).len(), 4);
+
+    let out = t.run_in_cgroup(&app, &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    assert!(upstream_locals_contain(&t, printed_peer(&out).unwrap()));
+    assert_eq!(peers.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn uninstall_leaves_no_program_attached_and_nothing_pinned() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    t.start_agent("").unwrap();
+    assert_eq!(attached_programs(&t.cgroup).len(), 4);
+    assert!(t.bpffs.exists());
+
+    let out = t.redirector().arg("uninstall").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(attached_programs(&t.cgroup).is_empty());
+    assert!(!t.bpffs.exists());
+    let pid = t.agent_pid().unwrap();
+    assert!(eventually(Duration::from_secs(5), || !redirector::state::pid_alive(pid)
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)));
+}
