@@ -83,12 +83,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // accepted sockets must be seen by sockops and getsockopt, and its own
     // connects are recognised by this cgroup's id.
     let proxy_cgroup = root.join(PROXY_CGROUP);
+    let created_proxy_cgroup = !proxy_cgroup.exists();
     cgroup::ensure(&proxy_cgroup)?;
     let previous_cgroup = cgroup::cgroup_of_pid(&mount, std::process::id())?;
     cgroup::move_pid(&proxy_cgroup, 0)?;
     let proxy_cgroup_id = cgroup::cgroup_id(&proxy_cgroup)?;
     let undo_move = || {
         let _ = cgroup::move_pid(&previous_cgroup, 0);
+        if created_proxy_cgroup {
+            cgroup::remove_if_empty(&proxy_cgroup);
+        }
     };
 
     // Listeners before programs: a taken port must fail the start before

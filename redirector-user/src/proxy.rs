@@ -326,7 +326,6 @@ async fn handle(
             }
         }
     };
-    drop(copy);
     let (up, down) = (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed));
     stats.bytes_up.fetch_add(up, Ordering::Relaxed);
     stats.bytes_down.fetch_add(down, Ordering::Relaxed);

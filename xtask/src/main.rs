@@ -1,1 +1,248 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup | build | run | test`.
+//!
+//! `setup` makes sure the pieces for building Rust eBPF are present and
+//! installs them where it can; the other tasks call it when something is
+//! missing.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release known to build against the machine's LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM of Debian's rustc-web (the BPF-capable rustc with a precompiled core).
+const DEBIAN_LLVM: &str = "22";
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+];
+const BPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "redirector developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check and install the eBPF toolchain (BPF-capable rustc, bpf-linker).
+    Setup,
+    /// Build the kernel programs and the `redirector` binary (release).
+    Build,
+    /// Build everything and start the agent with the embedded configuration.
+    Run {
+        /// Extra arguments for `redirector run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test (unit tests and, as root, the privileged
+    /// end-to-end tests).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.task {
+        Task::Setup => setup(true),
+        Task::Build => setup(false).and_then(|_| build(true)),
+        Task::Run { args } => setup(false).and_then(|_| run(&args)),
+        Task::Test { args } => setup(false).and_then(|_| test(&args)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(h) = env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(h).join("bin"));
+    }
+    if let Some(h) = env::var_os("HOME") {
+        dirs.push(PathBuf::from(h).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn debian_rustc_ready() -> bool {
+    Path::new("/usr/bin/rustc").exists() && Path::new("/usr/lib/rustlib").join(BPF_TARGET).exists()
+}
+
+fn nightly_ready() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+                .join("lib/rustlib/src/rust/library/core")
+                .exists()
+        })
+        .unwrap_or(false)
+}
+
+fn step(n: usize, total: usize, what: &str) {
+    eprintln!("[{n}/{total}] {what}");
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Check the eBPF toolchain and install what is missing where possible.
+/// `verbose` prints a line for what is already there too.
+fn setup(verbose: bool) -> Result<()> {
+    let apt = Path::new("/usr/bin/apt-get").exists();
+    let rustc_ok = debian_rustc_ready() || nightly_ready();
+    let linker_ok = which("bpf-linker").is_some();
+    if rustc_ok && linker_ok {
+        if verbose {
+            step(1, 2, "BPF-capable rustc: present");
+            step(2, 2, "bpf-linker: present");
+            eprintln!("setup: everything needed to build the kernel programs is installed");
+        }
+        return Ok(());
+    }
+
+    // 1. The compiler.
+    step(1, 2, "BPF-capable rustc");
+    if rustc_ok {
+        eprintln!("      present");
+    } else if apt && is_root() {
+        eprintln!("      installing {} with apt-get (about 30 s)", DEBIAN_PACKAGES.join(" "));
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(DEBIAN_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else if which("rustup").is_some() && !apt {
+        eprintln!("      installing a rustup nightly with rust-src");
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--component", "rust-src"]))?;
+    }
+    if !(debian_rustc_ready() || nightly_ready()) {
+        bail!(
+            "missing: a rustc that builds for {BPF_TARGET}; fix: {}",
+            if apt {
+                format!("sudo apt-get install {}", DEBIAN_PACKAGES.join(" "))
+            } else {
+                "rustup toolchain install nightly --component rust-src".to_string()
+            }
+        );
+    }
+
+    // 2. The linker, matched to the compiler's LLVM.
+    step(2, 2, "bpf-linker");
+    if which("bpf-linker").is_some() {
+        eprintln!("      present");
+        return Ok(());
+    }
+    let llvm_prefix = PathBuf::from(format!("/usr/lib/llvm-{DEBIAN_LLVM}"));
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")]);
+    if debian_rustc_ready() {
+        if !llvm_prefix.join("lib").exists() {
+            bail!(
+                "missing: LLVM {DEBIAN_LLVM} development files for bpf-linker; fix: sudo apt-get install llvm-{DEBIAN_LLVM}-dev"
+            );
+        }
+        cmd.args(["--no-default-features", "--features", &format!("llvm-{DEBIAN_LLVM}")])
+            .env("LLVM_PREFIX", &llvm_prefix);
+    }
+    eprintln!("      building bpf-linker {BPF_LINKER_VERSION} from crates.io (about 2 minutes on 2 cores)");
+    if let Err(e) = sh(&mut cmd) {
+        bail!(
+            "missing: bpf-linker ({e}); fix: LLVM_PREFIX={} cargo install bpf-linker@{BPF_LINKER_VERSION} --no-default-features --features llvm-{DEBIAN_LLVM}",
+            llvm_prefix.display()
+        );
+    }
+    eprintln!("setup: done");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root_dir());
+    c
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "redirector-user", "--bin", "redirector"]);
+    if release {
+        c.arg("--release");
+    }
+    sh(&mut c)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    build(true)?;
+    let bin = root_dir().join("target/release/redirector");
+    if !is_root() {
+        bail!(
+            "the agent needs root to load eBPF programs; run: sudo {} run {}",
+            bin.display(),
+            args.join(" ")
+        );
+    }
+    eprintln!(
+        "starting the agent; in another terminal try:\n  sudo {bin} exec -- curl -sI http://example.invalid/   # or any server you run\n  sudo {bin} status\nCtrl-C stops the agent; `sudo {bin} uninstall` removes the capture.",
+        bin = bin.display()
+    );
+    let status = Command::new(&bin).arg("run").args(args).status()?;
+    if !status.success() {
+        bail!("the agent exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // The end-to-end tests drive the real binary.
+    build(false)?;
+    if !is_root() {
+        eprintln!(
+            "note: not root: the privileged end-to-end tests will be skipped (CI runs them as root); run `sudo -E cargo xtask test` to include them"
+        );
+    }
+    for tool in ["ip", "nsenter", "curl", "bpftool", "bash"] {
+        if is_root() && which(tool).is_none() && !Path::new("/usr/sbin").join(tool).exists() {
+            bail!("missing: {tool}, needed by the end-to-end tests; fix: sudo apt-get install iproute2 util-linux curl bpftool bash");
+        }
+    }
+    let mut c = cargo();
+    c.args(["test", "--workspace"]).args(args);
+    sh(&mut c)
+}
