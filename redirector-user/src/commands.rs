@@ -259,21 +259,37 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         );
     }
     println!();
+    // Enrolled cgroups, the proxy's, and any with a capture decision get a
+    // row each; cgroups that only ever connected unenrolled are summed in one
+    // row (on a whole-machine attach that is every process).
     let cols: Vec<&str> = Decision::ALL.iter().map(|d| d.name()).collect();
     println!("{:<8} {:<44} {:>8}  {}", "ENROLLED", "CGROUP", "ID", cols.join("  "));
-    for c in &st.cgroups {
+    let row = |enrolled: &str, path: &str, id: String, counters: &BTreeMap<&'static str, u64>| {
         let vals: Vec<String> = Decision::ALL
             .iter()
-            .map(|d| format!("{:>w$}", c.counters[d.name()], w = d.name().len()))
+            .map(|d| format!("{:>w$}", counters[d.name()], w = d.name().len()))
             .collect();
-        let path = c.path.clone().unwrap_or_else(|| "(gone)".into());
-        println!(
-            "{:<8} {:<44} {:>8}  {}",
-            if c.enrolled { "yes" } else { "no" },
-            path,
-            c.cgroup_id,
-            vals.join("  ")
-        );
+        println!("{enrolled:<8} {path:<44} {id:>8}  {}", vals.join("  "));
+    };
+    let mut others: BTreeMap<&'static str, u64> = named(None);
+    let mut other_count = 0;
+    for c in &st.cgroups {
+        let only_unenrolled = c
+            .counters
+            .iter()
+            .all(|(k, v)| *k == Decision::NotEnrolled.name() || *v == 0);
+        if !c.enrolled && only_unenrolled && c.cgroup_id != 0 {
+            other_count += 1;
+            for (k, v) in &c.counters {
+                *others.get_mut(k).expect("same keys") += v;
+            }
+            continue;
+        }
+        let path = c.path.clone().unwrap_or_else(|| "(cgroup removed)".into());
+        row(if c.enrolled { "yes" } else { "no" }, &path, c.cgroup_id.to_string(), &c.counters);
+    }
+    if other_count > 0 {
+        row("no", &format!("(other cgroups: {other_count})"), "-".into(), &others);
     }
     if let Some(p) = &st.proxy {
         if !p.open.is_empty() {
