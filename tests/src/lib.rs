@@ -220,10 +220,19 @@ impl Topology {
     /// Write the agent settings for this topology (pins and cgroup are set
     /// on the command line).
     pub fn write_config(&self, extra_capture_yaml: &str) -> PathBuf {
+        self.write_config_full(extra_capture_yaml, "")
+    }
+
+    /// Agent settings with extra lines in the capture and proxy sections.
+    pub fn write_config_full(&self, extra_capture_yaml: &str, extra_proxy_yaml: &str) -> PathBuf {
         let path = self.state.parent().unwrap().join("agent.yaml");
-        let text = format!(
-            "capture:\n  cgroupRoot: \"\"\n{extra_capture_yaml}proxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n"
-        );
+        let mut proxy = String::from(extra_proxy_yaml);
+        for (key, default) in [("drainTimeout", "  drainTimeout: 1s\n"), ("connectTimeout", "  connectTimeout: 3s\n")] {
+            if !proxy.contains(key) {
+                proxy.push_str(default);
+            }
+        }
+        let text = format!("capture:\n  cgroupRoot: \"\"\n{extra_capture_yaml}proxy:\n{proxy}");
         fs::write(&path, text).unwrap();
         path
     }
@@ -231,6 +240,16 @@ impl Topology {
     /// Start the agent and wait until it is ready.
     pub fn start_agent(&mut self, extra_capture_yaml: &str) -> Result<()> {
         let config = self.write_config(extra_capture_yaml);
+        self.start_agent_with(config)
+    }
+
+    /// Start the agent with extra lines in the proxy section of its settings.
+    pub fn start_agent_with_proxy(&mut self, extra_proxy_yaml: &str) -> Result<()> {
+        let config = self.write_config_full("", extra_proxy_yaml);
+        self.start_agent_with(config)
+    }
+
+    fn start_agent_with(&mut self, config: PathBuf) -> Result<()> {
         let ready = |t: &Topology| {
             t.log_lines()
                 .iter()

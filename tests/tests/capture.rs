@@ -101,8 +101,28 @@ fn excluded_ports_and_cidrs_pass_untouched() {
         s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
     };
     assert_eq!(sum("excluded_port"), 1, "{s}");
+    assert_eq!(sum("excluded_loopback"), 0, "{s}");
     assert_eq!(sum("excluded_cidr"), 1, "{s}");
     assert_eq!(sum("redirected"), 0, "{s}");
+}
+
+#[test]
+fn loopback_destinations_are_left_alone_by_default() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    t.start_agent("").unwrap();
+    // The agent's admin port is a loopback server in the client namespace.
+    let out = t.exec_workload("app", &bash_connect("127.0.0.1", 15000));
+    assert!(out.status.success(), "{out:?}");
+    let s = t.status();
+    let sum = |name: &str| -> u64 {
+        s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
+    };
+    assert_eq!(sum("excluded_loopback"), 1, "{s}");
+    assert_eq!(sum("redirected"), 0, "{s}");
+    assert_eq!(s["proxy"]["accepted"], 0, "{s}");
 }
 
 #[test]
