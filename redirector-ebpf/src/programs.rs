@@ -328,15 +328,18 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         // Remove the entry should the handshake never complete.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // The proxy's accepted socket (or any server's in the subtree).
+        // Only the proxy's outbound listener takes over an entry: another
+        // server in the subtree may accept a connection from the same client
+        // address and port (the kernel shares a source port between
+        // different destinations).
+        let cfg = CONFIG.get(0).ok_or(())?;
+        let local_port = unsafe { ptr::read_volatile(&(*ctx.ops).local_port) };
+        if local_port != u32::from(cfg.outbound_port) {
+            return Ok(());
+        }
         let key = conn_key(ctx, false);
         let Some(dst) = (unsafe { PENDING_DST.get(&key) }) else {
-            let ops = unsafe { &*ctx.ops };
-            if let Some(cfg) = CONFIG.get(0) {
-                if ops.local_port == u32::from(cfg.outbound_port) {
-                    count(0, Decision::ErrorLookupMiss);
-                }
-            }
+            count(0, Decision::ErrorLookupMiss);
             return Ok(());
         };
         let mut dst = *dst;

@@ -172,7 +172,7 @@ fn setup(verbose: bool) -> Result<()> {
     }
     let llvm_prefix = PathBuf::from(format!("/usr/lib/llvm-{DEBIAN_LLVM}"));
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")]);
+    cmd.args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}")]);
     if debian_rustc_ready() {
         if !llvm_prefix.join("lib").exists() {
             bail!(
