@@ -150,7 +150,7 @@ s.close()
         ready = ready.display(),
         go = go.display()
     );
-    let mut child = t
+    let child = t
         .redirector()
         .args(["exec", "--workload", "py", "--", "python3", "-c", &script])
         .stdout(std::process::Stdio::piped())
