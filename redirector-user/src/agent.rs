@@ -13,8 +13,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, CaptureMode};
 use crate::ebpf::EbpfCapture;
+use crate::iptables::IptablesCapture;
 use crate::proxy::{ProxySettings, ProxyStats};
 use crate::state::{AgentState, PROXY_CGROUP};
 use crate::{admin, cgroup, proxy, system};
@@ -112,20 +113,40 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
 
-    let capture = match EbpfCapture::install(&cfg, &root, proxy_cgroup_id) {
+    let (mode, reason) = match choose_mode(cfg.mode) {
+        Ok(m) => m,
+        Err(e) => {
+            undo_move();
+            return Err(e);
+        }
+    };
+    info!(mode = mode.name(), reason = %reason, "capture mode chosen");
+    let installed = match mode {
+        CaptureMode::Iptables => crate::iptables::relative(&mount, &proxy_cgroup)
+            .and_then(|rel| IptablesCapture::install(&cfg, rel))
+            .map(Installed::Iptables)
+            .map_err(anyhow::Error::from),
+        _ => EbpfCapture::install(&cfg, &root, proxy_cgroup_id)
+            .map(Installed::Ebpf)
+            .map_err(anyhow::Error::from),
+    };
+    let capture = match installed {
         Ok(c) => c,
         Err(e) => {
             undo_move();
-            return Err(e.into());
+            return Err(e);
         }
     };
-    if capture.adopted {
-        info!("adopted the capture a previous agent left pinned");
+    if let Installed::Ebpf(c) = &capture {
+        if c.adopted {
+            info!("adopted the capture a previous agent left pinned");
+        }
     }
 
     let state = AgentState {
         pid: std::process::id(),
-        mode: "ebpf".into(),
+        mode: mode.name().into(),
+        mode_reason: reason.clone(),
         cgroup_root: root.clone(),
         proxy_cgroup: proxy_cgroup.clone(),
         bpffs_dir: cfg.bpffs_dir.clone(),
@@ -136,7 +157,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     state.store(&opts.state_dir).context("recording the agent state")?;
 
     info!(
-        mode = "ebpf",
+        mode = mode.name(),
         cgroup_root = %root.display(),
         proxy_cgroup = %proxy_cgroup.display(),
         bpffs = %cfg.bpffs_dir.display(),
@@ -175,13 +196,57 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     info!(
         open = stats.open_count(),
         drain_ms = cfg.drain_timeout.as_millis() as u64,
-        "shutting down: no new connections, draining open ones; capture stays installed for the next agent (`redirector uninstall` removes it)"
+        "shutting down: no new connections, draining open ones"
     );
     let _ = tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
-    drop(capture);
+    match capture {
+        // Pinned: the next agent adopts it without a gap.
+        Installed::Ebpf(c) => info!(
+            pins = %c.pin_dir.display(),"eBPF capture stays installed for the next agent; `redirector uninstall` removes it"),
+        // iptables rules would send workloads to a closed port: remove them.
+        Installed::Iptables(c) => drop(c),
+    }
     Ok(())
+}
+
+enum Installed {
+    Ebpf(EbpfCapture),
+    Iptables(IptablesCapture),
+}
+
+/// The mode to run in and why. `auto` asks the kernel: eBPF when every
+/// program passes the verifier, iptables otherwise.
+fn choose_mode(requested: CaptureMode) -> Result<(CaptureMode, String)> {
+    match requested {
+        CaptureMode::Ebpf => Ok((CaptureMode::Ebpf, "requested".into())),
+        CaptureMode::Iptables => Ok((CaptureMode::Iptables, "requested".into())),
+        CaptureMode::Auto => match crate::ebpf::check_programs() {
+            Ok(checks) => match checks.iter().find(|c| !c.ok) {
+                None => Ok((
+                    CaptureMode::Ebpf,
+                    format!(
+                        "auto: kernel {} loads every program",
+                        system::kernel_release()
+                    ),
+                )),
+                Some(bad) => Ok((
+                    CaptureMode::Iptables,
+                    format!(
+                        "auto: kernel {} refused {} ({}); using iptables",
+                        system::kernel_release(),
+                        bad.program,
+                        bad.error.clone().unwrap_or_default()
+                    ),
+                )),
+            },
+            Err(e) => Ok((
+                CaptureMode::Iptables,
+                format!("auto: eBPF unavailable ({e}); using iptables"),
+            )),
+        },
+    }
 }
 
 async fn wait_for_signal() {

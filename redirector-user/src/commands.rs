@@ -16,14 +16,53 @@ use serde::Serialize;
 
 use crate::cgroup;
 use crate::ebpf::{self, PinnedMaps};
+use crate::iptables;
 use crate::proxy::StatsSnapshot;
 use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
 use crate::system::{self, Check};
 
-fn installed(state_dir: &Path) -> Result<(AgentState, PinnedMaps)> {
+/// Enrollment through whichever capture the agent runs: the eBPF map, or a
+/// rule per workload in iptables mode.
+pub trait Enroller {
+    fn enroll(&self, cgroup: &Path) -> Result<()>;
+    /// Returns whether the cgroup was enrolled.
+    fn unenroll(&self, cgroup: &Path) -> Result<bool>;
+}
+
+struct EbpfEnroller(PinnedMaps);
+
+impl Enroller for EbpfEnroller {
+    fn enroll(&self, cgroup: &Path) -> Result<()> {
+        Ok(self.0.enroll(cgroup::cgroup_id(cgroup)?)?)
+    }
+    fn unenroll(&self, cgroup: &Path) -> Result<bool> {
+        Ok(self.0.unenroll(cgroup::cgroup_id(cgroup)?)?)
+    }
+}
+
+struct IptablesEnroller {
+    mount: PathBuf,
+}
+
+impl Enroller for IptablesEnroller {
+    fn enroll(&self, cgroup: &Path) -> Result<()> {
+        Ok(iptables::enroll(&iptables::relative(&self.mount, cgroup)?)?)
+    }
+    fn unenroll(&self, cgroup: &Path) -> Result<bool> {
+        Ok(iptables::unenroll(&iptables::relative(&self.mount, cgroup)?)?)
+    }
+}
+
+fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn Enroller>)> {
     let state = AgentState::load(state_dir)?;
-    let maps = PinnedMaps::open(&state.bpffs_dir)?;
-    Ok((state, maps))
+    let e: Box<dyn Enroller> = if state.mode == "iptables" {
+        Box::new(IptablesEnroller {
+            mount: cgroup::cgroup2_mount()?,
+        })
+    } else {
+        Box::new(EbpfEnroller(PinnedMaps::open(&state.bpffs_dir)?))
+    };
+    Ok((state, e))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -61,8 +100,7 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
     }
     let cg = state.cgroup_root.join(WORKLOADS_CGROUP).join(&name);
     cgroup::ensure(&cg)?;
-    let id = cgroup::cgroup_id(&cg)?;
-    maps.enroll(id)?;
+    maps.enroll(&cg)?;
 
     let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes())
         .context("cgroup path")?;
@@ -91,10 +129,15 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
     let status = cmd.spawn().and_then(|mut c| c.wait());
-    // Last one out turns off the light: the cgroup goes (and is unenrolled)
-    // only when no other process of this workload is left in it.
-    if cgroup::remove_if_empty(&cg) {
-        let _ = maps.unenroll(id);
+    // Last one out turns off the light: the cgroup is unenrolled and goes
+    // only when no other process of this workload is left in it (iptables
+    // names the cgroup by path, so the rule goes before the directory).
+    let empty = std::fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|p| p.trim().is_empty())
+        .unwrap_or(false);
+    if empty {
+        let _ = maps.unenroll(&cg);
+        cgroup::remove_if_empty(&cg);
     }
     let status = status.with_context(|| format!("cannot run `{program}`"))?;
     use std::os::unix::process::ExitStatusExt;
@@ -126,9 +169,9 @@ pub fn enroll(state_dir: &Path, path: Option<&Path>, pid: Option<u32>, on: bool)
     }
     let id = cgroup::cgroup_id(&cg)?;
     if on {
-        maps.enroll(id)?;
+        maps.enroll(&cg)?;
         println!("enrolled {} (cgroup id {id})", cg.display());
-    } else if maps.unenroll(id)? {
+    } else if maps.unenroll(&cg)? {
         println!("unenrolled {} (cgroup id {id})", cg.display());
     } else {
         println!("{} was not enrolled", cg.display());
@@ -149,13 +192,114 @@ struct Status {
     agent_pid: u32,
     agent_running: bool,
     mode: String,
+    mode_reason: String,
     version: String,
     cgroup_root: String,
     bpffs_dir: String,
+    /// eBPF: the pinned programs; iptables: our chains.
     programs_attached: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    iptables_rules: Vec<RuleCount>,
     handshakes_in_flight: usize,
     cgroups: Vec<CgroupStatus>,
     proxy: Option<StatsSnapshot>,
+}
+
+#[derive(Serialize)]
+struct RuleCount {
+    rule: String,
+    /// Connections the rule matched (nat sees a connection's first packet).
+    packets: u64,
+}
+
+struct CaptureView {
+    attached: Vec<String>,
+    in_flight: usize,
+    cgroups: Vec<CgroupStatus>,
+    rules: Vec<RuleCount>,
+}
+
+fn ebpf_view(state: &AgentState) -> Result<CaptureView> {
+    let maps = PinnedMaps::open(&state.bpffs_dir)?;
+    let enrolled = maps.enrolled()?;
+    let counters = maps.counters()?;
+    let mut ids: Vec<u64> = enrolled.clone();
+    ids.extend(counters.keys().copied().filter(|k| *k != 0));
+    ids.sort_unstable();
+    ids.dedup();
+    let paths = cgroup_paths(&state.cgroup_root, &ids);
+    let mut cgroups: Vec<CgroupStatus> = ids
+        .iter()
+        .map(|id| CgroupStatus {
+            cgroup_id: *id,
+            path: paths.get(id).map(|p| p.display().to_string()),
+            enrolled: enrolled.contains(id),
+            counters: named(counters.get(id)),
+        })
+        .collect();
+    if let Some(global) = counters.get(&0) {
+        cgroups.push(CgroupStatus {
+            cgroup_id: 0,
+            path: Some("(kernel-wide: sockops)".into()),
+            enrolled: false,
+            counters: named(Some(global)),
+        });
+    }
+    Ok(CaptureView {
+        attached: maps.links(),
+        in_flight: maps.pending()?,
+        cgroups,
+        rules: Vec::new(),
+    })
+}
+
+/// iptables mode: enrolled workloads are the cgroup rules, and each rule's
+/// packet counter is its count of connections.
+fn iptables_view() -> Result<CaptureView> {
+    let mount = cgroup::cgroup2_mount()?;
+    let counts = iptables::rule_counters()?;
+    let mut cgroups = Vec::new();
+    for rel in iptables::enrolled()? {
+        let path = mount.join(rel.trim_start_matches('/'));
+        let redirected: u64 = counts
+            .iter()
+            .filter(|(rule, _)| {
+                rule.ends_with(&format!("-j {}", iptables::CHAIN_REDIRECT))
+                    && (rule.contains(&format!("--path \"{rel}\"")) || rule.contains(&format!("--path {rel} ")))
+            })
+            .map(|(_, n)| *n)
+            .sum();
+        let mut counters = named(None);
+        counters.insert(Decision::Redirected.name(), redirected);
+        cgroups.push(CgroupStatus {
+            cgroup_id: cgroup::cgroup_id(&path).unwrap_or(0),
+            path: Some(path.display().to_string()),
+            enrolled: true,
+            counters,
+        });
+    }
+    let attached = if counts.is_empty() {
+        Vec::new()
+    } else {
+        [
+            iptables::CHAIN_OUTPUT,
+            iptables::CHAIN_PREROUTING,
+            iptables::CHAIN_REDIRECT,
+            iptables::CHAIN_INBOUND,
+        ]
+        .iter()
+        .map(|c| format!("nat/{c}"))
+        .collect()
+    };
+    Ok(CaptureView {
+        attached,
+        in_flight: 0,
+        cgroups,
+        rules: counts
+            .into_iter()
+            .map(|(rule, packets)| RuleCount { rule, packets })
+            .collect(),
+    })
 }
 
 /// cgroup ids to paths, for the cgroups under `root` (bounded walk).
@@ -188,31 +332,12 @@ fn cgroup_paths(root: &Path, want: &[u64]) -> BTreeMap<u64, PathBuf> {
 
 /// `redirector status`.
 pub fn status(state_dir: &Path, json: bool) -> Result<()> {
-    let (state, maps) = installed(state_dir)?;
-    let enrolled = maps.enrolled()?;
-    let counters = maps.counters()?;
-    let mut ids: Vec<u64> = enrolled.clone();
-    ids.extend(counters.keys().copied().filter(|k| *k != 0));
-    ids.sort_unstable();
-    ids.dedup();
-    let paths = cgroup_paths(&state.cgroup_root, &ids);
-    let mut cgroups: Vec<CgroupStatus> = ids
-        .iter()
-        .map(|id| CgroupStatus {
-            cgroup_id: *id,
-            path: paths.get(id).map(|p| p.display().to_string()),
-            enrolled: enrolled.contains(id),
-            counters: named(counters.get(id)),
-        })
-        .collect();
-    if let Some(global) = counters.get(&0) {
-        cgroups.push(CgroupStatus {
-            cgroup_id: 0,
-            path: Some("(kernel-wide: sockops)".into()),
-            enrolled: false,
-            counters: named(Some(global)),
-        });
-    }
+    let state = AgentState::load(state_dir)?;
+    let view = if state.mode == "iptables" {
+        iptables_view()?
+    } else {
+        ebpf_view(&state)?
+    };
     let running = state.agent_running();
     let proxy = if running {
         crate::admin::fetch_stats(state.admin).ok()
@@ -226,9 +351,11 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         version: state.version.clone(),
         cgroup_root: state.cgroup_root.display().to_string(),
         bpffs_dir: state.bpffs_dir.display().to_string(),
-        programs_attached: maps.links(),
-        handshakes_in_flight: maps.pending()?,
-        cgroups,
+        mode_reason: state.mode_reason.clone(),
+        programs_attached: view.attached,
+        handshakes_in_flight: view.in_flight,
+        cgroups: view.cgroups,
+        iptables_rules: view.rules,
         proxy,
     };
     if json {
@@ -244,7 +371,10 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
     );
     println!("cgroup     {}", st.cgroup_root);
     println!("pins       {}", st.bpffs_dir);
-    println!("programs   {}", st.programs_attached.join(", "));
+    if !st.mode_reason.is_empty() {
+        println!("mode       {} ({})", st.mode, st.mode_reason);
+    }
+    println!("attached   {}", st.programs_attached.join(", "));
     println!("in flight  {} handshake(s)", st.handshakes_in_flight);
     if let Some(p) = &st.proxy {
         println!(
@@ -426,7 +556,13 @@ pub fn uninstall(state_dir: &Path) -> Result<()> {
             }
         }
     }
-    let removed = ebpf::remove_pins(&bpffs_dir);
+    let mut removed = ebpf::remove_pins(&bpffs_dir);
+    match iptables::remove_all() {
+        Ok(n) => removed.extend((0..n).map(|i| PathBuf::from(format!("iptables rule {i}")))),
+        // No iptables on the machine: nothing of ours can be there.
+        Err(iptables::IptablesError::Missing(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     let mut cgroups_removed = 0;
     if let Some(s) = &state {
         let workloads = s.cgroup_root.join(WORKLOADS_CGROUP);
@@ -447,7 +583,7 @@ pub fn uninstall(state_dir: &Path) -> Result<()> {
         println!("nothing to uninstall (no pins under {})", bpffs_dir.display());
     } else {
         println!(
-            "uninstalled: {} pin(s) removed under {}, {} cgroup(s) removed; no program of ours is attached",
+            "uninstalled: {} pin(s) and rule(s) removed ({}), {} cgroup(s) removed; nothing of ours is attached",
             removed.len(),
             bpffs_dir.display(),
             cgroups_removed

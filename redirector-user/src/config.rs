@@ -51,6 +51,9 @@ struct RawCapture {
     capture_loopback: bool,
     proxy_mark: Option<u32>,
     bpffs_dir: Option<String>,
+    mode: Option<String>,
+    #[serde(default)]
+    inbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -128,9 +131,42 @@ impl Cidr {
     }
 }
 
+/// How connections are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// The kernel programs (cgroup/connect4,6, sockops, cgroup/getsockopt).
+    Ebpf,
+    /// Istio's nat REDIRECT rules, in our own chains.
+    Iptables,
+    /// eBPF where the kernel loads every program, iptables otherwise.
+    Auto,
+}
+
+impl CaptureMode {
+    pub fn parse(s: &str) -> Result<CaptureMode, String> {
+        match s {
+            "ebpf" => Ok(CaptureMode::Ebpf),
+            "iptables" => Ok(CaptureMode::Iptables),
+            "auto" => Ok(CaptureMode::Auto),
+            other => Err(format!("`{other}` is not a capture mode; use ebpf, iptables or auto")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            CaptureMode::Ebpf => "ebpf",
+            CaptureMode::Iptables => "iptables",
+            CaptureMode::Auto => "auto",
+        }
+    }
+}
+
 /// Checked agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    pub mode: CaptureMode,
+    /// Destination ports of inbound connections that iptables mode sends to
+    /// the inbound listener (Istio's includeInboundPorts); empty: none.
+    pub inbound_ports: Vec<u16>,
     /// The cgroup subtree the programs attach to; `None`: the cgroup2 mount
     /// root (every process on the machine can be enrolled).
     pub cgroup_root: Option<PathBuf>,
@@ -221,7 +257,14 @@ impl AgentConfig {
                 "0 would mark nothing; choose a non-zero mark".into(),
             ));
         }
+        let mode = CaptureMode::parse(raw.capture.mode.as_deref().unwrap_or("auto"))
+            .map_err(|m| invalid("capture.mode", m))?;
+        if raw.capture.inbound_ports.contains(&0) {
+            return Err(invalid("capture.inboundPorts", "port 0 is not a port".into()));
+        }
         Ok(AgentConfig {
+            mode,
+            inbound_ports: raw.capture.inbound_ports,
             cgroup_root: raw
                 .capture
                 .cgroup_root
@@ -301,6 +344,15 @@ mod tests {
         assert_eq!(c.admin_port, 15000);
         assert!(!c.capture_loopback);
         assert_eq!(c.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+    }
+
+    #[test]
+    fn capture_modes_parse_and_default_to_auto() {
+        assert_eq!(AgentConfig::embedded().mode, CaptureMode::Auto);
+        let c = AgentConfig::from_yaml("f", "capture:\n  mode: iptables\n").unwrap();
+        assert_eq!(c.mode, CaptureMode::Iptables);
+        let err = AgentConfig::from_yaml("f", "capture:\n  mode: tproxy\n").unwrap_err().to_string();
+        assert!(err.contains("capture.mode") && err.contains("tproxy"), "{err}");
     }
 
     #[test]

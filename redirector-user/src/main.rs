@@ -72,6 +72,9 @@ struct RunArgs {
     /// bpffs directory for pins (overrides capture.bpffsDir).
     #[arg(long)]
     bpffs_dir: Option<PathBuf>,
+    /// Capture mode (overrides capture.mode): ebpf, iptables or auto.
+    #[arg(long, value_parser = ["ebpf", "iptables", "auto"])]
+    mode: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -112,6 +115,9 @@ fn main() -> ExitCode {
             }
             if let Some(d) = a.bpffs_dir {
                 config.bpffs_dir = d;
+            }
+            if let Some(m) = &a.mode {
+                config.mode = redirector::config::CaptureMode::parse(m).map_err(anyhow::Error::msg)?;
             }
             if let Some(d) = &a.config_dir {
                 if !d.is_dir() {

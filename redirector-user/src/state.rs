@@ -32,6 +32,9 @@ pub enum StateError {
 pub struct AgentState {
     pub pid: u32,
     pub mode: String,
+    /// Why this mode (requested, or what `auto` found).
+    #[serde(default)]
+    pub mode_reason: String,
     pub cgroup_root: PathBuf,
     pub proxy_cgroup: PathBuf,
     pub bpffs_dir: PathBuf,

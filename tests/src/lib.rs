@@ -161,6 +161,8 @@ pub struct Topology {
     pub bpffs: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
+    /// Capture mode the agent runs in: "ebpf" or "iptables".
+    pub mode: &'static str,
     agent: Option<Child>,
     servers: Vec<Server>,
 }
@@ -180,6 +182,7 @@ impl Topology {
             state: tmp.join("state"),
             log: tmp.join("agent.log"),
             name,
+            mode: "ebpf",
             agent: None,
             servers: Vec::new(),
         };
@@ -201,6 +204,33 @@ impl Topology {
         ip(&["-n", &t.server_ns, "addr", "add", &format!("{SERVER_V4_B}/24"), "dev", "veth-s"])?;
         fs::create_dir_all(&t.cgroup)?;
         Ok(t)
+    }
+
+    /// A topology whose agent runs in `mode` ("ebpf" or "iptables").
+    pub fn with_mode(mode: &'static str) -> Result<Topology> {
+        let mut t = Topology::new()?;
+        t.mode = mode;
+        Ok(t)
+    }
+
+    /// Our nat rules in the client namespace, from iptables-save and
+    /// ip6tables-save.
+    pub fn nat_rules(&self) -> Vec<String> {
+        let mut rules = Vec::new();
+        for tool in ["iptables-save", "ip6tables-save"] {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
+                .args([tool, "-t", "nat"])
+                .output()
+                .expect("iptables-save");
+            rules.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains("REDIRECTOR"))
+                    .map(|l| format!("{tool}: {l}")),
+            );
+        }
+        rules
     }
 
     pub fn ns_path(ns: &str) -> PathBuf {
@@ -269,6 +299,8 @@ impl Topology {
             .arg(&self.bpffs)
             .arg("--log-format")
             .arg("json")
+            .arg("--mode")
+            .arg(self.mode)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -6,18 +6,36 @@ use std::time::Duration;
 
 use redirector_tests::*;
 
+/// Runs a test body once per capture mode: `mod NAME { fn ebpf; fn iptables }`.
+macro_rules! in_both_modes {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn ebpf() {
+                if redirector_tests::privileged() {
+                    super::$body("ebpf");
+                }
+            }
+            #[test]
+            fn iptables() {
+                if redirector_tests::privileged() {
+                    super::$body("iptables");
+                }
+            }
+        }
+    };
+}
+
 fn upstream_locals_contain(t: &Topology, peer: std::net::SocketAddr) -> bool {
     eventually(Duration::from_secs(5), || {
         t.proxied_upstream_locals().contains(&peer.to_string())
     })
 }
 
-#[test]
-fn enrolled_client_reaches_its_server_through_the_proxy() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(enrolled_client_reaches_its_server_through_the_proxy_in, enrolled_client_reaches_its_server_through_the_proxy);
+
+fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let peers = t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("").unwrap();
 
@@ -38,6 +56,10 @@ fn enrolled_client_reaches_its_server_through_the_proxy() {
     let peer = printed_peer(&out).unwrap();
     assert!(upstream_locals_contain(&t, peer));
 
+    assert_eq!(peers.lock().unwrap().len(), 2, "no connection was captured twice");
+    if mode != "ebpf" {
+        return;
+    }
     // The proxy's own upstream connects were seen and left alone.
     let s = t.status();
     let proxy_cg = t.cgroup.join("redirector-proxy");
@@ -45,15 +67,12 @@ fn enrolled_client_reaches_its_server_through_the_proxy() {
     assert!(proxy["proxy_own"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(proxy["redirected"], 0, "{s}");
     assert!(proxy["original_dst_answered"].as_u64().unwrap() >= 2, "{s}");
-    assert_eq!(peers.lock().unwrap().len(), 2, "no connection was captured twice");
 }
 
-#[test]
-fn a_process_outside_enrolled_cgroups_is_not_captured() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(a_process_outside_enrolled_cgroups_is_not_captured_in, a_process_outside_enrolled_cgroups_is_not_captured);
+
+fn a_process_outside_enrolled_cgroups_is_not_captured(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let peers = t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("").unwrap();
 
@@ -63,18 +82,20 @@ fn a_process_outside_enrolled_cgroups_is_not_captured() {
     let peer = printed_peer(&out).unwrap();
     assert_eq!(peers.lock().unwrap().as_slice(), &[peer]);
     assert!(t.proxied_upstream_locals().is_empty(), "the proxy carried nothing");
+    assert_eq!(t.status()["proxy"]["accepted"], 0);
+    if mode != "ebpf" {
+        return;
+    }
     let c = t.counters_of(&plain);
     assert!(c["not_enrolled"].as_u64().unwrap() >= 1, "{c}");
     assert_eq!(c["redirected"], 0, "{c}");
     assert_eq!(t.status()["proxy"]["accepted"], 0);
 }
 
-#[test]
-fn excluded_ports_and_cidrs_pass_untouched() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(excluded_ports_and_cidrs_pass_untouched_in, excluded_ports_and_cidrs_pass_untouched);
+
+fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let p9090 = t.server(&format!("{SERVER_V4}:9090"));
     let pcidr = t.server(&format!("{SERVER_V4_B}:8080"));
     t.start_agent(&format!("  excludePorts: [22, 9090]\n  excludeCidrs: [{SERVER_V4_B}/32]\n"))
@@ -94,6 +115,9 @@ fn excluded_ports_and_cidrs_pass_untouched() {
         assert!(!locals.contains(&p.to_string()));
     }
     assert_eq!(t.status()["proxy"]["accepted"], 0);
+    if mode != "ebpf" {
+        return;
+    }
     // Counters went to the workload's cgroup, which exec removed on exit:
     // find them by decision.
     let s = t.status();
@@ -106,16 +130,18 @@ fn excluded_ports_and_cidrs_pass_untouched() {
     assert_eq!(sum("redirected"), 0, "{s}");
 }
 
-#[test]
-fn loopback_destinations_are_left_alone_by_default() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(loopback_destinations_are_left_alone_by_default_in, loopback_destinations_are_left_alone_by_default);
+
+fn loopback_destinations_are_left_alone_by_default(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     t.start_agent("").unwrap();
     // The agent's admin port is a loopback server in the client namespace.
     let out = t.exec_workload("app", &bash_connect("127.0.0.1", 15000));
     assert!(out.status.success(), "{out:?}");
+    assert_eq!(t.status()["proxy"]["accepted"], 0);
+    if mode != "ebpf" {
+        return;
+    }
     let s = t.status();
     let sum = |name: &str| -> u64 {
         s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
@@ -125,12 +151,10 @@ fn loopback_destinations_are_left_alone_by_default() {
     assert_eq!(s["proxy"]["accepted"], 0, "{s}");
 }
 
-#[test]
-fn ipv6_and_ipv4_mapped_destinations_are_captured() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(ipv6_and_ipv4_mapped_destinations_are_captured_in, ipv6_and_ipv4_mapped_destinations_are_captured);
+
+fn ipv6_and_ipv4_mapped_destinations_are_captured(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let peers = t.server(&format!("[{SERVER_V6}]:8080"));
     let peers4 = t.server(&format!("{SERVER_V4}:8081"));
     t.start_agent("").unwrap();
@@ -150,12 +174,10 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured() {
     assert_eq!(peers4.lock().unwrap().len(), 1);
 }
 
-#[test]
-fn two_thousand_short_connections_leave_no_per_connection_state() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(two_thousand_short_connections_leave_no_per_connection_state_in, two_thousand_short_connections_leave_no_per_connection_state);
+
+fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let peers = t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("").unwrap();
 
@@ -178,12 +200,10 @@ fn two_thousand_short_connections_leave_no_per_connection_state() {
     assert_eq!(s["proxy"]["failed"], 0, "{s}");
 }
 
-#[test]
-fn a_restarted_agent_adopts_the_capture_and_keeps_capturing() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(a_restarted_agent_adopts_the_capture_and_keeps_capturing_in, a_restarted_agent_adopts_the_capture_and_keeps_capturing);
+
+fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     let peers = t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("").unwrap();
     // A long-lived enrolled cgroup, enrolled by path.
@@ -197,13 +217,22 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing() {
 
     t.kill_agent();
     t.start_agent("").unwrap();
-    assert!(t.log_lines().iter().any(|l| l["fields"]["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("adopted"))));
-    let s = t.status();
-    assert_eq!(s["programs_attached"].as_array().unwrap().len(), 4, "{s}");
-    // One link per program on the cgroup: the old ones were replaced.
-    assert_eq!(attached_programs(&t.cgroup).len(), 4);
+    if mode == "ebpf" {
+        assert!(t.log_lines().iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("adopted"))));
+        let s = t.status();
+        assert_eq!(s["programs_attached"].as_array().unwrap().len(), 4, "{s}");
+        // One link per program on the cgroup: the old ones were replaced.
+        assert_eq!(attached_programs(&t.cgroup).len(), 4);
+    } else {
+        // The crashed agent's rules were replaced, not doubled, and the
+        // enrolled workload was kept.
+        let rules = t.nat_rules();
+        let jumps = rules.iter().filter(|r| r.contains("-A OUTPUT -p tcp -j REDIRECTOR_OUTPUT")).count();
+        assert_eq!(jumps, 2, "one jump per family: {rules:#?}");
+        assert_eq!(t.status()["cgroups"].as_array().unwrap().len(), 1);
+    }
 
     let out = t.run_in_cgroup(&app, &bash_connect(SERVER_V4, 8080));
     assert!(out.status.success(), "{out:?}");
@@ -211,21 +240,63 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing() {
     assert_eq!(peers.lock().unwrap().len(), 2);
 }
 
-#[test]
-fn uninstall_leaves_no_program_attached_and_nothing_pinned() {
-    if !privileged() {
-        return;
-    }
-    let mut t = Topology::new().unwrap();
+in_both_modes!(uninstall_leaves_nothing_attached_pinned_or_installed_in, uninstall_leaves_no_program_attached_and_nothing_pinned);
+
+fn uninstall_leaves_no_program_attached_and_nothing_pinned(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
     t.start_agent("").unwrap();
-    assert_eq!(attached_programs(&t.cgroup).len(), 4);
-    assert!(t.bpffs.exists());
+    if mode == "ebpf" {
+        assert_eq!(attached_programs(&t.cgroup).len(), 4);
+        assert!(t.bpffs.exists());
+    } else {
+        assert!(!t.nat_rules().is_empty());
+    }
 
     let out = t.redirector().arg("uninstall").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(attached_programs(&t.cgroup).is_empty());
     assert!(!t.bpffs.exists());
+    assert_eq!(t.nat_rules(), Vec::<String>::new());
     let pid = t.agent_pid().unwrap();
     assert!(eventually(Duration::from_secs(5), || !redirector::state::pid_alive(pid)
         || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)));
+}
+
+#[test]
+fn iptables_mode_leaves_no_rule_behind_after_exit_or_a_crash_and_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::with_mode("iptables").unwrap();
+    t.start_agent("").unwrap();
+    assert!(!t.nat_rules().is_empty());
+    let status = t.stop_agent().unwrap();
+    assert!(status.success());
+    assert_eq!(t.nat_rules(), Vec::<String>::new(), "rules left after a clean exit");
+
+    t.start_agent("").unwrap();
+    let installed = t.nat_rules();
+    t.kill_agent();
+    assert_eq!(t.nat_rules(), installed, "a crash leaves its rules (nothing to remove them)");
+    t.start_agent("").unwrap();
+    assert_eq!(t.nat_rules(), installed, "a restart replaces stale rules instead of adding to them");
+    assert!(t.stop_agent().unwrap().success());
+    assert_eq!(t.nat_rules(), Vec::<String>::new());
+}
+
+#[test]
+fn auto_mode_says_which_mode_it_chose_and_why() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::with_mode("auto").unwrap();
+    t.start_agent("").unwrap();
+    let s = t.status();
+    // This kernel loads every program, so auto picks eBPF.
+    assert_eq!(s["mode"], "ebpf", "{s}");
+    assert!(s["mode_reason"].as_str().unwrap().contains("loads every program"), "{s}");
+    assert!(t
+        .log_lines()
+        .iter()
+        .any(|l| l["fields"]["message"] == "capture mode chosen" && l["fields"]["mode"] == "ebpf"));
 }
