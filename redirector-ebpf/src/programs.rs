@@ -10,21 +10,24 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuHashMap},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use redirector_common::{
-    is_v4_mapped, map_v4, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment, OriginalDst,
-    AF_INET, AF_INET6, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
+    is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
+    OriginalDst, SockKey, AF_INET, AF_INET6, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
 const SOCK_STREAM: u32 = 1;
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_F_INGRESS: u64 = 1;
+const SK_PASS: u32 = 1;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
@@ -51,6 +54,17 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(MAX_COUN
 
 #[map]
 static PENDING_DST: HashMap<ConnKey, OriginalDst> = HashMap::pinned(MAX_PENDING, 0);
+
+#[map]
+static SOCK_PAIRS: SockHash<SockKey> = SockHash::pinned(MAX_PENDING, 0);
+
+#[map]
+static ACCEL_SOCKETS: HashMap<SockKey, AccelCount> = HashMap::pinned(MAX_PENDING, 0);
+
+/// Shortcut totals since load: [messages redirected, bytes redirected,
+/// messages that took the TCP stack].
+#[map]
+static ACCEL_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[btf_map]
 static SOCKET_DST: SkStorage<OriginalDst> = SkStorage::new();
@@ -299,10 +313,46 @@ fn conn_key(ctx: &SockOpsContext, local: bool) -> ConnKey {
     }
 }
 
+/// Both ends of the socket, as the sockmap key.
+#[inline(always)]
+fn sock_key(ctx: &SockOpsContext) -> SockKey {
+    let local = conn_key(ctx, true);
+    let remote = conn_key(ctx, false);
+    SockKey {
+        netns_cookie: local.netns_cookie,
+        local_addr: local.addr,
+        remote_addr: remote.addr,
+        local_port: local.port,
+        remote_port: remote.port,
+    }
+}
+
+/// Put an established app<->proxy socket into the same-node shortcut, when
+/// the switch is on.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    if cfg.flags & FLAG_ACCELERATE == 0 {
+        return;
+    }
+    let mut key = sock_key(ctx);
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCK_PAIRS.update(&mut key, ops, 0).is_err() {
+        count(0, Decision::ErrorMapFull);
+        return;
+    }
+    let zero = AccelCount::default();
+    let _ = ACCEL_SOCKETS.insert(&key, &zero, 0);
+    count(0, Decision::Accelerated);
+    // Counters leave with the socket.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
     {
@@ -327,6 +377,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         // Remove the entry should the handshake never complete.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // The workload's captured socket is now connected to the proxy.
+        let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
+        if !dst.is_null() {
+            accelerate(ctx);
+        }
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // Only the proxy's outbound listener takes over an entry: another
         // server in the subtree may accept a connection from the same client
@@ -355,11 +411,14 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
             count(0, Decision::ErrorMapFull);
         }
         let _ = PENDING_DST.remove(&key);
+        accelerate(ctx);
     } else {
         // STATE_CB: args[1] is the new state.
         if ctx.arg(1) == TCP_CLOSE {
             let key = conn_key(ctx, true);
             let _ = PENDING_DST.remove(&key);
+            // The socket leaves SOCK_PAIRS by itself; its counters go here.
+            let _ = ACCEL_SOCKETS.remove(&sock_key(ctx));
         }
     }
     Ok(())
@@ -454,4 +513,93 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     so.retval = 0;
     count(cgroup_id, Decision::OriginalDstAnswered);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 5. sk_msg: the same-node shortcut
+// ---------------------------------------------------------------------------
+
+/// Runs on sendmsg() of a socket in SOCK_PAIRS: hand the bytes straight to
+/// the other end's receive queue, skipping the loopback TCP stack. With the
+/// switch off, or no peer, the message takes the TCP stack as usual.
+#[sk_msg]
+pub fn redirector_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) {
+    let msg = ctx.msg;
+    let (family, lip4, rip4, lport, rport_raw) = unsafe {
+        (
+            ptr::read_volatile(&(*msg).family),
+            ptr::read_volatile(&(*msg).local_ip4),
+            ptr::read_volatile(&(*msg).remote_ip4),
+            ptr::read_volatile(&(*msg).local_port),
+            ptr::read_volatile(&(*msg).remote_port),
+        )
+    };
+    let (lip6, rip6) = unsafe {
+        (
+            [
+                ptr::read_volatile(&(*msg).local_ip6[0]),
+                ptr::read_volatile(&(*msg).local_ip6[1]),
+                ptr::read_volatile(&(*msg).local_ip6[2]),
+                ptr::read_volatile(&(*msg).local_ip6[3]),
+            ],
+            [
+                ptr::read_volatile(&(*msg).remote_ip6[0]),
+                ptr::read_volatile(&(*msg).remote_ip6[1]),
+                ptr::read_volatile(&(*msg).remote_ip6[2]),
+                ptr::read_volatile(&(*msg).remote_ip6[3]),
+            ],
+        )
+    };
+    let (local_addr, remote_addr) = if family == u32::from(AF_INET) {
+        (map_v4(lip4), map_v4(rip4))
+    } else {
+        (lip6, rip6)
+    };
+    let key = SockKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local_addr,
+        remote_addr,
+        local_port: lport,
+        remote_port: u32::from_be(rport_raw),
+    };
+    let size = u64::from(unsafe { ptr::read_volatile(&(*msg).size) });
+    let on = CONFIG.get(0).is_some_and(|c| c.flags & FLAG_ACCELERATE != 0);
+    // A socket that ever sent through the TCP stack stays on it: the peer
+    // reads the shortcut's queue before its TCP receive queue, so bytes sent
+    // the other way later would overtake the earlier ones. This covers the
+    // app that writes before the proxy's end joined the map, and the switch
+    // turned off then on again.
+    let entry = ACCEL_SOCKETS.get_ptr_mut(&key);
+    let clean = entry.is_some_and(|c| unsafe { (*c).passed } == 0);
+    let redirected = on && clean && {
+        let mut peer = key.peer();
+        SOCK_PAIRS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS) == i64::from(SK_PASS)
+    };
+    let add = |i: u32, n: u64| {
+        if let Some(v) = ACCEL_TOTALS.get_ptr_mut(i) {
+            unsafe { *v += n }
+        }
+    };
+    if redirected {
+        add(0, 1);
+        add(1, size);
+    } else {
+        add(2, 1);
+    }
+    if let Some(c) = entry {
+        unsafe {
+            if redirected {
+                (*c).msgs += 1;
+                (*c).bytes += size;
+            } else {
+                (*c).passed += 1;
+            }
+        }
+    }
 }

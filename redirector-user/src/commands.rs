@@ -200,9 +200,43 @@ struct Status {
     programs_attached: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     iptables_rules: Vec<RuleCount>,
+    /// eBPF mode: whether the sockmap shortcut is on, and its sockets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accelerate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shortcut_totals: Option<ShortcutTotals>,
+    accelerated_sockets: Vec<AccelSocket>,
     handshakes_in_flight: usize,
     cgroups: Vec<CgroupStatus>,
     proxy: Option<StatsSnapshot>,
+}
+
+#[derive(Serialize)]
+struct ShortcutTotals {
+    msgs_redirected: u64,
+    bytes_redirected: u64,
+    msgs_passed: u64,
+}
+
+#[derive(Serialize)]
+struct AccelSocket {
+    local: String,
+    remote: String,
+    msgs: u64,
+    bytes: u64,
+    passed: u64,
+}
+
+fn sock_addr(addr: &[u32; 4], port: u32) -> String {
+    let mut b = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let ip = std::net::Ipv6Addr::from(b);
+    match ip.to_ipv4_mapped() {
+        Some(v4) => format!("{v4}:{port}"),
+        None => format!("[{ip}]:{port}"),
+    }
 }
 
 #[derive(Serialize)]
@@ -213,6 +247,9 @@ struct RuleCount {
 }
 
 struct CaptureView {
+    accelerate: Option<bool>,
+    totals: Option<ShortcutTotals>,
+    accelerated: Vec<AccelSocket>,
     attached: Vec<String>,
     in_flight: usize,
     cgroups: Vec<CgroupStatus>,
@@ -245,7 +282,26 @@ fn ebpf_view(state: &AgentState) -> Result<CaptureView> {
             counters: named(Some(global)),
         });
     }
+    let accelerated = maps
+        .accelerated_sockets()?
+        .into_iter()
+        .map(|(k, c)| AccelSocket {
+            local: sock_addr(&k.local_addr, k.local_port),
+            remote: sock_addr(&k.remote_addr, k.remote_port),
+            msgs: c.msgs,
+            bytes: c.bytes,
+            passed: c.passed,
+        })
+        .collect();
+    let (msgs_redirected, bytes_redirected, msgs_passed) = maps.accel_totals()?;
     Ok(CaptureView {
+        totals: Some(ShortcutTotals {
+            msgs_redirected,
+            bytes_redirected,
+            msgs_passed,
+        }),
+        accelerate: Some(maps.accelerate()?),
+        accelerated,
         attached: maps.links(),
         in_flight: maps.pending()?,
         cgroups,
@@ -292,6 +348,9 @@ fn iptables_view() -> Result<CaptureView> {
         .collect()
     };
     Ok(CaptureView {
+        totals: None,
+        accelerate: None,
+        accelerated: Vec::new(),
         attached,
         in_flight: 0,
         cgroups,
@@ -356,6 +415,9 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         handshakes_in_flight: view.in_flight,
         cgroups: view.cgroups,
         iptables_rules: view.rules,
+        accelerate: view.accelerate,
+        shortcut_totals: view.totals,
+        accelerated_sockets: view.accelerated,
         proxy,
     };
     if json {
@@ -376,6 +438,16 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
     }
     println!("attached   {}", st.programs_attached.join(", "));
     println!("in flight  {} handshake(s)", st.handshakes_in_flight);
+    if let (Some(on), Some(t)) = (st.accelerate, &st.shortcut_totals) {
+        println!(
+            "shortcut   {}: {} socket(s) in it now; since start {} message(s) / {} B redirected, {} passed to TCP",
+            if on { "on" } else { "off" },
+            st.accelerated_sockets.len(),
+            t.msgs_redirected,
+            t.bytes_redirected,
+            t.msgs_passed
+        );
+    }
     if let Some(p) = &st.proxy {
         println!(
             "proxy      {} open, {} accepted, {} forwarded, {} failed, {} over limit, {} B up, {} B down",
@@ -445,6 +517,22 @@ fn named(c: Option<&ebpf::DecisionCounts>) -> BTreeMap<&'static str, u64> {
         .iter()
         .map(|d| (d.name(), c.map(|c| c[*d as usize]).unwrap_or(0)))
         .collect()
+}
+
+/// `redirector accelerate on|off`: the kill switch of the sockmap shortcut.
+pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
+    require_root("accelerate")?;
+    let state = AgentState::load(state_dir)?;
+    if state.mode == "iptables" {
+        bail!("same-node acceleration needs eBPF capture; the agent runs in iptables mode (start it with --mode ebpf)");
+    }
+    let maps = PinnedMaps::open(&state.bpffs_dir)?;
+    maps.set_accelerate(on)?;
+    println!(
+        "same-node acceleration {}",
+        if on { "on (new connections)" } else { "off (every connection, at once)" }
+    );
+    Ok(())
 }
 
 /// `redirector verify`.

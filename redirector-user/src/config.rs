@@ -54,6 +54,8 @@ struct RawCapture {
     mode: Option<String>,
     #[serde(default)]
     inbound_ports: Vec<u16>,
+    #[serde(default)]
+    accelerate: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -167,6 +169,8 @@ pub struct AgentConfig {
     /// Destination ports of inbound connections that iptables mode sends to
     /// the inbound listener (Istio's includeInboundPorts); empty: none.
     pub inbound_ports: Vec<u16>,
+    /// eBPF mode: same-node sockmap shortcut between apps and the proxy.
+    pub accelerate: bool,
     /// The cgroup subtree the programs attach to; `None`: the cgroup2 mount
     /// root (every process on the machine can be enrolled).
     pub cgroup_root: Option<PathBuf>,
@@ -265,6 +269,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             mode,
             inbound_ports: raw.capture.inbound_ports,
+            accelerate: raw.capture.accelerate,
             cgroup_root: raw
                 .capture
                 .cgroup_root

@@ -21,8 +21,8 @@ use aya::programs::links::PinnedLink;
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
-    maps, programs, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment, OriginalDst,
-    FLAG_CAPTURE_LOOPBACK,
+    maps, programs, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
+    OriginalDst, SockKey, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -169,6 +169,7 @@ impl EbpfCapture {
             path: cgroup_root.into(),
             source,
         })?;
+        attach_sk_msg(&mut ebpf)?;
         let mut new_links: Vec<(&'static str, OwnedFd)> = Vec::new();
         for name in programs::ALL {
             let link = attach(&mut ebpf, name, &cgroup)?;
@@ -221,11 +222,52 @@ impl EbpfCapture {
     }
 }
 
+/// Load the sk_msg program and attach it to the pinned SOCK_PAIRS map. The
+/// attachment belongs to the map, so it lives as long as the map's pin (a
+/// restarted agent's program replaces it); no link to keep.
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let name = programs::SK_MSG;
+    let perr = |source| EbpfError::Program {
+        program: name,
+        source,
+    };
+    let map_fd = {
+        let map = ebpf
+            .map(maps::SOCK_PAIRS)
+            .ok_or_else(|| EbpfError::NotInstalled(maps::SOCK_PAIRS.into()))?;
+        let Map::SockHash(data) = map else {
+            return Err(EbpfError::NotInstalled(maps::SOCK_PAIRS.into()));
+        };
+        data.fd().as_fd().as_raw_fd()
+    };
+    let Some(Program::SkMsg(p)) = ebpf.program_mut(name) else {
+        return Err(EbpfError::Program {
+            program: name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        });
+    };
+    p.load().map_err(perr)?;
+    let prog_fd = p.fd().map_err(perr)?.as_fd().as_raw_fd();
+    let mut attr = ProgAttachAttr {
+        target_fd: map_fd as u32,
+        attach_bpf_fd: prog_fd as u32,
+        attach_type: BPF_SK_MSG_VERDICT,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_PROG_ATTACH, &mut attr).map_err(|e| EbpfError::Attach {
+        program: name,
+        source: e,
+    })?;
+    Ok(())
+}
+
 /// Kernel attach types (include/uapi/linux/bpf.h).
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_SK_MSG_VERDICT: u32 = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -237,6 +279,17 @@ struct LinkCreateAttr {
     attach_type: u32,
     flags: u32,
     _rest: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    _rest: [u32; 7],
 }
 
 #[repr(C)]
@@ -367,7 +420,8 @@ fn write_settings(ebpf: &mut Ebpf, cfg: &AgentConfig, proxy_cgroup_id: u64) -> R
             CaptureConfig {
                 proxy_cgroup_id,
                 proxy_mark: cfg.proxy_mark,
-                flags: if cfg.capture_loopback { FLAG_CAPTURE_LOOPBACK } else { 0 },
+                flags: (if cfg.capture_loopback { FLAG_CAPTURE_LOOPBACK } else { 0 })
+                    | (if cfg.accelerate { FLAG_ACCELERATE } else { 0 }),
                 outbound_port: cfg.outbound_port,
                 _pad: [0; 6],
             },
@@ -542,6 +596,49 @@ impl PinnedMaps {
         Ok(m.keys().count())
     }
 
+    /// Turn the same-node shortcut on or off for new connections (the kill
+    /// switch; connections already in it keep it until they close, and stop
+    /// redirecting at once when switched off).
+    pub fn set_accelerate(&self, on: bool) -> Result<(), EbpfError> {
+        let mut cfg: Array<MapData, CaptureConfig> =
+            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?))
+                .map_err(map_err(maps::CONFIG))?;
+        let mut c = cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        if on {
+            c.flags |= FLAG_ACCELERATE;
+        } else {
+            c.flags &= !FLAG_ACCELERATE;
+        }
+        cfg.set(0, c, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    pub fn accelerate(&self) -> Result<bool, EbpfError> {
+        let cfg: Array<MapData, CaptureConfig> =
+            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?))
+                .map_err(map_err(maps::CONFIG))?;
+        Ok(cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?.flags & FLAG_ACCELERATE != 0)
+    }
+
+    /// Per-socket counters of the sockets in the shortcut now.
+    pub fn accelerated_sockets(&self) -> Result<Vec<(SockKey, AccelCount)>, EbpfError> {
+        let m: HashMap<MapData, SockKey, AccelCount> =
+            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, maps::ACCEL_SOCKETS)?))
+                .map_err(map_err(maps::ACCEL_SOCKETS))?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Shortcut totals since load: (messages redirected, bytes redirected,
+    /// messages passed to the TCP stack). Only sockets in the shortcut count.
+    pub fn accel_totals(&self) -> Result<(u64, u64, u64), EbpfError> {
+        let m: aya::maps::PerCpuArray<MapData, u64> =
+            aya::maps::PerCpuArray::try_from(Map::PerCpuArray(open_pinned(&self.dir, maps::ACCEL_TOTALS)?))
+                .map_err(map_err(maps::ACCEL_TOTALS))?;
+        let sum = |i: u32| -> Result<u64, EbpfError> {
+            Ok(m.get(&i, 0).map_err(map_err(maps::ACCEL_TOTALS))?.iter().sum())
+        };
+        Ok((sum(0)?, sum(1)?, sum(2)?))
+    }
+
     /// Names of the pinned links (the attached programs).
     pub fn links(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.dir.join("links"))
@@ -578,7 +675,7 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, EbpfError> {
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
         let mut out = Vec::new();
-        for name in programs::ALL {
+        for name in programs::ALL.iter().copied().chain([programs::SK_MSG]) {
             let prog = ebpf.program_mut(name);
             let r: Result<Option<u32>, String> = match prog {
                 Some(Program::CgroupSockAddr(p)) => p
@@ -590,6 +687,10 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, EbpfError> {
                     .map_err(|e| short_error(&e))
                     .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
                 Some(Program::CgroupSockopt(p)) => p
+                    .load()
+                    .map_err(|e| short_error(&e))
+                    .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
+                Some(Program::SkMsg(p)) => p
                     .load()
                     .map_err(|e| short_error(&e))
                     .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),

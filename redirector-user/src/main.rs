@@ -52,6 +52,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Turn the same-node sockmap shortcut on or off while the agent runs
+    /// (the kill switch; eBPF mode).
+    Accelerate {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Print the version.
     Version,
     /// Stop the agent if it runs, detach every program and remove every pin.
@@ -72,6 +78,9 @@ struct RunArgs {
     /// bpffs directory for pins (overrides capture.bpffsDir).
     #[arg(long)]
     bpffs_dir: Option<PathBuf>,
+    /// Turn on the same-node sockmap shortcut (overrides capture.accelerate).
+    #[arg(long)]
+    accelerate: bool,
     /// Capture mode (overrides capture.mode): ebpf, iptables or auto.
     #[arg(long, value_parser = ["ebpf", "iptables", "auto"])]
     mode: Option<String>,
@@ -116,6 +125,9 @@ fn main() -> ExitCode {
             if let Some(d) = a.bpffs_dir {
                 config.bpffs_dir = d;
             }
+            if a.accelerate {
+                config.accelerate = true;
+            }
             if let Some(m) = &a.mode {
                 config.mode = redirector::config::CaptureMode::parse(m).map_err(anyhow::Error::msg)?;
             }
@@ -145,6 +157,7 @@ fn main() -> ExitCode {
         Command::Unenroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
         Command::Status { json } => commands::status(&cli.state_dir, json),
         Command::Verify { json } => commands::verify(json),
+        Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
         Command::Version => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())

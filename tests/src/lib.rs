@@ -433,7 +433,8 @@ impl Drop for Topology {
 
 /// A TCP server inside a network namespace. It answers each connection
 /// with the peer address it sees: for an HTTP request, as the body of a 200
-/// response; otherwise as a first line `peer=ADDR`, then it echoes.
+/// response; otherwise as a first line `peer=ADDR`, then it echoes (and
+/// closes first when a read ends with `close-now`).
 pub struct Server {
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     pub addr: SocketAddr,
@@ -493,6 +494,10 @@ fn serve(stream: TcpStream, peers: Arc<Mutex<Vec<SocketAddr>>>) {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => {
+                // A client asks the server to close first.
+                if buf[..n].ends_with(b"close-now\n") {
+                    return;
+                }
                 if w.write_all(&buf[..n]).is_err() {
                     return;
                 }

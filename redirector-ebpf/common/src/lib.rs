@@ -14,6 +14,8 @@ pub mod programs {
     pub const CONNECT6: &str = "redirector_connect6";
     pub const SOCKOPS: &str = "redirector_sockops";
     pub const GETSOCKOPT: &str = "redirector_getsockopt";
+    /// Same-node acceleration, attached to [`super::maps::SOCK_PAIRS`].
+    pub const SK_MSG: &str = "redirector_sk_msg";
     /// Every program, in the order the loader attaches them. The getsockopt
     /// and sockops programs go first so that a connection redirected by
     /// connect4/6 always finds them in place.
@@ -41,6 +43,15 @@ pub mod maps {
     pub const PENDING: &str = "PENDING_DST";
     /// Socket-local storage holding each captured socket's original destination.
     pub const SOCKET_DST: &str = "SOCKET_DST";
+    /// Same-node acceleration: both ends of each accelerated app<->proxy
+    /// connection, [`super::SockKey`] -> socket.
+    pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
+    /// Per-socket acceleration counters: [`super::SockKey`] ->
+    /// [`super::AccelCount`]; an entry lives as long as its socket.
+    pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
+    /// Per-CPU shortcut totals: [messages redirected, bytes redirected,
+    /// messages passed to the TCP stack].
+    pub const ACCEL_TOTALS: &str = "ACCEL_TOTALS";
 }
 
 /// Address families as the kernel numbers them.
@@ -61,6 +72,9 @@ pub const DEFAULT_PROXY_MARK: u32 = 0x539;
 
 /// [`CaptureConfig::flags`]: capture connections to loopback destinations too.
 pub const FLAG_CAPTURE_LOOPBACK: u32 = 1;
+/// [`CaptureConfig::flags`]: same-node acceleration (sockmap) is on. The
+/// agent flips it at run time: the kill switch.
+pub const FLAG_ACCELERATE: u32 = 2;
 
 /// Settings the kernel programs read on every connect. Index 0 of
 /// [`maps::CONFIG`].
@@ -118,6 +132,49 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+/// Key of [`maps::SOCK_PAIRS`] and [`maps::ACCEL_SOCKETS`]: one end of a
+/// connection, seen from that end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network namespace cookie; host order.
+    pub netns_cookie: u64,
+    /// Local address, IPv4 in the IPv4-mapped form; network order words.
+    pub local_addr: [u32; 4],
+    /// Remote address, IPv4 in the IPv4-mapped form; network order words.
+    pub remote_addr: [u32; 4],
+    /// Local port; host order.
+    pub local_port: u32,
+    /// Remote port; host order.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The same connection seen from the other end.
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Value of [`maps::ACCEL_SOCKETS`]: what one socket sent through the
+/// shortcut.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelCount {
+    /// Messages redirected to the peer socket; host order.
+    pub msgs: u64,
+    /// Bytes redirected to the peer socket; host order.
+    pub bytes: u64,
+    /// Messages that took the TCP stack (peer not found, or switch off).
+    pub passed: u64,
+}
+
 /// Every decision the kernel programs count.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,10 +198,12 @@ pub enum Decision {
     ErrorLookupMiss = 7,
     /// The proxy asked for a connection's original destination and got it.
     OriginalDstAnswered = 8,
+    /// A socket joined the same-node shortcut (sockmap).
+    Accelerated = 9,
 }
 
 impl Decision {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [Decision; Self::COUNT] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -155,6 +214,7 @@ impl Decision {
         Decision::ErrorMapFull,
         Decision::ErrorLookupMiss,
         Decision::OriginalDstAnswered,
+        Decision::Accelerated,
     ];
 
     /// The name used in `redirector status` and its JSON.
@@ -169,6 +229,7 @@ impl Decision {
             Decision::ErrorMapFull => "error_map_full",
             Decision::ErrorLookupMiss => "error_lookup_miss",
             Decision::OriginalDstAnswered => "original_dst_answered",
+            Decision::Accelerated => "accelerated",
         }
     }
 
@@ -236,6 +297,8 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::AccelCount {}
 }
 
 #[cfg(test)]
@@ -250,6 +313,8 @@ mod tests {
         assert_eq!(size_of::<OriginalDst>(), 24);
         assert_eq!(size_of::<ConnKey>(), 32);
         assert_eq!(size_of::<CounterKey>(), 16);
+        assert_eq!(size_of::<SockKey>(), 48);
+        assert_eq!(size_of::<AccelCount>(), 24);
         assert_eq!(align_of::<ConnKey>(), 8);
     }
 
@@ -280,6 +345,21 @@ mod tests {
         assert_eq!(v4.ipv4(), Some(u32::from_ne_bytes([198, 18, 0, 1])));
         let v6 = OriginalDst { family: AF_INET6, ..v4 };
         assert_eq!(v6.ipv4(), None);
+    }
+
+    #[test]
+    fn a_socket_keys_peer_is_the_other_end_and_back() {
+        let k = SockKey {
+            netns_cookie: 7,
+            local_addr: map_v4(1),
+            remote_addr: map_v4(2),
+            local_port: 40000,
+            remote_port: 15001,
+        };
+        let p = k.peer();
+        assert_eq!((p.local_port, p.remote_port), (15001, 40000));
+        assert_eq!(p.local_addr, k.remote_addr);
+        assert_eq!(p.peer(), k);
     }
 
     #[test]
