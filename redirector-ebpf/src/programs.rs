@@ -569,7 +569,13 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         remote_port: u32::from_be(rport_raw),
     };
     let size = u64::from(unsafe { ptr::read_volatile(&(*msg).size) });
-    let on = CONFIG.get(0).is_some_and(|c| c.flags & FLAG_ACCELERATE != 0);
+    // Only the proxy's writes take the shortcut. Ingress redirect has no
+    // flow control: when the receiver falls behind, the writer gets ENOMEM
+    // instead of blocking. The proxy retries that; an unmodified app would
+    // not, so its writes keep the TCP stack (and its flow control).
+    let on = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & FLAG_ACCELERATE != 0 && lport == u32::from(c.outbound_port));
     // A socket that ever sent through the TCP stack stays on it: the peer
     // reads the shortcut's queue before its TCP receive queue, so bytes sent
     // the other way later would overtake the earlier ones. This covers the

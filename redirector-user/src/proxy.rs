@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -355,6 +356,8 @@ struct Tracked<'a> {
     activity: Arc<AtomicU64>,
     epoch: Instant,
     read_bytes: Arc<AtomicU64>,
+    /// Set while waiting to retry a write the kernel refused with ENOMEM.
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<'a> Tracked<'a> {
@@ -369,6 +372,7 @@ impl<'a> Tracked<'a> {
             activity,
             epoch,
             read_bytes,
+            retry: None,
         }
     }
     fn touch(&self) {
@@ -400,11 +404,29 @@ impl AsyncWrite for Tracked<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        loop {
+            if let Some(sleep) = self.retry.as_mut() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.retry = None;
+            }
+            let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+            match r {
+                // The same-node shortcut (sockmap ingress redirect) has no
+                // flow control: a receiver that falls behind makes the
+                // kernel refuse the write with ENOMEM. Back off and retry,
+                // as a full send buffer would have made us wait.
+                Poll::Ready(Err(e)) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                    self.retry = Some(Box::pin(tokio::time::sleep(Duration::from_millis(1))));
+                }
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.touch();
+                    return Poll::Ready(Ok(n));
+                }
+                other => return other,
+            }
         }
-        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.inner).poll_flush(cx)

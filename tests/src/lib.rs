@@ -431,6 +431,68 @@ impl Drop for Topology {
     }
 }
 
+impl Topology {
+    /// Start a process in the server namespace, inside a cgroup of this
+    /// topology (so dropping the topology stops it).
+    pub fn spawn_in_server(&self, name: &str, program: &str, args: &[&str]) -> Result<()> {
+        let cg = self.cgroup.join(name);
+        fs::create_dir_all(&cg)?;
+        let procs = cg.join("cgroup.procs");
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", Self::ns_path(&self.server_ns).display()))
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: moves the child into the cgroup before exec.
+        unsafe {
+            c.pre_exec(move || fs::write(&procs, "0"));
+        }
+        c.spawn().with_context(|| format!("starting {program}"))?;
+        Ok(())
+    }
+
+    /// nginx in the server namespace on `SERVER_V4:port`, serving a 1 KB
+    /// body, access log off, keepalive without a request limit.
+    pub fn start_nginx(&self, port: u16) -> Result<()> {
+        let dir = self.state.parent().unwrap().join("nginx");
+        fs::create_dir_all(&dir)?;
+        let body = "x".repeat(1024);
+        let conf = dir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {SERVER_V4}:{port} backlog=4096;\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
+                d = dir.display()
+            ),
+        )?;
+        self.spawn_in_server("nginx", "nginx", &["-c", conf.to_str().unwrap()])?;
+        self.wait_for_server(port)
+    }
+
+    /// iperf3 server in the server namespace on `SERVER_V4:port`.
+    pub fn start_iperf3(&self, port: u16) -> Result<()> {
+        let p = port.to_string();
+        self.spawn_in_server("iperf3", "iperf3", &["-s", "-B", SERVER_V4, "-p", &p])?;
+        self.wait_for_server(port)
+    }
+
+    fn wait_for_server(&self, port: u16) -> Result<()> {
+        let ok = eventually(Duration::from_secs(10), || {
+            Command::new("nsenter")
+                .arg(format!("--net={}", Self::ns_path(&self.server_ns).display()))
+                .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{SERVER_V4}/{port}")])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+        if !ok {
+            bail!("nothing listens on {SERVER_V4}:{port} in the server namespace");
+        }
+        Ok(())
+    }
+}
+
 /// A TCP server inside a network namespace. It answers each connection
 /// with the peer address it sees: for an HTTP request, as the body of a 200
 /// response; otherwise as a first line `peer=ADDR`, then it echoes (and

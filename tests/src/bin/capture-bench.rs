@@ -6,7 +6,6 @@
 //! own namespaces, cgroups and agent, interleaves the modes round by round,
 //! prints a markdown table and cleans up.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -47,7 +46,7 @@ fn main() -> Result<()> {
             bail!("sysctl {k} failed");
         }
     }
-    start_nginx(&t)?;
+    t.start_nginx(NGINX_PORT)?;
     t.start_agent(&format!("  excludePorts: [22, {EXCLUDED_PORT}]\n"))?;
 
     let mount = redirector::cgroup::cgroup2_mount()?;
@@ -181,35 +180,4 @@ fn wrk_in(t: &Topology, cg: &Path, url: &str) -> Result<(f64, f64, f64)> {
     let p50 = to_us(field("50%").context("p50")?)?;
     let p99 = to_us(field("99%").context("p99")?)?;
     Ok((rps, p50, p99))
-}
-
-fn start_nginx(t: &Topology) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("{}-nginx", t.name));
-    std::fs::create_dir_all(&dir)?;
-    let body = "x".repeat(1024);
-    let conf = dir.join("nginx.conf");
-    let mut f = std::fs::File::create(&conf)?;
-    write!(
-        f,
-        "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  server {{\n    listen {SERVER_V4}:{NGINX_PORT};\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
-        dir = dir.display()
-    )?;
-    let cg = t.cgroup.join("nginx");
-    std::fs::create_dir_all(&cg)?;
-    let procs = cg.join("cgroup.procs");
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", Topology::ns_path(&t.server_ns).display()))
-        .args(["nginx", "-c"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: moves the child into the cgroup (removed, with nginx, on drop).
-    unsafe {
-        c.pre_exec(move || std::fs::write(&procs, "0"));
-    }
-    c.spawn()?;
-    let addr: SocketAddr = format!("{SERVER_V4}:{NGINX_PORT}").parse()?;
-    let _ = addr;
-    std::thread::sleep(Duration::from_millis(500));
-    Ok(())
 }
