@@ -120,7 +120,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             return Err(e);
         }
     };
-    info!(mode = mode.name(), reason = %reason, "capture mode chosen");
     let installed = match mode {
         CaptureMode::Iptables => crate::iptables::relative(&mount, &proxy_cgroup)
             .and_then(|rel| IptablesCapture::install(&cfg, rel))
@@ -137,6 +136,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             return Err(e);
         }
     };
+    info!(mode = mode.name(), reason = %reason, "capture mode chosen");
     if let Installed::Ebpf(c) = &capture {
         if c.adopted {
             info!("adopted the capture a previous agent left pinned");

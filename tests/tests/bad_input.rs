@@ -137,3 +137,24 @@ fn running_without_root_says_so() {
     one_line_error(&out, &["needs root", "CAP_BPF", "sudo"]);
     nothing_installed(&t);
 }
+
+#[test]
+fn iptables_mode_refuses_to_fight_an_existing_sidecar_capture() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::with_mode("iptables").unwrap();
+    // Istio's sidecar rules already in the namespace.
+    let ns = format!("--net={}", Topology::ns_path(&t.client_ns).display());
+    for args in [
+        vec!["iptables", "-t", "nat", "-N", "ISTIO_OUTPUT"],
+        vec!["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT"],
+    ] {
+        let st = std::process::Command::new("nsenter").arg(&ns).args(&args).status().unwrap();
+        assert!(st.success());
+    }
+    let out = run_agent(&t, &["--mode", "iptables"]);
+    one_line_error(&out, &["conflicting rule", "ISTIO_OUTPUT"]);
+    nothing_installed(&t);
+    assert_eq!(t.nat_rules(), Vec::<String>::new(), "no rule of ours was installed");
+}

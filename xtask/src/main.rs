@@ -42,6 +42,22 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark eBPF capture against iptables capture and direct (root;
+    /// needs nginx, iperf3 and oha). Writes results/bench.{md,json,svg}.
+    Bench {
+        /// A short run (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Rounds of every mode (interleaved).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Seconds per scenario.
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
     /// Build, then run every test (unit tests and, as root, the privileged
     /// end-to-end tests).
     Test {
@@ -58,6 +74,12 @@ fn main() -> ExitCode {
         Task::Build => setup(false).and_then(|_| build(true)),
         Task::Run { args } => setup(false).and_then(|_| run(&args)),
         Task::Test { args } => setup(false).and_then(|_| test(&args)),
+        Task::Bench {
+            quick,
+            json,
+            rounds,
+            seconds,
+        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -229,6 +251,32 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool, json: Option<PathBuf>, rounds: Option<usize>, seconds: Option<f64>) -> Result<()> {
+    build(true)?;
+    sh(cargo().args(["build", "--release", "--package", "redirector-tests", "--bin", "redirector-bench"]))?;
+    if !is_root() {
+        bail!("the benchmark needs root (namespaces, cgroups, eBPF, iptables); run: sudo -E cargo xtask bench");
+    }
+    let root = root_dir();
+    let mut c = Command::new(root.join("target/release/redirector-bench"));
+    c.env("REDIRECTOR_BIN", root.join("target/release/redirector"))
+        .arg("--results")
+        .arg(root.join("results"));
+    if quick {
+        c.arg("--quick");
+    }
+    if let Some(j) = json {
+        c.arg("--json").arg(j);
+    }
+    if let Some(r) = rounds {
+        c.args(["--rounds", &r.to_string()]);
+    }
+    if let Some(s) = seconds {
+        c.args(["--seconds", &s.to_string()]);
+    }
+    sh(&mut c)
+}
+
 fn test(args: &[String]) -> Result<()> {
     // The end-to-end tests drive the real binary.
     build(false)?;
@@ -237,9 +285,9 @@ fn test(args: &[String]) -> Result<()> {
             "note: not root: the privileged end-to-end tests will be skipped (CI runs them as root); run `sudo -E cargo xtask test` to include them"
         );
     }
-    for tool in ["ip", "nsenter", "curl", "bpftool", "bash"] {
+    for tool in ["ip", "nsenter", "curl", "bpftool", "bash", "python3", "iptables-save"] {
         if is_root() && which(tool).is_none() && !Path::new("/usr/sbin").join(tool).exists() {
-            bail!("missing: {tool}, needed by the end-to-end tests; fix: sudo apt-get install iproute2 util-linux curl bpftool bash");
+            bail!("missing: {tool}, needed by the end-to-end tests; fix: sudo apt-get install iproute2 util-linux curl bpftool bash python3 iptables");
         }
     }
     let mut c = cargo();

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use redirector_tests::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const NGINX_PORT: u16 = 8088;
 const IPERF_PORT: u16 = 5201;
@@ -37,6 +37,8 @@ struct Args {
     seconds: f64,
     json: Option<PathBuf>,
     results: PathBuf,
+    /// Re-render the table and chart of an earlier JSON report.
+    render: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +48,7 @@ fn parse_args() -> Result<Args> {
         seconds: 10.0,
         json: None,
         results: PathBuf::from("results"),
+        render: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +61,7 @@ fn parse_args() -> Result<Args> {
             "--seconds" => a.seconds = it.next().context("--seconds S")?.parse()?,
             "--json" => a.json = Some(it.next().context("--json PATH")?.into()),
             "--results" => a.results = it.next().context("--results DIR")?.into(),
+            "--render" => a.render = Some(it.next().context("--render JSON")?.into()),
             "-h" | "--help" => {
                 println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR]");
                 std::process::exit(0);
@@ -80,7 +84,7 @@ fn have(tool: &str) -> bool {
 }
 
 /// One measurement: scenario figures of one mode in one round.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Sample {
     mode: String,
     round: usize,
@@ -90,7 +94,7 @@ struct Sample {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Report {
     kernel: String,
     cpus: usize,
@@ -113,6 +117,13 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = parse_args()?;
+    if let Some(path) = &args.render {
+        let report: Report = serde_json::from_slice(&std::fs::read(path)?).context("report JSON")?;
+        println!("{}", markdown(&report));
+        std::fs::create_dir_all(&args.results)?;
+        chart(&report, &args.results.join("bench.svg"))?;
+        return Ok(());
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (namespaces, cgroups, eBPF, iptables): run `sudo -E cargo xtask bench`");
@@ -484,6 +495,15 @@ fn markdown(r: &Report) -> String {
     s
 }
 
+/// Labels at the middle of each group of bars (x = 0.5, 1.5, 2.5).
+fn group_label(x: f64, names: &[&str]) -> String {
+    if (x.fract() - 0.5).abs() < 1e-6 {
+        names.get(x as usize).map(|s| s.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 fn chart(r: &Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
@@ -516,8 +536,8 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
         .build_cartesian_2d(0f64..3f64, 0f64..ymax)?;
     c.configure_mesh()
         .disable_x_mesh()
-        .x_labels(3)
-        .x_label_formatter(&|x| ["p50", "p90", "p99"].get(*x as usize).unwrap_or(&"").to_string())
+        .x_labels(7)
+        .x_label_formatter(&|x| group_label(*x, &["p50", "p90", "p99"]))
         .y_desc("ms")
         .draw()?;
     for (mi, mode) in MODES.iter().enumerate() {
@@ -529,7 +549,11 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
         .label(*mode)
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    c.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
 
     // Right: throughput as a ratio to direct.
     let figs = [("max-rps", "rps", "max req/s"), ("conn-rate", "conn_per_s", "new conn/s"), ("bulk", "gbit_per_s", "bulk Gbit/s")];
@@ -550,8 +574,8 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
         .build_cartesian_2d(0f64..3f64, 0f64..ymax)?;
     c.configure_mesh()
         .disable_x_mesh()
-        .x_labels(3)
-        .x_label_formatter(&|x| figs.get(*x as usize).map(|f| f.2).unwrap_or("").to_string())
+        .x_labels(7)
+        .x_label_formatter(&|x| group_label(*x, &["max req/s", "new conn/s", "bulk Gbit/s"]))
         .y_desc("× direct")
         .draw()?;
     for (mi, mode) in MODES.iter().enumerate() {

@@ -1,0 +1,53 @@
+//! The benchmark harness runs end to end and produces a well-formed report
+//! (a smoke test: tiny durations, no figure is asserted).
+
+use std::process::Command;
+
+#[test]
+fn the_bench_harness_produces_a_well_formed_report() {
+    if !redirector_tests::privileged() {
+        return;
+    }
+    let missing: Vec<&str> = ["oha", "nginx", "iperf3"]
+        .into_iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t} >/dev/null || test -x /usr/sbin/{t}")])
+                .status()
+                .unwrap()
+                .success()
+        })
+        .collect();
+    if !missing.is_empty() {
+        if std::env::var_os("CI").is_some() {
+            panic!("the bench smoke test needs {missing:?}; .ci/run installs them");
+        }
+        eprintln!("SKIPPED: the bench smoke test needs {missing:?} (apt-get install nginx-light iperf3; cargo install oha)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("redirector-bench-smoke-{}", std::process::id()));
+    let json = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_redirector-bench"))
+        .env("REDIRECTOR_BIN", redirector_tests::redirector_bin())
+        .args(["--quick", "--rounds", "1", "--seconds", "0.5", "--results"])
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let md = String::from_utf8_lossy(&out.stdout);
+    let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(table.len(), 1 + 4, "header and one row per mode:\n{md}");
+    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap"] {
+        let row = table.iter().find(|r| r.starts_with(&format!("| {mode} |"))).expect(mode);
+        assert_eq!(row.matches('|').count(), 11, "{row}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["samples"].as_array().unwrap().len(), 16, "4 modes x 4 scenarios");
+    assert!(report["medians"]["direct"]["max-rps"]["rps"].as_f64().unwrap() > 0.0);
+    assert!(report["ratios"]["ebpf"]["max-rps"]["rps"].is_number());
+    let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
