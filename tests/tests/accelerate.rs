@@ -17,7 +17,7 @@ fn totals(t: &Topology) -> (u64, u64, u64) {
 }
 
 #[test]
-#[ignore = "known defect (issue 3): with the shortcut on, the app receives only part of a 16 MiB echo the proxy wrote through it before its FIN; run with --ignored"]
+#[ignore = "known defect (issue 3): the kernel's sockmap receive path returns EAGAIN to the app's blocking recv() when TCP data or a FIN arrives while the shortcut queue is empty, which Python's buffered reader takes for EOF; run with --ignored"]
 fn a_large_transfer_with_half_close_arrives_whole_through_the_shortcut() {
     if !privileged() {
         return;
