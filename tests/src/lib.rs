@@ -574,6 +574,66 @@ pub fn bash_connect(host: &str, port: u16) -> String {
     format!("exec 3<>/dev/tcp/{host}/{port} && echo hello >&3 && read -r line <&3 && echo \"$line\" && exec 3<&-")
 }
 
+/// A python3 client (an unmodified program) that sends `mib` MiB of random
+/// bytes to the echo server while reading the echo, then shuts down its
+/// write side and reads to EOF; it prints `ok <bytes>` when what came back is
+/// what it sent. `varied_writes` uses writes of many sizes instead of one.
+pub fn echo_transfer_script(mib: usize, varied_writes: bool) -> String {
+    let send = if varied_writes {
+        "    i, n = 0, 1\n    while i < len(data):\n        s.sendall(data[i:i + n]); i += n; n = (n * 7 + 13) % 200000 + 1\n"
+    } else {
+        "    s.sendall(data)\n"
+    };
+    format!(
+        r#"
+import hashlib, os, socket, threading
+data = os.urandom({mib} * 1024 * 1024)
+s = socket.create_connection(("{SERVER_V4}", 8080))
+s.sendall(b"hello\n")
+f = s.makefile("rb")
+peer = f.readline()
+def send():
+{send}    s.shutdown(socket.SHUT_WR)
+th = threading.Thread(target=send); th.start()
+got = bytearray()
+while True:
+    b = f.read1(65536)
+    if not b:
+        break
+    got += b
+th.join()
+assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), (len(got), len(data))
+print("ok", len(got), peer.decode().strip())
+"#
+    )
+}
+
+/// A status counter summed over every cgroup row.
+pub fn counter_sum(status: &Value, name: &str) -> u64 {
+    status["cgroups"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["counters"][name].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+impl Topology {
+    /// Let the client namespace make many short connections from one
+    /// address, as a real client host would: reuse TIME_WAIT ports and widen
+    /// the ephemeral range (both per network namespace).
+    pub fn tune_client_for_many_connections(&self) -> Result<()> {
+        for (k, v) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
+            let st = Command::new("nsenter")
+                .arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
+                .args(["sysctl", "-qw", &format!("{k}={v}")])
+                .status()?;
+            if !st.success() {
+                bail!("sysctl {k} failed in the client namespace");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The `peer=ADDR` a client printed, as an address.
 pub fn printed_peer(out: &Output) -> Option<SocketAddr> {
     String::from_utf8_lossy(&out.stdout)

@@ -25,39 +25,14 @@ fn a_large_transfer_with_half_close_arrives_whole_through_the_shortcut() {
     let mut t = Topology::new().unwrap();
     t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("  accelerate: true\n").unwrap();
-    let script = format!(
-        r#"
-import hashlib, os, socket, threading
-data = os.urandom(16 * 1024 * 1024)
-s = socket.create_connection(("{SERVER_V4}", 8080))
-s.sendall(b"hello\n")
-f = s.makefile("rb")
-peer = f.readline()
-def send():
-    # Writes of many sizes, to cross message and page boundaries.
-    i, n = 0, 1
-    while i < len(data):
-        s.sendall(data[i:i + n]); i += n; n = (n * 7 + 13) % 200000 + 1
-    s.shutdown(socket.SHUT_WR)
-th = threading.Thread(target=send); th.start()
-got = bytearray()
-while True:
-    b = f.read1(65536)
-    if not b:
-        break
-    got += b
-th.join()
-assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), (len(got), len(data))
-print("ok", len(got))
-"#
-    );
+    let script = echo_transfer_script(16, true);
     let out = t
         .redirector()
         .args(["exec", "--workload", "py", "--", "python3", "-c", &script])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 16777216");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok 16777216 peer="));
     let (msgs, bytes, _) = totals(&t);
     // The way back (the proxy's writes) crossed the shortcut.
     assert!(bytes >= 16 * 1024 * 1024, "redirected {bytes} B in {msgs} messages");

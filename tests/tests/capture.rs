@@ -121,9 +121,7 @@ fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
     // Counters went to the workload's cgroup, which exec removed on exit:
     // find them by decision.
     let s = t.status();
-    let sum = |name: &str| -> u64 {
-        s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
-    };
+    let sum = |name: &str| counter_sum(&s, name);
     assert_eq!(sum("excluded_port"), 1, "{s}");
     assert_eq!(sum("excluded_loopback"), 0, "{s}");
     assert_eq!(sum("excluded_cidr"), 1, "{s}");
@@ -143,9 +141,7 @@ fn loopback_destinations_are_left_alone_by_default(mode: &'static str) {
         return;
     }
     let s = t.status();
-    let sum = |name: &str| -> u64 {
-        s["cgroups"].as_array().unwrap().iter().map(|c| c["counters"][name].as_u64().unwrap()).sum()
-    };
+    let sum = |name: &str| counter_sum(&s, name);
     assert_eq!(sum("excluded_loopback"), 1, "{s}");
     assert_eq!(sum("redirected"), 0, "{s}");
     assert_eq!(s["proxy"]["accepted"], 0, "{s}");

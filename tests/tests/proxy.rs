@@ -25,29 +25,7 @@ fn a_large_transfer_with_half_close_arrives_whole() {
     // 8 MiB up while reading the echo, then shut down the write side: the
     // server sees EOF, finishes echoing and closes; the client must read it
     // all, then EOF.
-    let script = format!(
-        r#"
-import hashlib, os, socket, threading
-data = os.urandom(8 * 1024 * 1024)
-s = socket.create_connection(("{SERVER_V4}", 8080))
-s.sendall(b"hello\n")
-f = s.makefile("rb")
-peer = f.readline()
-def send():
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-th = threading.Thread(target=send); th.start()
-got = bytearray()
-while True:
-    b = f.read1(65536)
-    if not b:
-        break
-    got += b
-th.join()
-assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), (len(got), len(data))
-print("ok", len(got), peer.decode().strip())
-"#
-    );
+    let script = echo_transfer_script(8, false);
     let out = python(&t, &script);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -35,17 +35,7 @@ fn main() -> Result<()> {
         bail!("{tool} is missing: apt-get install nginx-light wrk");
     }
     let mut t = Topology::new()?;
-    // Many short connections from one address: reuse TIME_WAIT ports and
-    // widen the ephemeral range (both per network namespace).
-    for (k, v) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
-        let st = Command::new("nsenter")
-            .arg(format!("--net={}", Topology::ns_path(&t.client_ns).display()))
-            .args(["sysctl", "-qw", &format!("{k}={v}")])
-            .status()?;
-        if !st.success() {
-            bail!("sysctl {k} failed");
-        }
-    }
+    t.tune_client_for_many_connections()?;
     t.start_nginx(NGINX_PORT)?;
     t.start_agent(&format!("  excludePorts: [22, {EXCLUDED_PORT}]\n"))?;
 

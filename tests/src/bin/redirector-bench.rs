@@ -140,17 +140,7 @@ fn run() -> Result<()> {
     }
 
     let mut t = Topology::new()?;
-    // Many connections from one address: reuse TIME_WAIT ports and widen the
-    // ephemeral range (per network namespace), as a real client host would.
-    for (k, v) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
-        let st = Command::new("nsenter")
-            .arg(format!("--net={}", Topology::ns_path(&t.client_ns).display()))
-            .args(["sysctl", "-qw", &format!("{k}={v}")])
-            .status()?;
-        if !st.success() {
-            bail!("sysctl {k} failed in the client namespace");
-        }
-    }
+    t.tune_client_for_many_connections()?;
     t.start_nginx(NGINX_PORT)?;
     t.start_iperf3(IPERF_PORT)?;
     let load = t.cgroup.join("load");
