@@ -223,7 +223,12 @@ fn choose_mode(requested: CaptureMode) -> Result<(CaptureMode, String)> {
         CaptureMode::Ebpf => Ok((CaptureMode::Ebpf, "requested".into())),
         CaptureMode::Iptables => Ok((CaptureMode::Iptables, "requested".into())),
         CaptureMode::Auto => match crate::ebpf::check_programs() {
-            Ok(checks) => match checks.iter().find(|c| !c.ok) {
+            // The shortcut's sk_msg program is optional: without it the
+            // kernel still gets eBPF capture.
+            Ok(checks) => match checks
+                .iter()
+                .find(|c| !c.ok && c.program != redirector_common::programs::SK_MSG)
+            {
                 None => Ok((
                     CaptureMode::Ebpf,
                     format!(

@@ -599,12 +599,56 @@ pub fn verify(json: bool) -> Result<()> {
             "not checked: loading programs needs root",
         ));
     }
+    // What the kernel offers, feature by feature, and the tier it allows.
+    let features = if missing.is_empty() {
+        crate::features::probe()
+    } else {
+        Vec::new()
+    };
+    let tier = if features.is_empty() {
+        None
+    } else {
+        Some(crate::features::tier(&features))
+    };
     let ok = checks.iter().all(|c| c.ok);
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": checks}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ok": ok,
+                "checks": checks,
+                "features": features,
+                "tier": tier.map(|t| t.name()),
+            }))?
+        );
     } else {
         for c in &checks {
             println!("{:<4} {:<32} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+        }
+        if let Some(t) = tier {
+            println!();
+            println!("{:<4} {:<52} NEEDED BY TIER", "", "KERNEL FEATURE");
+            for f in &features {
+                println!(
+                    "{:<4} {:<52} {}{}",
+                    if f.supported { "yes" } else { "no" },
+                    f.name,
+                    f.needed_by.name(),
+                    f.error.as_deref().map(|e| format!(" (probe failed: {e})")).unwrap_or_default()
+                );
+            }
+            println!();
+            let lacking = crate::features::missing_for(&features, crate::features::Tier::EbpfSockmap);
+            if lacking.is_empty() {
+                println!("tier: {} (every feature present)", t.name());
+            } else {
+                println!(
+                    "tier: {} (kernel {} lacks: {})",
+                    t.name(),
+                    system::kernel_release(),
+                    lacking.join(", ")
+                );
+            }
         }
     }
     if ok {

@@ -169,7 +169,14 @@ impl EbpfCapture {
             path: cgroup_root.into(),
             source,
         })?;
-        attach_sk_msg(&mut ebpf)?;
+        // The shortcut's program is optional: a kernel without sk_msg still
+        // gets eBPF capture (the tier below), unless the shortcut was asked for.
+        if let Err(e) = attach_sk_msg(&mut ebpf) {
+            if cfg.accelerate {
+                return Err(e);
+            }
+            warn!(error = %e, "same-node shortcut unavailable on this kernel; capture works without it");
+        }
         let mut new_links: Vec<(&'static str, OwnedFd)> = Vec::new();
         for name in programs::ALL {
             let link = attach(&mut ebpf, name, &cgroup)?;

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod commands;
 pub mod config;
 pub mod ebpf;
+pub mod features;
 pub mod iptables;
 pub mod proxy;
 pub mod state;

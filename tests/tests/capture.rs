@@ -296,3 +296,31 @@ fn auto_mode_says_which_mode_it_chose_and_why() {
         .iter()
         .any(|l| l["fields"]["message"] == "capture mode chosen" && l["fields"]["mode"] == "ebpf"));
 }
+
+#[test]
+fn verify_probes_the_kernel_and_names_the_tier() {
+    if !privileged() {
+        return;
+    }
+    let out = std::process::Command::new(redirector_bin())
+        .args(["verify", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let features = v["features"].as_array().unwrap();
+    for name in ["map type sk_storage", "program type sock_ops", "helper get_netns_cookie in sock_ops"] {
+        let f = features.iter().find(|f| f["name"] == name).expect(name);
+        assert!(f["supported"].is_boolean(), "{f}");
+    }
+    // Every feature of the eBPF tier this kernel has is also what lets the
+    // programs load; the reported tier must agree with the program checks.
+    let programs_ok = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("program "))
+        .all(|c| c["ok"] == true);
+    let tier = v["tier"].as_str().unwrap();
+    assert_eq!(programs_ok, tier.starts_with("ebpf"), "{v}");
+}
