@@ -11,6 +11,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod kernel_test;
+
 /// bpf-linker release known to build against the machine's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM of Debian's rustc-web (the BPF-capable rustc with a precompiled core).
@@ -58,6 +60,18 @@ enum Task {
         #[arg(long)]
         seconds: Option<f64>,
     },
+    /// Boot other kernels under QEMU and run the capture checks inside them.
+    KernelTest {
+        /// Comma-separated kernel series: 5.10, 6.1, 6.12.
+        #[arg(long, default_value = "6.1")]
+        kernels: String,
+        /// Also write the matrix as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds per kernel before it counts as no verdict.
+        #[arg(long, default_value_t = 240)]
+        timeout: u64,
+    },
     /// Build, then run every test (unit tests and, as root, the privileged
     /// end-to-end tests).
     Test {
@@ -74,6 +88,15 @@ fn main() -> ExitCode {
         Task::Build => setup(false).and_then(|_| build(true)),
         Task::Run { args } => setup(false).and_then(|_| run(&args)),
         Task::Test { args } => setup(false).and_then(|_| test(&args)),
+        Task::KernelTest {
+            kernels,
+            json,
+            timeout,
+        } => setup(false).and_then(|_| {
+            build(true)?;
+            let ks: Vec<String> = kernels.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+            kernel_test::kernel_test(&root_dir(), &ks, json.as_deref(), std::time::Duration::from_secs(timeout))
+        }),
         Task::Bench {
             quick,
             json,
