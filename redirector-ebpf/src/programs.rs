@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
-    EbpfContext,
+    EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
 use redirector_common::{
@@ -68,6 +68,23 @@ static ACCEL_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[btf_map]
 static SOCKET_DST: SkStorage<OriginalDst> = SkStorage::new();
+
+/// 1 when the kernel offers `bpf_get_netns_cookie` to sockops (5.15+); the
+/// loader sets 0 otherwise. It is a read-only constant at load time, so the
+/// verifier never visits the helper call on kernels without it, and keys
+/// then carry cookie 0 (no isolation between network namespaces that share
+/// loopback addresses).
+#[no_mangle]
+static NETNS_COOKIE: Global<u32> = Global::new(1);
+
+#[inline(always)]
+fn netns_cookie(ctx: *mut c_void) -> u64 {
+    if NETNS_COOKIE.load() != 0 {
+        unsafe { bpf_get_netns_cookie(ctx) }
+    } else {
+        0
+    }
+}
 
 #[inline(always)]
 fn socket_dst_map() -> *mut c_void {
@@ -270,7 +287,7 @@ pub fn redirector_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn conn_key(ctx: &SockOpsContext, local: bool) -> ConnKey {
     let ops = ctx.ops;
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns_cookie = netns_cookie(ctx.as_ptr());
     let family = unsafe { ptr::read_volatile(&(*ops).family) };
     let (ip4, ip6, port) = unsafe {
         if local {
@@ -562,7 +579,7 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         (lip6, rip6)
     };
     let key = SockKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie: netns_cookie(ctx.as_ptr()),
         local_addr,
         remote_addr,
         local_port: lport,

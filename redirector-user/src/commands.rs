@@ -633,7 +633,7 @@ pub fn verify(json: bool) -> Result<()> {
                     "{:<4} {:<52} {}{}",
                     if f.supported { "yes" } else { "no" },
                     f.name,
-                    f.needed_by.name(),
+                    if f.optional { "optional" } else { f.needed_by.name() },
                     f.error.as_deref().map(|e| format!(" (probe failed: {e})")).unwrap_or_default()
                 );
             }

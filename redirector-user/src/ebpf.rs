@@ -154,7 +154,7 @@ impl EbpfCapture {
         proxy_cgroup_id: u64,
         pin_dir: &Path,
     ) -> Result<EbpfCapture, EbpfError> {
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
@@ -232,6 +232,22 @@ impl EbpfCapture {
 /// Load the sk_msg program and attach it to the pinned SOCK_PAIRS map. The
 /// attachment belongs to the map, so it lives as long as the map's pin (a
 /// restarted agent's program replaces it); no link to keep.
+/// A loader with the load-time constants this kernel needs.
+fn loader() -> EbpfLoader<'static> {
+    static NO: u32 = 0;
+    let mut l = EbpfLoader::new();
+    let cookie = aya::sys::is_helper_supported(
+        aya::programs::ProgramType::SockOps,
+        aya::sys::BpfHelper::BPF_FUNC_get_netns_cookie,
+    )
+    .unwrap_or(false);
+    if !cookie {
+        warn!("this kernel has no bpf_get_netns_cookie in sockops (5.15+): capture keys cannot tell network namespaces apart; run one workload namespace per node or upgrade the kernel");
+        l.override_global(redirector_common::globals::NETNS_COOKIE, &NO, true);
+    }
+    l
+}
+
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     let name = programs::SK_MSG;
     let perr = |source| EbpfError::Program {
@@ -677,7 +693,7 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, EbpfError> {
     let scratch = PathBuf::from(format!("/sys/fs/bpf/redirector-verify-{}", std::process::id()));
     ensure_bpffs(&scratch)?;
     let result = (|| {
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader()
             .default_map_pin_directory(&scratch)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;

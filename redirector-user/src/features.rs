@@ -36,6 +36,8 @@ pub struct Feature {
     pub supported: bool,
     /// The lowest tier that needs this feature.
     pub needed_by: Tier,
+    /// Used when present, worked around when not (the tier does not drop).
+    pub optional: bool,
     /// Set when the kernel could not be asked.
     pub error: Option<String>,
 }
@@ -83,6 +85,10 @@ pub fn probe() -> Vec<Feature> {
     features()
         .into_iter()
         .map(|(name, p, needed_by)| {
+            // Without it the programs key connections with netns cookie 0:
+            // capture works, namespaces sharing loopback addresses are not
+            // told apart.
+            let optional = name.starts_with("helper get_netns_cookie in ");
             let r: Result<bool, String> = match p {
                 Probe::Btf => Ok(std::path::Path::new("/sys/kernel/btf/vmlinux").exists()),
                 Probe::Program(t) => is_program_supported(t).map_err(|e| e.to_string()),
@@ -94,12 +100,14 @@ pub fn probe() -> Vec<Feature> {
                     name,
                     supported,
                     needed_by,
+                    optional,
                     error: None,
                 },
                 Err(e) => Feature {
                     name,
                     supported: false,
                     needed_by,
+                    optional,
                     error: Some(e),
                 },
             }
@@ -112,7 +120,7 @@ pub fn tier(features: &[Feature]) -> Tier {
     let all = |t: Tier| {
         features
             .iter()
-            .filter(|f| f.needed_by == t)
+            .filter(|f| f.needed_by == t && !f.optional)
             .all(|f| f.supported)
     };
     if !all(Tier::Ebpf) {
@@ -128,7 +136,9 @@ pub fn tier(features: &[Feature]) -> Tier {
 pub fn missing_for(features: &[Feature], t: Tier) -> Vec<String> {
     features
         .iter()
-        .filter(|f| !f.supported && (f.needed_by == t || (t == Tier::EbpfSockmap && f.needed_by == Tier::Ebpf)))
+        .filter(|f| {
+            !f.supported && (f.needed_by == t || (t == Tier::EbpfSockmap && f.needed_by == Tier::Ebpf))
+        })
         .map(|f| f.name.clone())
         .collect()
 }
@@ -142,6 +152,7 @@ mod tests {
             name: name.into(),
             supported,
             needed_by,
+            optional: false,
             error: None,
         }
     }
@@ -156,5 +167,8 @@ mod tests {
         let no_storage = vec![f("sk_storage", false, Tier::Ebpf), f("b", true, Tier::EbpfSockmap)];
         assert_eq!(tier(&no_storage), Tier::Iptables);
         assert_eq!(missing_for(&no_storage, Tier::Ebpf), vec!["sk_storage".to_string()]);
+        let mut no_cookie = vec![f("cookie", false, Tier::Ebpf), f("b", true, Tier::EbpfSockmap)];
+        no_cookie[0].optional = true;
+        assert_eq!(tier(&no_cookie), Tier::EbpfSockmap, "an optional feature never lowers the tier");
     }
 }

@@ -315,5 +315,27 @@ fn test(args: &[String]) -> Result<()> {
     }
     let mut c = cargo();
     c.args(["test", "--workspace"]).args(args);
-    sh(&mut c)
+    let unit_and_e2e = sh(&mut c);
+
+    // The kernel matrix: the capture checks on other kernels under QEMU.
+    let matrix = if !is_root() {
+        Ok(())
+    } else if which("qemu-system-x86_64").is_none() {
+        if env::var_os("CI").is_some() {
+            Err(anyhow::anyhow!("the kernel matrix needs qemu-system-x86, busybox-static and cpio; .ci/run installs them"))
+        } else {
+            eprintln!("SKIPPED: the kernel matrix (apt-get install --no-install-recommends qemu-system-x86 busybox-static cpio to run it)");
+            Ok(())
+        }
+    } else {
+        build(true).and_then(|_| {
+            let ks: Vec<String> = KERNEL_MATRIX.iter().map(|k| k.to_string()).collect();
+            kernel_test::kernel_test(&root_dir(), &ks, None, std::time::Duration::from_secs(240))
+        })
+    };
+    unit_and_e2e.and(matrix)
 }
+
+/// The kernels `cargo xtask test` boots: the oldest and newest Debian LTS
+/// series our users run, and the one between.
+const KERNEL_MATRIX: [&str; 3] = ["5.10", "6.1", "6.12"];

@@ -54,6 +54,12 @@ pub mod maps {
     pub const ACCEL_TOTALS: &str = "ACCEL_TOTALS";
 }
 
+/// Load-time constants of the kernel object.
+pub mod globals {
+    /// u32: 1 when sockops may call `bpf_get_netns_cookie`.
+    pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
+}
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
