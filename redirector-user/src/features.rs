@@ -9,13 +9,15 @@ use serde::Serialize;
 
 /// Capture tiers, richest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum Tier {
     /// eBPF capture with the sockmap shortcut available.
+    #[serde(rename = "ebpf+sockmap")]
     EbpfSockmap,
     /// eBPF capture, no shortcut.
+    #[serde(rename = "ebpf")]
     Ebpf,
     /// iptables capture.
+    #[serde(rename = "iptables")]
     Iptables,
 }
 
