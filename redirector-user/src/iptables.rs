@@ -370,44 +370,39 @@ impl Drop for IptablesCapture {
     }
 }
 
-/// Enrollment in iptables mode: a rule per workload cgroup.
-pub fn enroll(cgroup_rel: &str) -> Result<(), IptablesError> {
+fn rule_tool(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+/// Append (`-A`) or delete (`-D`) a workload's rule in every family where
+/// that changes something. Returns whether any family had the rule.
+fn edit_enroll_rule(op: &str, cgroup_rel: &str) -> Result<bool, IptablesError> {
+    let mut had = false;
     for family in Family::ALL {
-        let saved = save(family)?;
-        if enrolled_in(&saved).iter().any(|e| e == cgroup_rel) {
+        let present = enrolled_in(&save(family)?).iter().any(|e| e == cgroup_rel);
+        had |= present;
+        if present == (op == "-A") {
             continue;
         }
-        let tool = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), "-A".into(), CHAIN_OUTPUT.into()];
+        let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), op.into(), CHAIN_OUTPUT.into()];
         args.extend(enroll_rule_args(cgroup_rel));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_tool(tool, &a, None)?;
+        run_tool(rule_tool(family), &a, None)?;
     }
-    Ok(())
+    Ok(had)
+}
+
+/// Enrollment in iptables mode: a rule per workload cgroup.
+pub fn enroll(cgroup_rel: &str) -> Result<(), IptablesError> {
+    edit_enroll_rule("-A", cgroup_rel).map(|_| ())
 }
 
 /// Returns whether the cgroup was enrolled.
 pub fn unenroll(cgroup_rel: &str) -> Result<bool, IptablesError> {
-    let mut was = false;
-    for family in Family::ALL {
-        let saved = save(family)?;
-        if !enrolled_in(&saved).iter().any(|e| e == cgroup_rel) {
-            continue;
-        }
-        was = true;
-        let tool = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), "-D".into(), CHAIN_OUTPUT.into()];
-        args.extend(enroll_rule_args(cgroup_rel));
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_tool(tool, &a, None)?;
-    }
-    Ok(was)
+    edit_enroll_rule("-D", cgroup_rel)
 }
 
 /// Enrolled cgroups (relative paths), from the IPv4 table.
