@@ -8,10 +8,13 @@ use aya_ebpf::{
     bindings::{bpf_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_sk_storage_get,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash,
+    },
     programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext, Global,
 };
@@ -31,6 +34,7 @@ const SK_PASS: u32 = 1;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
+const TCP_SYN_SENT: u32 = 2;
 const PAGE_SIZE: i32 = 4096;
 
 #[map]
@@ -68,6 +72,25 @@ static ACCEL_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[btf_map]
 static SOCKET_DST: SkStorage<OriginalDst> = SkStorage::new();
+
+/// The keyed-map tier's stand-in for [`SOCKET_DST`] between connect() and
+/// the SYN: socket cookie -> original destination.
+#[map]
+static DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_PENDING, 0);
+
+/// 1: original destinations live in per-socket storage (sk_storage). 0: the
+/// keyed-map tier for kernels without it: [`DST_BY_COOKIE`] until the SYN,
+/// then [`PENDING_DST`] until the proxy's end of the connection closes, and
+/// getsockopt finds it by the peer's address. A load-time constant: the
+/// verifier prunes the branch not taken, so the kernel never sees a helper
+/// it lacks.
+#[no_mangle]
+static SOCKET_STORAGE: Global<u32> = Global::new(1);
+
+#[inline(always)]
+fn socket_storage() -> bool {
+    SOCKET_STORAGE.load() != 0
+}
 
 /// 1 when the kernel offers `bpf_get_netns_cookie` to sockops (5.15+); the
 /// loader sets 0 otherwise. It is a read-only constant at load time, so the
@@ -226,15 +249,25 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         family,
         _pad: 0,
     };
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            socket_dst_map(),
-            sk.cast(),
-            ptr::from_mut(&mut dst).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE,
-        )
+    let stored = if socket_storage() {
+        let stored = unsafe {
+            bpf_sk_storage_get(
+                socket_dst_map(),
+                sk.cast(),
+                ptr::from_mut(&mut dst).cast(),
+                BPF_SK_STORAGE_GET_F_CREATE,
+            )
+        };
+        if !stored.is_null() {
+            // The entry may predate this connect() on a reused socket.
+            unsafe { *stored.cast::<OriginalDst>() = dst };
+        }
+        !stored.is_null()
+    } else {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        DST_BY_COOKIE.insert(&cookie, &dst, 0).is_ok()
     };
-    if stored.is_null() {
+    if !stored {
         // Fail open: the connection goes where it was going, uncaptured,
         // and the counter says so.
         count(cgroup_id, Decision::ErrorMapFull);
@@ -244,8 +277,6 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         );
         return Ok(());
     }
-    // The entry may predate this connect() on a reused socket.
-    unsafe { *stored.cast::<OriginalDst>() = dst };
 
     let port_be = u32::from(cfg.outbound_port.to_be());
     if v6 {
@@ -349,7 +380,8 @@ fn sock_key(ctx: &SockOpsContext) -> SockKey {
 #[inline(always)]
 fn accelerate(ctx: &SockOpsContext) {
     let Some(cfg) = CONFIG.get(0) else { return };
-    if cfg.flags & FLAG_ACCELERATE == 0 {
+    // The shortcut is offered only with per-socket storage.
+    if cfg.flags & FLAG_ACCELERATE == 0 || !socket_storage() {
         return;
     }
     let mut key = sock_key(ctx);
@@ -382,11 +414,21 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
 
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // The workload's socket: captured only if connect4/6 left its mark.
-        let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
-        if dst.is_null() {
-            return Ok(());
-        }
-        let dst = unsafe { *dst.cast::<OriginalDst>() };
+        let dst = if socket_storage() {
+            let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
+            if dst.is_null() {
+                return Ok(());
+            }
+            unsafe { *dst.cast::<OriginalDst>() }
+        } else {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let Some(dst) = (unsafe { DST_BY_COOKIE.get(&cookie) }) else {
+                return Ok(());
+            };
+            let dst = *dst;
+            let _ = DST_BY_COOKIE.remove(&cookie);
+            dst
+        };
         let key = conn_key(ctx, true);
         if PENDING_DST.insert(&key, &dst, 0).is_err() {
             count(0, Decision::ErrorMapFull);
@@ -395,7 +437,11 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         // Remove the entry should the handshake never complete.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // The workload's captured socket is now connected to the proxy.
+        // The workload's captured socket is now connected to the proxy (the
+        // shortcut needs per-socket storage).
+        if !socket_storage() {
+            return Ok(());
+        }
         let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
         if !dst.is_null() {
             accelerate(ctx);
@@ -415,6 +461,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
             count(0, Decision::ErrorLookupMiss);
             return Ok(());
         };
+        if !socket_storage() {
+            // The keyed-map tier: the entry stays where getsockopt finds it
+            // until this end of the connection closes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            return Ok(());
+        }
         let mut dst = *dst;
         let stored = unsafe {
             bpf_sk_storage_get(
@@ -432,8 +484,19 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     } else {
         // STATE_CB: args[1] is the new state.
         if ctx.arg(1) == TCP_CLOSE {
-            let key = conn_key(ctx, true);
-            let _ = PENDING_DST.remove(&key);
+            if socket_storage() {
+                let _ = PENDING_DST.remove(&conn_key(ctx, true));
+            } else {
+                // Keyed-map tier: the proxy's end removes the entry it was
+                // reading; the workload's end only a handshake that died.
+                let cfg = CONFIG.get(0).ok_or(())?;
+                let local_port = unsafe { ptr::read_volatile(&(*ctx.ops).local_port) };
+                if local_port == u32::from(cfg.outbound_port) {
+                    let _ = PENDING_DST.remove(&conn_key(ctx, false));
+                } else if ctx.arg(0) == TCP_SYN_SENT {
+                    let _ = PENDING_DST.remove(&conn_key(ctx, true));
+                }
+            }
             // The socket leaves SOCK_PAIRS by itself; its counters go here.
             let _ = ACCEL_SOCKETS.remove(&sock_key(ctx));
         }
@@ -449,6 +512,42 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
 pub fn redirector_getsockopt(ctx: SockoptContext) -> i32 {
     let _ = try_getsockopt(&ctx);
     1
+}
+
+/// The peer end of the socket a getsockopt program runs for, as the
+/// [`ConnKey`] sockops wrote for the workload's end.
+#[inline(always)]
+fn peer_key(ctx: &SockoptContext, sk: *mut bpf_sock) -> ConnKey {
+    let netns_cookie = if NETNS_COOKIE.load() != 0 {
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
+    // Every field is read, unconditionally and with its own load: the
+    // verifier refuses arithmetic on a socket pointer, which is what the
+    // compiler makes of loads chosen by a branch.
+    let (family, ip4, ip6, raw) = unsafe {
+        (
+            ptr::read_volatile(&(*sk).family),
+            ptr::read_volatile(&(*sk).dst_ip4),
+            [
+                ptr::read_volatile(&(*sk).dst_ip6[0]),
+                ptr::read_volatile(&(*sk).dst_ip6[1]),
+                ptr::read_volatile(&(*sk).dst_ip6[2]),
+                ptr::read_volatile(&(*sk).dst_ip6[3]),
+            ],
+            // dst_port: the network order port in the low half of a 4-byte
+            // load (the one width every kernel accepts for this field).
+            ptr::read_volatile(ptr::addr_of!((*sk).dst_port).cast::<u32>()),
+        )
+    };
+    let addr = if family == u32::from(AF_INET) { map_v4(ip4) } else { ip6 };
+    ConnKey {
+        netns_cookie,
+        addr,
+        port: u32::from(u16::from_be(raw as u16)),
+        _pad: 0,
+    }
 }
 
 #[repr(C)]
@@ -485,13 +584,22 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
         return Ok(());
     }
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
-    if dst.is_null() {
-        // Not a socket we captured: leave the kernel's answer (conntrack's,
-        // under iptables capture) as it is.
-        return Ok(());
-    }
-    let dst = unsafe { *dst.cast::<OriginalDst>() };
+    let dst = if socket_storage() {
+        let dst = unsafe { bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::null_mut(), 0) };
+        if dst.is_null() {
+            // Not a socket we captured: leave the kernel's answer
+            // (conntrack's, under iptables capture) as it is.
+            return Ok(());
+        }
+        unsafe { *dst.cast::<OriginalDst>() }
+    } else {
+        // Keyed-map tier: the connection's entry, by its peer (the
+        // workload's end).
+        let Some(dst) = (unsafe { PENDING_DST.get(&peer_key(ctx, sk)) }) else {
+            return Ok(());
+        };
+        *dst
+    };
     let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
 

@@ -113,7 +113,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
 
-    let (mode, reason) = match choose_mode(cfg.mode) {
+    let (mode, socket_storage, reason) = match choose_mode(&cfg) {
         Ok(m) => m,
         Err(e) => {
             undo_move();
@@ -125,7 +125,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .and_then(|rel| IptablesCapture::install(&cfg, rel))
             .map(Installed::Iptables)
             .map_err(anyhow::Error::from),
-        _ => EbpfCapture::install(&cfg, &root, proxy_cgroup_id)
+        _ => EbpfCapture::install(&cfg, &root, proxy_cgroup_id, socket_storage)
             .map(Installed::Ebpf)
             .map_err(anyhow::Error::from),
     };
@@ -153,6 +153,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         admin: admin_listener.local_addr()?,
         outbound_port: cfg.outbound_port,
         version: env!("CARGO_PKG_VERSION").into(),
+        socket_storage,
     };
     state.store(&opts.state_dir).context("recording the agent state")?;
 
@@ -216,41 +217,106 @@ enum Installed {
     Iptables(IptablesCapture),
 }
 
-/// The mode to run in and why. `auto` asks the kernel: eBPF when every
-/// program passes the verifier, iptables otherwise.
-fn choose_mode(requested: CaptureMode) -> Result<(CaptureMode, String)> {
-    match requested {
-        CaptureMode::Ebpf => Ok((CaptureMode::Ebpf, "requested".into())),
-        CaptureMode::Iptables => Ok((CaptureMode::Iptables, "requested".into())),
-        CaptureMode::Auto => match crate::ebpf::check_programs() {
-            // The shortcut's sk_msg program is optional: without it the
-            // kernel still gets eBPF capture.
-            Ok(checks) => match checks
-                .iter()
-                .find(|c| !c.ok && c.program != redirector_common::programs::SK_MSG)
-            {
-                None => Ok((
+/// The mode to run in, whether eBPF keeps original destinations in
+/// per-socket storage, and why. The kernel is asked feature by feature
+/// (never by version); `auto` then loads every program through the verifier
+/// and takes iptables if one is refused. A forced `ebpf` on a kernel that
+/// lacks a feature fails here, naming it.
+fn choose_mode(cfg: &AgentConfig) -> Result<(CaptureMode, bool, String)> {
+    use crate::config::Storage;
+    use crate::features::{self, Tier};
+    if cfg.mode == CaptureMode::Iptables {
+        return Ok((CaptureMode::Iptables, true, "requested".into()));
+    }
+    let release = system::kernel_release();
+    let probed = features::probe();
+    let best = features::tier(&probed);
+    let socket_storage = match cfg.storage {
+        Storage::Socket => true,
+        Storage::Map => false,
+        Storage::Auto => best != Tier::EbpfKeyed,
+    };
+    let tier = if socket_storage { Tier::Ebpf } else { Tier::EbpfKeyed };
+    let lacking = features::missing_for(&probed, tier);
+    let shortcut_lacking = features::missing_for(&probed, Tier::EbpfSockmap);
+    let storage_note = if socket_storage {
+        String::new()
+    } else if cfg.storage == Storage::Map {
+        "; original destinations in a keyed map (capture.storage: map)".to_string()
+    } else {
+        format!(
+            "; kernel {release} lacks {}: original destinations in a keyed map",
+            features::missing_for(&probed, Tier::Ebpf).join(", ")
+        )
+    };
+    if cfg.accelerate && !socket_storage {
+        bail!("the same-node shortcut (--accelerate) needs per-socket storage, but capture.storage is `map` or the kernel lacks it; drop --accelerate or use storage socket");
+    }
+    if cfg.accelerate && !shortcut_lacking.is_empty() {
+        bail!(
+            "kernel {release} cannot run the same-node shortcut (--accelerate): it lacks {}; drop --accelerate",
+            shortcut_lacking.join(", ")
+        );
+    }
+    if cfg.mode == CaptureMode::Ebpf {
+        if !lacking.is_empty() {
+            bail!(
+                "kernel {release} cannot run --mode ebpf (tier {}): it lacks {}; use --mode iptables, or --mode auto (it picks {})",
+                tier.name(),
+                lacking.join(", "),
+                best.name()
+            );
+        }
+        let t = if socket_storage && shortcut_lacking.is_empty() { Tier::EbpfSockmap } else { tier };
+        return Ok((CaptureMode::Ebpf, socket_storage, format!("requested; tier {}{storage_note}", t.name())));
+    }
+    // auto
+    if !lacking.is_empty() {
+        let reason = format!(
+            "auto: kernel {release} lacks {}; tier iptables",
+            lacking.join(", ")
+        );
+        warn!("{reason}");
+        return Ok((CaptureMode::Iptables, true, reason));
+    }
+    match crate::ebpf::check_programs(socket_storage) {
+        // The shortcut's sk_msg program is optional: without it the kernel
+        // still gets eBPF capture.
+        Ok(checks) => match checks
+            .iter()
+            .find(|c| !c.ok && c.program != redirector_common::programs::SK_MSG)
+        {
+            None => {
+                let msg_ok = checks.iter().any(|c| c.ok && c.program == redirector_common::programs::SK_MSG);
+                let t = if socket_storage && shortcut_lacking.is_empty() && msg_ok {
+                    Tier::EbpfSockmap
+                } else {
+                    tier
+                };
+                if !socket_storage && cfg.storage == Storage::Auto {
+                    warn!("kernel {release} lacks per-socket storage; tier {} chosen instead", t.name());
+                }
+                Ok((
                     CaptureMode::Ebpf,
-                    format!(
-                        "auto: kernel {} loads every program",
-                        system::kernel_release()
-                    ),
-                )),
-                Some(bad) => Ok((
-                    CaptureMode::Iptables,
-                    format!(
-                        "auto: kernel {} refused {} ({}); using iptables",
-                        system::kernel_release(),
-                        bad.program,
-                        bad.error.clone().unwrap_or_default()
-                    ),
-                )),
-            },
-            Err(e) => Ok((
-                CaptureMode::Iptables,
-                format!("auto: eBPF unavailable ({e}); using iptables"),
-            )),
+                    socket_storage,
+                    format!("auto: kernel {release} loads every program; tier {}{storage_note}", t.name()),
+                ))
+            }
+            Some(bad) => {
+                let reason = format!(
+                    "auto: kernel {release} refused {} ({}); tier iptables",
+                    bad.program,
+                    bad.error.clone().unwrap_or_default()
+                );
+                warn!("{reason}");
+                Ok((CaptureMode::Iptables, true, reason))
+            }
         },
+        Err(e) => Ok((
+            CaptureMode::Iptables,
+            true,
+            format!("auto: eBPF unavailable ({e}); tier iptables"),
+        )),
     }
 }
 

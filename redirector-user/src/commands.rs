@@ -526,6 +526,9 @@ pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
     if state.mode == "iptables" {
         bail!("same-node acceleration needs eBPF capture; the agent runs in iptables mode (start it with --mode ebpf)");
     }
+    if on && !state.socket_storage {
+        bail!("same-node acceleration needs per-socket storage; the agent keeps original destinations in a keyed map (tier ebpf-keyed); restart it with --storage socket on a kernel that has it");
+    }
     let maps = PinnedMaps::open(&state.bpffs_dir)?;
     maps.set_accelerate(on)?;
     println!(
@@ -540,11 +543,11 @@ pub fn verify(json: bool) -> Result<()> {
     let mut checks = vec![Check::new("kernel", true, system::kernel_release())];
     checks.push(Check::new(
         "btf",
-        system::has_btf(),
+        true,
         if system::has_btf() {
             "/sys/kernel/btf/vmlinux".to_string()
         } else {
-            "no /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_string()
+            "no /sys/kernel/btf/vmlinux (not needed: the programs use no CO-RE relocations)".to_string()
         },
     ));
     let mount = cgroup::cgroup2_mount();
@@ -575,31 +578,8 @@ pub fn verify(json: bool) -> Result<()> {
             "not mounted: mount -t bpf bpf /sys/fs/bpf".to_string()
         },
     ));
-    if missing.is_empty() {
-        match ebpf::check_programs() {
-            Ok(progs) => {
-                for p in progs {
-                    checks.push(Check::new(
-                        format!("program {}", p.program),
-                        p.ok,
-                        match (&p.error, p.verified_instructions) {
-                            (Some(e), _) => e.clone(),
-                            (None, Some(n)) => format!("verifier accepted ({n} instructions processed)"),
-                            (None, None) => "verifier accepted".into(),
-                        },
-                    ));
-                }
-            }
-            Err(e) => checks.push(Check::new("programs", false, e.to_string())),
-        }
-    } else {
-        checks.push(Check::new(
-            "programs",
-            false,
-            "not checked: loading programs needs root",
-        ));
-    }
-    // What the kernel offers, feature by feature, and the tier it allows.
+    // What the kernel offers, feature by feature, and the tier it allows;
+    // then the programs through the verifier, as that tier loads them.
     let features = if missing.is_empty() {
         crate::features::probe()
     } else {
@@ -610,6 +590,41 @@ pub fn verify(json: bool) -> Result<()> {
     } else {
         Some(crate::features::tier(&features))
     };
+    let mut programs = Vec::new();
+    if missing.is_empty() {
+        let socket_storage = tier != Some(crate::features::Tier::EbpfKeyed);
+        match ebpf::check_programs(socket_storage) {
+            Ok(progs) => {
+                for p in &progs {
+                    // The shortcut's program is optional below its tier.
+                    let optional = p.program == redirector_common::programs::SK_MSG
+                        && tier != Some(crate::features::Tier::EbpfSockmap);
+                    checks.push(Check::new(
+                        format!("program {}", p.program),
+                        p.ok || optional,
+                        match (&p.error, p.verified_instructions, p.instructions) {
+                            (Some(e), _, _) if optional => format!("not loaded ({e}); the shortcut is unavailable"),
+                            (Some(e), _, _) => e.clone(),
+                            (None, Some(n), Some(own)) => {
+                                format!("verifier accepted ({n} instructions processed, {own} instructions)")
+                            }
+                            (None, Some(n), None) => format!("verifier accepted ({n} instructions processed)"),
+                            (None, None, Some(own)) => format!("verifier accepted ({own} instructions)"),
+                            (None, None, None) => "verifier accepted".into(),
+                        },
+                    ));
+                }
+                programs = progs;
+            }
+            Err(e) => checks.push(Check::new("programs", false, e.to_string())),
+        }
+    } else {
+        checks.push(Check::new(
+            "programs",
+            false,
+            "not checked: loading programs needs root",
+        ));
+    }
     let ok = checks.iter().all(|c| c.ok);
     if json {
         println!(
@@ -618,6 +633,7 @@ pub fn verify(json: bool) -> Result<()> {
                 "ok": ok,
                 "checks": checks,
                 "features": features,
+                "programs": programs,
                 "tier": tier.map(|t| t.name()),
             }))?
         );
@@ -633,7 +649,7 @@ pub fn verify(json: bool) -> Result<()> {
                     "{:<4} {:<52} {}{}",
                     if f.supported { "yes" } else { "no" },
                     f.name,
-                    if f.optional { "optional" } else { f.needed_by.name() },
+                    f.needed_by_names(),
                     f.error.as_deref().map(|e| format!(" (probe failed: {e})")).unwrap_or_default()
                 );
             }

@@ -56,6 +56,7 @@ struct RawCapture {
     inbound_ports: Vec<u16>,
     #[serde(default)]
     accelerate: bool,
+    storage: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -162,6 +163,29 @@ impl CaptureMode {
     }
 }
 
+/// Where the eBPF capture keeps each connection's original destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Per-socket storage where the kernel has it, the keyed map otherwise.
+    Auto,
+    /// Per-socket storage (sk_storage) on the captured sockets.
+    Socket,
+    /// A hash map keyed by socket cookie and by the connection's client end,
+    /// for kernels without per-socket storage.
+    Map,
+}
+
+impl Storage {
+    pub fn parse(s: &str) -> Result<Storage, String> {
+        match s {
+            "auto" => Ok(Storage::Auto),
+            "socket" => Ok(Storage::Socket),
+            "map" => Ok(Storage::Map),
+            other => Err(format!("`{other}` is not a storage; use auto, socket or map")),
+        }
+    }
+}
+
 /// Checked agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -171,6 +195,8 @@ pub struct AgentConfig {
     pub inbound_ports: Vec<u16>,
     /// eBPF mode: same-node sockmap shortcut between apps and the proxy.
     pub accelerate: bool,
+    /// eBPF mode: where original destinations are kept.
+    pub storage: Storage,
     /// The cgroup subtree the programs attach to; `None`: the cgroup2 mount
     /// root (every process on the machine can be enrolled).
     pub cgroup_root: Option<PathBuf>,
@@ -270,6 +296,8 @@ impl AgentConfig {
             mode,
             inbound_ports: raw.capture.inbound_ports,
             accelerate: raw.capture.accelerate,
+            storage: Storage::parse(raw.capture.storage.as_deref().unwrap_or("auto"))
+                .map_err(|m| invalid("capture.storage", m))?,
             cgroup_root: raw
                 .capture
                 .cgroup_root

@@ -133,15 +133,18 @@ impl EbpfCapture {
     ///
     /// On error nothing new stays attached: links are only pinned once every
     /// program is attached, and maps pinned by this call are removed.
+    /// `socket_storage`: keep original destinations in per-socket storage
+    /// (false: the keyed-map tier, without the shortcut).
     pub fn install(
         cfg: &AgentConfig,
         cgroup_root: &Path,
         proxy_cgroup_id: u64,
+        socket_storage: bool,
     ) -> Result<EbpfCapture, EbpfError> {
         let pin_dir = cfg.bpffs_dir.clone();
         let fresh = !pin_dir.join(maps::CONFIG).exists();
         ensure_bpffs(&pin_dir)?;
-        let result = Self::install_inner(cfg, cgroup_root, proxy_cgroup_id, &pin_dir);
+        let result = Self::install_inner(cfg, cgroup_root, proxy_cgroup_id, &pin_dir, socket_storage);
         if result.is_err() && fresh {
             remove_pins(&pin_dir);
         }
@@ -153,8 +156,9 @@ impl EbpfCapture {
         cgroup_root: &Path,
         proxy_cgroup_id: u64,
         pin_dir: &Path,
+        socket_storage: bool,
     ) -> Result<EbpfCapture, EbpfError> {
-        let mut ebpf = loader()
+        let mut ebpf = loader(socket_storage)
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
@@ -171,11 +175,13 @@ impl EbpfCapture {
         })?;
         // The shortcut's program is optional: a kernel without sk_msg still
         // gets eBPF capture (the tier below), unless the shortcut was asked for.
-        if let Err(e) = attach_sk_msg(&mut ebpf) {
-            if cfg.accelerate {
-                return Err(e);
+        if socket_storage {
+            if let Err(e) = attach_sk_msg(&mut ebpf) {
+                if cfg.accelerate {
+                    return Err(e);
+                }
+                warn!(error = %e, "same-node shortcut unavailable on this kernel; capture works without it");
             }
-            warn!(error = %e, "same-node shortcut unavailable on this kernel; capture works without it");
         }
         let mut new_links: Vec<(&'static str, OwnedFd)> = Vec::new();
         for name in programs::ALL {
@@ -229,25 +235,32 @@ impl EbpfCapture {
     }
 }
 
-/// Load the sk_msg program and attach it to the pinned SOCK_PAIRS map. The
-/// attachment belongs to the map, so it lives as long as the map's pin (a
-/// restarted agent's program replaces it); no link to keep.
-/// A loader with the load-time constants this kernel needs.
-fn loader() -> EbpfLoader<'static> {
+/// A loader with the load-time constants this kernel (and the chosen tier)
+/// needs.
+fn loader(socket_storage: bool) -> EbpfLoader<'static> {
+    use aya::programs::ProgramType;
+    use aya::sys::{is_helper_supported, BpfHelper};
     static NO: u32 = 0;
     let mut l = EbpfLoader::new();
-    let cookie = aya::sys::is_helper_supported(
-        aya::programs::ProgramType::SockOps,
-        aya::sys::BpfHelper::BPF_FUNC_get_netns_cookie,
-    )
-    .unwrap_or(false);
+    let has_cookie =
+        |t: ProgramType| is_helper_supported(t, BpfHelper::BPF_FUNC_get_netns_cookie).unwrap_or(false);
+    // The keyed tier's getsockopt builds the same key as sockops: both
+    // carry the cookie or neither does.
+    let cookie = has_cookie(ProgramType::SockOps)
+        && (socket_storage || has_cookie(ProgramType::CgroupSockopt));
     if !cookie {
-        warn!("this kernel has no bpf_get_netns_cookie in sockops (5.15+): capture keys cannot tell network namespaces apart; run one workload namespace per node or upgrade the kernel");
+        warn!("this kernel has no bpf_get_netns_cookie in sockops or getsockopt programs (5.15+): capture keys cannot tell network namespaces apart; run one workload namespace per node or upgrade the kernel");
         l.override_global(redirector_common::globals::NETNS_COOKIE, &NO, true);
+    }
+    if !socket_storage {
+        l.override_global(redirector_common::globals::SOCKET_STORAGE, &NO, true);
     }
     l
 }
 
+/// Load the sk_msg program and attach it to the pinned SOCK_PAIRS map. The
+/// attachment belongs to the map, so it lives as long as the map's pin (a
+/// restarted agent's program replaces it); no link to keep.
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     let name = programs::SK_MSG;
     let perr = |source| EbpfError::Program {
@@ -684,52 +697,52 @@ pub struct ProgramCheck {
     pub ok: bool,
     /// Instructions the verifier processed, where the kernel reports it.
     pub verified_instructions: Option<u32>,
+    /// The program's own length in instructions, as the kernel holds it
+    /// after loading (xlated).
+    pub instructions: Option<u32>,
     pub error: Option<String>,
 }
 
 /// Load every program through the verifier into a scratch bpffs directory,
 /// then unload it all.
-pub fn check_programs() -> Result<Vec<ProgramCheck>, EbpfError> {
+pub fn check_programs(socket_storage: bool) -> Result<Vec<ProgramCheck>, EbpfError> {
     let scratch = PathBuf::from(format!("/sys/fs/bpf/redirector-verify-{}", std::process::id()));
     ensure_bpffs(&scratch)?;
     let result = (|| {
-        let mut ebpf = loader()
+        let mut ebpf = loader(socket_storage)
             .default_map_pin_directory(&scratch)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
         let mut out = Vec::new();
         for name in programs::ALL.iter().copied().chain([programs::SK_MSG]) {
+            // (verifier-processed, own) instruction counts.
+            fn counts(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) -> (Option<u32>, Option<u32>) {
+                match info {
+                    Ok(i) => (i.verified_instruction_count(), i.size_translated().map(|b| b / 8)),
+                    Err(_) => (None, None),
+                }
+            }
             let prog = ebpf.program_mut(name);
-            let r: Result<Option<u32>, String> = match prog {
-                Some(Program::CgroupSockAddr(p)) => p
-                    .load()
-                    .map_err(|e| short_error(&e))
-                    .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
-                Some(Program::SockOps(p)) => p
-                    .load()
-                    .map_err(|e| short_error(&e))
-                    .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
-                Some(Program::CgroupSockopt(p)) => p
-                    .load()
-                    .map_err(|e| short_error(&e))
-                    .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
-                Some(Program::SkMsg(p)) => p
-                    .load()
-                    .map_err(|e| short_error(&e))
-                    .map(|_| p.info().ok().and_then(|i| i.verified_instruction_count())),
+            let r: Result<(Option<u32>, Option<u32>), String> = match prog {
+                Some(Program::CgroupSockAddr(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
+                Some(Program::SockOps(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
+                Some(Program::CgroupSockopt(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
+                Some(Program::SkMsg(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
                 _ => Err("not found in the kernel object".into()),
             };
             out.push(match r {
-                Ok(n) => ProgramCheck {
+                Ok((verified, own)) => ProgramCheck {
                     program: name.into(),
                     ok: true,
-                    verified_instructions: n,
+                    verified_instructions: verified,
+                    instructions: own,
                     error: None,
                 },
                 Err(e) => ProgramCheck {
                     program: name.into(),
                     ok: false,
                     verified_instructions: None,
+                    instructions: None,
                     error: Some(e),
                 },
             });

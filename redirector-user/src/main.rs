@@ -84,6 +84,11 @@ struct RunArgs {
     /// Capture mode (overrides capture.mode): ebpf, iptables or auto.
     #[arg(long, value_parser = ["ebpf", "iptables", "auto"])]
     mode: Option<String>,
+    /// eBPF mode: where original destinations are kept (overrides
+    /// capture.storage): socket, map (kernels without per-socket storage)
+    /// or auto.
+    #[arg(long, value_parser = ["socket", "map", "auto"])]
+    storage: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -130,6 +135,9 @@ fn main() -> ExitCode {
             }
             if let Some(m) = &a.mode {
                 config.mode = redirector::config::CaptureMode::parse(m).map_err(anyhow::Error::msg)?;
+            }
+            if let Some(st) = &a.storage {
+                config.storage = redirector::config::Storage::parse(st).map_err(anyhow::Error::msg)?;
             }
             if let Some(d) = &a.config_dir {
                 if !d.is_dir() {

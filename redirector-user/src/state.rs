@@ -41,6 +41,14 @@ pub struct AgentState {
     pub admin: SocketAddr,
     pub outbound_port: u16,
     pub version: String,
+    /// eBPF mode: original destinations in per-socket storage (false: the
+    /// keyed-map tier, which has no shortcut).
+    #[serde(default = "yes")]
+    pub socket_storage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl AgentState {

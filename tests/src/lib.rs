@@ -161,8 +161,11 @@ pub struct Topology {
     pub bpffs: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
-    /// Capture mode the agent runs in: "ebpf" or "iptables".
+    /// Capture mode the agent runs in: "ebpf", "ebpf-keyed" (eBPF with
+    /// original destinations in keyed maps), "iptables" or "auto".
     pub mode: &'static str,
+    /// Extra environment of the agent process.
+    pub agent_env: Vec<(String, String)>,
     agent: Option<Child>,
     servers: Vec<Server>,
 }
@@ -183,6 +186,7 @@ impl Topology {
             log: tmp.join("agent.log"),
             name,
             mode: "ebpf",
+            agent_env: Vec::new(),
             agent: None,
             servers: Vec::new(),
         };
@@ -206,7 +210,7 @@ impl Topology {
         Ok(t)
     }
 
-    /// A topology whose agent runs in `mode` ("ebpf" or "iptables").
+    /// A topology whose agent runs in `mode` (see [`Topology::mode`]).
     pub fn with_mode(mode: &'static str) -> Result<Topology> {
         let mut t = Topology::new()?;
         t.mode = mode;
@@ -299,8 +303,12 @@ impl Topology {
             .arg(&self.bpffs)
             .arg("--log-format")
             .arg("json")
-            .arg("--mode")
-            .arg(self.mode)
+            .args(match self.mode {
+                // eBPF without per-socket storage (the keyed-map tier).
+                "ebpf-keyed" => vec!["--mode", "ebpf", "--storage", "map"],
+                m => vec!["--mode", m],
+            })
+            .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -6,14 +6,22 @@ use std::time::Duration;
 
 use redirector_tests::*;
 
-/// Runs a test body once per capture mode: `mod NAME { fn ebpf; fn iptables }`.
-macro_rules! in_both_modes {
+/// Runs a test body once per capture mode: `mod NAME { fn ebpf;
+/// fn ebpf_keyed; fn iptables }` (ebpf_keyed: eBPF without per-socket
+/// storage, the tier for kernels that lack it).
+macro_rules! in_every_mode {
     ($name:ident, $body:ident) => {
         mod $name {
             #[test]
             fn ebpf() {
                 if redirector_tests::privileged() {
                     super::$body("ebpf");
+                }
+            }
+            #[test]
+            fn ebpf_keyed() {
+                if redirector_tests::privileged() {
+                    super::$body("ebpf-keyed");
                 }
             }
             #[test]
@@ -32,7 +40,7 @@ fn upstream_locals_contain(t: &Topology, peer: std::net::SocketAddr) -> bool {
     })
 }
 
-in_both_modes!(enrolled_client_reaches_its_server_through_the_proxy_in, enrolled_client_reaches_its_server_through_the_proxy);
+in_every_mode!(enrolled_client_reaches_its_server_through_the_proxy_in, enrolled_client_reaches_its_server_through_the_proxy);
 
 fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -57,7 +65,7 @@ fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
     assert!(upstream_locals_contain(&t, peer));
 
     assert_eq!(peers.lock().unwrap().len(), 2, "no connection was captured twice");
-    if mode != "ebpf" {
+    if !mode.starts_with("ebpf") {
         return;
     }
     // The proxy's own upstream connects were seen and left alone.
@@ -69,7 +77,7 @@ fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
     assert!(proxy["original_dst_answered"].as_u64().unwrap() >= 2, "{s}");
 }
 
-in_both_modes!(a_process_outside_enrolled_cgroups_is_not_captured_in, a_process_outside_enrolled_cgroups_is_not_captured);
+in_every_mode!(a_process_outside_enrolled_cgroups_is_not_captured_in, a_process_outside_enrolled_cgroups_is_not_captured);
 
 fn a_process_outside_enrolled_cgroups_is_not_captured(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -83,7 +91,7 @@ fn a_process_outside_enrolled_cgroups_is_not_captured(mode: &'static str) {
     assert_eq!(peers.lock().unwrap().as_slice(), &[peer]);
     assert!(t.proxied_upstream_locals().is_empty(), "the proxy carried nothing");
     assert_eq!(t.status()["proxy"]["accepted"], 0);
-    if mode != "ebpf" {
+    if !mode.starts_with("ebpf") {
         return;
     }
     let c = t.counters_of(&plain);
@@ -92,7 +100,7 @@ fn a_process_outside_enrolled_cgroups_is_not_captured(mode: &'static str) {
     assert_eq!(t.status()["proxy"]["accepted"], 0);
 }
 
-in_both_modes!(excluded_ports_and_cidrs_pass_untouched_in, excluded_ports_and_cidrs_pass_untouched);
+in_every_mode!(excluded_ports_and_cidrs_pass_untouched_in, excluded_ports_and_cidrs_pass_untouched);
 
 fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -115,7 +123,7 @@ fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
         assert!(!locals.contains(&p.to_string()));
     }
     assert_eq!(t.status()["proxy"]["accepted"], 0);
-    if mode != "ebpf" {
+    if !mode.starts_with("ebpf") {
         return;
     }
     // Counters went to the workload's cgroup, which exec removed on exit:
@@ -128,7 +136,7 @@ fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
     assert_eq!(sum("redirected"), 0, "{s}");
 }
 
-in_both_modes!(loopback_destinations_are_left_alone_by_default_in, loopback_destinations_are_left_alone_by_default);
+in_every_mode!(loopback_destinations_are_left_alone_by_default_in, loopback_destinations_are_left_alone_by_default);
 
 fn loopback_destinations_are_left_alone_by_default(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -137,7 +145,7 @@ fn loopback_destinations_are_left_alone_by_default(mode: &'static str) {
     let out = t.exec_workload("app", &bash_connect("127.0.0.1", 15000));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(t.status()["proxy"]["accepted"], 0);
-    if mode != "ebpf" {
+    if !mode.starts_with("ebpf") {
         return;
     }
     let s = t.status();
@@ -147,7 +155,7 @@ fn loopback_destinations_are_left_alone_by_default(mode: &'static str) {
     assert_eq!(s["proxy"]["accepted"], 0, "{s}");
 }
 
-in_both_modes!(ipv6_and_ipv4_mapped_destinations_are_captured_in, ipv6_and_ipv4_mapped_destinations_are_captured);
+in_every_mode!(ipv6_and_ipv4_mapped_destinations_are_captured_in, ipv6_and_ipv4_mapped_destinations_are_captured);
 
 fn ipv6_and_ipv4_mapped_destinations_are_captured(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -170,7 +178,7 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured(mode: &'static str) {
     assert_eq!(peers4.lock().unwrap().len(), 1);
 }
 
-in_both_modes!(two_thousand_short_connections_leave_no_per_connection_state_in, two_thousand_short_connections_leave_no_per_connection_state);
+in_every_mode!(two_thousand_short_connections_leave_no_per_connection_state_in, two_thousand_short_connections_leave_no_per_connection_state);
 
 fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -196,7 +204,7 @@ fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static s
     assert_eq!(s["proxy"]["failed"], 0, "{s}");
 }
 
-in_both_modes!(a_restarted_agent_adopts_the_capture_and_keeps_capturing_in, a_restarted_agent_adopts_the_capture_and_keeps_capturing);
+in_every_mode!(a_restarted_agent_adopts_the_capture_and_keeps_capturing_in, a_restarted_agent_adopts_the_capture_and_keeps_capturing);
 
 fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -213,7 +221,7 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) 
 
     t.kill_agent();
     t.start_agent("").unwrap();
-    if mode == "ebpf" {
+    if mode.starts_with("ebpf") {
         assert!(t.log_lines().iter().any(|l| l["fields"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("adopted"))));
@@ -236,12 +244,12 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) 
     assert_eq!(peers.lock().unwrap().len(), 2);
 }
 
-in_both_modes!(uninstall_leaves_nothing_attached_pinned_or_installed_in, uninstall_leaves_no_program_attached_and_nothing_pinned);
+in_every_mode!(uninstall_leaves_nothing_attached_pinned_or_installed_in, uninstall_leaves_no_program_attached_and_nothing_pinned);
 
 fn uninstall_leaves_no_program_attached_and_nothing_pinned(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
     t.start_agent("").unwrap();
-    if mode == "ebpf" {
+    if mode.starts_with("ebpf") {
         assert_eq!(attached_programs(&t.cgroup).len(), 4);
         assert!(t.bpffs.exists());
     } else {
@@ -323,4 +331,85 @@ fn verify_probes_the_kernel_and_names_the_tier() {
         .all(|c| c["ok"] == true);
     let tier = v["tier"].as_str().unwrap();
     assert_eq!(programs_ok, tier.starts_with("ebpf"), "{v}");
+}
+
+/// Start an agent in `mode` with the named kernel features reported missing.
+fn topology_hiding(mode: &'static str, features: &[&str]) -> Topology {
+    let mut t = Topology::with_mode(mode).unwrap();
+    t.agent_env.push(("REDIRECTOR_HIDE_FEATURES".into(), features.join(",")));
+    t
+}
+
+#[test]
+fn auto_takes_the_keyed_tier_on_a_kernel_without_per_socket_storage_and_captures() {
+    if !privileged() {
+        return;
+    }
+    let mut t = topology_hiding("auto", &["helper sk_storage_get in cgroup_sock_addr"]);
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+    let s = t.status();
+    assert_eq!(s["mode"], "ebpf", "{s}");
+    let reason = s["mode_reason"].as_str().unwrap();
+    assert!(reason.contains("tier ebpf-keyed") && reason.contains("sk_storage_get in cgroup_sock_addr"), "{s}");
+    // One line names the kernel, the missing feature's consequence and the tier.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(t.log_lines().iter().any(|l| l["level"] == "WARN"
+        && l["fields"]["message"].as_str().is_some_and(|m| m.contains(release.trim()) && m.contains("tier ebpf-keyed"))));
+
+    let out = t.exec_workload("app", &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    let peer = printed_peer(&out).unwrap();
+    assert!(upstream_locals_contain(&t, peer), "{:?}", t.proxied_upstream_locals());
+    assert_eq!(peers.lock().unwrap().len(), 1);
+    assert!(counter_sum(&t.status(), "original_dst_answered") >= 1);
+    // The shortcut needs per-socket storage: refused with a reason.
+    let out = t.redirector().args(["accelerate", "on"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("per-socket storage"), "{out:?}");
+}
+
+#[test]
+fn auto_falls_back_to_iptables_when_a_hook_is_missing_and_says_which() {
+    if !privileged() {
+        return;
+    }
+    let mut t = topology_hiding("auto", &["program type cgroup_sockopt (getsockopt)"]);
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+    let s = t.status();
+    assert_eq!(s["mode"], "iptables", "{s}");
+    let reason = s["mode_reason"].as_str().unwrap();
+    assert!(reason.contains("cgroup_sockopt") && reason.contains("tier iptables"), "{s}");
+    let out = t.exec_workload("app", &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    assert!(upstream_locals_contain(&t, printed_peer(&out).unwrap()));
+    assert_eq!(peers.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_forced_ebpf_mode_on_a_kernel_without_a_hook_fails_naming_it() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let out = t
+        .redirector()
+        .env("REDIRECTOR_HIDE_FEATURES", "program type cgroup_sockopt (getsockopt)")
+        .args(["run", "--mode", "ebpf", "--cgroup"])
+        .arg(&t.cgroup)
+        .arg("--bpffs-dir")
+        .arg(&t.bpffs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    for s in ["cannot run --mode ebpf", "program type cgroup_sockopt", "--mode iptables"] {
+        assert!(lines[0].contains(s), "`{s}` not in {err}");
+    }
+    assert!(attached_programs(&t.cgroup).is_empty());
+    assert!(!t.bpffs.exists());
+    assert!(!t.cgroup.join("redirector-proxy").exists());
 }

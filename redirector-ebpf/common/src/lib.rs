@@ -43,6 +43,12 @@ pub mod maps {
     pub const PENDING: &str = "PENDING_DST";
     /// Socket-local storage holding each captured socket's original destination.
     pub const SOCKET_DST: &str = "SOCKET_DST";
+    /// The keyed-map tier (kernels without per-socket storage): socket
+    /// cookie (u64) -> [`super::OriginalDst`], from connect4/6 until the
+    /// socket's SYN leaves (sockops moves it into [`PENDING`], where it then
+    /// stays until the proxy's end of the connection closes). LRU, so a
+    /// connect() that fails before its SYN cannot leak an entry for long.
+    pub const DST_BY_COOKIE: &str = "DST_BY_COOKIE";
     /// Same-node acceleration: both ends of each accelerated app<->proxy
     /// connection, [`super::SockKey`] -> socket.
     pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
@@ -58,6 +64,9 @@ pub mod maps {
 pub mod globals {
     /// u32: 1 when sockops may call `bpf_get_netns_cookie`.
     pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
+    /// u32: 1 to keep original destinations in per-socket storage
+    /// (sk_storage); 0 for the keyed-map tier.
+    pub const SOCKET_STORAGE: &str = "SOCKET_STORAGE";
 }
 
 /// Address families as the kernel numbers them.
