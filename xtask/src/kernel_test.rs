@@ -197,8 +197,13 @@ pub struct KernelResult {
     pub passed: bool,
     pub error: Option<String>,
     pub checks: BTreeMap<String, bool>,
-    /// program -> instructions the verifier processed
+    /// program -> instructions the verifier processed (kernels 5.16+
+    /// report it)
     pub verifier_instructions: BTreeMap<String, u64>,
+    /// program -> the program's own length in instructions, as loaded
+    pub instructions: BTreeMap<String, u64>,
+    /// The tier `redirector verify` found in the guest.
+    pub tier: Option<String>,
     pub seconds: f64,
 }
 
@@ -211,6 +216,8 @@ fn boot(kernel: &str, vmlinuz: &Path, initramfs: &Path, timeout: Duration) -> Ke
         error: None,
         checks: BTreeMap::new(),
         verifier_instructions: BTreeMap::new(),
+        instructions: BTreeMap::new(),
+        tier: None,
         seconds: 0.0,
     };
     let out = Command::new("timeout")
@@ -250,18 +257,14 @@ fn boot(kernel: &str, vmlinuz: &Path, initramfs: &Path, timeout: Duration) -> Ke
             r.release = Some(rel.trim().into());
         } else if let Some(json) = line.strip_prefix("VERIFY_JSON ") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
-                for c in v["checks"].as_array().into_iter().flatten() {
-                    let name = c["name"].as_str().unwrap_or_default();
-                    let detail = c["detail"].as_str().unwrap_or_default();
-                    if let Some(p) = name.strip_prefix("program ") {
-                        if let Some(n) = detail
-                            .split('(')
-                            .nth(1)
-                            .and_then(|s| s.split_whitespace().next())
-                            .and_then(|n| n.parse().ok())
-                        {
-                            r.verifier_instructions.insert(p.into(), n);
-                        }
+                r.tier = v["tier"].as_str().map(str::to_string);
+                for p in v["programs"].as_array().into_iter().flatten() {
+                    let name = p["program"].as_str().unwrap_or_default().to_string();
+                    if let Some(n) = p["verified_instructions"].as_u64() {
+                        r.verifier_instructions.insert(name.clone(), n);
+                    }
+                    if let Some(n) = p["instructions"].as_u64() {
+                        r.instructions.insert(name, n);
                     }
                 }
             }
@@ -303,6 +306,8 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
                 error: Some(format!("{e:#}")),
                 checks: BTreeMap::new(),
                 verifier_instructions: BTreeMap::new(),
+                instructions: BTreeMap::new(),
+                tier: None,
                 seconds: 0.0,
             },
         };
@@ -314,13 +319,13 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
     names.sort();
     names.dedup();
     println!();
-    print!("{:<26}", "check");
+    print!("{:<32}", "check");
     for r in &results {
         print!(" {:>16}", r.release.clone().unwrap_or_else(|| r.kernel.clone()));
     }
     println!();
     for n in &names {
-        print!("{n:<26}");
+        print!("{n:<32}");
         for r in &results {
             let v = match r.checks.get(n) {
                 Some(true) => "pass",
@@ -331,16 +336,26 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
         }
         println!();
     }
-    let mut progs: Vec<String> = results.iter().flat_map(|r| r.verifier_instructions.keys().cloned()).collect();
+    print!("{:<32}", "tier");
+    for r in &results {
+        print!(" {:>16}", r.tier.as_deref().unwrap_or("-"));
+    }
+    println!();
+    let mut progs: Vec<String> = results.iter().flat_map(|r| r.instructions.keys().cloned()).collect();
     progs.sort();
     progs.dedup();
-    for p in &progs {
-        print!("{:<26}", format!("insns {}", p.trim_start_matches("redirector_")));
-        for r in &results {
-            let v = r.verifier_instructions.get(p).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
-            print!(" {v:>16}");
+    for (label, pick) in [
+        ("insns", (|r: &KernelResult| &r.instructions) as fn(&KernelResult) -> &BTreeMap<String, u64>),
+        ("verified", |r: &KernelResult| &r.verifier_instructions),
+    ] {
+        for p in &progs {
+            print!("{:<32}", format!("{label} {}", p.trim_start_matches("redirector_")));
+            for r in &results {
+                let v = pick(r).get(p).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                print!(" {v:>16}");
+            }
+            println!();
         }
-        println!();
     }
     for r in &results {
         if let Some(e) = &r.error {
