@@ -294,7 +294,11 @@ fn choose_mode(cfg: &AgentConfig) -> Result<(CaptureMode, bool, String)> {
                     tier
                 };
                 if !socket_storage && cfg.storage == Storage::Auto {
-                    warn!("kernel {release} lacks per-socket storage; tier {} chosen instead", t.name());
+                    warn!(
+                        "kernel {release} lacks {} (per-socket storage); tier {} chosen instead",
+                        features::missing_for(&probed, Tier::Ebpf).join(", "),
+                        t.name()
+                    );
                 }
                 Ok((
                     CaptureMode::Ebpf,
