@@ -309,10 +309,21 @@ async fn handle(
     let up_bytes = Arc::new(AtomicU64::new(0));
     let down_bytes = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
-    let mut c = Tracked::new(&mut client_stream, activity.clone(), epoch, up_bytes.clone());
-    let mut u = Tracked::new(&mut upstream, activity.clone(), epoch, down_bytes.clone());
+    let (client_read, client_write) = client_stream.split();
+    let (upstream_read, upstream_write) = upstream.split();
     let idle = settings.idle_timeout;
-    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+    let copy = async {
+        tokio::try_join!(
+            copy_one_way(
+                Tracked::new(client_read, activity.clone(), epoch, up_bytes.clone()),
+                Tracked::new(upstream_write, activity.clone(), epoch, Arc::default()),
+            ),
+            copy_one_way(
+                Tracked::new(upstream_read, activity.clone(), epoch, down_bytes.clone()),
+                Tracked::new(client_write, activity.clone(), epoch, Arc::default()),
+            ),
+        )
+    };
     tokio::pin!(copy);
     let outcome = loop {
         let last = Duration::from_millis(activity.load(Ordering::Relaxed));
@@ -349,10 +360,48 @@ async fn handle(
     }
 }
 
-/// A stream that records the time of its last read or write, for the idle
-/// timeout, and counts what it read.
-struct Tracked<'a> {
-    inner: &'a mut TcpStream,
+/// A connection starts with small copy buffers (most carry requests and
+/// responses); one that keeps filling them, a bulk transfer, gets large
+/// ones, so it crosses the proxy in fewer, larger reads and writes.
+const SMALL_BUFFER: usize = 16 * 1024;
+const LARGE_BUFFER: usize = 256 * 1024;
+/// Consecutive reads that fill the small buffer before it grows.
+const FULL_READS_TO_GROW: u32 = 4;
+
+/// Copy until `from` ends, then half-close `to` (the other direction may
+/// go on). Returns the bytes copied.
+async fn copy_one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; SMALL_BUFFER];
+    let mut full_reads = 0;
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        if n == buf.len() && buf.len() < LARGE_BUFFER {
+            full_reads += 1;
+            if full_reads >= FULL_READS_TO_GROW {
+                buf.resize(LARGE_BUFFER, 0);
+            }
+        } else {
+            full_reads = 0;
+        }
+    }
+}
+
+/// One half of a stream that records the time of its last read or write,
+/// for the idle timeout, and counts what it read.
+struct Tracked<T> {
+    inner: T,
     activity: Arc<AtomicU64>,
     epoch: Instant,
     read_bytes: Arc<AtomicU64>,
@@ -360,9 +409,9 @@ struct Tracked<'a> {
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<'a> Tracked<'a> {
+impl<T> Tracked<T> {
     fn new(
-        inner: &'a mut TcpStream,
+        inner: T,
         activity: Arc<AtomicU64>,
         epoch: Instant,
         read_bytes: Arc<AtomicU64>,
@@ -381,14 +430,14 @@ impl<'a> Tracked<'a> {
     }
 }
 
-impl AsyncRead for Tracked<'_> {
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -398,7 +447,7 @@ impl AsyncRead for Tracked<'_> {
     }
 }
 
-impl AsyncWrite for Tracked<'_> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -411,7 +460,7 @@ impl AsyncWrite for Tracked<'_> {
                 }
                 self.retry = None;
             }
-            let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+            let r = Pin::new(&mut self.inner).poll_write(cx, buf);
             match r {
                 // The same-node shortcut (sockmap ingress redirect) has no
                 // flow control: a receiver that falls behind makes the
@@ -429,10 +478,10 @@ impl AsyncWrite for Tracked<'_> {
         }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

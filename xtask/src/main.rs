@@ -59,6 +59,12 @@ enum Task {
         /// Seconds per scenario.
         #[arg(long)]
         seconds: Option<f64>,
+        /// Only these modes (comma-separated: direct,iptables,ebpf,ebpf+sockmap).
+        #[arg(long)]
+        modes: Option<String>,
+        /// Only these scenarios (comma-separated: standard,max-rps,conn-rate,bulk).
+        #[arg(long)]
+        scenarios: Option<String>,
     },
     /// Boot other kernels under QEMU and run the capture checks inside them.
     KernelTest {
@@ -102,7 +108,9 @@ fn main() -> ExitCode {
             json,
             rounds,
             seconds,
-        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds)),
+            modes,
+            scenarios,
+        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, scenarios)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,7 +282,14 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, json: Option<PathBuf>, rounds: Option<usize>, seconds: Option<f64>) -> Result<()> {
+fn bench(
+    quick: bool,
+    json: Option<PathBuf>,
+    rounds: Option<usize>,
+    seconds: Option<f64>,
+    modes: Option<String>,
+    scenarios: Option<String>,
+) -> Result<()> {
     build(true)?;
     sh(cargo().args(["build", "--release", "--package", "redirector-tests", "--bin", "redirector-bench"]))?;
     if !is_root() {
@@ -296,6 +311,12 @@ fn bench(quick: bool, json: Option<PathBuf>, rounds: Option<usize>, seconds: Opt
     }
     if let Some(s) = seconds {
         c.args(["--seconds", &s.to_string()]);
+    }
+    if let Some(m) = modes {
+        c.args(["--modes", &m]);
+    }
+    if let Some(s) = scenarios {
+        c.args(["--scenarios", &s]);
     }
     sh(&mut c)
 }

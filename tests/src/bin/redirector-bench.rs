@@ -39,6 +39,22 @@ struct Args {
     results: PathBuf,
     /// Re-render the table and chart of an earlier JSON report.
     render: Option<PathBuf>,
+    /// Subsets to measure (default: all).
+    modes: Vec<&'static str>,
+    scenarios: Vec<&'static str>,
+}
+
+/// Parse a comma-separated subset of `all`.
+fn subset(flag: &str, value: &str, all: &[&'static str]) -> Result<Vec<&'static str>> {
+    value
+        .split(',')
+        .map(|v| {
+            all.iter()
+                .copied()
+                .find(|a| *a == v.trim())
+                .with_context(|| format!("{flag}: `{v}` is not one of {}", all.join(", ")))
+        })
+        .collect()
 }
 
 fn parse_args() -> Result<Args> {
@@ -49,6 +65,8 @@ fn parse_args() -> Result<Args> {
         json: None,
         results: PathBuf::from("results"),
         render: None,
+        modes: MODES.to_vec(),
+        scenarios: SCENARIOS.to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -62,8 +80,12 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(it.next().context("--json PATH")?.into()),
             "--results" => a.results = it.next().context("--results DIR")?.into(),
             "--render" => a.render = Some(it.next().context("--render JSON")?.into()),
+            "--modes" => a.modes = subset("--modes", &it.next().context("--modes LIST")?, &MODES)?,
+            "--scenarios" => {
+                a.scenarios = subset("--scenarios", &it.next().context("--scenarios LIST")?, &SCENARIOS)?
+            }
             "-h" | "--help" => {
-                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR]");
+                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR] [--modes direct,iptables,ebpf,ebpf+sockmap] [--scenarios standard,max-rps,conn-rate,bulk]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument `{other}`; see --help"),
@@ -146,12 +168,12 @@ fn run() -> Result<()> {
     let load = t.cgroup.join("load");
     std::fs::create_dir_all(&load)?;
 
-    let total = args.rounds * MODES.len() * SCENARIOS.len();
+    let total = args.rounds * args.modes.len() * args.scenarios.len();
     let started = Instant::now();
     let mut done = 0;
     let mut samples = Vec::new();
     for round in 0..args.rounds {
-        for mode in MODES {
+        for mode in args.modes.iter().copied() {
             match mode {
                 "direct" => {}
                 "iptables" => {
@@ -173,7 +195,7 @@ fn run() -> Result<()> {
                     bail!("enroll: {}", String::from_utf8_lossy(&out.stderr).trim());
                 }
             }
-            for scenario in SCENARIOS {
+            for scenario in args.scenarios.iter().copied() {
                 done += 1;
                 eprint!(
                     "\r\x1b[2K[{done}/{total}] round {}/{} {mode:<13} {scenario:<10} elapsed {:>4.0}s",
