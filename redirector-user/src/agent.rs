@@ -23,6 +23,8 @@ use crate::{admin, cgroup, proxy, system};
 pub struct RunOptions {
     pub config: AgentConfig,
     pub state_dir: PathBuf,
+    /// A directory of Istio / Kubernetes YAML to route by, watched.
+    pub config_dir: Option<PathBuf>,
 }
 
 fn bind_error(port: u16, field: &str, e: io::Error) -> anyhow::Error {
@@ -66,6 +68,26 @@ fn bind_loopback(port: u16, field: &str) -> Result<Vec<TcpListener>> {
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = opts.config;
+
+    // The mesh config first: a bad one fails the start before anything is
+    // bound or attached.
+    let mesh = match &opts.config_dir {
+        Some(dir) => match crate::mesh::load(dir) {
+            Ok(m) => {
+                crate::mesh::log_warnings(&m);
+                info!(dir = %dir.display(), services = m.services.len(), "mesh config loaded");
+                m
+            }
+            Err(problems) => bail!(
+                "mesh config rejected: {}{}; fix it (`redirector analyze {}` lists every problem) and start again",
+                problems[0],
+                if problems.len() > 1 { format!(" (and {} more)", problems.len() - 1) } else { String::new() },
+                dir.display()
+            ),
+        },
+        None => crate::mesh::Mesh::default(),
+    };
+    let mesh = crate::mesh::MeshHandle::new(mesh);
 
     let missing = system::missing_capabilities();
     if !missing.is_empty() {
@@ -179,9 +201,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         mark: cfg.proxy_mark,
+        mesh: mesh.clone(),
+        upstreams: crate::mesh::http::Upstreams::new(crate::mesh::http::Connector {
+            mark: cfg.proxy_mark,
+            connect_timeout: cfg.connect_timeout,
+        }),
     };
     let stats = Arc::new(ProxyStats::default());
     let (tx, rx) = watch::channel(false);
+    let watcher = opts
+        .config_dir
+        .clone()
+        .map(|dir| crate::mesh::watch(dir, mesh.clone(), rx.clone()));
     let mut listeners = outbound;
     listeners.extend(inbound);
     let proxy_task = tokio::spawn(proxy::run_outbound(
@@ -202,6 +233,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     match capture {
         // Pinned: the next agent adopts it without a gap.
         Installed::Ebpf(c) => info!(

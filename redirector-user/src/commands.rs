@@ -538,6 +538,45 @@ pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// `redirector analyze DIR`.
+pub fn analyze(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{}: not a directory; pass the directory holding your YAML", dir.display());
+    }
+    let docs = match crate::mesh::config::load_dir(dir) {
+        Ok(d) => d,
+        Err(problems) => return report_problems(&[], &problems),
+    };
+    match crate::mesh::Mesh::compile(&docs) {
+        Ok(mesh) => {
+            report_problems(&mesh.warnings, &[])?;
+            let routes: usize = mesh.http_routes.values().map(Vec::len).sum();
+            println!(
+                "ok: {} services, {} HTTP route rules, {} destination rules",
+                mesh.services.len(),
+                routes,
+                mesh.policies.len()
+            );
+            Ok(())
+        }
+        Err(problems) => report_problems(&docs.warnings, &problems),
+    }
+}
+
+fn report_problems(warnings: &[crate::mesh::Problem], errors: &[crate::mesh::Problem]) -> Result<()> {
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    for e in errors {
+        println!("error: {e}");
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("{} error(s); the configuration would be rejected", errors.len()))
+    }
+}
+
 /// `redirector verify`.
 pub fn verify(json: bool) -> Result<()> {
     let mut checks = vec![Check::new("kernel", true, system::kernel_release())];

@@ -12,6 +12,7 @@ pub mod config;
 pub mod ebpf;
 pub mod features;
 pub mod iptables;
+pub mod mesh;
 pub mod proxy;
 pub mod state;
 pub mod system;

@@ -58,6 +58,12 @@ enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Validate a directory of Istio / Kubernetes YAML offline, like
+    /// `istioctl analyze`: every error and warning with file, document and
+    /// field; non-zero exit on errors.
+    Analyze {
+        dir: PathBuf,
+    },
     /// Print the version.
     Version,
     /// Stop the agent if it runs, detach every program and remove every pin.
@@ -146,7 +152,6 @@ fn main() -> ExitCode {
                         d.display()
                     );
                 }
-                tracing::warn!(dir = %d.display(), "mesh routing configuration is not applied yet; connections are forwarded to their original destination");
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
             rt.block_on(redirector::agent::run(redirector::agent::RunOptions {
                 config,
                 state_dir: cli.state_dir,
+                config_dir: a.config_dir.clone(),
             }))
         })(),
         Command::Exec { workload, command } => {
@@ -166,6 +172,7 @@ fn main() -> ExitCode {
         Command::Status { json } => commands::status(&cli.state_dir, json),
         Command::Verify { json } => commands::verify(json),
         Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
+        Command::Analyze { dir } => commands::analyze(&dir),
         Command::Version => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -22,14 +22,23 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::mesh::http::{self as l7, Upstreams};
+use crate::mesh::model::{Address, Protocol};
+use crate::mesh::MeshHandle;
+
 /// Settings of the transparent path.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProxySettings {
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Mark set on upstream sockets so the capture never takes them again.
     pub mark: u32,
+    /// The mesh in force (empty: every connection goes to its original
+    /// destination).
+    pub mesh: MeshHandle,
+    /// HTTP clients for L7 routing.
+    pub upstreams: Upstreams,
 }
 
 /// One connection the proxy is carrying, as `redirector status` shows it.
@@ -240,20 +249,90 @@ pub async fn run_outbound(
     }
 }
 
-async fn connect_upstream(dst: SocketAddr, settings: &ProxySettings) -> io::Result<TcpStream> {
+/// Connect to `dst` from a socket carrying the proxy's mark, which tells
+/// the kernel programs (and iptables) this is the proxy.
+pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(dst),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
-    // The mark tells the kernel programs (and iptables) this is the proxy.
-    socket.set_mark(settings.mark)?;
+    socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
-    let socket = TcpSocket::from_std_stream(socket.into());
-    match tokio::time::timeout(settings.connect_timeout, socket.connect(dst)).await {
+    TcpSocket::from_std_stream(socket.into()).connect(dst).await
+}
+
+async fn connect_upstream(dst: SocketAddr, settings: &ProxySettings) -> io::Result<TcpStream> {
+    match tokio::time::timeout(settings.connect_timeout, connect_marked(dst, settings.mark)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+    }
+}
+
+/// A port that declares no protocol: HTTP if the client's first bytes are
+/// an HTTP request line or the HTTP/2 preface, opaque TCP otherwise (also
+/// when the client says nothing for a moment: server-first protocols).
+async fn sniff(stream: &TcpStream) -> Protocol {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let mut buf = [0u8; 16];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Protocol::Tcp,
+        };
+        if n == 0 {
+            return Protocol::Tcp;
+        }
+        let seen = &buf[..n];
+        if l7::looks_like_http(seen) {
+            return Protocol::Http;
+        }
+        // Could still become a request line: wait for more bytes.
+        let prefix = |p: &[u8]| p.starts_with(seen) || seen.starts_with(p);
+        let possible = [&b"GET "[..], b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ", b"PRI * HTTP/2.0"]
+            .iter()
+            .any(|m| prefix(m));
+        if !possible || n == buf.len() || Instant::now() >= deadline {
+            return Protocol::Tcp;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Where a TCP connection to a mesh service goes: its TCP route (weighted)
+/// or the service's endpoints. `None`: the service has no endpoint.
+async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Option<SocketAddr> {
+    let service = &mesh.services[svc];
+    if service.passthrough {
+        return Some(dst);
+    }
+    let rule = mesh
+        .tcp_routes
+        .get(&svc)
+        .and_then(|rules| rules.iter().find(|r| r.port.is_none_or(|p| p == dst.port())));
+    let (target_svc, subset, port) = match rule {
+        Some(r) => {
+            let total: u32 = r.route.iter().map(|d| d.weight).sum();
+            let mut pick = mesh.random(total.max(1) as usize) as u32;
+            let d = r.route.iter().find(|d| {
+                if pick < d.weight {
+                    true
+                } else {
+                    pick -= d.weight;
+                    false
+                }
+            })?;
+            let port = d.port.unwrap_or(dst.port());
+            (d.service, d.subset.clone(), port)
+        }
+        None => (svc, None, dst.port()),
+    };
+    let (addr, port) = mesh.pick_endpoint(target_svc, subset.as_deref(), port)?;
+    match addr {
+        Address::Ip(ip) => Some(SocketAddr::new(ip, port)),
+        Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next(),
     }
 }
 
@@ -290,7 +369,43 @@ async fn handle(
     );
     let _guard = OpenGuard { stats, id };
 
-    let mut upstream = match connect_upstream(dst, settings).await {
+    // A mesh service: HTTP is routed per request; TCP goes to the
+    // service's endpoints (or its TCP route). Anything else goes where the
+    // client was going.
+    let mesh = settings.mesh.current();
+    let mut target = dst;
+    if let Some((svc, port)) = mesh.service_at(dst) {
+        let protocol = match port.protocol {
+            Protocol::Sniff => sniff(&client_stream).await,
+            p => p,
+        };
+        if matches!(protocol, Protocol::Http | Protocol::Http2) {
+            stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            let ctx = l7::ConnContext {
+                mesh: settings.mesh.clone(),
+                upstreams: settings.upstreams.clone(),
+                client,
+                original_dst: dst,
+                service: svc,
+                protocol,
+            };
+            drop(mesh);
+            l7::serve(client_stream, ctx).await;
+            info!(%client, original_dst = %dst, duration_ms = started.elapsed().as_millis() as u64, "HTTP connection closed");
+            return;
+        }
+        match tcp_target(&mesh, svc, dst).await {
+            Some(t) => target = t,
+            None => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                info!(%client, original_dst = %dst, service = %mesh.services[svc].hostname, response_flags = "UH", "no endpoint for this service; closing");
+                return;
+            }
+        }
+    }
+    drop(mesh);
+
+    let mut upstream = match connect_upstream(target, settings).await {
         Ok(s) => s,
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);

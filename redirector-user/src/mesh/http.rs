@@ -1,0 +1,595 @@
+//! L7: HTTP/1.1 and HTTP/2 (h2c) through the node proxy, with hyper. Each
+//! request is matched against the VirtualService rules of the service the
+//! connection was addressed to (first match wins), then faults, redirects,
+//! rewrites, header operations, weighted destinations, subsets, load
+//! balancing, timeouts and retries are applied as Istio does, and one
+//! access log line is written with Envoy's response flags.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::model::{Action, Address, HttpRouteRule, Mesh, Protocol, StringMatcher};
+use super::resources::{HeaderOperations, Headers};
+use super::MeshHandle;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Request bodies up to this size are kept so a retry can send them again.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// Opens upstream connections for the HTTP clients: the proxy's mark on
+/// every socket (never captured again), names resolved at connect time.
+#[derive(Clone)]
+pub struct Connector {
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mark = self.mark;
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_matches(|c| c == '[' || c == ']').to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let addr = match host.parse() {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                    .await?
+                    .next()
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address")))?,
+            };
+            let s = tokio::time::timeout(timeout, crate::proxy::connect_marked(addr, mark))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+/// The upstream HTTP clients (connection pools per endpoint), shared by
+/// every connection.
+#[derive(Clone)]
+pub struct Upstreams {
+    http1: Client<Connector, Body>,
+    http2: Client<Connector, Body>,
+}
+
+impl Upstreams {
+    pub fn new(connector: Connector) -> Upstreams {
+        let mut b1 = Client::builder(TokioExecutor::new());
+        b1.pool_idle_timeout(Duration::from_secs(30));
+        let mut b2 = Client::builder(TokioExecutor::new());
+        b2.http2_only(true);
+        Upstreams {
+            http1: b1.build(connector.clone()),
+            http2: b2.build(connector),
+        }
+    }
+}
+
+/// What one connection carries into each request.
+#[derive(Clone)]
+pub struct ConnContext {
+    pub mesh: MeshHandle,
+    pub upstreams: Upstreams,
+    pub client: SocketAddr,
+    pub original_dst: SocketAddr,
+    /// The service the connection was addressed to.
+    pub service: usize,
+    pub protocol: Protocol,
+}
+
+/// Serve HTTP on a captured connection until the client closes it.
+pub async fn serve(stream: TcpStream, ctx: ConnContext) {
+    let io = TokioIo::new(stream);
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+    });
+    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c
+    // prior knowledge). Malformed requests get 400 and oversized headers
+    // 431 from hyper, and the connection closes.
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(io, svc).await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn matches(rule: &HttpRouteRule, req: &Request<Incoming>, port: u16) -> Option<usize> {
+    if rule.matches.is_empty() {
+        return Some(usize::MAX);
+    }
+    let path = req.uri().path();
+    let authority = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    rule.matches.iter().position(|m| {
+        let uri_ok = m.uri.as_ref().is_none_or(|u| {
+            if m.ignore_uri_case {
+                let lower = path.to_ascii_lowercase();
+                match u {
+                    StringMatcher::Exact(e) => lower == e.to_ascii_lowercase(),
+                    StringMatcher::Prefix(p) => lower.starts_with(&p.to_ascii_lowercase()),
+                    StringMatcher::Regex(_) => u.matches(path),
+                }
+            } else {
+                u.matches(path)
+            }
+        });
+        uri_ok
+            && m.method.as_ref().is_none_or(|s| s.matches(req.method().as_str()))
+            && m.authority.as_ref().is_none_or(|s| s.matches(authority))
+            && m.scheme.as_ref().is_none_or(|s| s.matches("http"))
+            && m.port.is_none_or(|p| p == port)
+            && m.headers.iter().all(|(name, s)| {
+                req.headers()
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| s.matches(v))
+            })
+            && m.query_params.iter().all(|(name, s)| {
+                url_query(req.uri()).iter().any(|(k, v)| k == name && s.matches(v))
+            })
+    })
+}
+
+fn url_query(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn apply_ops(headers: &mut hyper::HeaderMap, ops: Option<&HeaderOperations>) {
+    let Some(ops) = ops else { return };
+    for (k, v) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+            headers.insert(n, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+            headers.append(n, v);
+        }
+    }
+    for k in &ops.remove {
+        headers.remove(k.as_str());
+    }
+}
+
+/// The access log line and the response.
+struct Outcome {
+    response: Response<Body>,
+    flags: &'static str,
+    upstream: Option<String>,
+    route: Option<String>,
+}
+
+async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let authority = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mesh = ctx.mesh.current();
+    let out = route(req, &ctx, &mesh).await;
+    let status = out.response.status().as_u16();
+    info!(
+        target: "access",
+        client = %ctx.client,
+        original_dst = %ctx.original_dst,
+        method = %method,
+        authority = %authority,
+        path = %path,
+        response_code = status,
+        response_flags = out.flags,
+        upstream = out.upstream.as_deref().unwrap_or("-"),
+        route = out.route.as_deref().unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    out.response
+}
+
+async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcome {
+    let port = ctx.original_dst.port();
+    let rules = mesh.http_routes.get(&ctx.service).map(Vec::as_slice).unwrap_or(&[]);
+    // No VirtualService: the service itself, every endpoint.
+    let default_rule;
+    let (rule, matched) = if rules.is_empty() {
+        default_rule = HttpRouteRule {
+            source: "default".into(),
+            matches: Vec::new(),
+            action: Action::Route(vec![super::model::WeightedDestination {
+                service: ctx.service,
+                subset: None,
+                port: None,
+                weight: 100,
+                headers: None,
+            }]),
+            rewrite: None,
+            headers: None,
+            timeout: None,
+            retries: None,
+            fault: None,
+        };
+        (&default_rule, Some(usize::MAX))
+    } else {
+        match rules.iter().find_map(|r| matches(r, &req, port).map(|m| (r, Some(m)))) {
+            Some(x) => x,
+            None => {
+                return Outcome {
+                    response: text(StatusCode::NOT_FOUND, "no route matched\n"),
+                    flags: "NR",
+                    upstream: None,
+                    route: None,
+                }
+            }
+        }
+    };
+    let route_name = Some(rule.source.clone());
+
+    // Faults: the delay first, then the abort, as Envoy applies them.
+    let mut flags = "-";
+    if let Some(f) = &rule.fault {
+        if let Some((d, p)) = f.delay {
+            if mesh.chance(p) {
+                tokio::time::sleep(d).await;
+                flags = "DI";
+            }
+        }
+        if let Some((status, p)) = f.abort {
+            if mesh.chance(p) {
+                let mut r = text(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "fault filter abort\n");
+                apply_ops(r.headers_mut(), rule.headers.as_ref().and_then(|h| h.response.as_ref()));
+                return Outcome {
+                    response: r,
+                    flags: "FI",
+                    upstream: None,
+                    route: route_name,
+                };
+            }
+        }
+    }
+
+    let dests = match &rule.action {
+        Action::Redirect(red) => {
+            let (req_path, query) = (req.uri().path().to_string(), req.uri().query().map(str::to_string));
+            let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
+            let new_path = red.uri.clone().unwrap_or(req_path);
+            let new_host = red.authority.clone().unwrap_or(host);
+            let location = match query {
+                Some(q) if red.uri.is_none() => format!("http://{new_host}{new_path}?{q}"),
+                _ => format!("http://{new_host}{new_path}"),
+            };
+            let code = StatusCode::from_u16(red.redirect_code.unwrap_or(301)).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            let mut r = text(code, "");
+            if let Ok(v) = HeaderValue::try_from(location) {
+                r.headers_mut().insert(hyper::header::LOCATION, v);
+            }
+            return Outcome {
+                response: r,
+                flags,
+                upstream: None,
+                route: route_name,
+            };
+        }
+        Action::Route(d) => d,
+    };
+
+    // The weighted choice.
+    let total: u32 = dests.iter().map(|d| d.weight).sum();
+    let mut pick = mesh.random(total.max(1) as usize) as u32;
+    let dest = dests
+        .iter()
+        .find(|d| {
+            if pick < d.weight {
+                true
+            } else {
+                pick -= d.weight;
+                false
+            }
+        })
+        .or(dests.first());
+    let Some(dest) = dest else {
+        return Outcome {
+            response: text(StatusCode::SERVICE_UNAVAILABLE, "no destination\n"),
+            flags: "NR",
+            upstream: None,
+            route: route_name,
+        };
+    };
+
+    // The request as it goes upstream.
+    let (mut parts, body) = req.into_parts();
+    if let Some(rw) = &rule.rewrite {
+        if let Some(new_uri) = &rw.uri {
+            let path = parts.uri.path().to_string();
+            let matched_prefix = matched.and_then(|i| rule.matches.get(i)).and_then(|m| match &m.uri {
+                Some(StringMatcher::Prefix(p)) => Some(p.clone()),
+                _ => None,
+            });
+            let rest = match matched_prefix {
+                Some(p) if path.starts_with(&p) => path[p.len()..].to_string(),
+                _ => String::new(),
+            };
+            let mut np = format!("{new_uri}{rest}");
+            if let Some(q) = parts.uri.query() {
+                np.push('?');
+                np.push_str(q);
+            }
+            if let Ok(u) = np.parse() {
+                parts.uri = u;
+            }
+        }
+        if let Some(a) = &rw.authority {
+            if let Ok(v) = HeaderValue::try_from(a.as_str()) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+    }
+    apply_ops(&mut parts.headers, rule.headers.as_ref().and_then(|h| h.request.as_ref()));
+    apply_ops(&mut parts.headers, dest.headers.as_ref().and_then(|h: &Headers| h.request.as_ref()));
+    if !parts.headers.contains_key(HOST) {
+        if let Ok(v) = HeaderValue::try_from(ctx.original_dst.to_string()) {
+            parts.headers.insert(HOST, v);
+        }
+    }
+
+    // A body small enough is kept for retries; a larger one streams once.
+    let size = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
+    let mut streaming: Option<Incoming> = None;
+    let replay: Option<Bytes> = match (size, chunked) {
+        (Some(0), _) | (None, false) => Some(Bytes::new()),
+        (Some(n), false) if n <= REPLAYABLE_BODY => match body.collect().await {
+            Ok(c) => Some(c.to_bytes()),
+            Err(_) => {
+                return Outcome {
+                    response: text(StatusCode::BAD_REQUEST, "request body not received\n"),
+                    flags: "DPE",
+                    upstream: None,
+                    route: route_name,
+                }
+            }
+        },
+        _ => {
+            streaming = Some(body);
+            None
+        }
+    };
+
+    let svc = &mesh.services[dest.service];
+    let svc_port = dest
+        .port
+        .or_else(|| svc.port(port).map(|p| p.port))
+        .or_else(|| svc.ports.first().map(|p| p.port))
+        .unwrap_or(port);
+    let protocol = svc.port(svc_port).map(|p| p.protocol).unwrap_or(ctx.protocol);
+    let retry = rule.retries.clone().unwrap_or(super::model::Retry {
+        attempts: 2,
+        per_try_timeout: None,
+        retry_on: vec!["connect-failure".into(), "refused-stream".into(), "unavailable".into(), "cancelled".into(), "retriable-status-codes".into(), "503".into()],
+    });
+    let attempts = if replay.is_some() { retry.attempts + 1 } else { 1 };
+    let deadline = rule.timeout.map(|t| Instant::now() + t);
+    let mut last: Option<Outcome> = None;
+    for attempt in 0..attempts {
+        let target = if svc.passthrough {
+            Some((Address::Ip(ctx.original_dst.ip()), ctx.original_dst.port()))
+        } else {
+            mesh.pick_endpoint(dest.service, dest.subset.as_deref(), svc_port)
+        };
+        let Some((addr, ep_port)) = target else {
+            return Outcome {
+                response: text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+                flags: "UH",
+                upstream: None,
+                route: route_name,
+            };
+        };
+        let host = match &addr {
+            Address::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+            Address::Ip(ip) => ip.to_string(),
+            Address::Dns(h) => h.clone(),
+        };
+        let upstream = format!("{host}:{ep_port}");
+        let uri: Uri = match format!("http://{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return Outcome {
+                    response: text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                    flags: "-",
+                    upstream: None,
+                    route: route_name,
+                }
+            }
+        };
+        let mut up_req = Request::builder().method(parts.method.clone()).uri(uri).version(hyper::Version::HTTP_11);
+        for (k, v) in parts.headers.iter() {
+            if k == hyper::header::CONNECTION || k.as_str() == "keep-alive" || k.as_str() == "proxy-connection" {
+                continue;
+            }
+            up_req = up_req.header(k, v);
+        }
+        let body: Body = match (&replay, streaming.take()) {
+            (Some(b), _) if b.is_empty() => Empty::new().map_err(|e| match e {}).boxed(),
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
+            (None, Some(s)) => s.boxed(),
+            (None, None) => Empty::new().map_err(|e| match e {}).boxed(),
+        };
+        let Ok(up_req) = up_req.body(body) else {
+            return Outcome {
+                response: text(StatusCode::BAD_REQUEST, "bad request\n"),
+                flags: "-",
+                upstream: None,
+                route: route_name,
+            };
+        };
+        let client = if protocol == Protocol::Http2 { &ctx.upstreams.http2 } else { &ctx.upstreams.http1 };
+        let ep_key = match &addr {
+            Address::Ip(ip) => Some(SocketAddr::new(*ip, ep_port)),
+            Address::Dns(_) => None,
+        };
+        if let Some(k) = ep_key {
+            *mesh.in_flight.lock().expect("lb lock").entry(k).or_insert(0) += 1;
+        }
+        let per_try = retry.per_try_timeout;
+        let limit = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.saturating_duration_since(Instant::now()).min(p)),
+            (Some(d), None) => Some(d.saturating_duration_since(Instant::now())),
+            (None, Some(p)) => Some(p),
+            (None, None) => None,
+        };
+        let call = client.request(up_req);
+        let result = match limit {
+            Some(l) => tokio::time::timeout(l, call).await.map_err(|_| ()),
+            None => Ok(call.await),
+        };
+        if let Some(k) = ep_key {
+            if let Some(n) = mesh.in_flight.lock().expect("lb lock").get_mut(&k) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let retryable_status = |s: u16| {
+            retry.retry_on.iter().any(|r| match r.as_str() {
+                "5xx" => s >= 500,
+                "gateway-error" => matches!(s, 502..=504),
+                "retriable-4xx" => s == 409,
+                "reset" | "connect-failure" | "refused-stream" | "cancelled" | "unavailable" | "retriable-status-codes" => false,
+                code => code.parse::<u16>().ok() == Some(s),
+            })
+        };
+        let more = attempt + 1 < attempts && deadline.is_none_or(|d| Instant::now() < d);
+        match result {
+            Err(()) => {
+                let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                last = Some(Outcome {
+                    response: text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                    flags: "UT",
+                    upstream: Some(upstream),
+                    route: route_name.clone(),
+                });
+                let per_try_retry = retry.retry_on.iter().any(|r| r == "5xx" || r == "gateway-error" || r == "reset");
+                if overall || !per_try_retry || !more {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                last = Some(Outcome {
+                    response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers\n"),
+                    flags: if attempt > 0 { "URX" } else { "UF" },
+                    upstream: Some(upstream),
+                    route: route_name.clone(),
+                });
+                let retry_it = retry.retry_on.iter().any(|r| {
+                    matches!(r.as_str(), "5xx" | "gateway-error" | "reset")
+                        || (connect && matches!(r.as_str(), "connect-failure" | "refused-stream" | "unavailable"))
+                });
+                if !retry_it || !more {
+                    break;
+                }
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                if retryable_status(status) && more {
+                    last = Some(Outcome {
+                        response: resp.map(|b| b.boxed()),
+                        flags: "URX",
+                        upstream: Some(upstream),
+                        route: route_name.clone(),
+                    });
+                    continue;
+                }
+                let (mut rp, rb) = resp.into_parts();
+                apply_ops(&mut rp.headers, rule.headers.as_ref().and_then(|h| h.response.as_ref()));
+                apply_ops(&mut rp.headers, dest.headers.as_ref().and_then(|h| h.response.as_ref()));
+                return Outcome {
+                    response: Response::from_parts(rp, rb.boxed()),
+                    flags,
+                    upstream: Some(upstream),
+                    route: route_name,
+                };
+            }
+        }
+    }
+    last.unwrap_or(Outcome {
+        response: text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+        flags: "UH",
+        upstream: None,
+        route: route_name,
+    })
+}
+
+/// Whether the first bytes a client sent look like HTTP/1.x or the HTTP/2
+/// preface.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_is_recognised_by_its_first_bytes() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+    }
+
+    #[test]
+    fn query_parameters_are_split() {
+        let u: Uri = "/p?a=1&b=&c".parse().unwrap();
+        assert_eq!(url_query(&u), vec![("a".into(), "1".into()), ("b".into(), String::new()), ("c".into(), String::new())]);
+    }
+}

@@ -1,0 +1,908 @@
+//! The compiled mesh: services with their addresses, ports and endpoints,
+//! the HTTP and TCP routes that apply to each, and each destination's
+//! policy. Built from [`Documents`] by [`Mesh::compile`], which is also
+//! where a configuration that would route wrongly is rejected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use regex::Regex;
+
+use super::config::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
+use super::resources::*;
+
+/// How a service port's traffic is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Protocol {
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge, h2c).
+    Http,
+    Http2,
+    /// Opaque TCP.
+    Tcp,
+    /// Not declared: the proxy sniffs the first bytes.
+    Sniff,
+}
+
+impl Protocol {
+    /// Istio's rules: `appProtocol` first, then the port name's prefix
+    /// (`http`, `http-web`, `grpc-x`...), else detection.
+    pub fn of(app_protocol: Option<&str>, name: Option<&str>, declared: Option<&str>) -> Protocol {
+        let word = |s: &str| -> Option<Protocol> {
+            let p = s.split('-').next().unwrap_or(s).to_ascii_lowercase();
+            match p.as_str() {
+                "http" => Some(Protocol::Http),
+                "http2" | "grpc" | "grpc-web" | "h2c" => Some(Protocol::Http2),
+                "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "udp" => Some(Protocol::Tcp),
+                _ => None,
+            }
+        };
+        app_protocol
+            .and_then(|a| word(a.trim_start_matches("kubernetes.io/")))
+            .or_else(|| declared.and_then(word))
+            .or_else(|| name.and_then(word))
+            .unwrap_or(Protocol::Sniff)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServicePortDef {
+    pub port: u16,
+    pub name: String,
+    pub protocol: Protocol,
+    /// The endpoint port when the endpoint does not name one.
+    pub target_port: Option<u16>,
+}
+
+/// An endpoint address: an IP, or a DNS name resolved at connect time
+/// (ServiceEntry `resolution: DNS`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Address {
+    Ip(IpAddr),
+    Dns(String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Endpoint {
+    pub address: Address,
+    pub labels: BTreeMap<String, String>,
+    /// Service port name -> endpoint port.
+    pub ports: BTreeMap<String, u16>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Service {
+    /// The FQDN (`name.namespace.svc.cluster.local`) or ServiceEntry host.
+    pub hostname: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortDef>,
+    pub endpoints: Vec<Endpoint>,
+    /// ServiceEntry `resolution: NONE`: forward to the original destination.
+    pub passthrough: bool,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&ServicePortDef> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl StringMatcher {
+    pub fn matches(&self, s: &str) -> bool {
+        match self {
+            StringMatcher::Exact(e) => s == e,
+            StringMatcher::Prefix(p) => s.starts_with(p.as_str()),
+            // RE2 semantics: the whole value must match.
+            StringMatcher::Regex(r) => r.find(s).is_some_and(|m| m.start() == 0 && m.end() == s.len()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    pub uri: Option<StringMatcher>,
+    pub ignore_uri_case: bool,
+    pub method: Option<StringMatcher>,
+    pub authority: Option<StringMatcher>,
+    pub scheme: Option<StringMatcher>,
+    pub headers: Vec<(String, StringMatcher)>,
+    pub query_params: Vec<(String, StringMatcher)>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightedDestination {
+    /// Index into [`Mesh::services`].
+    pub service: usize,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Route(Vec<WeightedDestination>),
+    Redirect(HttpRedirect),
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRouteRule {
+    /// `<namespace>/<VirtualService>` and the rule's index or name.
+    pub source: String,
+    pub matches: Vec<RequestMatch>,
+    pub action: Action,
+    pub rewrite: Option<HttpRewrite>,
+    pub headers: Option<Headers>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retry>,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpRouteRule {
+    pub source: String,
+    pub port: Option<u16>,
+    pub route: Vec<WeightedDestination>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    Passthrough,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub lb: LbPolicy,
+    pub subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+}
+
+/// The compiled mesh. Immutable; a change builds a new one.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    pub services: Vec<Service>,
+    by_vip: HashMap<(IpAddr, u16), usize>,
+    by_host: HashMap<String, usize>,
+    pub http_routes: HashMap<usize, Vec<HttpRouteRule>>,
+    pub tcp_routes: HashMap<usize, Vec<TcpRouteRule>>,
+    pub policies: HashMap<usize, Policy>,
+    pub warnings: Vec<Problem>,
+    /// Round-robin positions per (service, subset).
+    cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
+    /// Requests in flight per endpoint, for LEAST_REQUEST.
+    pub in_flight: std::sync::Mutex<HashMap<SocketAddr, usize>>,
+}
+
+/// Istio's duration strings: `1s`, `500ms`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("`{s}` has no unit; write e.g. 500ms, 1s, 2m"))?;
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 1s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "us" | "µs" => n / 1_000_000.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}`; use ms, s, m or h")),
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+struct Ctx<'a> {
+    errors: &'a mut Vec<Problem>,
+    warnings: &'a mut Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, origin: &Origin, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(Problem {
+            origin: origin.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+    fn warn(&mut self, origin: &Origin, field: impl Into<String>, reason: impl Into<String>) {
+        self.warnings.push(Problem {
+            origin: origin.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+fn string_matcher(m: &StringMatch, origin: &Origin, field: &str, ctx: &mut Ctx) -> Option<StringMatcher> {
+    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
+    if set != 1 {
+        ctx.error(origin, field, "exactly one of exact, prefix or regex is needed");
+        return None;
+    }
+    if let Some(e) = &m.exact {
+        return Some(StringMatcher::Exact(e.clone()));
+    }
+    if let Some(p) = &m.prefix {
+        return Some(StringMatcher::Prefix(p.clone()));
+    }
+    let r = m.regex.as_deref().unwrap_or_default();
+    match Regex::new(r) {
+        Ok(re) => Some(StringMatcher::Regex(re)),
+        Err(e) => {
+            ctx.error(origin, format!("{field}.regex"), format!("invalid regex `{r}`: {}", e.to_string().lines().last().unwrap_or("")));
+            None
+        }
+    }
+}
+
+fn lb_policy(lb: Option<&LoadBalancer>, origin: &Origin, field: &str, ctx: &mut Ctx) -> LbPolicy {
+    let Some(lb) = lb else { return LbPolicy::RoundRobin };
+    if lb.consistent_hash.is_some() {
+        ctx.warn(origin, format!("{field}.consistentHash"), "not supported yet; round robin is used (see docs/istio-conformance.md)");
+    }
+    match lb.simple.as_deref() {
+        None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LbPolicy::RoundRobin,
+        Some("LEAST_REQUEST") | Some("LEAST_CONN") => LbPolicy::LeastRequest,
+        Some("RANDOM") => LbPolicy::Random,
+        Some("PASSTHROUGH") => LbPolicy::Passthrough,
+        Some(other) => {
+            ctx.error(origin, format!("{field}.simple"), format!("`{other}` is not a load balancer; use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH"));
+            LbPolicy::RoundRobin
+        }
+    }
+}
+
+fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> f64 {
+    match p {
+        // Istio: no percentage means every request.
+        None => 100.0,
+        Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
+        Some(p) => {
+            ctx.error(origin, format!("{field}.percentage.value"), format!("{} is not a percentage (0 to 100)", p.value));
+            100.0
+        }
+    }
+}
+
+impl Mesh {
+    /// Compile the documents. Errors reject the whole configuration.
+    pub fn compile(docs: &Documents) -> Result<Mesh, Vec<Problem>> {
+        let mut errors = Vec::new();
+        let mut warnings = docs.warnings.clone();
+        let mut ctx = Ctx {
+            errors: &mut errors,
+            warnings: &mut warnings,
+        };
+        let mut mesh = Mesh::default();
+
+        // Labels of a workload by IP, from Pods and WorkloadEntries.
+        let mut labels_by_ip: HashMap<(String, IpAddr), BTreeMap<String, String>> = HashMap::new();
+        for p in &docs.pods {
+            if let Some(ip) = p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+                labels_by_ip.insert((p.namespace().into(), ip), p.meta.labels.clone());
+            }
+        }
+        for w in &docs.workload_entries {
+            if let Ok(ip) = w.spec.address.parse() {
+                let mut l = w.meta.labels.clone();
+                l.extend(w.spec.labels.clone());
+                labels_by_ip.insert((w.namespace().into(), ip), l);
+            }
+        }
+
+        for s in &docs.services {
+            mesh.add_kubernetes_service(s, docs, &labels_by_ip, &mut ctx);
+        }
+        for se in &docs.service_entries {
+            mesh.add_service_entry(se, docs, &mut ctx);
+        }
+        for d in &docs.destination_rules {
+            mesh.add_destination_rule(d, &mut ctx);
+        }
+        for v in &docs.virtual_services {
+            mesh.add_virtual_service(v, &mut ctx);
+        }
+        for g in &docs.gateways {
+            Self::check_gateway(g, docs, &mut ctx);
+        }
+        if errors.is_empty() {
+            mesh.warnings = warnings;
+            Ok(mesh)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn insert_service(&mut self, svc: Service, origin: &Origin, ctx: &mut Ctx) -> Option<usize> {
+        if self.by_host.contains_key(&svc.hostname) {
+            ctx.warn(origin, "", format!("{} is defined twice; the first definition is used", svc.hostname));
+            return None;
+        }
+        let i = self.services.len();
+        for vip in &svc.vips {
+            for p in &svc.ports {
+                if let Some(other) = self.by_vip.insert((*vip, p.port), i) {
+                    ctx.error(
+                        origin,
+                        "",
+                        format!("{vip}:{} is already the address of {}", p.port, self.services[other].hostname),
+                    );
+                }
+            }
+        }
+        self.by_host.insert(svc.hostname.clone(), i);
+        self.services.push(svc);
+        Some(i)
+    }
+
+    fn add_kubernetes_service(
+        &mut self,
+        s: &Doc<ServiceSpec>,
+        docs: &Documents,
+        labels_by_ip: &HashMap<(String, IpAddr), BTreeMap<String, String>>,
+        ctx: &mut Ctx,
+    ) {
+        let ns = s.namespace().to_string();
+        let mut vips = Vec::new();
+        let ips = s.spec.cluster_ip.iter().chain(s.spec.cluster_ips.iter());
+        for ip in ips {
+            if ip.is_empty() || ip == "None" {
+                continue;
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(a) if !vips.contains(&a) => vips.push(a),
+                Ok(_) => {}
+                Err(_) => ctx.error(&s.origin, "spec.clusterIP", format!("`{ip}` is not an IP address")),
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in s.spec.ports.iter().enumerate() {
+            let target_port = match &p.target_port {
+                Some(IntOrString::Int(n)) => Some(*n),
+                Some(IntOrString::String(_)) => None,
+                None => Some(p.port),
+            };
+            if p.port == 0 {
+                ctx.error(&s.origin, format!("spec.ports[{i}].port"), "port 0 is not a port");
+            }
+            ports.push(ServicePortDef {
+                port: p.port,
+                name: p.name.clone().unwrap_or_default(),
+                protocol: Protocol::of(p.app_protocol.as_deref(), p.name.as_deref(), None),
+                target_port,
+            });
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        let label_of = |ip: IpAddr| labels_by_ip.get(&(ns.clone(), ip)).cloned().unwrap_or_default();
+        for e in docs.endpoints.iter().filter(|e| e.meta.name == s.meta.name && e.namespace() == ns) {
+            for (si, subset) in e.spec.iter().enumerate() {
+                let ports: BTreeMap<String, u16> =
+                    subset.ports.iter().map(|p| (p.name.clone().unwrap_or_default(), p.port)).collect();
+                for (ai, a) in subset.addresses.iter().enumerate() {
+                    match a.ip.parse::<IpAddr>() {
+                        Ok(ip) => endpoints.push(Endpoint {
+                            address: Address::Ip(ip),
+                            labels: label_of(ip),
+                            ports: ports.clone(),
+                        }),
+                        Err(_) => ctx.error(&e.origin, format!("subsets[{si}].addresses[{ai}].ip"), format!("`{}` is not an IP address", a.ip)),
+                    }
+                }
+            }
+        }
+        for sl in docs.slices.iter().filter(|sl| {
+            sl.namespace() == ns && sl.meta.labels.get("kubernetes.io/service-name") == Some(&s.meta.name)
+        }) {
+            let ports: BTreeMap<String, u16> =
+                sl.spec.ports.iter().map(|p| (p.name.clone().unwrap_or_default(), p.port)).collect();
+            for (ei, ep) in sl.spec.endpoints.iter().enumerate() {
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for a in &ep.addresses {
+                    match a.parse::<IpAddr>() {
+                        Ok(ip) => endpoints.push(Endpoint {
+                            address: Address::Ip(ip),
+                            labels: label_of(ip),
+                            ports: ports.clone(),
+                        }),
+                        Err(_) => ctx.error(&sl.origin, format!("endpoints[{ei}].addresses"), format!("`{a}` is not an IP address")),
+                    }
+                }
+            }
+        }
+        // WorkloadEntries the Service selects (VMs and local processes).
+        if !s.spec.selector.is_empty() {
+            for w in docs.workload_entries.iter().filter(|w| w.namespace() == ns) {
+                let mut labels = w.meta.labels.clone();
+                labels.extend(w.spec.labels.clone());
+                if !labels_match(&s.spec.selector, &labels) {
+                    continue;
+                }
+                match w.spec.address.parse::<IpAddr>() {
+                    Ok(ip) => endpoints.push(Endpoint {
+                        address: Address::Ip(ip),
+                        labels,
+                        ports: w.spec.ports.clone(),
+                    }),
+                    Err(_) => ctx.error(&w.origin, "spec.address", format!("`{}` is not an IP address", w.spec.address)),
+                }
+            }
+        }
+        self.insert_service(
+            Service {
+                hostname: fqdn(&s.meta.name, &ns),
+                namespace: ns,
+                vips,
+                ports,
+                endpoints,
+                passthrough: false,
+            },
+            &s.origin,
+            ctx,
+        );
+    }
+
+    fn add_service_entry(&mut self, se: &Doc<ServiceEntrySpec>, docs: &Documents, ctx: &mut Ctx) {
+        let ns = se.namespace().to_string();
+        let mut vips = Vec::new();
+        for (i, a) in se.spec.addresses.iter().enumerate() {
+            match a.split('/').next().unwrap_or(a).parse::<IpAddr>() {
+                Ok(ip) => vips.push(ip),
+                Err(_) => ctx.error(&se.origin, format!("spec.addresses[{i}]"), format!("`{a}` is not an IP address")),
+            }
+        }
+        if se.spec.hosts.is_empty() {
+            ctx.error(&se.origin, "spec.hosts", "at least one host is needed");
+        }
+        let resolution = se.spec.resolution.as_deref().unwrap_or("NONE");
+        if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(&resolution) {
+            ctx.error(&se.origin, "spec.resolution", format!("`{resolution}` is not NONE, STATIC, DNS or DNS_ROUND_ROBIN"));
+        }
+        let ports: Vec<ServicePortDef> = se
+            .spec
+            .ports
+            .iter()
+            .map(|p| ServicePortDef {
+                port: p.number,
+                name: p.name.clone().unwrap_or_default(),
+                protocol: Protocol::of(None, p.name.as_deref(), p.protocol.as_deref()),
+                target_port: p.target_port.or(Some(p.number)),
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        for (i, e) in se.spec.endpoints.iter().enumerate() {
+            let address = match e.address.parse::<IpAddr>() {
+                Ok(ip) => Address::Ip(ip),
+                Err(_) if resolution.starts_with("DNS") => Address::Dns(e.address.clone()),
+                Err(_) => {
+                    ctx.error(&se.origin, format!("spec.endpoints[{i}].address"), format!("`{}` is not an IP address (resolution {resolution})", e.address));
+                    continue;
+                }
+            };
+            endpoints.push(Endpoint {
+                address,
+                labels: e.labels.clone(),
+                ports: e.ports.clone(),
+            });
+        }
+        if let Some(sel) = &se.spec.workload_selector {
+            for w in docs.workload_entries.iter().filter(|w| w.namespace() == ns) {
+                let mut labels = w.meta.labels.clone();
+                labels.extend(w.spec.labels.clone());
+                if labels_match(&sel.labels, &labels) {
+                    if let Ok(ip) = w.spec.address.parse() {
+                        endpoints.push(Endpoint {
+                            address: Address::Ip(ip),
+                            labels,
+                            ports: w.spec.ports.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for host in &se.spec.hosts {
+            let mut eps = endpoints.clone();
+            if eps.is_empty() && resolution.starts_with("DNS") {
+                eps.push(Endpoint {
+                    address: Address::Dns(host.clone()),
+                    labels: BTreeMap::new(),
+                    ports: BTreeMap::new(),
+                });
+            }
+            self.insert_service(
+                Service {
+                    hostname: host.clone(),
+                    namespace: ns.clone(),
+                    vips: vips.clone(),
+                    ports: ports.clone(),
+                    endpoints: eps,
+                    passthrough: resolution == "NONE",
+                },
+                &se.origin,
+                ctx,
+            );
+        }
+    }
+
+    fn add_destination_rule(&mut self, d: &Doc<DestinationRuleSpec>, ctx: &mut Ctx) {
+        let host = fqdn(&d.spec.host, d.namespace());
+        let Some(&svc) = self.by_host.get(&host) else {
+            ctx.warn(&d.origin, "spec.host", format!("no Service or ServiceEntry is {host}; the rule applies to nothing"));
+            return;
+        };
+        let tp = d.spec.traffic_policy.as_ref();
+        let lb = lb_policy(tp.and_then(|t| t.load_balancer.as_ref()), &d.origin, "spec.trafficPolicy.loadBalancer", ctx);
+        let unsupported = |tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
+            let Some(tp) = tp else { return };
+            for (name, present) in [
+                ("connectionPool", tp.connection_pool.is_some()),
+                ("outlierDetection", tp.outlier_detection.is_some()),
+                ("portLevelSettings", !tp.port_level_settings.is_empty()),
+            ] {
+                if present {
+                    ctx.warn(&d.origin, format!("{field}.{name}"), "not supported yet; ignored (see docs/istio-conformance.md)");
+                }
+            }
+        };
+        unsupported(tp, "spec.trafficPolicy", ctx);
+        let mut subsets = BTreeMap::new();
+        for (i, s) in d.spec.subsets.iter().enumerate() {
+            let field = format!("spec.subsets[{i}]");
+            let stp = s.traffic_policy.as_ref();
+            unsupported(stp, &format!("{field}.trafficPolicy"), ctx);
+            let slb = match stp.and_then(|t| t.load_balancer.as_ref()) {
+                Some(l) => lb_policy(Some(l), &d.origin, &format!("{field}.trafficPolicy.loadBalancer"), ctx),
+                None => lb,
+            };
+            if subsets.insert(s.name.clone(), (s.labels.clone(), slb)).is_some() {
+                ctx.error(&d.origin, format!("{field}.name"), format!("subset `{}` is defined twice", s.name));
+            }
+        }
+        if self.policies.insert(svc, Policy { lb, subsets }).is_some() {
+            ctx.warn(&d.origin, "spec.host", format!("another DestinationRule already applies to {host}; this one replaces it"));
+        }
+    }
+
+    fn destinations(
+        &self,
+        route: &[RouteDestination],
+        ns: &str,
+        origin: &Origin,
+        field: &str,
+        ctx: &mut Ctx,
+    ) -> Vec<WeightedDestination> {
+        let mut out = Vec::new();
+        let any_weight = route.iter().any(|r| r.weight.is_some());
+        for (j, r) in route.iter().enumerate() {
+            let f = format!("{field}[{j}]");
+            let host = fqdn(&r.destination.host, ns);
+            let Some(&svc) = self.by_host.get(&host) else {
+                ctx.error(origin, format!("{f}.destination.host"), format!("unknown host `{}`: no Service or ServiceEntry is {host}", r.destination.host));
+                continue;
+            };
+            if let Some(subset) = &r.destination.subset {
+                let known = self.policies.get(&svc).is_some_and(|p| p.subsets.contains_key(subset));
+                if !known {
+                    ctx.error(origin, format!("{f}.destination.subset"), format!("no DestinationRule for {host} defines subset `{subset}`"));
+                }
+            }
+            if let Some(p) = &r.destination.port {
+                if self.services[svc].port(p.number).is_none() {
+                    ctx.error(origin, format!("{f}.destination.port.number"), format!("{host} has no port {}", p.number));
+                }
+            }
+            let weight = match r.weight {
+                Some(w) if !(0..=100).contains(&w) => {
+                    ctx.error(origin, format!("{f}.weight"), format!("{w} is not a weight (0 to 100)"));
+                    0
+                }
+                Some(w) => w as u32,
+                None if route.len() == 1 => 100,
+                None => 0,
+            };
+            out.push(WeightedDestination {
+                service: svc,
+                subset: r.destination.subset.clone(),
+                port: r.destination.port.as_ref().map(|p| p.number),
+                weight,
+                headers: r.headers.clone(),
+            });
+        }
+        let sum: u32 = out.iter().map(|d| d.weight).sum();
+        if (route.len() > 1 || any_weight) && sum != 100 && out.len() == route.len() {
+            ctx.error(origin, field, format!("weights sum to {sum}; they must sum to 100"));
+        }
+        out
+    }
+
+    fn add_virtual_service(&mut self, v: &Doc<VirtualServiceSpec>, ctx: &mut Ctx) {
+        let ns = v.namespace().to_string();
+        if v.spec.hosts.is_empty() {
+            ctx.error(&v.origin, "spec.hosts", "at least one host is needed");
+            return;
+        }
+        // Bound to the mesh (sidecar traffic) unless only gateways are named.
+        let mesh_bound = v.spec.gateways.is_empty() || v.spec.gateways.iter().any(|g| g == "mesh");
+        let hosts: Vec<String> = v.spec.hosts.iter().map(|h| fqdn(h, &ns)).collect();
+        let targets: Vec<usize> = (0..self.services.len())
+            .filter(|i| hosts.iter().any(|h| host_matches(h, &self.services[*i].hostname)))
+            .collect();
+        let source = format!("{ns}/{}", v.meta.name);
+        let mut http = Vec::new();
+        for (i, r) in v.spec.http.iter().enumerate() {
+            let field = format!("spec.http[{i}]");
+            let mut matches = Vec::new();
+            for (k, m) in r.match_.iter().enumerate() {
+                let mf = format!("{field}.match[{k}]");
+                let mut rm = RequestMatch {
+                    ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+                    port: m.port,
+                    ..Default::default()
+                };
+                rm.uri = m.uri.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.uri"), ctx));
+                rm.method = m.method.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.method"), ctx));
+                rm.authority = m.authority.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.authority"), ctx));
+                rm.scheme = m.scheme.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.scheme"), ctx));
+                for (h, s) in &m.headers {
+                    if let Some(sm) = string_matcher(s, &v.origin, &format!("{mf}.headers.{h}"), ctx) {
+                        rm.headers.push((h.to_ascii_lowercase(), sm));
+                    }
+                }
+                for (q, s) in &m.query_params {
+                    if let Some(sm) = string_matcher(s, &v.origin, &format!("{mf}.queryParams.{q}"), ctx) {
+                        rm.query_params.push((q.clone(), sm));
+                    }
+                }
+                if !m.gateways.is_empty() {
+                    ctx.warn(&v.origin, format!("{mf}.gateways"), "not supported yet; ignored (see docs/istio-conformance.md)");
+                }
+                matches.push(rm);
+            }
+            let action = match (&r.redirect, r.route.is_empty()) {
+                (Some(_), false) => {
+                    ctx.error(&v.origin, &field, "a rule has either route or redirect, not both");
+                    continue;
+                }
+                (Some(red), true) => Action::Redirect(red.clone()),
+                (None, true) => {
+                    ctx.error(&v.origin, &field, "a rule needs a route or a redirect");
+                    continue;
+                }
+                (None, false) => Action::Route(self.destinations(&r.route, &ns, &v.origin, &format!("{field}.route"), ctx)),
+            };
+            let dur = |s: &Option<String>, f: &str, ctx: &mut Ctx| -> Option<Duration> {
+                s.as_deref().and_then(|s| match parse_duration(s) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        ctx.error(&v.origin, format!("{field}.{f}"), e);
+                        None
+                    }
+                })
+            };
+            let timeout = dur(&r.timeout, "timeout", ctx);
+            let retries = r.retries.as_ref().map(|rt| Retry {
+                attempts: rt.attempts.unwrap_or(2),
+                per_try_timeout: dur(&rt.per_try_timeout, "retries.perTryTimeout", ctx),
+                retry_on: rt
+                    .retry_on
+                    .as_deref()
+                    .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503")
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect(),
+            });
+            let fault = r.fault.as_ref().map(|f| Fault {
+                delay: f.delay.as_ref().and_then(|d| {
+                    let p = percent(&d.percentage, &v.origin, &format!("{field}.fault.delay"), ctx);
+                    match &d.fixed_delay {
+                        Some(s) => dur(&Some(s.clone()), "fault.delay.fixedDelay", ctx).map(|d| (d, p)),
+                        None => {
+                            ctx.error(&v.origin, format!("{field}.fault.delay.fixedDelay"), "missing");
+                            None
+                        }
+                    }
+                }),
+                abort: f.abort.as_ref().and_then(|a| {
+                    let p = percent(&a.percentage, &v.origin, &format!("{field}.fault.abort"), ctx);
+                    match a.http_status {
+                        Some(s) if (200..=599).contains(&s) => Some((s, p)),
+                        Some(s) => {
+                            ctx.error(&v.origin, format!("{field}.fault.abort.httpStatus"), format!("{s} is not an HTTP status (200 to 599)"));
+                            None
+                        }
+                        None => {
+                            ctx.error(&v.origin, format!("{field}.fault.abort.httpStatus"), "missing");
+                            None
+                        }
+                    }
+                }),
+            });
+            if r.mirror.is_some() || r.mirror_percentage.is_some() {
+                ctx.warn(&v.origin, format!("{field}.mirror"), "not supported yet; no traffic is mirrored (see docs/istio-conformance.md)");
+            }
+            http.push(HttpRouteRule {
+                source: format!("{source} http[{}]", r.name.clone().unwrap_or_else(|| i.to_string())),
+                matches,
+                action,
+                rewrite: r.rewrite.clone(),
+                headers: r.headers.clone(),
+                timeout,
+                retries,
+                fault,
+            });
+        }
+        let mut tcp = Vec::new();
+        for (i, r) in v.spec.tcp.iter().enumerate() {
+            let field = format!("spec.tcp[{i}]");
+            let route = self.destinations(&r.route, &ns, &v.origin, &format!("{field}.route"), ctx);
+            if r.match_.iter().any(|m| !m.destination_subnets.is_empty() || !m.gateways.is_empty()) {
+                ctx.warn(&v.origin, format!("{field}.match"), "only port is matched yet; destinationSubnets and gateways are ignored");
+            }
+            let ports: Vec<Option<u16>> = if r.match_.is_empty() { vec![None] } else { r.match_.iter().map(|m| m.port).collect() };
+            for port in ports {
+                tcp.push(TcpRouteRule {
+                    source: format!("{source} tcp[{i}]"),
+                    port,
+                    route: route.clone(),
+                });
+            }
+        }
+        if !mesh_bound {
+            ctx.warn(&v.origin, "spec.gateways", "bound to gateways only; gateway listeners are not served yet, so this VirtualService routes nothing (see docs/istio-conformance.md)");
+            return;
+        }
+        if targets.is_empty() {
+            ctx.warn(&v.origin, "spec.hosts", "no Service or ServiceEntry matches these hosts; the VirtualService routes nothing");
+        }
+        for t in targets {
+            self.http_routes.entry(t).or_default().extend(http.iter().cloned());
+            self.tcp_routes.entry(t).or_default().extend(tcp.iter().cloned());
+        }
+    }
+
+    fn check_gateway(g: &Doc<GatewaySpec>, docs: &Documents, ctx: &mut Ctx) {
+        let mut seen: BTreeMap<u16, (String, usize)> = BTreeMap::new();
+        for (i, s) in g.spec.servers.iter().enumerate() {
+            let proto = s.port.protocol.clone().unwrap_or_default().to_ascii_uppercase();
+            if let Some((p, j)) = seen.get(&s.port.number) {
+                if *p != proto || s.hosts.iter().any(|h| g.spec.servers[*j].hosts.contains(h)) {
+                    ctx.error(&g.origin, format!("spec.servers[{i}].port.number"), format!("port {} is already declared by servers[{j}]", s.port.number));
+                }
+            }
+            seen.insert(s.port.number, (proto, i));
+        }
+        for other in docs.gateways.iter().take_while(|o| o.origin != g.origin) {
+            if other.spec.selector != g.spec.selector || other.namespace() != g.namespace() {
+                continue;
+            }
+            for (i, s) in g.spec.servers.iter().enumerate() {
+                for o in &other.spec.servers {
+                    let same_proto = o.port.protocol.as_deref().map(str::to_ascii_uppercase) == s.port.protocol.as_deref().map(str::to_ascii_uppercase);
+                    if o.port.number == s.port.number && (!same_proto || o.hosts.iter().any(|h| s.hosts.contains(h))) {
+                        ctx.error(&g.origin, format!("spec.servers[{i}].port.number"), format!("port {} is already declared by Gateway {}", s.port.number, other.meta.name));
+                    }
+                }
+            }
+        }
+        ctx.warn(&g.origin, "spec.servers", "gateway listeners are not served yet (see docs/istio-conformance.md)");
+    }
+
+    // -----------------------------------------------------------------------
+    // Lookups at request time
+    // -----------------------------------------------------------------------
+
+    /// The service and port a connection's original destination addresses.
+    pub fn service_at(&self, dst: SocketAddr) -> Option<(usize, &ServicePortDef)> {
+        let ip = match dst.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let i = *self.by_vip.get(&(ip, dst.port()))?;
+        Some((i, self.services[i].port(dst.port())?))
+    }
+
+    pub fn service_by_host(&self, host: &str) -> Option<usize> {
+        self.by_host.get(host).copied()
+    }
+
+    /// Choose an endpoint of `svc` (restricted to `subset`) for `port` (the
+    /// service port). Returns the address to connect to.
+    pub fn pick_endpoint(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
+        let service = &self.services[svc];
+        let port_def = service.port(port).or_else(|| service.ports.first())?;
+        let policy = self.policies.get(&svc);
+        let (labels, lb) = match (subset, policy) {
+            (Some(name), Some(p)) => {
+                let (l, lb) = p.subsets.get(name)?;
+                (Some(l), *lb)
+            }
+            (_, Some(p)) => (None, p.lb),
+            _ => (None, LbPolicy::RoundRobin),
+        };
+        let candidates: Vec<&Endpoint> = service
+            .endpoints
+            .iter()
+            .filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let port_of = |e: &Endpoint| {
+            e.ports
+                .get(&port_def.name)
+                .copied()
+                .or(port_def.target_port)
+                .unwrap_or(port_def.port)
+        };
+        let chosen = match lb {
+            LbPolicy::Random => candidates[self.random(candidates.len())],
+            LbPolicy::LeastRequest => {
+                let in_flight = self.in_flight.lock().expect("lb lock");
+                // Power of two choices, as Envoy does.
+                let a = candidates[self.random(candidates.len())];
+                let b = candidates[self.random(candidates.len())];
+                let load = |e: &Endpoint| match &e.address {
+                    Address::Ip(ip) => in_flight.get(&SocketAddr::new(*ip, port_of(e))).copied().unwrap_or(0),
+                    Address::Dns(_) => 0,
+                };
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            LbPolicy::RoundRobin | LbPolicy::Passthrough => {
+                let mut cursors = self.cursors.lock().expect("lb lock");
+                let c = cursors.entry((svc, subset.map(str::to_string))).or_insert(0);
+                let e = candidates[*c % candidates.len()];
+                *c = c.wrapping_add(1);
+                e
+            }
+        };
+        Some((chosen.address.clone(), port_of(chosen)))
+    }
+
+    /// A uniform choice in 0..n.
+    pub fn random(&self, n: usize) -> usize {
+        use rand::Rng;
+        if n <= 1 {
+            return 0;
+        }
+        rand::thread_rng().gen_range(0..n)
+    }
+
+    /// A chance of `percent` (0 to 100).
+    pub fn chance(&self, percent: f64) -> bool {
+        use rand::Rng;
+        percent >= 100.0 || (percent > 0.0 && rand::thread_rng().gen_range(0.0..100.0) < percent)
+    }
+}
