@@ -32,6 +32,35 @@ const PREFIX: &str = "rdt";
 
 /// Whether this process may run the privileged tests. Outside CI a non-root
 /// run skips them with a printed reason; in CI it is a failure.
+/// Addresses the tests give mesh services (clusterIPs).
+pub const SERVICE_RANGE: &str = "198.19.0.0/16";
+
+/// The Python environment with httpbin and gunicorn from PyPI (made by
+/// .ci/run): `REDIRECTOR_HTTPBIN_VENV`, default /opt/redirector-venv.
+pub fn httpbin_venv() -> Option<PathBuf> {
+    let v = std::env::var_os("REDIRECTOR_HTTPBIN_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/redirector-venv"));
+    v.join("bin/gunicorn").exists().then_some(v)
+}
+
+/// Whether httpbin can run; in CI its absence is a failure.
+pub fn httpbin_available() -> bool {
+    if httpbin_venv().is_some() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("httpbin and gunicorn are missing: .ci/run installs them into /opt/redirector-venv");
+    }
+    eprintln!("SKIPPED: httpbin is not installed: python3 -m venv /opt/redirector-venv && /opt/redirector-venv/bin/pip install httpbin==0.10.4 gunicorn==27.0.1");
+    false
+}
+
+/// Lines of a file (0 if it does not exist).
+pub fn line_count(path: &Path) -> usize {
+    fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
 pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -166,6 +195,8 @@ pub struct Topology {
     pub mode: &'static str,
     /// Extra environment of the agent process.
     pub agent_env: Vec<(String, String)>,
+    /// A directory of Istio / Kubernetes YAML the agent routes by.
+    pub config_dir: Option<PathBuf>,
     agent: Option<Child>,
     servers: Vec<Server>,
 }
@@ -187,6 +218,7 @@ impl Topology {
             name,
             mode: "ebpf",
             agent_env: Vec::new(),
+            config_dir: None,
             agent: None,
             servers: Vec::new(),
         };
@@ -308,6 +340,7 @@ impl Topology {
                 "ebpf-keyed" => vec!["--mode", "ebpf", "--storage", "map"],
                 m => vec!["--mode", m],
             })
+            .args(self.config_dir.iter().flat_map(|d| [PathBuf::from("--config-dir"), d.clone()]))
             .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -486,18 +519,47 @@ impl Topology {
     }
 
     fn wait_for_server(&self, port: u16) -> Result<()> {
-        let ok = eventually(Duration::from_secs(10), || {
+        self.wait_for_server_at(SERVER_V4, port, Duration::from_secs(10))
+    }
+
+    fn wait_for_server_at(&self, ip: &str, port: u16, wait: Duration) -> Result<()> {
+        let ok = eventually(wait, || {
             Command::new("nsenter")
                 .arg(format!("--net={}", Self::ns_path(&self.server_ns).display()))
-                .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{SERVER_V4}/{port}")])
+                .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false)
         });
         if !ok {
-            bail!("nothing listens on {SERVER_V4}:{port} in the server namespace");
+            bail!("nothing listens on {ip}:{port} in the server namespace");
         }
         Ok(())
+    }
+
+    /// httpbin (from PyPI) under gunicorn in the server namespace on
+    /// `ip:port`; returns its access log, one line per request.
+    pub fn start_httpbin(&self, name: &str, ip: &str, port: u16) -> Result<PathBuf> {
+        let venv = httpbin_venv().context("httpbin is not installed; run .ci/run or see README (Tests)")?;
+        let log = self.state.parent().unwrap().join(format!("{name}.access.log"));
+        let bind = format!("{ip}:{port}");
+        let gunicorn = venv.join("bin/gunicorn");
+        self.spawn_in_server(
+            name,
+            gunicorn.to_str().unwrap(),
+            &[
+                "-b", &bind, "-w", "2", "--threads", "8", "--access-logfile", log.to_str().unwrap(),
+                "--access-logformat", "%(m)s %(U)s %(s)s", "httpbin:app",
+            ],
+        )?;
+        self.wait_for_server_at(ip, port, Duration::from_secs(30))?;
+        Ok(log)
+    }
+
+    /// Route the service address range (198.19.0.0/16) out of the client
+    /// namespace, as a cluster network does for its service CIDR.
+    pub fn route_service_range(&self) -> Result<()> {
+        ip(&["-n", &self.client_ns, "route", "add", SERVICE_RANGE, "dev", "veth-c"])
     }
 }
 

@@ -1,0 +1,310 @@
+//! Mesh routing through the real capture path: an enrolled, unmodified
+//! HTTP client, the agent applying Istio YAML from a watched directory, and
+//! httpbin (from PyPI, under gunicorn) as the backend, one instance per
+//! subset. Which instance served a request is read from its access log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redirector_tests::*;
+use serde_json::Value;
+
+const SVC_IP: &str = "198.19.0.10";
+const SVC_PORT: u16 = 8000;
+
+/// The Service, its two workloads (v1 on SERVER_V4, v2 on SERVER_V4_B) and
+/// the subsets.
+fn base_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  clusterIP: {SVC_IP}
+  selector: {{app: httpbin}}
+  ports:
+  - {{name: http, port: {SVC_PORT}, targetPort: 8080}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: httpbin-v1, namespace: default}}
+spec: {{address: {SERVER_V4}, labels: {{app: httpbin, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: httpbin-v2, namespace: default}}
+spec: {{address: {SERVER_V4_B}, labels: {{app: httpbin, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  host: httpbin
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+"#
+    )
+}
+
+struct Mesh {
+    t: Topology,
+    dir: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+}
+
+/// A topology with both httpbin instances and the agent routing by `vs`.
+fn mesh(mode: &'static str, vs: &str) -> Option<Mesh> {
+    if !privileged() || !httpbin_available() {
+        return None;
+    }
+    let mut t = Topology::with_mode(mode).unwrap();
+    t.route_service_range().unwrap();
+    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
+    let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("base.yaml"), base_yaml()).unwrap();
+    std::fs::write(dir.join("vs.yaml"), vs).unwrap();
+    t.config_dir = Some(dir.clone());
+    t.start_agent("").unwrap();
+    Some(Mesh { t, dir, v1, v2 })
+}
+
+fn client_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/http_client.py")
+}
+
+/// Run the keep-alive client as an enrolled workload; returns its report.
+fn requests(m: &Mesh, path: &str, extra: &str) -> Value {
+    let out = m.t.exec_workload(
+        "client",
+        &format!("python3 {} {SVC_IP} {SVC_PORT} '{path}' {extra}", client_script().display()),
+    );
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+fn count(report: &Value, status: &str) -> u64 {
+    report["counts"][status].as_u64().unwrap_or(0)
+}
+
+fn served(log: &Path) -> usize {
+    line_count(log)
+}
+
+const PATH_ROUTING: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{uri: {prefix: /api/v1/}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: httpbin, subset: v1}}]
+  - match: [{uri: {prefix: /api/v2/}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: httpbin, subset: v2}}]
+  - match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: httpbin, subset: v2}}]
+  - match: [{uri: {prefix: /status/}}, {uri: {exact: /get}}, {uri: {prefix: /headers}}]
+    headers: {request: {set: {x-mesh: redirector}}}
+    route:
+    - {destination: {host: httpbin, subset: v1}, weight: 90}
+    - {destination: {host: httpbin, subset: v2}, weight: 10}
+"#;
+
+fn path_header_and_weight_routing(mode: &'static str) {
+    let Some(m) = mesh(mode, PATH_ROUTING) else { return };
+
+    let r = requests(&m, "/api/v1/status/200", "--count 20");
+    assert_eq!(count(&r, "200"), 20, "{r}");
+    assert_eq!((served(&m.v1), served(&m.v2)), (20, 0), "/api/v1 goes to v1, rewritten");
+
+    let r = requests(&m, "/api/v2/get", "--count 20");
+    assert_eq!(count(&r, "200"), 20, "{r}");
+    assert_eq!((served(&m.v1), served(&m.v2)), (20, 20), "/api/v2 goes to v2");
+
+    let r = requests(&m, "/get", "--count 20 --header x-canary=true");
+    assert_eq!(count(&r, "200"), 20, "{r}");
+    assert_eq!((served(&m.v1), served(&m.v2)), (20, 40), "the header routes to v2");
+
+    let r = requests(&m, "/headers", "--count 1 --body-of-first");
+    assert!(r["first_body"].as_str().unwrap().contains("\"X-Mesh\": \"redirector\""), "{r}");
+
+    // No rule matches: 404 from the proxy, nothing reaches httpbin.
+    let (b1, b2) = (served(&m.v1), served(&m.v2));
+    let r = requests(&m, "/anything/else", "--count 3");
+    assert_eq!(count(&r, "404"), 3, "{r}");
+    assert_eq!((served(&m.v1), served(&m.v2)), (b1, b2));
+
+    // 90/10 over 1,000 requests: v2's share within 6-14% (±4 standard
+    // deviations of a binomial with p = 0.1).
+    let r = requests(&m, "/status/200", "--count 1000");
+    assert_eq!(count(&r, "200"), 1000, "{r}");
+    let v2 = served(&m.v2) - b2;
+    let v1 = served(&m.v1) - b1;
+    assert_eq!(v1 + v2, 1000);
+    assert!((60..=140).contains(&v2), "v2 served {v2} of 1000 (expected about 100)");
+
+    // The access log names the route and the response flags.
+    let log = std::fs::read_to_string(&m.t.log).unwrap();
+    assert!(log.contains("\"response_flags\":\"NR\""), "no NR in the access log");
+}
+
+#[test]
+fn path_header_and_weight_routing_with_ebpf_capture() {
+    path_header_and_weight_routing("ebpf");
+}
+
+#[test]
+fn path_header_and_weight_routing_with_iptables_capture() {
+    path_header_and_weight_routing("iptables");
+}
+
+#[test]
+fn abort_and_delay_faults_and_retries() {
+    let vs = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin.default.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /abort/}}]
+    rewrite: {uri: /}
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: httpbin, subset: v1}}]
+  - match: [{uri: {exact: /slow}}]
+    rewrite: {uri: /get}
+    fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
+    route: [{destination: {host: httpbin, subset: v1}}]
+  - match: [{uri: {prefix: /retried/}}]
+    rewrite: {uri: /}
+    retries: {attempts: 10, retryOn: 5xx}
+    route: [{destination: {host: httpbin, subset: v2}}]
+  - match: [{uri: {prefix: /unretried/}}]
+    rewrite: {uri: /}
+    retries: {attempts: 0}
+    route: [{destination: {host: httpbin, subset: v2}}]
+"#;
+    let Some(m) = mesh("ebpf", vs) else { return };
+
+    // Abort at 50%: within 35-65% of 400 (±6 standard deviations); the
+    // aborted ones never reach httpbin.
+    let r = requests(&m, "/abort/status/200", "--count 400");
+    let (aborted, ok) = (count(&r, "503"), count(&r, "200"));
+    assert_eq!(aborted + ok, 400, "{r}");
+    assert!((140..=260).contains(&aborted), "{aborted} of 400 aborted");
+    assert_eq!(served(&m.v1) as u64, ok);
+
+    // A fixed delay of 400 ms on every request.
+    let r = requests(&m, "/slow", "--count 3");
+    assert_eq!(count(&r, "200"), 3, "{r}");
+    assert!(r["seconds"].as_f64().unwrap() >= 1.2, "{r}");
+
+    // httpbin answers 503 one time in four here. Without retries about a
+    // quarter fail; with 10 retries on 5xx every request succeeds, and
+    // httpbin saw the extra attempts.
+    let r = requests(&m, "/unretried/status/200:3,503:1", "--count 200");
+    assert!(count(&r, "503") >= 20, "{r}");
+    let before = served(&m.v2);
+    let r = requests(&m, "/retried/status/200:3,503:1", "--count 200");
+    assert_eq!(count(&r, "200"), 200, "{r}");
+    assert!(served(&m.v2) - before > 200, "no retry reached httpbin");
+}
+
+#[test]
+fn a_config_change_under_steady_load_fails_no_request_and_a_bad_one_is_rejected() {
+    let to = |subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: httpbin, namespace: default}}\nspec:\n  hosts: [httpbin]\n  http:\n  - route: [{{destination: {{host: httpbin, subset: {subset}}}}}]\n"
+        )
+    };
+    let Some(m) = mesh("ebpf", &to("v1")) else { return };
+    let child = m
+        .t
+        .redirector()
+        .args(["exec", "--workload", "load", "--", "python3"])
+        .arg(client_script())
+        .args([SVC_IP, &SVC_PORT.to_string(), "/get", "--seconds", "6"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(served(&m.v1) > 0 && served(&m.v2) == 0);
+    std::fs::write(m.dir.join("vs.yaml"), to("v2")).unwrap();
+    assert!(eventually(Duration::from_secs(3), || served(&m.v2) > 0), "the change was not applied");
+    // A bad change: rejected, the last good config stays.
+    std::fs::write(m.dir.join("vs.yaml"), to("v9")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = r["counts"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(count(&r, "200"), total, "a request failed during the changes: {r}");
+    let log = std::fs::read_to_string(&m.t.log).unwrap();
+    assert!(log.contains("mesh config applied"));
+    assert!(log.contains("mesh config rejected") && log.contains("subset `v9`"), "{log}");
+    let v2_before = served(&m.v2);
+    let r = requests(&m, "/get", "--count 10");
+    assert_eq!(count(&r, "200"), 10);
+    assert_eq!(served(&m.v2), v2_before + 10, "the last good config (v2) stays in force");
+}
+
+#[test]
+fn a_tcp_service_is_routed_to_its_endpoints() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    t.route_service_range().unwrap();
+    let peers = t.server(&format!("{SERVER_V4_B}:9000"));
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("tcp.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{{name: tcp-echo, port: 7000, targetPort: 9000}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: echo}}\nsubsets:\n- addresses: [{{ip: {SERVER_V4_B}}}]\n  ports: [{{name: tcp-echo, port: 9000}}]\n"
+        ),
+    )
+    .unwrap();
+    t.config_dir = Some(dir);
+    t.start_agent("").unwrap();
+    let out = t.exec_workload("app", &bash_connect("198.19.0.20", 7000));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(peers.lock().unwrap().len(), 1, "the service's endpoint answered");
+}
+
+#[test]
+fn a_bad_mesh_config_fails_the_start_naming_file_and_field() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("vs.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: nowhere}}]\n",
+    )
+    .unwrap();
+    let out = t
+        .redirector()
+        .args(["run", "--cgroup"])
+        .arg(&t.cgroup)
+        .arg("--bpffs-dir")
+        .arg(&t.bpffs)
+        .arg("--config-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    for s in ["vs.yaml, document 1 (VirtualService x)", "spec.http[0].route[0].destination.host", "unknown host"] {
+        assert!(lines[0].contains(s), "`{s}` not in {err}");
+    }
+    assert!(attached_programs(&t.cgroup).is_empty());
+    assert!(!t.bpffs.exists());
+}
