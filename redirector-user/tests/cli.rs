@@ -71,3 +71,68 @@ fn exec_needs_a_command() {
     let out = redirector().arg("exec").output().unwrap();
     assert!(!out.status.success());
 }
+
+fn mesh_dir(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("redirector-analyze-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for (f, text) in files {
+        std::fs::write(d.join(f), text).unwrap();
+    }
+    d
+}
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n";
+
+#[test]
+fn analyze_accepts_a_good_directory_and_names_fields_it_does_not_act_on() {
+    let d = mesh_dir(
+        "good",
+        &[
+            ("a-service.yaml", SERVICE),
+            (
+                "vs.yml",
+                "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 75}\n    - {destination: {host: reviews, subset: v2}, weight: 25}\n    corsPolicy: {allowOrigins: [{exact: x}]}\n",
+            ),
+        ],
+    );
+    let out = redirector().arg("analyze").arg(&d).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("warning: ") && text.contains("vs.yml, document 1 (VirtualService bookinfo/reviews), field spec.http[0].corsPolicy"), "{text}");
+    assert!(text.contains("ok: 1 services, 1 HTTP route rules, 1 destination rules"), "{text}");
+}
+
+#[test]
+fn analyze_rejects_what_would_route_wrongly_with_file_document_and_field() {
+    let d = mesh_dir(
+        "bad",
+        &[
+            ("a-service.yaml", SERVICE),
+            (
+                "vs.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{uri: {regex: '[unclosed'}}]\n    route:\n    - {destination: {host: reviews, subset: v3}, weight: 50}\n    - {destination: {host: ratings}, weight: 40}\n",
+            ),
+            ("gw.yaml", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}\n  - {port: {number: 80, name: http2, protocol: HTTP}, hosts: ['*']}\n"),
+        ],
+    );
+    let out = redirector().arg("analyze").arg(&d).output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for s in [
+        "error: ", "vs.yaml, document 1 (VirtualService bookinfo/reviews), field spec.http[0].match[0].uri.regex: invalid regex",
+        "field spec.http[0].route[0].destination.subset: no DestinationRule for reviews.bookinfo.svc.cluster.local defines subset `v3`",
+        "field spec.http[0].route[1].destination.host: unknown host `ratings`",
+        "field spec.http[0].route: weights sum to 90; they must sum to 100",
+        "gw.yaml, document 1 (Gateway gw), field spec.servers[1].port.number: port 80 is already declared",
+    ] {
+        assert!(text.contains(s), "`{s}` not in:\n{text}");
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error(s); the configuration would be rejected"), "{err}");
+
+    let malformed = mesh_dir("malformed", &[("x.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: a\n")]);
+    let out = redirector().arg("analyze").arg(&malformed).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("x.yaml, document 1: malformed YAML"), "{out:?}");
+}

@@ -28,7 +28,11 @@ pub struct Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}, document {} ({} {})", self.file.display(), self.index, self.kind, self.name)
+        match (self.kind.as_str(), self.name.is_empty()) {
+            ("?", true) => write!(f, "{}, document {}", self.file.display(), self.index),
+            (kind, true) => write!(f, "{}, document {} ({kind})", self.file.display(), self.index),
+            (kind, false) => write!(f, "{}, document {} ({kind} {})", self.file.display(), self.index, self.name),
+        }
     }
 }
 

@@ -637,8 +637,8 @@ impl Mesh {
                 headers: r.headers.clone(),
             });
         }
-        let sum: u32 = out.iter().map(|d| d.weight).sum();
-        if (route.len() > 1 || any_weight) && sum != 100 && out.len() == route.len() {
+        let sum: i64 = route.iter().map(|r| r.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 })).sum();
+        if (route.len() > 1 || any_weight) && sum != 100 {
             ctx.error(origin, field, format!("weights sum to {sum}; they must sum to 100"));
         }
         out
