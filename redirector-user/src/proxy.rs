@@ -303,10 +303,10 @@ async fn sniff(stream: &TcpStream) -> Protocol {
 
 /// Where a TCP connection to a mesh service goes: its TCP route (weighted)
 /// or the service's endpoints. `None`: the service has no endpoint.
-async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Option<SocketAddr> {
+async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>)> {
     let service = &mesh.services[svc];
     if service.passthrough {
-        return Some(dst);
+        return Some((dst, svc, None));
     }
     let rule = mesh
         .tcp_routes
@@ -330,10 +330,11 @@ async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Op
         None => (svc, None, dst.port()),
     };
     let (addr, port) = mesh.pick_endpoint(target_svc, subset.as_deref(), port)?;
-    match addr {
-        Address::Ip(ip) => Some(SocketAddr::new(ip, port)),
-        Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next(),
-    }
+    let a = match addr {
+        Address::Ip(ip) => SocketAddr::new(ip, port),
+        Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?,
+    };
+    Some((a, target_svc, subset))
 }
 
 async fn handle(
@@ -374,6 +375,7 @@ async fn handle(
     // client was going.
     let mesh = settings.mesh.current();
     let mut target = dst;
+    let mut _slot = None;
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
             Protocol::Sniff => sniff(&client_stream).await,
@@ -395,7 +397,22 @@ async fn handle(
             return;
         }
         match tcp_target(&mesh, svc, dst).await {
-            Some(t) => target = t,
+            Some((t, tsvc, subset)) => {
+                target = t;
+                // tcp.maxConnections: over the limit, the connection is
+                // refused (Envoy's UO).
+                let cluster = mesh.cluster(tsvc, subset.as_deref());
+                if let Some(sem) = &cluster.connections {
+                    match sem.clone().try_acquire_owned() {
+                        Ok(p) => _slot = Some(p),
+                        Err(_) => {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            info!(%client, original_dst = %dst, response_flags = "UO", "connection limit of the destination reached; closing");
+                            return;
+                        }
+                    }
+                }
+            }
             None => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 info!(%client, original_dst = %dst, service = %mesh.services[svc].hostname, response_flags = "UH", "no endpoint for this service; closing");

@@ -308,3 +308,103 @@ fn a_bad_mesh_config_fails_the_start_naming_file_and_field() {
     assert!(attached_programs(&t.cgroup).is_empty());
     assert!(!t.bpffs.exists());
 }
+
+/// Start the agent with `extra` YAML next to the base, but only httpbin v1
+/// running (v2's address has nothing listening until `start_v2`).
+fn mesh_v1_only(extra: &str) -> Option<(Topology, PathBuf, PathBuf)> {
+    if !privileged() || !httpbin_available() {
+        return None;
+    }
+    let mut t = Topology::new().unwrap();
+    t.route_service_range().unwrap();
+    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The base's DestinationRule is replaced by the test's.
+    let base: String = base_yaml().split("---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule").next().unwrap().to_string();
+    std::fs::write(dir.join("base.yaml"), base).unwrap();
+    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
+    t.config_dir = Some(dir.clone());
+    t.start_agent("").unwrap();
+    Some((t, dir, v1))
+}
+
+#[test]
+fn circuit_breaking_sends_overflow_a_503_with_flag_uo() {
+    let dr = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: default}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+"#;
+    let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: httpbin, namespace: default}\nspec:\n  hosts: [httpbin]\n  http:\n  - route: [{destination: {host: httpbin, subset: v1}}]\n";
+    let Some((t, _dir, v1)) = mesh_v1_only(&format!("{dr}{vs}")) else { return };
+    // Six clients at once, each one request that takes a second: one in
+    // flight, one waiting, the rest overflow at once.
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do python3 {} {SVC_IP} {SVC_PORT} /delay/1 --count 1 & done; wait",
+        client_script().display()
+    );
+    let out = t.exec_workload("burst", &script);
+    assert!(out.status.success(), "{out:?}");
+    let mut ok = 0;
+    let mut overflow = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        ok += count(&r, "200");
+        overflow += count(&r, "503");
+    }
+    assert_eq!(ok + overflow, 6);
+    assert!((2..=3).contains(&ok), "{ok} succeeded, {overflow} overflowed");
+    assert_eq!(line_count(&v1) as u64, ok, "overflowed requests never reached httpbin");
+    let log = std::fs::read_to_string(&t.log).unwrap();
+    assert_eq!(log.matches("\"response_flags\":\"UO\"").count() as u64, overflow, "each overflow is logged with UO");
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back() {
+    let dr = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: default}
+spec:
+  host: httpbin
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 100}
+"#;
+    let Some((t, _dir, v1)) = mesh_v1_only(dr) else { return };
+    // v2 refuses connections: after two failures it is ejected; retries
+    // carry every request to v1.
+    let r = requests_on(&t, "/get", "--count 20");
+    assert_eq!(count(&r, "200"), 20, "{r}");
+    let log = std::fs::read_to_string(&t.log).unwrap();
+    assert!(log.contains("outlier detection: endpoint ejected") && log.contains(&format!("{SERVER_V4_B}:8080")), "no ejection logged");
+    let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
+    let ejected_at = std::time::Instant::now();
+    let r = requests_on(&t, "/get", "--count 10");
+    assert_eq!(count(&r, "200"), 10);
+    if ejected_at.elapsed() < Duration::from_secs(3) {
+        assert_eq!(line_count(&v2), 0, "an ejected endpoint got traffic");
+    }
+    // After baseEjectionTime it is back.
+    std::thread::sleep(Duration::from_secs(4));
+    let before = line_count(&v1);
+    let r = requests_on(&t, "/get", "--count 20");
+    assert_eq!(count(&r, "200"), 20);
+    assert!(line_count(&v2) >= 5, "v2 is back: {} requests", line_count(&v2));
+    assert!(line_count(&v1) - before < 20);
+}
+
+fn requests_on(t: &Topology, path: &str, extra: &str) -> Value {
+    let out = t.exec_workload(
+        "client",
+        &format!("python3 {} {SVC_IP} {SVC_PORT} '{path}' {extra}", client_script().display()),
+    );
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}

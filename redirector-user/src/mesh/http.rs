@@ -22,11 +22,36 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use super::model::{Action, Address, HttpRouteRule, Mesh, Protocol, StringMatcher};
+use super::model::{Action, Address, HttpRouteRule, Mesh, Protocol, Result5xx, StringMatcher};
 use super::resources::{HeaderOperations, Headers};
 use super::MeshHandle;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A response body that holds the destination's connection slot (its
+/// circuit breaker) until the body has been sent or dropped: an HTTP/1.1
+/// connection is busy until then.
+struct Guarded {
+    inner: Incoming,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Request bodies up to this size are kept so a retry can send them again.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
@@ -419,6 +444,24 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
     });
     let attempts = if replay.is_some() { retry.attempts + 1 } else { 1 };
     let deadline = rule.timeout.map(|t| Instant::now() + t);
+
+    // Circuit breakers (DestinationRule connectionPool): requests in
+    // flight, then a connection slot per request, with a bounded queue.
+    let cluster = mesh.cluster(dest.service, dest.subset.as_deref());
+    let overflow = |route: Option<String>| Outcome {
+        response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"),
+        flags: "UO",
+        upstream: None,
+        route,
+    };
+    let _request_slot = match &cluster.requests {
+        Some(sem) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => return overflow(route_name),
+        },
+        None => None,
+    };
+    let close_after = cluster.limits.max_requests_per_connection == Some(1);
     let mut last: Option<Outcome> = None;
     for attempt in 0..attempts {
         let target = if svc.passthrough {
@@ -458,6 +501,42 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
             }
             up_req = up_req.header(k, v);
         }
+        if close_after {
+            up_req = up_req.header(hyper::header::CONNECTION, "close");
+        }
+        let connection_slot = match &cluster.connections {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let max_pending = cluster.limits.max_pending.unwrap_or(usize::MAX);
+                    let queued = cluster.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if queued >= max_pending {
+                        cluster.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        return overflow(route_name);
+                    }
+                    let waited = match deadline {
+                        Some(d) => tokio::time::timeout(d.saturating_duration_since(Instant::now()), sem.clone().acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok),
+                        None => sem.clone().acquire_owned().await.ok(),
+                    };
+                    cluster.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    match waited {
+                        Some(p) => Some(p),
+                        None => {
+                            return Outcome {
+                                response: text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                                flags: "UT",
+                                upstream: None,
+                                route: route_name,
+                            }
+                        }
+                    }
+                }
+            },
+        };
         let body: Body = match (&replay, streaming.take()) {
             (Some(b), _) if b.is_empty() => Empty::new().map_err(|e| match e {}).boxed(),
             (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
@@ -507,6 +586,15 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
             })
         };
         let more = attempt + 1 < attempts && deadline.is_none_or(|d| Instant::now() < d);
+        if let Some(ep) = ep_key {
+            let r = match &result {
+                Ok(Ok(resp)) => Result5xx::Status(resp.status().as_u16()),
+                _ => Result5xx::Failed,
+            };
+            if mesh.report(dest.service, dest.subset.as_deref(), ep, r) {
+                tracing::warn!(endpoint = %ep, service = %svc.hostname, "outlier detection: endpoint ejected");
+            }
+        }
         match result {
             Err(()) => {
                 let overall = deadline.is_some_and(|d| Instant::now() >= d);
@@ -551,8 +639,12 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
                 let (mut rp, rb) = resp.into_parts();
                 apply_ops(&mut rp.headers, rule.headers.as_ref().and_then(|h| h.response.as_ref()));
                 apply_ops(&mut rp.headers, dest.headers.as_ref().and_then(|h| h.response.as_ref()));
+                let body = Guarded {
+                    inner: rb,
+                    _slot: connection_slot,
+                };
                 return Outcome {
-                    response: Response::from_parts(rp, rb.boxed()),
+                    response: Response::from_parts(rp, body.boxed()),
                     flags,
                     upstream: Some(upstream),
                     route: route_name,

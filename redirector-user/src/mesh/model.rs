@@ -8,6 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use regex::Regex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
 
 use super::config::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 use super::resources::*;
@@ -175,10 +179,71 @@ pub enum LbPolicy {
     Passthrough,
 }
 
+/// connectionPool, as Envoy's circuit breakers apply it per destination.
+#[derive(Debug, Clone, Default)]
+pub struct PoolLimits {
+    /// tcp.maxConnections: connections (for HTTP/1.1: requests in flight)
+    /// to the destination.
+    pub max_connections: Option<usize>,
+    /// http.http1MaxPendingRequests: requests waiting for a connection.
+    pub max_pending: Option<usize>,
+    /// http.http2MaxRequests: requests in flight.
+    pub max_requests: Option<usize>,
+    /// http.maxRequestsPerConnection (1: a connection per request).
+    pub max_requests_per_connection: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+}
+
+/// outlierDetection: endpoints that keep failing are ejected for a while.
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub interval: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// A destination's policy (top level, or a subset's with its overrides).
+#[derive(Debug, Clone)]
+pub struct EffectivePolicy {
+    pub labels: Option<BTreeMap<String, String>>,
+    pub lb: LbPolicy,
+    pub pool: PoolLimits,
+    pub outlier: Option<Outlier>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub lb: LbPolicy,
-    pub subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+    pub top: EffectivePolicy,
+    pub subsets: BTreeMap<String, EffectivePolicy>,
+}
+
+/// Circuit-breaker state of one destination (service and subset).
+#[derive(Debug)]
+pub struct Cluster {
+    pub connections: Option<Arc<Semaphore>>,
+    pub requests: Option<Arc<Semaphore>>,
+    pub pending: AtomicUsize,
+    pub limits: PoolLimits,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Health {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+/// How a request to an endpoint ended, for outlier detection.
+#[derive(Debug, Clone, Copy)]
+pub enum Result5xx {
+    /// A response with this status.
+    Status(u16),
+    /// No response: connect failure, reset, timeout (counted as a
+    /// gateway error, as Envoy does for locally originated failures).
+    Failed,
 }
 
 /// The compiled mesh. Immutable; a change builds a new one.
@@ -195,6 +260,8 @@ pub struct Mesh {
     cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
     /// Requests in flight per endpoint, for LEAST_REQUEST.
     pub in_flight: std::sync::Mutex<HashMap<SocketAddr, usize>>,
+    clusters: std::sync::Mutex<HashMap<(usize, Option<String>), Arc<Cluster>>>,
+    health: std::sync::Mutex<HashMap<(usize, SocketAddr), Health>>,
 }
 
 /// Istio's duration strings: `1s`, `500ms`, `1.5s`, `2m`, `1h`.
@@ -290,6 +357,65 @@ fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> 
             100.0
         }
     }
+}
+
+/// A policy from a trafficPolicy: fields it sets replace the parent's
+/// (a subset's policy overrides the top level field by field, as in Istio).
+fn effective_policy(
+    parent: Option<&EffectivePolicy>,
+    tp: Option<&TrafficPolicy>,
+    labels: Option<BTreeMap<String, String>>,
+    origin: &Origin,
+    field: &str,
+    ctx: &mut Ctx,
+) -> EffectivePolicy {
+    let mut p = parent.cloned().unwrap_or(EffectivePolicy {
+        labels: None,
+        lb: LbPolicy::RoundRobin,
+        pool: PoolLimits::default(),
+        outlier: None,
+    });
+    p.labels = labels;
+    let Some(tp) = tp else { return p };
+    if let Some(lb) = &tp.load_balancer {
+        p.lb = lb_policy(Some(lb), origin, &format!("{field}.loadBalancer"), ctx);
+    }
+    let dur = |s: &Option<String>, f: &str, ctx: &mut Ctx| -> Option<Duration> {
+        s.as_deref().and_then(|s| match parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                ctx.error(origin, format!("{field}.{f}"), e);
+                None
+            }
+        })
+    };
+    if let Some(cp) = &tp.connection_pool {
+        let mut pool = PoolLimits::default();
+        if let Some(t) = &cp.tcp {
+            pool.max_connections = t.max_connections.map(|n| n.max(1) as usize);
+            pool.connect_timeout = dur(&t.connect_timeout, "connectionPool.tcp.connectTimeout", ctx);
+        }
+        if let Some(h) = &cp.http {
+            pool.max_pending = h.http1_max_pending_requests.map(|n| n as usize);
+            pool.max_requests = h.http2_max_requests.map(|n| n.max(1) as usize);
+            pool.max_requests_per_connection = h.max_requests_per_connection;
+        }
+        p.pool = pool;
+    }
+    if let Some(od) = &tp.outlier_detection {
+        p.outlier = Some(Outlier {
+            // Istio's defaults.
+            consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
+            consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
+            interval: dur(&od.interval, "outlierDetection.interval", ctx).unwrap_or(Duration::from_secs(10)),
+            base_ejection: dur(&od.base_ejection_time, "outlierDetection.baseEjectionTime", ctx).unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
+        });
+    }
+    if !tp.port_level_settings.is_empty() {
+        ctx.warn(origin, format!("{field}.portLevelSettings"), "not supported yet; ignored (see docs/istio-conformance.md)");
+    }
+    p
 }
 
 impl Mesh {
@@ -559,35 +685,24 @@ impl Mesh {
             ctx.warn(&d.origin, "spec.host", format!("no Service or ServiceEntry is {host}; the rule applies to nothing"));
             return;
         };
-        let tp = d.spec.traffic_policy.as_ref();
-        let lb = lb_policy(tp.and_then(|t| t.load_balancer.as_ref()), &d.origin, "spec.trafficPolicy.loadBalancer", ctx);
-        let unsupported = |tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
-            let Some(tp) = tp else { return };
-            for (name, present) in [
-                ("connectionPool", tp.connection_pool.is_some()),
-                ("outlierDetection", tp.outlier_detection.is_some()),
-                ("portLevelSettings", !tp.port_level_settings.is_empty()),
-            ] {
-                if present {
-                    ctx.warn(&d.origin, format!("{field}.{name}"), "not supported yet; ignored (see docs/istio-conformance.md)");
-                }
-            }
-        };
-        unsupported(tp, "spec.trafficPolicy", ctx);
+        let origin = d.origin.clone();
+        let top = effective_policy(None, d.spec.traffic_policy.as_ref(), None, &origin, "spec.trafficPolicy", ctx);
         let mut subsets = BTreeMap::new();
         for (i, s) in d.spec.subsets.iter().enumerate() {
             let field = format!("spec.subsets[{i}]");
-            let stp = s.traffic_policy.as_ref();
-            unsupported(stp, &format!("{field}.trafficPolicy"), ctx);
-            let slb = match stp.and_then(|t| t.load_balancer.as_ref()) {
-                Some(l) => lb_policy(Some(l), &d.origin, &format!("{field}.trafficPolicy.loadBalancer"), ctx),
-                None => lb,
-            };
-            if subsets.insert(s.name.clone(), (s.labels.clone(), slb)).is_some() {
+            let p = effective_policy(
+                Some(&top),
+                s.traffic_policy.as_ref(),
+                Some(s.labels.clone()),
+                &origin,
+                &format!("{field}.trafficPolicy"),
+                ctx,
+            );
+            if subsets.insert(s.name.clone(), p).is_some() {
                 ctx.error(&d.origin, format!("{field}.name"), format!("subset `{}` is defined twice", s.name));
             }
         }
-        if self.policies.insert(svc, Policy { lb, subsets }).is_some() {
+        if self.policies.insert(svc, Policy { top, subsets }).is_some() {
             ctx.warn(&d.origin, "spec.host", format!("another DestinationRule already applies to {host}; this one replaces it"));
         }
     }
@@ -834,28 +949,45 @@ impl Mesh {
         self.by_host.get(host).copied()
     }
 
+    /// The policy that applies to `svc` (and `subset`).
+    pub fn policy(&self, svc: usize, subset: Option<&str>) -> Option<&EffectivePolicy> {
+        let p = self.policies.get(&svc)?;
+        match subset {
+            Some(name) => p.subsets.get(name),
+            None => Some(&p.top),
+        }
+    }
+
+    /// The circuit-breaker state of a destination, made on first use.
+    pub fn cluster(&self, svc: usize, subset: Option<&str>) -> Arc<Cluster> {
+        let key = (svc, subset.map(str::to_string));
+        let mut clusters = self.clusters.lock().expect("cluster lock");
+        clusters
+            .entry(key)
+            .or_insert_with(|| {
+                let limits = self.policy(svc, subset).map(|p| p.pool.clone()).unwrap_or_default();
+                Arc::new(Cluster {
+                    connections: limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+                    requests: limits.max_requests.map(|n| Arc::new(Semaphore::new(n))),
+                    pending: AtomicUsize::new(0),
+                    limits,
+                })
+            })
+            .clone()
+    }
+
     /// Choose an endpoint of `svc` (restricted to `subset`) for `port` (the
-    /// service port). Returns the address to connect to.
+    /// service port), skipping ejected ones. Returns the address to connect
+    /// to.
     pub fn pick_endpoint(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
         let service = &self.services[svc];
         let port_def = service.port(port).or_else(|| service.ports.first())?;
-        let policy = self.policies.get(&svc);
-        let (labels, lb) = match (subset, policy) {
-            (Some(name), Some(p)) => {
-                let (l, lb) = p.subsets.get(name)?;
-                (Some(l), *lb)
-            }
-            (_, Some(p)) => (None, p.lb),
-            _ => (None, LbPolicy::RoundRobin),
-        };
-        let candidates: Vec<&Endpoint> = service
-            .endpoints
-            .iter()
-            .filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels)))
-            .collect();
-        if candidates.is_empty() {
+        let policy = self.policy(svc, subset);
+        if subset.is_some() && policy.is_none() {
             return None;
         }
+        let labels = policy.and_then(|p| p.labels.as_ref());
+        let lb = policy.map(|p| p.lb).unwrap_or(LbPolicy::RoundRobin);
         let port_of = |e: &Endpoint| {
             e.ports
                 .get(&port_def.name)
@@ -863,6 +995,28 @@ impl Mesh {
                 .or(port_def.target_port)
                 .unwrap_or(port_def.port)
         };
+        let all: Vec<&Endpoint> = service
+            .endpoints
+            .iter()
+            .filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels)))
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        // Outlier detection: leave ejected endpoints out; if every one is
+        // ejected, use them all (Envoy's panic mode).
+        let now = Instant::now();
+        let health = self.health.lock().expect("health lock");
+        let ejected = |e: &Endpoint| match &e.address {
+            Address::Ip(ip) => health
+                .get(&(svc, SocketAddr::new(*ip, port_of(e))))
+                .and_then(|h| h.ejected_until)
+                .is_some_and(|t| t > now),
+            Address::Dns(_) => false,
+        };
+        let healthy: Vec<&Endpoint> = all.iter().copied().filter(|e| !ejected(e)).collect();
+        drop(health);
+        let candidates = if healthy.is_empty() { all } else { healthy };
         let chosen = match lb {
             LbPolicy::Random => candidates[self.random(candidates.len())],
             LbPolicy::LeastRequest => {
@@ -889,6 +1043,46 @@ impl Mesh {
             }
         };
         Some((chosen.address.clone(), port_of(chosen)))
+    }
+
+    /// Record how a request to `endpoint` of `svc` ended; eject the
+    /// endpoint when outlier detection says so. Returns true when this
+    /// result ejected it.
+    pub fn report(&self, svc: usize, subset: Option<&str>, endpoint: SocketAddr, result: Result5xx) -> bool {
+        let Some(o) = self.policy(svc, subset).and_then(|p| p.outlier.clone()) else {
+            return false;
+        };
+        let total = self.services[svc].endpoints.len().max(1);
+        let mut health = self.health.lock().expect("health lock");
+        let now = Instant::now();
+        let ejected_now = health.values().filter(|h| h.ejected_until.is_some_and(|t| t > now)).count();
+        let h = health.entry((svc, endpoint)).or_default();
+        let (five, gateway) = match result {
+            Result5xx::Status(s) => (s >= 500, matches!(s, 502..=504)),
+            Result5xx::Failed => (true, true),
+        };
+        if !five {
+            h.consecutive_5xx = 0;
+            h.consecutive_gateway = 0;
+            return false;
+        }
+        h.consecutive_5xx += 1;
+        if gateway {
+            h.consecutive_gateway += 1;
+        } else {
+            h.consecutive_gateway = 0;
+        }
+        let trip = (o.consecutive_5xx > 0 && h.consecutive_5xx >= o.consecutive_5xx)
+            || (o.consecutive_gateway > 0 && h.consecutive_gateway >= o.consecutive_gateway);
+        let allowed = (ejected_now + 1) * 100 <= total * o.max_ejection_percent as usize;
+        if trip && allowed && h.ejected_until.is_none_or(|t| t <= now) {
+            h.ejections += 1;
+            h.ejected_until = Some(now + o.base_ejection * h.ejections);
+            h.consecutive_5xx = 0;
+            h.consecutive_gateway = 0;
+            return true;
+        }
+        false
     }
 
     /// A uniform choice in 0..n.

@@ -419,11 +419,55 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default)]
-    pub connection_pool: Option<serde_yaml::Value>,
+    pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
-    pub outlier_detection: Option<serde_yaml::Value>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
     pub port_level_settings: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPool {
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPool {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPool {
+    #[serde(default, rename = "http1MaxPendingRequests")]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default, rename = "http2MaxRequests")]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
