@@ -246,6 +246,9 @@ pub enum Result5xx {
     Failed,
 }
 
+/// A destination: service index and subset.
+type ClusterKey = (usize, Option<String>);
+
 /// The compiled mesh. Immutable; a change builds a new one.
 #[derive(Debug, Default)]
 pub struct Mesh {
@@ -260,7 +263,7 @@ pub struct Mesh {
     cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
     /// Requests in flight per endpoint, for LEAST_REQUEST.
     pub in_flight: std::sync::Mutex<HashMap<SocketAddr, usize>>,
-    clusters: std::sync::Mutex<HashMap<(usize, Option<String>), Arc<Cluster>>>,
+    clusters: std::sync::Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
     health: std::sync::Mutex<HashMap<(usize, SocketAddr), Health>>,
 }
 
