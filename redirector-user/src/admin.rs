@@ -1,5 +1,8 @@
-//! The admin endpoint (localhost only, Istio's 15000): `/stats` (the proxy's
-//! totals and open connections, JSON) and `/healthz/ready`.
+//! The agent's HTTP endpoints, on Istio's ports: admin on 127.0.0.1:15000
+//! (`/stats`: the proxy's totals and open connections; `/config_dump`: the
+//! mesh in force; `/healthz/ready`), Prometheus metrics on 15020
+//! (`/stats/prometheus`, `/metrics`) and readiness on 15021
+//! (`/healthz/ready`).
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -15,19 +18,37 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::mesh::metrics::Metrics;
+use crate::mesh::MeshHandle;
 use crate::proxy::{ProxyStats, StatsSnapshot};
 
-pub async fn serve(listener: TcpListener, stats: Arc<ProxyStats>, mut shutdown: watch::Receiver<bool>) {
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Sources {
+    pub stats: Arc<ProxyStats>,
+    pub mesh: MeshHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+pub async fn serve(listener: TcpListener, role: Role, sources: Sources, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = shutdown.changed() => return,
         };
-        let stats = stats.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let stats = stats.clone();
-                async move { Ok::<_, Infallible>(route(&req, &stats)) }
+                let sources = sources.clone();
+                async move { Ok::<_, Infallible>(route(&req, role, &sources)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -39,14 +60,21 @@ pub async fn serve(listener: TcpListener, stats: Arc<ProxyStats>, mut shutdown: 
     }
 }
 
-fn route(req: &Request<hyper::body::Incoming>, stats: &ProxyStats) -> Response<Full<Bytes>> {
-    let (status, body, ctype) = match req.uri().path() {
-        "/stats" => (
+fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Response<Full<Bytes>> {
+    let json = |v: Vec<u8>| (StatusCode::OK, v, "application/json");
+    let (status, body, ctype) = match (role, req.uri().path()) {
+        (_, "/healthz/ready") => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
+        (Role::Admin, "/stats") => json(serde_json::to_vec(&src.stats.snapshot()).expect("serializable")),
+        (Role::Admin, "/config_dump") => {
+            let mut dump = src.mesh.current().dump();
+            dump["version"] = serde_json::json!(src.mesh.version());
+            json(serde_json::to_vec_pretty(&dump).expect("serializable"))
+        }
+        (Role::Metrics, "/stats/prometheus") | (Role::Metrics, "/metrics") => (
             StatusCode::OK,
-            serde_json::to_vec(&stats.snapshot()).expect("serializable"),
-            "application/json",
+            src.metrics.encode().into_bytes(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        "/healthz/ready" => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
         _ => (StatusCode::NOT_FOUND, b"not found\n".to_vec(), "text/plain"),
     };
     Response::builder()
@@ -56,17 +84,21 @@ fn route(req: &Request<hyper::body::Incoming>, stats: &ProxyStats) -> Response<F
         .expect("valid response")
 }
 
-/// Fetch `/stats` from a running agent (blocking; for the CLI).
-pub fn fetch_stats(addr: SocketAddr) -> std::io::Result<StatsSnapshot> {
+/// GET `path` from a running agent's admin endpoint (blocking; for the
+/// CLI); returns the body.
+pub fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /stats HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or_else(|| std::io::Error::other("malformed admin response"))?;
-    serde_json::from_str(body).map_err(std::io::Error::other)
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .ok_or_else(|| std::io::Error::other("malformed admin response"))
+}
+
+/// Fetch `/stats` from a running agent (blocking; for the CLI).
+pub fn fetch_stats(addr: SocketAddr) -> std::io::Result<StatsSnapshot> {
+    serde_json::from_str(&fetch(addr, "/stats")?).map_err(std::io::Error::other)
 }

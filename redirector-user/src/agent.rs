@@ -125,9 +125,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let inbound = bind_loopback(cfg.inbound_port, "proxy.inboundPort")?;
         let admin = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.admin_port)), false)
             .map_err(|e| bind_error(cfg.admin_port, "proxy.adminPort", e))?;
-        Ok((outbound, inbound, TcpListener::from_std(admin)?))
+        // Prometheus and the kubelet reach these from outside the node.
+        let metrics = bind_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.metrics_port)), false)
+            .map_err(|e| bind_error(cfg.metrics_port, "proxy.metricsPort", e))?;
+        let ready = bind_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.readiness_port)), false)
+            .map_err(|e| bind_error(cfg.readiness_port, "proxy.readinessPort", e))?;
+        Ok((
+            outbound,
+            inbound,
+            [TcpListener::from_std(admin)?, TcpListener::from_std(metrics)?, TcpListener::from_std(ready)?],
+        ))
     })();
-    let (outbound, inbound, admin_listener) = match bound {
+    let (outbound, inbound, [admin_listener, metrics_listener, ready_listener]) = match bound {
         Ok(b) => b,
         Err(e) => {
             undo_move();
@@ -196,12 +205,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "agent ready"
     );
 
+    let metrics = Arc::new(crate::mesh::metrics::Metrics::default());
     let settings = ProxySettings {
         max_connections: cfg.max_connections,
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         mark: cfg.proxy_mark,
         mesh: mesh.clone(),
+        metrics: metrics.clone(),
         upstreams: crate::mesh::http::Upstreams::new(crate::mesh::http::Connector {
             mark: cfg.proxy_mark,
             connect_timeout: cfg.connect_timeout,
@@ -222,7 +233,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         rx.clone(),
         cfg.drain_timeout,
     ));
-    let admin_task = tokio::spawn(admin::serve(admin_listener, stats.clone(), rx));
+    let sources = admin::Sources {
+        stats: stats.clone(),
+        mesh: mesh.clone(),
+        metrics: metrics.clone(),
+    };
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin::Role::Admin, sources.clone(), rx.clone()));
+    let metrics_task = tokio::spawn(admin::serve(metrics_listener, admin::Role::Metrics, sources.clone(), rx.clone()));
+    let ready_task = tokio::spawn(admin::serve(ready_listener, admin::Role::Readiness, sources, rx));
 
     wait_for_signal().await;
     info!(
@@ -233,6 +251,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
+    let _ = metrics_task.await;
+    let _ = ready_task.await;
     if let Some(w) = watcher {
         let _ = w.await;
     }

@@ -538,6 +538,59 @@ pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// `redirector proxy-config routes|clusters|endpoints|all`.
+pub fn proxy_config(state_dir: &Path, what: &str, json: bool) -> Result<()> {
+    let state = AgentState::load(state_dir)?;
+    if !state.agent_running() {
+        bail!("the agent (pid {}) is not running; start it with `redirector run`", state.pid);
+    }
+    let body = crate::admin::fetch(state.admin, "/config_dump")
+        .with_context(|| format!("reading /config_dump from the agent's admin endpoint {}", state.admin))?;
+    let dump: serde_json::Value = serde_json::from_str(&body).context("the agent's /config_dump is not JSON")?;
+    if json {
+        let v = if what == "all" { dump.clone() } else { dump[what].clone() };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let empty = Vec::new();
+    if what == "routes" || what == "all" {
+        println!("{:<44} {:<28} {:<40} DESTINATIONS", "SERVICE", "RULE", "MATCH");
+        for r in dump["routes"].as_array().unwrap_or(&empty) {
+            let m: Vec<String> = r["match"].as_array().unwrap_or(&empty).iter().map(s).collect();
+            println!("{:<44} {:<28} {:<40} {}", s(&r["service"]), s(&r["rule"]), m.join(" | "), s(&r["action"]));
+        }
+    }
+    if what == "clusters" || what == "all" {
+        println!("{:<44} {:<10} {:<12} {:>9} {:>9} {:>9}  OUTLIER", "SERVICE", "SUBSET", "LB", "MAXCONN", "PENDING", "MAXREQ");
+        for c in dump["clusters"].as_array().unwrap_or(&empty) {
+            println!(
+                "{:<44} {:<10} {:<12} {:>9} {:>9} {:>9}  {}",
+                s(&c["service"]),
+                s(&c["subset"]),
+                s(&c["lb"]),
+                s(&c["max_connections"]),
+                s(&c["max_pending_requests"]),
+                s(&c["max_requests"]),
+                s(&c["outlier_detection"])
+            );
+        }
+    }
+    if what == "endpoints" || what == "all" {
+        println!("{:<24} {:<9} {:<44} LABELS", "ENDPOINT", "HEALTH", "SERVICE");
+        for svc in dump["services"].as_array().unwrap_or(&empty) {
+            for e in svc["endpoints"].as_array().unwrap_or(&empty) {
+                println!("{:<24} {:<9} {:<44} {}", s(&e["address"]), s(&e["health"]), s(&svc["hostname"]), e["labels"]);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `redirector analyze DIR`.
 pub fn analyze(dir: &Path) -> Result<()> {
     if !dir.is_dir() {

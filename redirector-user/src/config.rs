@@ -65,6 +65,8 @@ struct RawProxy {
     outbound_port: Option<u16>,
     inbound_port: Option<u16>,
     admin_port: Option<u16>,
+    metrics_port: Option<u16>,
+    readiness_port: Option<u16>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -208,6 +210,8 @@ pub struct AgentConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub admin_port: u16,
+    pub metrics_port: u16,
+    pub readiness_port: u16,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -258,20 +262,27 @@ impl AgentConfig {
         let outbound_port = raw.proxy.outbound_port.unwrap_or(15001);
         let inbound_port = raw.proxy.inbound_port.unwrap_or(15006);
         let admin_port = raw.proxy.admin_port.unwrap_or(15000);
-        for (field, p) in [
+        let metrics_port = raw.proxy.metrics_port.unwrap_or(15020);
+        let readiness_port = raw.proxy.readiness_port.unwrap_or(15021);
+        let ports = [
             ("proxy.outboundPort", outbound_port),
             ("proxy.inboundPort", inbound_port),
             ("proxy.adminPort", admin_port),
-        ] {
+            ("proxy.metricsPort", metrics_port),
+            ("proxy.readinessPort", readiness_port),
+        ];
+        for (field, p) in ports {
             if p == 0 {
                 return Err(invalid(field, "port 0 is not allowed".into()));
             }
         }
-        if outbound_port == inbound_port || outbound_port == admin_port || inbound_port == admin_port {
-            return Err(invalid(
-                "proxy",
-                "outboundPort, inboundPort and adminPort must differ".into(),
-            ));
+        for (i, (_, a)) in ports.iter().enumerate() {
+            if ports[i + 1..].iter().any(|(_, b)| a == b) {
+                return Err(invalid(
+                    "proxy",
+                    "outboundPort, inboundPort, adminPort, metricsPort and readinessPort must differ".into(),
+                ));
+            }
         }
         let max_connections = raw.proxy.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
@@ -315,6 +326,8 @@ impl AgentConfig {
             outbound_port,
             inbound_port,
             admin_port,
+            metrics_port,
+            readiness_port,
             max_connections,
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,

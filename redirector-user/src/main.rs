@@ -64,6 +64,15 @@ enum Command {
     Analyze {
         dir: PathBuf,
     },
+    /// Show the running agent's effective routing (from its /config_dump),
+    /// like `istioctl proxy-config`.
+    ProxyConfig {
+        #[arg(value_parser = ["routes", "clusters", "endpoints", "all"])]
+        what: String,
+        /// The whole dump as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version.
     Version,
     /// Stop the agent if it runs, detach every program and remove every pin.
@@ -173,6 +182,7 @@ fn main() -> ExitCode {
         Command::Verify { json } => commands::verify(json),
         Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
         Command::Analyze { dir } => commands::analyze(&dir),
+        Command::ProxyConfig { what, json } => commands::proxy_config(&cli.state_dir, &what, json),
         Command::Version => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())

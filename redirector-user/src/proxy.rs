@@ -39,6 +39,7 @@ pub struct ProxySettings {
     pub mesh: MeshHandle,
     /// HTTP clients for L7 routing.
     pub upstreams: Upstreams,
+    pub metrics: Arc<crate::mesh::metrics::Metrics>,
 }
 
 /// One connection the proxy is carrying, as `redirector status` shows it.
@@ -376,6 +377,7 @@ async fn handle(
     let mesh = settings.mesh.current();
     let mut target = dst;
     let mut _slot = None;
+    let mut labels = crate::mesh::metrics::Labels::passthrough(dst);
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
             Protocol::Sniff => sniff(&client_stream).await,
@@ -390,6 +392,7 @@ async fn handle(
                 original_dst: dst,
                 service: svc,
                 protocol,
+                metrics: settings.metrics.clone(),
             };
             drop(mesh);
             l7::serve(client_stream, ctx).await;
@@ -399,6 +402,20 @@ async fn handle(
         match tcp_target(&mesh, svc, dst).await {
             Some((t, tsvc, subset)) => {
                 target = t;
+                let s = &mesh.services[tsvc];
+                let ep_labels = s
+                    .endpoints
+                    .iter()
+                    .find(|e| e.address == Address::Ip(t.ip()))
+                    .map(|e| e.labels.clone())
+                    .unwrap_or_default();
+                labels = crate::mesh::metrics::Labels::to_service(
+                    &s.hostname,
+                    &s.namespace,
+                    ep_labels.get("app").map(String::as_str).unwrap_or("unknown"),
+                    ep_labels.get("version").map(String::as_str).unwrap_or("unknown"),
+                    "tcp",
+                );
                 // tcp.maxConnections: over the limit, the connection is
                 // refused (Envoy's UO).
                 let cluster = mesh.cluster(tsvc, subset.as_deref());
@@ -435,6 +452,7 @@ async fn handle(
         e.upstream_local = upstream_local;
     }
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    settings.metrics.tcp_opened.get_or_create(&labels).inc();
     debug!(%client, original_dst = %dst, "connected upstream");
 
     let activity = Arc::new(AtomicU64::new(0));
@@ -473,6 +491,9 @@ async fn handle(
     let (up, down) = (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed));
     stats.bytes_up.fetch_add(up, Ordering::Relaxed);
     stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+    settings.metrics.tcp_sent.get_or_create(&labels).inc_by(up);
+    settings.metrics.tcp_received.get_or_create(&labels).inc_by(down);
+    settings.metrics.tcp_closed.get_or_create(&labels).inc();
     let duration_ms = started.elapsed().as_millis() as u64;
     match outcome {
         Ok(Some(_)) => info!(

@@ -273,6 +273,13 @@ fn a_tcp_service_is_routed_to_its_endpoints() {
     let out = t.exec_workload("app", &bash_connect("198.19.0.20", 7000));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(peers.lock().unwrap().len(), 1, "the service's endpoint answered");
+    let series = "destination_service=\"echo.default.svc.cluster.local\"";
+    assert!(eventually(Duration::from_secs(5), || {
+        let text = local_get(&t, "http://127.0.0.1:15020/metrics");
+        metric_sum(&text, "istio_tcp_connections_opened_total", &[series]) == 1.0
+            && metric_sum(&text, "istio_tcp_connections_closed_total", &[series]) == 1.0
+            && metric_sum(&text, "istio_tcp_sent_bytes_total", &[series]) > 0.0
+    }));
 }
 
 #[test]
@@ -407,4 +414,55 @@ fn requests_on(t: &Topology, path: &str, extra: &str) -> Value {
     );
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// GET a URL on the agent's own ports from the client namespace (an
+/// unenrolled process).
+fn local_get(t: &Topology, url: &str) -> String {
+    let out = t.run_in_cgroup(&t.cgroup.join("probe"), &format!("curl -sS -m 5 {url}"));
+    assert!(out.status.success(), "{url}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sum of a Prometheus series over the lines that contain every `filter`.
+fn metric_sum(text: &str, name: &str, filters: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[test]
+fn metrics_readiness_config_dump_and_proxy_config() {
+    let Some(m) = mesh("ebpf", PATH_ROUTING) else { return };
+    let r = requests(&m, "/status/200", "--count 30");
+    assert_eq!(count(&r, "200"), 30);
+    let r = requests(&m, "/anything/else", "--count 5");
+    assert_eq!(count(&r, "404"), 5);
+
+    let text = local_get(&m.t, "http://127.0.0.1:15020/stats/prometheus");
+    let svc = "destination_service=\"httpbin.default.svc.cluster.local\"";
+    assert_eq!(metric_sum(&text, "istio_requests_total", &[svc, "response_code=\"200\""]), 30.0, "{text}");
+    assert_eq!(
+        metric_sum(&text, "istio_requests_total", &[svc, "response_code=\"404\"", "response_flags=\"NR\""]),
+        5.0
+    );
+    assert_eq!(metric_sum(&text, "istio_request_duration_milliseconds_count", &[svc]), 35.0);
+    assert!(metric_sum(&text, "istio_requests_total", &["destination_version=\"v1\""]) > 0.0);
+    assert!(text.contains("istio_response_bytes_bucket{"));
+
+    assert_eq!(local_get(&m.t, "http://127.0.0.1:15021/healthz/ready").trim(), "ready");
+
+    let dump: Value = serde_json::from_str(&local_get(&m.t, "http://127.0.0.1:15000/config_dump")).unwrap();
+    assert_eq!(dump["services"][0]["hostname"], "httpbin.default.svc.cluster.local");
+    let out = m.t.redirector().args(["proxy-config", "routes"]).output().unwrap();
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(routes.contains("default/httpbin http[0]") && routes.contains("uri prefix /api/v1/"), "{routes}");
+    assert!(routes.contains("httpbin.default.svc.cluster.local|v1 90%"), "{routes}");
+    let out = m.t.redirector().args(["proxy-config", "endpoints"]).output().unwrap();
+    let eps = String::from_utf8_lossy(&out.stdout);
+    assert!(eps.contains(SERVER_V4) && eps.contains("HEALTHY"), "{eps}");
+    let out = m.t.redirector().args(["proxy-config", "clusters"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("v2"), "{out:?}");
 }

@@ -125,6 +125,7 @@ pub struct ConnContext {
     /// The service the connection was addressed to.
     pub service: usize,
     pub protocol: Protocol,
+    pub metrics: std::sync::Arc<super::metrics::Metrics>,
 }
 
 /// Serve HTTP on a captured connection until the client closes it.
@@ -228,6 +229,51 @@ struct Outcome {
     route: Option<String>,
 }
 
+/// The destination a request went to, for its metric labels.
+#[derive(Default, Clone)]
+struct Target {
+    service: Option<usize>,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A response body that counts its bytes and reports them when done.
+struct Observed {
+    inner: Body,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes += d.len() as u64;
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d(self.bytes);
+        }
+    }
+}
+
 async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -239,8 +285,43 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         .unwrap_or_default()
         .to_string();
     let mesh = ctx.mesh.current();
-    let out = route(req, &ctx, &mesh).await;
+    let request_bytes = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let mut target = Target {
+        service: Some(ctx.service),
+        ..Default::default()
+    };
+    let out = route(req, &ctx, &mesh, &mut target).await;
     let status = out.response.status().as_u16();
+    // Istio's request metrics.
+    let svc = &mesh.services[target.service.unwrap_or(ctx.service)];
+    let mut labels = super::metrics::Labels::to_service(
+        &svc.hostname,
+        &svc.namespace,
+        target.labels.get("app").map(String::as_str).unwrap_or("unknown"),
+        target.labels.get("version").map(String::as_str).unwrap_or("unknown"),
+        "http",
+    );
+    labels.response_code = status.to_string();
+    labels.response_flags = out.flags.to_string();
+    ctx.metrics.requests.get_or_create(&labels).inc();
+    ctx.metrics
+        .duration_ms
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64() * 1000.0);
+    ctx.metrics.request_bytes.get_or_create(&labels).observe(request_bytes);
+    let metrics = ctx.metrics.clone();
+    let (parts, body) = out.response.into_parts();
+    let observed = Observed {
+        inner: body,
+        bytes: 0,
+        done: Some(Box::new(move |n| metrics.response_bytes.get_or_create(&labels).observe(n as f64))),
+    };
+    let response = Response::from_parts(parts, observed.boxed());
     info!(
         target: "access",
         client = %ctx.client,
@@ -255,10 +336,10 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         duration_ms = started.elapsed().as_millis() as u64,
         "request"
     );
-    out.response
+    response
 }
 
-async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcome {
+async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &mut Target) -> Outcome {
     let port = ctx.original_dst.port();
     let rules = mesh.http_routes.get(&ctx.service).map(Vec::as_slice).unwrap_or(&[]);
     // No VirtualService: the service itself, every endpoint.
@@ -431,6 +512,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
     };
 
     let svc = &mesh.services[dest.service];
+    target.service = Some(dest.service);
     let svc_port = dest
         .port
         .or_else(|| svc.port(port).map(|p| p.port))
@@ -464,12 +546,15 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh) -> Outcom
     let close_after = cluster.limits.max_requests_per_connection == Some(1);
     let mut last: Option<Outcome> = None;
     for attempt in 0..attempts {
-        let target = if svc.passthrough {
+        let picked = if svc.passthrough {
             Some((Address::Ip(ctx.original_dst.ip()), ctx.original_dst.port()))
         } else {
-            mesh.pick_endpoint(dest.service, dest.subset.as_deref(), svc_port)
+            mesh.pick(dest.service, dest.subset.as_deref(), svc_port).map(|p| {
+                target.labels = p.labels;
+                (p.address, p.port)
+            })
         };
-        let Some((addr, ep_port)) = target else {
+        let Some((addr, ep_port)) = picked else {
             return Outcome {
                 response: text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
                 flags: "UH",

@@ -236,6 +236,14 @@ struct Health {
     ejections: u32,
 }
 
+/// A chosen endpoint.
+#[derive(Debug, Clone)]
+pub struct Picked {
+    pub address: Address,
+    pub port: u16,
+    pub labels: BTreeMap<String, String>,
+}
+
 /// How a request to an endpoint ended, for outlier detection.
 #[derive(Debug, Clone, Copy)]
 pub enum Result5xx {
@@ -983,6 +991,11 @@ impl Mesh {
     /// service port), skipping ejected ones. Returns the address to connect
     /// to.
     pub fn pick_endpoint(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
+        self.pick(svc, subset, port).map(|e| (e.address, e.port))
+    }
+
+    /// [`Mesh::pick_endpoint`] with the endpoint's labels.
+    pub fn pick(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<Picked> {
         let service = &self.services[svc];
         let port_def = service.port(port).or_else(|| service.ports.first())?;
         let policy = self.policy(svc, subset);
@@ -1045,7 +1058,11 @@ impl Mesh {
                 e
             }
         };
-        Some((chosen.address.clone(), port_of(chosen)))
+        Some(Picked {
+            address: chosen.address.clone(),
+            port: port_of(chosen),
+            labels: chosen.labels.clone(),
+        })
     }
 
     /// Record how a request to `endpoint` of `svc` ended; eject the
@@ -1086,6 +1103,142 @@ impl Mesh {
             return true;
         }
         false
+    }
+
+    /// The effective configuration, as `/config_dump` shows it and
+    /// `redirector proxy-config` reads it.
+    pub fn dump(&self) -> serde_json::Value {
+        use serde_json::json;
+        let now = Instant::now();
+        let health = self.health.lock().expect("health lock");
+        let services: Vec<_> = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let endpoints: Vec<_> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let ejected = match &e.address {
+                            Address::Ip(ip) => health.iter().any(|((svc, a), h)| {
+                                *svc == i && a.ip() == *ip && h.ejected_until.is_some_and(|t| t > now)
+                            }),
+                            Address::Dns(_) => false,
+                        };
+                        json!({
+                            "address": match &e.address { Address::Ip(ip) => ip.to_string(), Address::Dns(h) => h.clone() },
+                            "ports": e.ports,
+                            "labels": e.labels,
+                            "health": if ejected { "EJECTED" } else { "HEALTHY" },
+                        })
+                    })
+                    .collect();
+                json!({
+                    "hostname": s.hostname,
+                    "namespace": s.namespace,
+                    "addresses": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    "ports": s.ports,
+                    "passthrough": s.passthrough,
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        let describe = |m: &StringMatcher| match m {
+            StringMatcher::Exact(e) => format!("exact {e}"),
+            StringMatcher::Prefix(p) => format!("prefix {p}"),
+            StringMatcher::Regex(r) => format!("regex {}", r.as_str()),
+        };
+        let mut routes = Vec::new();
+        let mut keys: Vec<&usize> = self.http_routes.keys().collect();
+        keys.sort();
+        for svc in keys {
+            for r in &self.http_routes[svc] {
+                let matches: Vec<String> = r
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        let mut parts = Vec::new();
+                        if let Some(u) = &m.uri {
+                            parts.push(format!("uri {}", describe(u)));
+                        }
+                        if let Some(x) = &m.method {
+                            parts.push(format!("method {}", describe(x)));
+                        }
+                        if let Some(x) = &m.authority {
+                            parts.push(format!("authority {}", describe(x)));
+                        }
+                        for (h, x) in &m.headers {
+                            parts.push(format!("header {h} {}", describe(x)));
+                        }
+                        for (q, x) in &m.query_params {
+                            parts.push(format!("query {q} {}", describe(x)));
+                        }
+                        if let Some(p) = m.port {
+                            parts.push(format!("port {p}"));
+                        }
+                        parts.join(", ")
+                    })
+                    .collect();
+                let action = match &r.action {
+                    Action::Redirect(red) => format!("redirect {}", red.uri.clone().or(red.authority.clone()).unwrap_or_default()),
+                    Action::Route(ds) => ds
+                        .iter()
+                        .map(|d| {
+                            let mut t = self.services[d.service].hostname.clone();
+                            if let Some(s) = &d.subset {
+                                t.push_str(&format!("|{s}"));
+                            }
+                            format!("{t} {}%", d.weight)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
+                routes.push(json!({
+                    "service": self.services[*svc].hostname,
+                    "rule": r.source,
+                    "match": if matches.is_empty() { vec!["*".to_string()] } else { matches },
+                    "action": action,
+                    "fault": r.fault.is_some(),
+                    "retries": r.retries.as_ref().map(|x| x.attempts),
+                    "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                }));
+            }
+        }
+        let mut clusters = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let mut push = |subset: Option<&str>, p: Option<&EffectivePolicy>| {
+                clusters.push(json!({
+                    "service": s.hostname,
+                    "subset": subset,
+                    "lb": p.map(|p| p.lb).unwrap_or(LbPolicy::RoundRobin),
+                    "max_connections": p.and_then(|p| p.pool.max_connections),
+                    "max_pending_requests": p.and_then(|p| p.pool.max_pending),
+                    "max_requests": p.and_then(|p| p.pool.max_requests),
+                    "outlier_detection": p.and_then(|p| p.outlier.as_ref()).map(|o| json!({
+                        "consecutive_5xx": o.consecutive_5xx,
+                        "consecutive_gateway": o.consecutive_gateway,
+                        "base_ejection_ms": o.base_ejection.as_millis() as u64,
+                        "max_ejection_percent": o.max_ejection_percent,
+                    })),
+                }));
+            };
+            match self.policies.get(&i) {
+                None => push(None, None),
+                Some(p) => {
+                    push(None, Some(&p.top));
+                    for (name, sp) in &p.subsets {
+                        push(Some(name), Some(sp));
+                    }
+                }
+            }
+        }
+        json!({
+            "services": services,
+            "routes": routes,
+            "clusters": clusters,
+            "warnings": self.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        })
     }
 
     /// A uniform choice in 0..n.

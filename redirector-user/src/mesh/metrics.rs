@@ -1,0 +1,154 @@
+//! Prometheus metrics with Istio's names and labels, served on 15020
+//! (`/stats/prometheus`, as Istio's merged endpoint, and `/metrics`), so
+//! existing dashboards and alerts work unchanged.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The labels of Istio's standard metrics. What the proxy cannot know yet
+/// (the source workload's identity before issue-5's mTLS) is "unknown", as
+/// Istio reports it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Labels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_principal: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+impl Labels {
+    /// Labels for traffic to `service` (FQDN or ServiceEntry host).
+    pub fn to_service(service: &str, namespace: &str, workload: &str, version: &str, protocol: &str) -> Labels {
+        let name = service.split('.').next().unwrap_or(service);
+        Labels {
+            reporter: "source".into(),
+            source_workload: "unknown".into(),
+            source_workload_namespace: "unknown".into(),
+            source_principal: "unknown".into(),
+            destination_workload: workload.into(),
+            destination_workload_namespace: namespace.into(),
+            destination_version: version.into(),
+            destination_service: service.into(),
+            destination_service_name: name.into(),
+            destination_service_namespace: namespace.into(),
+            destination_principal: "unknown".into(),
+            request_protocol: protocol.into(),
+            response_code: "0".into(),
+            response_flags: "-".into(),
+            connection_security_policy: "none".into(),
+        }
+    }
+
+    /// A connection to no mesh service (Istio's PassthroughCluster).
+    pub fn passthrough(dst: std::net::SocketAddr) -> Labels {
+        let mut l = Labels::to_service(&dst.ip().to_string(), "unknown", "unknown", "unknown", "tcp");
+        l.destination_service_name = "PassthroughCluster".into();
+        l
+    }
+}
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub duration_ms: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
+    pub tcp_sent: Family<Labels, Counter>,
+    pub tcp_received: Family<Labels, Counter>,
+    pub tcp_opened: Family<Labels, Counter>,
+    pub tcp_closed: Family<Labels, Counter>,
+    encode_lock: Mutex<()>,
+}
+
+fn duration_buckets() -> Histogram {
+    // Istio's default buckets for istio_request_duration_milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+        300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn byte_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let duration_ms: HistogramFamily = Family::new_with_constructor(duration_buckets);
+        let request_bytes: HistogramFamily = Family::new_with_constructor(byte_buckets);
+        let response_bytes: HistogramFamily = Family::new_with_constructor(byte_buckets);
+        let tcp_sent = Family::<Labels, Counter>::default();
+        let tcp_received = Family::<Labels, Counter>::default();
+        let tcp_opened = Family::<Labels, Counter>::default();
+        let tcp_closed = Family::<Labels, Counter>::default();
+        registry.register("istio_requests", "Requests proxied", requests.clone());
+        registry.register("istio_request_duration_milliseconds", "Request duration", duration_ms.clone());
+        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes", response_bytes.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent to the destination", tcp_sent.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received from the destination", tcp_received.clone());
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        Metrics {
+            registry,
+            requests,
+            duration_ms,
+            request_bytes,
+            response_bytes,
+            tcp_sent,
+            tcp_received,
+            tcp_opened,
+            tcp_closed,
+            encode_lock: Mutex::new(()),
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let _g = self.encode_lock.lock().expect("metrics lock");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_names_and_labels_are_exposed() {
+        let m = Metrics::default();
+        let mut l = Labels::to_service("httpbin.default.svc.cluster.local", "default", "httpbin", "v1", "http");
+        l.response_code = "200".into();
+        m.requests.get_or_create(&l).inc();
+        m.duration_ms.get_or_create(&l).observe(3.0);
+        let text = m.encode();
+        assert!(text.contains("istio_requests_total{reporter=\"source\""), "{text}");
+        assert!(text.contains("destination_service_name=\"httpbin\""), "{text}");
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"), "{text}");
+        assert!(text.contains("response_code=\"200\""), "{text}");
+    }
+}
