@@ -144,6 +144,27 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
 
+    // The ingress gateway's listeners (Gateways selecting
+    // istio: ingressgateway): like the others, before anything is attached.
+    let metrics = Arc::new(crate::mesh::metrics::Metrics::default());
+    let upstreams = crate::mesh::http::Upstreams::new(crate::mesh::http::Connector {
+        mark: cfg.proxy_mark,
+        connect_timeout: cfg.connect_timeout,
+    });
+    let gateways = match crate::mesh::gateway::Gateways::start(crate::mesh::gateway::GatewayContext {
+        mesh: mesh.clone(),
+        upstreams: upstreams.clone(),
+        metrics: metrics.clone(),
+    })
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            undo_move();
+            return Err(e.context("starting the gateway listeners"));
+        }
+    };
+
     let (mode, socket_storage, reason) = match choose_mode(&cfg) {
         Ok(m) => m,
         Err(e) => {
@@ -205,7 +226,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "agent ready"
     );
 
-    let metrics = Arc::new(crate::mesh::metrics::Metrics::default());
     let settings = ProxySettings {
         max_connections: cfg.max_connections,
         connect_timeout: cfg.connect_timeout,
@@ -213,13 +233,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         mark: cfg.proxy_mark,
         mesh: mesh.clone(),
         metrics: metrics.clone(),
-        upstreams: crate::mesh::http::Upstreams::new(crate::mesh::http::Connector {
-            mark: cfg.proxy_mark,
-            connect_timeout: cfg.connect_timeout,
-        }),
+        upstreams: upstreams.clone(),
     };
     let stats = Arc::new(ProxyStats::default());
     let (tx, rx) = watch::channel(false);
+    let gateway_task = gateways.run(rx.clone());
     let watcher = opts
         .config_dir
         .clone()
@@ -252,6 +270,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = proxy_task.await;
     let _ = admin_task.await;
     let _ = metrics_task.await;
+    let _ = gateway_task.await;
     let _ = ready_task.await;
     if let Some(w) = watcher {
         let _ = w.await;

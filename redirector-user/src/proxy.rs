@@ -390,7 +390,8 @@ async fn handle(
                 upstreams: settings.upstreams.clone(),
                 client,
                 original_dst: dst,
-                service: svc,
+                service: Some(svc),
+                gateway_port: None,
                 protocol,
                 metrics: settings.metrics.clone(),
             };

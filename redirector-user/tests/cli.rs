@@ -136,3 +136,21 @@ fn analyze_rejects_what_would_route_wrongly_with_file_document_and_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("x.yaml, document 1: malformed YAML"), "{out:?}");
 }
+
+#[test]
+fn analyze_names_a_missing_certificate_file() {
+    let d = mesh_dir(
+        "cert",
+        &[(
+            "gw.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: edge}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [a.example.com]\n    tls: {mode: SIMPLE, serverCertificate: /nonexistent/cert.pem, privateKey: /nonexistent/key.pem}\n",
+        )],
+    );
+    let out = redirector().arg("analyze").arg(&d).output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gw.yaml, document 1 (Gateway edge/gw), field spec.servers[0].tls.serverCertificate: cannot read /nonexistent/cert.pem"),
+        "{text}"
+    );
+}

@@ -466,3 +466,110 @@ fn metrics_readiness_config_dump_and_proxy_config() {
     let out = m.t.redirector().args(["proxy-config", "clusters"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("v2"), "{out:?}");
 }
+
+#[test]
+fn the_seed_gateway_and_virtual_service_route_http_and_https() {
+    if !privileged() || !httpbin_available() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=httpbin.example.com"])
+        .args(["-addext", "subjectAltName=DNS:httpbin.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The seed's YAML, as users have it (plus an HTTPS server).
+    std::fs::write(
+        dir.join("httpbin.yaml"),
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: httpbin}}
+spec:
+  clusterIP: {SVC_IP}
+  selector: {{app: httpbin}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: httpbin-v1}}
+spec: {{address: {SERVER_V4}, labels: {{app: httpbin, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata:
+  name: httpbin-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - "httpbin.example.com"
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: ["httpbin.example.com"]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: httpbin-vs
+spec:
+  hosts:
+  - "httpbin.example.com"
+  gateways:
+  - httpbin-gateway
+  http:
+  - match:
+    - uri:
+        prefix: /status
+    - uri:
+        prefix: /headers
+    route:
+    - destination:
+        host: httpbin
+        port:
+          number: 80
+"#,
+            cert = cert.display(),
+            key = key.display()
+        ),
+    )
+    .unwrap();
+    t.config_dir = Some(dir);
+    t.start_agent("").unwrap();
+
+    let curl = |args: &str| -> String {
+        let out = t.run_in_cgroup(&t.cgroup.join("outside"), &format!("curl -sS -m 5 {args}"));
+        assert!(out.status.success(), "curl {args}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let code = |url: &str, host: &str| curl(&format!("-o /dev/null -w '%{{http_code}}' -H 'Host: {host}' {url}"));
+    assert_eq!(code("http://127.0.0.1/status/200", "httpbin.example.com"), "200");
+    assert_eq!(code("http://127.0.0.1/status/418", "httpbin.example.com"), "418");
+    let headers = curl("-H 'Host: httpbin.example.com' http://127.0.0.1/headers");
+    assert!(headers.contains("\"Host\": \"httpbin.example.com\""), "{headers}");
+    assert_eq!(code("http://127.0.0.1/get", "httpbin.example.com"), "404", "unmatched path");
+    assert_eq!(code("http://127.0.0.1/status/200", "other.example.com"), "404", "unknown host");
+    let served = line_count(&v1);
+    assert_eq!(served, 3, "only the routed requests reached httpbin");
+
+    let https = curl(&format!(
+        "-o /dev/null -w '%{{http_code}}' --cacert {} --resolve httpbin.example.com:443:127.0.0.1 https://httpbin.example.com/status/200",
+        cert.display()
+    ));
+    assert_eq!(https, "200");
+    assert_eq!(line_count(&v1), served + 1);
+}

@@ -122,14 +122,20 @@ pub struct ConnContext {
     pub upstreams: Upstreams,
     pub client: SocketAddr,
     pub original_dst: SocketAddr,
-    /// The service the connection was addressed to.
-    pub service: usize,
+    /// The service the connection was addressed to (none on a gateway).
+    pub service: Option<usize>,
+    /// Set on a gateway listener: routes come from the VirtualServices
+    /// bound to the Gateways on this port.
+    pub gateway_port: Option<u16>,
     pub protocol: Protocol,
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
 }
 
 /// Serve HTTP on a captured connection until the client closes it.
-pub async fn serve(stream: TcpStream, ctx: ConnContext) {
+pub async fn serve<S>(stream: S, ctx: ConnContext)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -292,16 +298,19 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     let mut target = Target {
-        service: Some(ctx.service),
+        service: ctx.service,
         ..Default::default()
     };
     let out = route(req, &ctx, &mesh, &mut target).await;
     let status = out.response.status().as_u16();
     // Istio's request metrics.
-    let svc = &mesh.services[target.service.unwrap_or(ctx.service)];
+    let (svc_host, svc_ns) = match target.service.and_then(|i| mesh.services.get(i)) {
+        Some(s) => (s.hostname.clone(), s.namespace.clone()),
+        None => ("unknown".to_string(), "unknown".to_string()),
+    };
     let mut labels = super::metrics::Labels::to_service(
-        &svc.hostname,
-        &svc.namespace,
+        &svc_host,
+        &svc_ns,
         target.labels.get("app").map(String::as_str).unwrap_or("unknown"),
         target.labels.get("version").map(String::as_str).unwrap_or("unknown"),
         "http",
@@ -341,15 +350,46 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
 
 async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &mut Target) -> Outcome {
     let port = ctx.original_dst.port();
-    let rules = mesh.http_routes.get(&ctx.service).map(Vec::as_slice).unwrap_or(&[]);
+    let rules: Vec<&HttpRouteRule> = match (ctx.gateway_port, ctx.service) {
+        (Some(gp), _) => {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().host())
+                .unwrap_or_default();
+            let host = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(host);
+            match mesh.gateway_rules(gp, host) {
+                Some(r) => r,
+                None => {
+                    return Outcome {
+                        response: text(StatusCode::NOT_FOUND, "no route for this host\n"),
+                        flags: "NR",
+                        upstream: None,
+                        route: None,
+                    }
+                }
+            }
+        }
+        (None, Some(svc)) => mesh.http_routes.get(&svc).map(|v| v.iter().collect()).unwrap_or_default(),
+        (None, None) => Vec::new(),
+    };
     // No VirtualService: the service itself, every endpoint.
     let default_rule;
     let (rule, matched) = if rules.is_empty() {
+        let Some(service) = ctx.service else {
+            return Outcome {
+                response: text(StatusCode::NOT_FOUND, "no route\n"),
+                flags: "NR",
+                upstream: None,
+                route: None,
+            };
+        };
         default_rule = HttpRouteRule {
             source: "default".into(),
             matches: Vec::new(),
             action: Action::Route(vec![super::model::WeightedDestination {
-                service: ctx.service,
+                service,
                 subset: None,
                 port: None,
                 weight: 100,
@@ -363,7 +403,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         };
         (&default_rule, Some(usize::MAX))
     } else {
-        match rules.iter().find_map(|r| matches(r, &req, port).map(|m| (r, Some(m)))) {
+        match rules.iter().find_map(|r| matches(r, &req, port).map(|m| (*r, Some(m)))) {
             Some(x) => x,
             None => {
                 return Outcome {

@@ -3,6 +3,7 @@
 //! request, reloaded live.
 
 pub mod config;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -254,6 +254,31 @@ pub enum Result5xx {
     Failed,
 }
 
+/// A Gateway server the agent listens for (it acts as the ingress
+/// gateway the Gateway's selector names).
+#[derive(Debug, Clone)]
+pub struct GatewayListener {
+    /// `namespace/name` of the Gateway.
+    pub gateway: String,
+    pub port: u16,
+    pub protocol: String,
+    pub hosts: Vec<String>,
+    /// TLS termination (mode SIMPLE): certificate chain and key files.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// A VirtualService bound to gateways.
+#[derive(Debug, Clone)]
+pub struct GatewayRoutes {
+    pub gateways: Vec<String>,
+    pub hosts: Vec<String>,
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// Gateways whose selector is among these labels are served by the agent
+/// (Istio's default ingress gateway labels).
+pub const GATEWAY_LABELS: [(&str, &str); 2] = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")];
+
 /// A destination: service index and subset.
 type ClusterKey = (usize, Option<String>);
 
@@ -266,6 +291,8 @@ pub struct Mesh {
     pub http_routes: HashMap<usize, Vec<HttpRouteRule>>,
     pub tcp_routes: HashMap<usize, Vec<TcpRouteRule>>,
     pub policies: HashMap<usize, Policy>,
+    pub gateway_listeners: Vec<GatewayListener>,
+    pub gateway_routes: Vec<GatewayRoutes>,
     pub warnings: Vec<Problem>,
     /// Round-robin positions per (service, subset).
     cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
@@ -370,6 +397,33 @@ fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> 
     }
 }
 
+/// Whether `path` is a readable PEM file holding a certificate (`cert`) or
+/// a private key; an error names the field otherwise.
+fn check_pem(path: &str, cert: bool, origin: &Origin, field: &str, ctx: &mut Ctx) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if path.is_empty() {
+        ctx.error(origin, field, "missing");
+        return false;
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            ctx.error(origin, field, format!("cannot read {path}: {e}"));
+            return false;
+        }
+    };
+    let ok = if cert {
+        CertificateDer::pem_slice_iter(&bytes).next().is_some_and(|c| c.is_ok())
+    } else {
+        PrivateKeyDer::from_pem_slice(&bytes).is_ok()
+    };
+    if !ok {
+        ctx.error(origin, field, format!("{path} holds no PEM {}", if cert { "certificate" } else { "private key" }));
+    }
+    ok
+}
+
 /// A policy from a trafficPolicy: fields it sets replace the parent's
 /// (a subset's policy overrides the top level field by field, as in Istio).
 fn effective_policy(
@@ -464,11 +518,11 @@ impl Mesh {
         for d in &docs.destination_rules {
             mesh.add_destination_rule(d, &mut ctx);
         }
+        for g in &docs.gateways {
+            mesh.add_gateway(g, docs, &mut ctx);
+        }
         for v in &docs.virtual_services {
             mesh.add_virtual_service(v, &mut ctx);
-        }
-        for g in &docs.gateways {
-            Self::check_gateway(g, docs, &mut ctx);
         }
         if errors.is_empty() {
             mesh.warnings = warnings;
@@ -902,8 +956,26 @@ impl Mesh {
                 });
             }
         }
+        let gateways: Vec<String> = v
+            .spec
+            .gateways
+            .iter()
+            .filter(|g| *g != "mesh")
+            .map(|g| if g.contains('/') { g.clone() } else { format!("{ns}/{g}") })
+            .collect();
+        if !gateways.is_empty() {
+            for g in &gateways {
+                if !self.gateway_listeners.iter().any(|l| &l.gateway == g) {
+                    ctx.warn(&v.origin, "spec.gateways", format!("no Gateway this agent serves is {g}"));
+                }
+            }
+            self.gateway_routes.push(GatewayRoutes {
+                gateways,
+                hosts: v.spec.hosts.clone(),
+                rules: http.clone(),
+            });
+        }
         if !mesh_bound {
-            ctx.warn(&v.origin, "spec.gateways", "bound to gateways only; gateway listeners are not served yet, so this VirtualService routes nothing (see docs/istio-conformance.md)");
             return;
         }
         if targets.is_empty() {
@@ -915,7 +987,7 @@ impl Mesh {
         }
     }
 
-    fn check_gateway(g: &Doc<GatewaySpec>, docs: &Documents, ctx: &mut Ctx) {
+    fn add_gateway(&mut self, g: &Doc<GatewaySpec>, docs: &Documents, ctx: &mut Ctx) {
         let mut seen: BTreeMap<u16, (String, usize)> = BTreeMap::new();
         for (i, s) in g.spec.servers.iter().enumerate() {
             let proto = s.port.protocol.clone().unwrap_or_default().to_ascii_uppercase();
@@ -939,7 +1011,87 @@ impl Mesh {
                 }
             }
         }
-        ctx.warn(&g.origin, "spec.servers", "gateway listeners are not served yet (see docs/istio-conformance.md)");
+        let served = g.spec.selector.iter().all(|(k, v)| GATEWAY_LABELS.contains(&(k.as_str(), v.as_str())));
+        if !served {
+            ctx.warn(&g.origin, "spec.selector", "selects no gateway this agent runs (it serves istio: ingressgateway); ignored");
+            return;
+        }
+        let name = format!("{}/{}", g.namespace(), g.meta.name);
+        for (i, s) in g.spec.servers.iter().enumerate() {
+            let field = format!("spec.servers[{i}]");
+            let protocol = s.port.protocol.clone().unwrap_or_else(|| "HTTP".into()).to_ascii_uppercase();
+            let tls = match (&protocol[..], &s.tls) {
+                ("HTTP", None) => None,
+                ("HTTP", Some(t)) if t.https_redirect == Some(true) => {
+                    ctx.warn(&g.origin, format!("{field}.tls.httpsRedirect"), "not supported yet; ignored (see docs/istio-conformance.md)");
+                    None
+                }
+                ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("SIMPLE") == "SIMPLE" => {
+                    if t.credential_name.is_some() && t.server_certificate.is_none() {
+                        ctx.error(&g.origin, format!("{field}.tls.credentialName"), "Kubernetes secrets need the cluster config source; in files, name serverCertificate and privateKey");
+                        continue;
+                    }
+                    let cert = t.server_certificate.clone().unwrap_or_default();
+                    let key = t.private_key.clone().unwrap_or_default();
+                    let ok_cert = check_pem(&cert, true, &g.origin, &format!("{field}.tls.serverCertificate"), ctx);
+                    let ok_key = check_pem(&key, false, &g.origin, &format!("{field}.tls.privateKey"), ctx);
+                    if !(ok_cert && ok_key) {
+                        continue;
+                    }
+                    Some((cert.into(), key.into()))
+                }
+                (p, t) => {
+                    ctx.warn(
+                        &g.origin,
+                        format!("{field}.port.protocol"),
+                        format!(
+                            "protocol {p}{} is not served yet (HTTP, and HTTPS with tls mode SIMPLE, are); server ignored",
+                            t.as_ref().and_then(|t| t.mode.clone()).map(|m| format!(" with tls mode {m}")).unwrap_or_default()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            self.gateway_listeners.push(GatewayListener {
+                gateway: name.clone(),
+                port: s.port.number,
+                protocol,
+                hosts: s.hosts.iter().map(|h| h.rsplit('/').next().unwrap_or(h).to_string()).collect(),
+                tls,
+            });
+        }
+    }
+
+    /// The rules for a request to gateway `port` with `host` (no port), in
+    /// order; `None` when no server or VirtualService takes the host.
+    pub fn gateway_rules(&self, port: u16, host: &str) -> Option<Vec<&HttpRouteRule>> {
+        let gateways: Vec<&str> = self
+            .gateway_listeners
+            .iter()
+            .filter(|l| l.port == port && l.hosts.iter().any(|h| host_matches(h, host)))
+            .map(|l| l.gateway.as_str())
+            .collect();
+        if gateways.is_empty() {
+            return None;
+        }
+        let rules: Vec<&HttpRouteRule> = self
+            .gateway_routes
+            .iter()
+            .filter(|r| r.gateways.iter().any(|g| gateways.contains(&g.as_str())))
+            .filter(|r| r.hosts.iter().any(|h| host_matches(h, host)))
+            .flat_map(|r| r.rules.iter())
+            .collect();
+        (!rules.is_empty()).then_some(rules)
+    }
+
+    /// The gateway ports to listen on, each with its TLS files (the first
+    /// server's, when several share a port).
+    pub fn gateway_ports(&self) -> BTreeMap<u16, Option<(std::path::PathBuf, std::path::PathBuf)>> {
+        let mut out = BTreeMap::new();
+        for l in &self.gateway_listeners {
+            out.entry(l.port).or_insert_with(|| l.tls.clone());
+        }
+        out
     }
 
     // -----------------------------------------------------------------------

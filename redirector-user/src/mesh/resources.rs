@@ -495,9 +495,26 @@ pub struct GatewayServer {
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<ServerTls>,
     #[serde(default)]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerTls {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub https_redirect: Option<bool>,
+    #[serde(default)]
+    pub min_protocol_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
