@@ -26,6 +26,8 @@ use redirector_common::{
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const DNS_PORT: u16 = 53;
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -86,6 +88,9 @@ static DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_PEND
 /// it lacks.
 #[no_mangle]
 static SOCKET_STORAGE: Global<u32> = Global::new(1);
+
+#[map]
+static DNS_ORIG: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_PENDING, 0);
 
 #[inline(always)]
 fn socket_storage() -> bool {
@@ -189,6 +194,10 @@ fn is_excluded_cidr(addr: &[u32; 4], family: u16) -> bool {
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ == SOCK_DGRAM {
+        // A connected UDP socket to a resolver.
+        return dns_out(ctx, v6);
+    }
     if sa.type_ != SOCK_STREAM {
         return Ok(());
     }
@@ -297,6 +306,128 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     }
     sa.user_port = port_be;
     count(cgroup_id, Decision::Redirected);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// DNS: UDP/53 of enrolled workloads to the agent's DNS server
+// ---------------------------------------------------------------------------
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn redirector_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if unsafe { (*ctx.sock_addr).type_ } == SOCK_DGRAM {
+        let _ = dns_out(&ctx, false);
+    }
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirector_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if unsafe { (*ctx.sock_addr).type_ } == SOCK_DGRAM {
+        let _ = dns_out(&ctx, true);
+    }
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn redirector_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let _ = dns_in(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn redirector_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let _ = dns_in(&ctx, true);
+    1
+}
+
+/// A query to port 53 from an enrolled workload: remember the resolver it
+/// was for and send it to the agent's DNS server on loopback.
+#[inline(always)]
+fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let cfg = CONFIG.get(0).ok_or(())?;
+    if cfg.dns_port == 0 || u16::from_be(sa.user_port as u16) != DNS_PORT {
+        return Ok(());
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup_id == cfg.proxy_cgroup_id || unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
+        return Ok(());
+    }
+    let (addr, family) = if v6 {
+        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        if is_v4_mapped(&a) {
+            (a, AF_INET)
+        } else {
+            (a, AF_INET6)
+        }
+    } else {
+        (map_v4(sa.user_ip4), AF_INET)
+    };
+    let dst = OriginalDst {
+        addr,
+        port: DNS_PORT,
+        family,
+        _pad: 0,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if DNS_ORIG.insert(&cookie, &dst, 0).is_err() {
+        count(cgroup_id, Decision::ErrorMapFull);
+        return Ok(());
+    }
+    if v6 {
+        if family == AF_INET {
+            let lo = map_v4(u32::from_ne_bytes([127, 0, 0, 1]));
+            sa.user_ip6[0] = lo[0];
+            sa.user_ip6[1] = lo[1];
+            sa.user_ip6[2] = lo[2];
+            sa.user_ip6[3] = lo[3];
+        } else {
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = 0;
+            sa.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        }
+    } else {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    }
+    sa.user_port = u32::from(cfg.dns_port.to_be());
+    count(cgroup_id, Decision::DnsRedirected);
+    Ok(())
+}
+
+/// A datagram from the agent's DNS server to a socket that sent a query:
+/// its source becomes the resolver the workload asked.
+#[inline(always)]
+fn dns_in(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let cfg = CONFIG.get(0).ok_or(())?;
+    if cfg.dns_port == 0 || u16::from_be(sa.user_port as u16) != cfg.dns_port {
+        return Ok(());
+    }
+    let from_agent = if v6 {
+        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        is_loopback(&a, AF_INET6) || (is_v4_mapped(&a) && is_loopback(&a, AF_INET))
+    } else {
+        is_loopback(&map_v4(sa.user_ip4), AF_INET)
+    };
+    if !from_agent {
+        return Ok(());
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }) else {
+        return Ok(());
+    };
+    let orig = *orig;
+    if v6 {
+        sa.user_ip6[0] = orig.addr[0];
+        sa.user_ip6[1] = orig.addr[1];
+        sa.user_ip6[2] = orig.addr[2];
+        sa.user_ip6[3] = orig.addr[3];
+    } else {
+        sa.user_ip4 = orig.addr[3];
+    }
+    sa.user_port = u32::from(orig.port.to_be());
     Ok(())
 }
 

@@ -144,6 +144,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
 
+    // The DNS server on loopback (IPv6 where the namespace has ::1).
+    let dns_sockets = {
+        let mut v = Vec::new();
+        let v4 = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.dns_port)))
+            .map_err(|e| bind_error(cfg.dns_port, "proxy.dnsPort", e));
+        match v4 {
+            Ok(s) => v.push(s),
+            Err(e) => {
+                undo_move();
+                return Err(e);
+            }
+        }
+        if let Ok(s) = std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, cfg.dns_port))) {
+            v.push(s);
+        }
+        v
+    };
+
     // The ingress gateway's listeners (Gateways selecting
     // istio: ingressgateway): like the others, before anything is attached.
     let metrics = Arc::new(crate::mesh::metrics::Metrics::default());
@@ -238,6 +256,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let stats = Arc::new(ProxyStats::default());
     let (tx, rx) = watch::channel(false);
     let gateway_task = gateways.run(rx.clone());
+    let dns_upstreams = Arc::new(if cfg.dns_upstreams.is_empty() {
+        crate::mesh::dns::system_resolvers()
+    } else {
+        cfg.dns_upstreams.clone()
+    });
+    let mut dns_tasks = Vec::new();
+    for s in dns_sockets {
+        s.set_nonblocking(true)?;
+        dns_tasks.push(crate::mesh::dns::serve(
+            tokio::net::UdpSocket::from_std(s)?,
+            mesh.clone(),
+            dns_upstreams.clone(),
+            cfg.proxy_mark,
+            rx.clone(),
+        ));
+    }
     let watcher = opts
         .config_dir
         .clone()
@@ -271,6 +305,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = admin_task.await;
     let _ = metrics_task.await;
     let _ = gateway_task.await;
+    for t in dns_tasks {
+        let _ = t.await;
+    }
     let _ = ready_task.await;
     if let Some(w) = watcher {
         let _ = w.await;

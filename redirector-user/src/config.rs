@@ -3,7 +3,7 @@
 //! like the rest of the mesh's YAML; [`AgentConfig::validate`] turns them into
 //! checked values once, at load.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,6 +57,7 @@ struct RawCapture {
     #[serde(default)]
     accelerate: bool,
     storage: Option<String>,
+    dns_capture: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,6 +68,9 @@ struct RawProxy {
     admin_port: Option<u16>,
     metrics_port: Option<u16>,
     readiness_port: Option<u16>,
+    dns_port: Option<u16>,
+    #[serde(default)]
+    dns_upstreams: Vec<String>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -212,6 +216,12 @@ pub struct AgentConfig {
     pub admin_port: u16,
     pub metrics_port: u16,
     pub readiness_port: u16,
+    /// The agent's DNS server on loopback (mesh names; the rest forwarded).
+    pub dns_port: u16,
+    /// Resolvers the DNS server forwards to; empty: /etc/resolv.conf's.
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Send enrolled workloads' DNS queries (UDP/53) to the DNS server.
+    pub dns_capture: bool,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -264,12 +274,24 @@ impl AgentConfig {
         let admin_port = raw.proxy.admin_port.unwrap_or(15000);
         let metrics_port = raw.proxy.metrics_port.unwrap_or(15020);
         let readiness_port = raw.proxy.readiness_port.unwrap_or(15021);
+        let dns_port = raw.proxy.dns_port.unwrap_or(15053);
+        let dns_upstreams = raw
+            .proxy
+            .dns_upstreams
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| invalid("proxy.dnsUpstreams", format!("`{s}` is not an address (e.g. 10.0.0.2 or 10.0.0.2:53)")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ports = [
             ("proxy.outboundPort", outbound_port),
             ("proxy.inboundPort", inbound_port),
             ("proxy.adminPort", admin_port),
             ("proxy.metricsPort", metrics_port),
             ("proxy.readinessPort", readiness_port),
+            ("proxy.dnsPort", dns_port),
         ];
         for (field, p) in ports {
             if p == 0 {
@@ -280,7 +302,7 @@ impl AgentConfig {
             if ports[i + 1..].iter().any(|(_, b)| a == b) {
                 return Err(invalid(
                     "proxy",
-                    "outboundPort, inboundPort, adminPort, metricsPort and readinessPort must differ".into(),
+                    "outboundPort, inboundPort, adminPort, metricsPort, readinessPort and dnsPort must differ".into(),
                 ));
             }
         }
@@ -328,6 +350,9 @@ impl AgentConfig {
             admin_port,
             metrics_port,
             readiness_port,
+            dns_port,
+            dns_upstreams,
+            dns_capture: raw.capture.dns_capture.unwrap_or(true),
             max_connections,
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,

@@ -302,6 +302,10 @@ const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
 const BPF_SK_MSG_VERDICT: u32 = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -384,10 +388,13 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<OwnedFd,
     let attach_type = match program {
         Program::CgroupSockAddr(p) => {
             p.load().map_err(perr)?;
-            if name == programs::CONNECT4 {
-                BPF_CGROUP_INET4_CONNECT
-            } else {
-                BPF_CGROUP_INET6_CONNECT
+            match name {
+                programs::CONNECT4 => BPF_CGROUP_INET4_CONNECT,
+                programs::CONNECT6 => BPF_CGROUP_INET6_CONNECT,
+                programs::SENDMSG4 => BPF_CGROUP_UDP4_SENDMSG,
+                programs::SENDMSG6 => BPF_CGROUP_UDP6_SENDMSG,
+                programs::RECVMSG4 => BPF_CGROUP_UDP4_RECVMSG,
+                _ => BPF_CGROUP_UDP6_RECVMSG,
             }
         }
         Program::SockOps(p) => {
@@ -459,7 +466,8 @@ fn write_settings(ebpf: &mut Ebpf, cfg: &AgentConfig, proxy_cgroup_id: u64) -> R
                 flags: (if cfg.capture_loopback { FLAG_CAPTURE_LOOPBACK } else { 0 })
                     | (if cfg.accelerate { FLAG_ACCELERATE } else { 0 }),
                 outbound_port: cfg.outbound_port,
-                _pad: [0; 6],
+                dns_port: if cfg.dns_capture { cfg.dns_port } else { 0 },
+                _pad: [0; 4],
             },
             0,
         )

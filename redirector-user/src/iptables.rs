@@ -35,7 +35,10 @@ pub const CHAIN_OUTPUT: &str = "REDIRECTOR_OUTPUT";
 pub const CHAIN_PREROUTING: &str = "REDIRECTOR_PREROUTING";
 pub const CHAIN_REDIRECT: &str = "REDIRECTOR_REDIRECT";
 pub const CHAIN_INBOUND: &str = "REDIRECTOR_INBOUND";
-const CHAINS: [&str; 4] = [CHAIN_OUTPUT, CHAIN_PREROUTING, CHAIN_REDIRECT, CHAIN_INBOUND];
+/// DNS capture: enrolled workloads' UDP/53 to the agent's DNS server.
+pub const CHAIN_DNS: &str = "REDIRECTOR_DNS";
+pub const CHAIN_DNS_REDIRECT: &str = "REDIRECTOR_DNS_REDIRECT";
+const CHAINS: [&str; 6] = [CHAIN_OUTPUT, CHAIN_PREROUTING, CHAIN_REDIRECT, CHAIN_INBOUND, CHAIN_DNS, CHAIN_DNS_REDIRECT];
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
@@ -96,6 +99,8 @@ pub struct RuleSpec {
     pub inbound_ports: Vec<u16>,
     /// Enrolled cgroups, relative to the cgroup2 mount.
     pub enrolled: Vec<String>,
+    /// The agent's DNS server port, when DNS is captured.
+    pub dns_port: Option<u16>,
 }
 
 impl RuleSpec {
@@ -110,6 +115,7 @@ impl RuleSpec {
             inbound_port: cfg.inbound_port,
             inbound_ports: cfg.inbound_ports.clone(),
             enrolled,
+            dns_port: cfg.dns_capture.then_some(cfg.dns_port),
         }
     }
 }
@@ -179,7 +185,18 @@ pub fn ruleset(spec: &RuleSpec, family: Family) -> String {
             "-A {CHAIN_PREROUTING} -p tcp --dport {p} -j {CHAIN_INBOUND}\n"
         ));
     }
+    if let Some(dns) = spec.dns_port {
+        r.push_str(&format!("-A {CHAIN_DNS_REDIRECT} -p udp -j REDIRECT --to-ports {dns}\n"));
+        r.push_str(&format!("-A {CHAIN_DNS} -m mark --mark {} -j RETURN\n", spec.proxy_mark));
+        r.push_str(&format!("-A {CHAIN_DNS} -m cgroup --path {} -j RETURN\n", quote(&spec.proxy_cgroup)));
+        for cg in &spec.enrolled {
+            r.push_str(&format!("-A {CHAIN_DNS} -m cgroup --path {} -j {CHAIN_DNS_REDIRECT}\n", quote(cg)));
+        }
+    }
     r.push_str(&format!("-A OUTPUT -p tcp -j {CHAIN_OUTPUT}\n"));
+    if spec.dns_port.is_some() {
+        r.push_str(&format!("-A OUTPUT -p udp --dport 53 -j {CHAIN_DNS}\n"));
+    }
     r.push_str(&format!("-A PREROUTING -p tcp -j {CHAIN_PREROUTING}\n"));
     r.push_str("COMMIT\n");
     r
@@ -391,6 +408,14 @@ fn edit_enroll_rule(op: &str, cgroup_rel: &str) -> Result<bool, IptablesError> {
         args.extend(enroll_rule_args(cgroup_rel));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         run_tool(rule_tool(family), &a, None)?;
+        // The workload's DNS rule, where DNS is captured.
+        let saved = save(family)?;
+        let dns_rule = format!("-A {CHAIN_DNS} -m cgroup --path {cgroup_rel} -j {CHAIN_DNS_REDIRECT}");
+        let has_dns = saved.lines().any(|l| l == dns_rule || l == format!("-A {CHAIN_DNS} -m cgroup --path {} -j {CHAIN_DNS_REDIRECT}", quote(cgroup_rel)));
+        if saved.contains(&format!(":{CHAIN_DNS} ")) && has_dns != (op == "-A") {
+            let args = ["-w", "-t", "nat", op, CHAIN_DNS, "-m", "cgroup", "--path", cgroup_rel, "-j", CHAIN_DNS_REDIRECT];
+            run_tool(rule_tool(family), &args, None)?;
+        }
     }
     Ok(had)
 }
@@ -450,6 +475,7 @@ mod tests {
             inbound_port: 15006,
             inbound_ports: vec![8080],
             enrolled: vec!["/t/app".into()],
+            dns_port: Some(15053),
         }
     }
 
@@ -469,6 +495,11 @@ mod tests {
             "-A REDIRECTOR_PREROUTING -p tcp --dport 8080 -j REDIRECTOR_INBOUND",
             "-A OUTPUT -p tcp -j REDIRECTOR_OUTPUT",
             "-A PREROUTING -p tcp -j REDIRECTOR_PREROUTING",
+            // DNS: enrolled workloads' UDP/53 to the agent's DNS server.
+            "-A OUTPUT -p udp --dport 53 -j REDIRECTOR_DNS",
+            "-A REDIRECTOR_DNS -m mark --mark 1337 -j RETURN",
+            "-A REDIRECTOR_DNS -m cgroup --path \"/t/app\" -j REDIRECTOR_DNS_REDIRECT",
+            "-A REDIRECTOR_DNS_REDIRECT -p udp -j REDIRECT --to-ports 15053",
         ];
         for e in expected {
             assert!(r.lines().any(|l| l == e), "missing `{e}` in\n{r}");

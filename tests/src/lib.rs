@@ -556,6 +556,13 @@ impl Topology {
         Ok(log)
     }
 
+    /// A default route out of the client namespace (over the veth pair), as
+    /// every pod has: iptables capture rewrites packets after the route
+    /// lookup, so a destination needs a route to be captured.
+    pub fn route_default(&self) -> Result<()> {
+        ip(&["-n", &self.client_ns, "route", "add", "default", "dev", "veth-c"])
+    }
+
     /// Route the service address range (198.19.0.0/16) out of the client
     /// namespace, as a cluster network does for its service CIDR.
     pub fn route_service_range(&self) -> Result<()> {

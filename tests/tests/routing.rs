@@ -573,3 +573,62 @@ spec:
     assert_eq!(https, "200");
     assert_eq!(line_count(&v1), served + 1);
 }
+
+#[test]
+fn an_enrolled_client_resolves_mesh_names_with_ebpf_capture() {
+    resolves_mesh_names_and_forwards_the_rest("ebpf");
+}
+
+#[test]
+fn an_enrolled_client_resolves_mesh_names_with_iptables_capture() {
+    resolves_mesh_names_and_forwards_the_rest("iptables");
+}
+
+fn resolves_mesh_names_and_forwards_the_rest(mode: &'static str) {
+    if !privileged() || !httpbin_available() {
+        return;
+    }
+    let mut t = Topology::with_mode(mode).unwrap();
+    t.route_default().unwrap();
+    t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
+    // The node's resolver, as far as this test's namespaces go: dnsmasq in
+    // the server namespace, knowing one outside name.
+    let dnsmasq_dir = t.state.parent().unwrap().join("dnsmasq");
+    std::fs::create_dir_all(&dnsmasq_dir).unwrap();
+    t.spawn_in_server(
+        "dnsmasq",
+        "dnsmasq",
+        &[
+            "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53",
+            &format!("--listen-address={SERVER_V4}"), "--address=/outside.example/198.18.0.99",
+            &format!("--pid-file={}/pid", dnsmasq_dir.display()), "--user=root",
+        ],
+    )
+    .unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("base.yaml"), base_yaml()).unwrap();
+    t.config_dir = Some(dir);
+    t.start_agent_with_proxy(&format!("  dnsUpstreams: [\"{SERVER_V4}\"]\n")).unwrap();
+
+    let out = t.exec_workload(
+        "client",
+        "getent hosts httpbin && getent hosts httpbin.default && getent ahostsv4 httpbin.default.svc.cluster.local | head -1 && getent hosts outside.example && curl -sS -m 5 -o /dev/null -w '%{http_code}\\n' http://httpbin:8000/status/200",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with(SVC_IP) && lines[0].contains("httpbin"), "{text}");
+    assert!(lines[1].starts_with(SVC_IP), "{text}");
+    assert!(lines[2].starts_with(SVC_IP), "{text}");
+    assert!(lines[3].starts_with("198.18.0.99"), "forwarded to the node's resolver: {text}");
+    assert_eq!(lines[4], "200", "{text}");
+    if mode == "ebpf" {
+        assert!(counter_sum(&t.status(), "dns_redirected") >= 4, "{}", t.status());
+    }
+
+    // A process that is not enrolled asks the real resolver, which this
+    // namespace cannot reach: no answer.
+    let out = t.run_in_cgroup(&t.cgroup.join("plain"), "timeout 3 getent hosts httpbin");
+    assert!(!out.status.success(), "{out:?}");
+}

@@ -14,12 +14,17 @@ pub mod programs {
     pub const CONNECT6: &str = "redirector_connect6";
     pub const SOCKOPS: &str = "redirector_sockops";
     pub const GETSOCKOPT: &str = "redirector_getsockopt";
+    /// DNS capture: unconnected UDP sends and the replies' source address.
+    pub const SENDMSG4: &str = "redirector_sendmsg4";
+    pub const SENDMSG6: &str = "redirector_sendmsg6";
+    pub const RECVMSG4: &str = "redirector_recvmsg4";
+    pub const RECVMSG6: &str = "redirector_recvmsg6";
     /// Same-node acceleration, attached to [`super::maps::SOCK_PAIRS`].
     pub const SK_MSG: &str = "redirector_sk_msg";
     /// Every program, in the order the loader attaches them. The getsockopt
     /// and sockops programs go first so that a connection redirected by
     /// connect4/6 always finds them in place.
-    pub const ALL: [&str; 4] = [GETSOCKOPT, SOCKOPS, CONNECT4, CONNECT6];
+    pub const ALL: [&str; 8] = [GETSOCKOPT, SOCKOPS, RECVMSG4, RECVMSG6, CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
 }
 
 /// Map names, as the ELF symbols of the kernel object and the file names of
@@ -49,6 +54,10 @@ pub mod maps {
     /// stays until the proxy's end of the connection closes). LRU, so a
     /// connect() that fails before its SYN cannot leak an entry for long.
     pub const DST_BY_COOKIE: &str = "DST_BY_COOKIE";
+    /// DNS capture: socket cookie (u64) -> the resolver a workload's UDP
+    /// socket last sent a query to ([`super::OriginalDst`]), so replies
+    /// appear to come from it. LRU.
+    pub const DNS_ORIG: &str = "DNS_ORIG";
     /// Same-node acceleration: both ends of each accelerated app<->proxy
     /// connection, [`super::SockKey`] -> socket.
     pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
@@ -104,7 +113,9 @@ pub struct CaptureConfig {
     pub flags: u32,
     /// Port of the proxy's outbound listener; host order.
     pub outbound_port: u16,
-    pub _pad: [u8; 6],
+    /// Port of the agent's DNS server on loopback; 0: DNS is not captured.
+    pub dns_port: u16,
+    pub _pad: [u8; 4],
 }
 
 /// Value of [`maps::ENROLLED`]: how a cgroup is enrolled.
@@ -215,10 +226,13 @@ pub enum Decision {
     OriginalDstAnswered = 8,
     /// A socket joined the same-node shortcut (sockmap).
     Accelerated = 9,
+    /// A DNS query (UDP to port 53) of an enrolled workload sent to the
+    /// agent's DNS server.
+    DnsRedirected = 10,
 }
 
 impl Decision {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [Decision; Self::COUNT] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -230,6 +244,7 @@ impl Decision {
         Decision::ErrorLookupMiss,
         Decision::OriginalDstAnswered,
         Decision::Accelerated,
+        Decision::DnsRedirected,
     ];
 
     /// The name used in `redirector status` and its JSON.
@@ -245,6 +260,7 @@ impl Decision {
             Decision::ErrorLookupMiss => "error_lookup_miss",
             Decision::OriginalDstAnswered => "original_dst_answered",
             Decision::Accelerated => "accelerated",
+            Decision::DnsRedirected => "dns_redirected",
         }
     }
 

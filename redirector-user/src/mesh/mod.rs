@@ -3,6 +3,7 @@
 //! request, reloaded live.
 
 pub mod config;
+pub mod dns;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
