@@ -39,7 +39,7 @@ fn the_bench_harness_produces_a_well_formed_report() {
     let md = String::from_utf8_lossy(&out.stdout);
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
     assert_eq!(table.len(), 1 + 4, "header and one row per mode:\n{md}");
-    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap"] {
+    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7"] {
         let row = table.iter().find(|r| r.starts_with(&format!("| {mode} |"))).expect(mode);
         assert_eq!(row.matches('|').count(), 11, "{row}");
     }

@@ -632,3 +632,92 @@ fn resolves_mesh_names_and_forwards_the_rest(mode: &'static str) {
     let out = t.run_in_cgroup(&t.cgroup.join("plain"), "timeout 3 getent hosts httpbin");
     assert!(!out.status.success(), "{out:?}");
 }
+
+#[test]
+fn consistent_hash_mirror_h2c_and_malformed_requests() {
+    let vs = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{uri: {prefix: /mirrored/}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: httpbin, subset: v1}}]
+    mirror: {host: httpbin, subset: v2}
+    mirrorPercentage: {value: 100}
+  - route: [{destination: {host: httpbin}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin-hash, namespace: default}
+spec:
+  host: httpbin
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+    let Some(m) = mesh_v1_v2_without_base_rule(vs) else { return };
+
+    // consistentHash on a header: each user's requests all go to one
+    // instance.
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let (a, b) = (served(&m.v1), served(&m.v2));
+        let r = requests(&m, "/get", &format!("--count 10 --header x-user={user}"));
+        assert_eq!(count(&r, "200"), 10);
+        let (da, db) = (served(&m.v1) - a, served(&m.v2) - b);
+        assert!((da, db) == (10, 0) || (da, db) == (0, 10), "{user}: v1 +{da}, v2 +{db}");
+    }
+
+    // mirror: v1 answers, v2 gets a copy.
+    let (a, b) = (served(&m.v1), served(&m.v2));
+    let r = requests(&m, "/mirrored/get", "--count 10");
+    assert_eq!(count(&r, "200"), 10);
+    assert_eq!(served(&m.v1) - a, 10);
+    assert!(eventually(Duration::from_secs(5), || served(&m.v2) - b == 10), "mirrored {} of 10", served(&m.v2) - b);
+
+    // h2c with prior knowledge from the client; HTTP/1.1 to httpbin.
+    let out = m.t.exec_workload(
+        "h2",
+        &format!("curl -sS -m 5 --http2-prior-knowledge -o /dev/null -w '%{{http_version}} %{{http_code}}' http://{SVC_IP}:{SVC_PORT}/get"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200", "{out:?}");
+
+    // Malformed and oversized requests: 400 and 431, the connection
+    // closed, the next client served.
+    let raw = |payload: &str| -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/{SVC_IP}/{SVC_PORT}; printf '{payload}' >&3; timeout 5 cat <&3 | head -1"
+        );
+        let out = m.t.exec_workload("raw", &script);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(raw("NOT HTTP AT ALL\\r\\n\\r\\n").starts_with("HTTP/1.1 400"));
+    let big = "x".repeat(70 * 1024);
+    assert!(raw(&format!("GET /get HTTP/1.1\\r\\nHost: a\\r\\nX-Big: {big}\\r\\n\\r\\n")).starts_with("HTTP/1.1 431"));
+    let r = requests(&m, "/get", "--count 3");
+    assert_eq!(count(&r, "200"), 3, "the proxy is unaffected");
+}
+
+/// Both httpbin instances, the Service and WorkloadEntries, and `extra`
+/// (which brings its own DestinationRule).
+fn mesh_v1_v2_without_base_rule(extra: &str) -> Option<Mesh> {
+    if !privileged() || !httpbin_available() {
+        return None;
+    }
+    let mut t = Topology::new().unwrap();
+    t.route_service_range().unwrap();
+    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
+    let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base: String = base_yaml().split("---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule").next().unwrap().to_string();
+    std::fs::write(dir.join("base.yaml"), base).unwrap();
+    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
+    t.config_dir = Some(dir.clone());
+    t.start_agent("").unwrap();
+    Some(Mesh { t, dir, v1, v2 })
+}

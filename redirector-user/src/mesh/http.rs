@@ -53,6 +53,9 @@ impl hyper::body::Body for Guarded {
     }
 }
 
+/// The largest request head (request line and headers) accepted.
+const MAX_HEAD: usize = 60 * 1024;
+
 /// Request bodies up to this size are kept so a retry can send them again.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
 
@@ -144,7 +147,9 @@ where
     // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c
     // prior knowledge). Malformed requests get 400 and oversized headers
     // 431 from hyper, and the connection closes.
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Request heads over 60 KiB get 431, as Envoy's default limit.
+    builder.http1().max_buf_size(MAX_HEAD);
     if let Err(e) = builder.serve_connection(io, svc).await {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
@@ -305,30 +310,29 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     let status = out.response.status().as_u16();
     // Istio's request metrics.
     let (svc_host, svc_ns) = match target.service.and_then(|i| mesh.services.get(i)) {
-        Some(s) => (s.hostname.clone(), s.namespace.clone()),
-        None => ("unknown".to_string(), "unknown".to_string()),
+        Some(s) => (s.hostname.as_str(), s.namespace.as_str()),
+        None => ("unknown", "unknown"),
     };
-    let mut labels = super::metrics::Labels::to_service(
-        &svc_host,
-        &svc_ns,
-        target.labels.get("app").map(String::as_str).unwrap_or("unknown"),
-        target.labels.get("version").map(String::as_str).unwrap_or("unknown"),
-        "http",
+    let workload = target.labels.get("app").map(String::as_str).unwrap_or("unknown");
+    let version = target.labels.get("version").map(String::as_str).unwrap_or("unknown");
+    let series = ctx.metrics.request_series(
+        (svc_host.to_string(), workload.to_string(), version.to_string(), status, out.flags),
+        || {
+            let mut l = super::metrics::Labels::to_service(svc_host, svc_ns, workload, version, "http");
+            l.response_code = status.to_string();
+            l.response_flags = out.flags.to_string();
+            l
+        },
     );
-    labels.response_code = status.to_string();
-    labels.response_flags = out.flags.to_string();
-    ctx.metrics.requests.get_or_create(&labels).inc();
-    ctx.metrics
-        .duration_ms
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64() * 1000.0);
-    ctx.metrics.request_bytes.get_or_create(&labels).observe(request_bytes);
-    let metrics = ctx.metrics.clone();
+    series.requests.inc();
+    series.duration_ms.observe(started.elapsed().as_secs_f64() * 1000.0);
+    series.request_bytes.observe(request_bytes);
+    let response_bytes = series.response_bytes.clone();
     let (parts, body) = out.response.into_parts();
     let observed = Observed {
         inner: body,
         bytes: 0,
-        done: Some(Box::new(move |n| metrics.response_bytes.get_or_create(&labels).observe(n as f64))),
+        done: Some(Box::new(move |n| response_bytes.observe(n as f64))),
     };
     let response = Response::from_parts(parts, observed.boxed());
     info!(
@@ -400,6 +404,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             timeout: None,
             retries: None,
             fault: None,
+            mirror: None,
         };
         (&default_rule, Some(usize::MAX))
     } else {
@@ -584,12 +589,64 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         None => None,
     };
     let close_after = cluster.limits.max_requests_per_connection == Some(1);
+    // mirror: a copy to the shadow destination, its response dropped
+    // (bodies kept for replay only).
+    if let (Some((md, pct)), Some(body)) = (&rule.mirror, &replay) {
+        if mesh.chance(*pct) {
+            let shadow_port = md.port.or_else(|| mesh.services[md.service].ports.first().map(|p| p.port)).unwrap_or(port);
+            if let Some(p) = mesh.pick(md.service, md.subset.as_deref(), shadow_port, None) {
+                let host = match &p.address {
+                    Address::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+                    Address::Ip(ip) => ip.to_string(),
+                    Address::Dns(h) => h.clone(),
+                };
+                let uri = format!("http://{host}:{}{}", p.port, parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/"));
+                let mut b = Request::builder().method(parts.method.clone()).uri(uri);
+                for (k, v) in parts.headers.iter() {
+                    if k == HOST || k == hyper::header::CONNECTION {
+                        continue;
+                    }
+                    b = b.header(k, v);
+                }
+                // Istio marks the copy's authority with -shadow.
+                let authority = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+                b = b.header(HOST, format!("{}-shadow", authority.split(':').next().unwrap_or(authority)));
+                let body: Body = Full::new(body.clone()).map_err(|e| match e {}).boxed();
+                if let Ok(req) = b.body(body) {
+                    let client = ctx.upstreams.http1.clone();
+                    tokio::spawn(async move {
+                        let _ = client.request(req).await;
+                    });
+                }
+            }
+        }
+    }
+
+    // consistentHash: the request's key.
+    let hash_key = {
+        use std::hash::{Hash, Hasher};
+        let key: Option<String> = match mesh.policy(dest.service, dest.subset.as_deref()).map(|p| &p.lb) {
+            Some(super::model::LbPolicy::HashHeader(h)) => {
+                parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string)
+            }
+            Some(super::model::LbPolicy::HashQueryParameter(q)) => {
+                url_query(&parts.uri).into_iter().find(|(k, _)| k == q).map(|(_, v)| v)
+            }
+            Some(super::model::LbPolicy::HashSourceIp) => Some(ctx.client.ip().to_string()),
+            _ => None,
+        };
+        key.map(|k| {
+            let mut h = std::hash::DefaultHasher::new();
+            k.hash(&mut h);
+            h.finish()
+        })
+    };
     let mut last: Option<Outcome> = None;
     for attempt in 0..attempts {
         let picked = if svc.passthrough {
             Some((Address::Ip(ctx.original_dst.ip()), ctx.original_dst.port()))
         } else {
-            mesh.pick(dest.service, dest.subset.as_deref(), svc_port).map(|p| {
+            mesh.pick(dest.service, dest.subset.as_deref(), svc_port, hash_key).map(|p| {
                 target.labels = p.labels;
                 (p.address, p.port)
             })

@@ -65,6 +65,21 @@ impl Labels {
 
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// What distinguishes one request series from another, cheaply hashed:
+/// (destination service, workload, version, response code, flags).
+pub type RequestKey = (String, String, String, u16, &'static str);
+
+/// The metric handles of one request series, kept so a request costs a
+/// small map lookup and a few atomic updates, not a label set hashed four
+/// times.
+#[derive(Clone)]
+pub struct RequestSeries {
+    pub requests: Counter,
+    pub duration_ms: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<Labels, Counter>,
@@ -76,6 +91,7 @@ pub struct Metrics {
     pub tcp_opened: Family<Labels, Counter>,
     pub tcp_closed: Family<Labels, Counter>,
     encode_lock: Mutex<()>,
+    series: Mutex<std::collections::HashMap<RequestKey, RequestSeries>>,
 }
 
 fn duration_buckets() -> Histogram {
@@ -120,11 +136,30 @@ impl Default for Metrics {
             tcp_opened,
             tcp_closed,
             encode_lock: Mutex::new(()),
+            series: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
 
 impl Metrics {
+    /// The handles of a request series; `labels` builds its label set the
+    /// first time.
+    pub fn request_series(&self, key: RequestKey, labels: impl FnOnce() -> Labels) -> RequestSeries {
+        let mut series = self.series.lock().expect("metrics lock");
+        if let Some(s) = series.get(&key) {
+            return s.clone();
+        }
+        let l = labels();
+        let s = RequestSeries {
+            requests: self.requests.get_or_create(&l).clone(),
+            duration_ms: self.duration_ms.get_or_create(&l).clone(),
+            request_bytes: self.request_bytes.get_or_create(&l).clone(),
+            response_bytes: self.response_bytes.get_or_create(&l).clone(),
+        };
+        series.insert(key, s.clone());
+        s
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let _g = self.encode_lock.lock().expect("metrics lock");

@@ -162,6 +162,9 @@ pub struct HttpRouteRule {
     pub timeout: Option<Duration>,
     pub retries: Option<Retry>,
     pub fault: Option<Fault>,
+    /// mirror and mirrorPercentage: a copy of each request (that share)
+    /// goes there too; its response is dropped.
+    pub mirror: Option<(WeightedDestination, f64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,12 +174,17 @@ pub struct TcpRouteRule {
     pub route: Vec<WeightedDestination>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum LbPolicy {
     RoundRobin,
     LeastRequest,
     Random,
     Passthrough,
+    /// consistentHash: the same key goes to the same endpoint (rendezvous
+    /// hashing, so few keys move when endpoints change).
+    HashHeader(String),
+    HashQueryParameter(String),
+    HashSourceIp,
 }
 
 /// connectionPool, as Envoy's circuit breakers apply it per destination.
@@ -370,8 +378,19 @@ fn string_matcher(m: &StringMatch, origin: &Origin, field: &str, ctx: &mut Ctx) 
 
 fn lb_policy(lb: Option<&LoadBalancer>, origin: &Origin, field: &str, ctx: &mut Ctx) -> LbPolicy {
     let Some(lb) = lb else { return LbPolicy::RoundRobin };
-    if lb.consistent_hash.is_some() {
-        ctx.warn(origin, format!("{field}.consistentHash"), "not supported yet; round robin is used (see docs/istio-conformance.md)");
+    if let Some(ch) = &lb.consistent_hash {
+        if lb.simple.is_some() {
+            ctx.error(origin, field, "simple and consistentHash are exclusive");
+        }
+        return match (&ch.http_header_name, ch.use_source_ip, &ch.http_query_parameter_name) {
+            (Some(h), None | Some(false), None) => LbPolicy::HashHeader(h.to_ascii_lowercase()),
+            (None, Some(true), None) => LbPolicy::HashSourceIp,
+            (None, None | Some(false), Some(q)) => LbPolicy::HashQueryParameter(q.clone()),
+            _ => {
+                ctx.error(origin, format!("{field}.consistentHash"), "exactly one of httpHeaderName, useSourceIp or httpQueryParameterName is needed");
+                LbPolicy::RoundRobin
+            }
+        };
     }
     match lb.simple.as_deref() {
         None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LbPolicy::RoundRobin,
@@ -926,9 +945,25 @@ impl Mesh {
                     }
                 }),
             });
-            if r.mirror.is_some() || r.mirror_percentage.is_some() {
-                ctx.warn(&v.origin, format!("{field}.mirror"), "not supported yet; no traffic is mirrored (see docs/istio-conformance.md)");
-            }
+            let mirror = match (&r.mirror, &r.mirror_percentage) {
+                (Some(m), pct) => {
+                    let rd = RouteDestination {
+                        destination: m.clone(),
+                        weight: None,
+                        headers: None,
+                    };
+                    let p = percent(pct, &v.origin, &format!("{field}.mirrorPercentage"), ctx);
+                    self.destinations(&[rd], &ns, &v.origin, &format!("{field}.mirror"), ctx)
+                        .into_iter()
+                        .next()
+                        .map(|d| (d, p))
+                }
+                (None, Some(_)) => {
+                    ctx.error(&v.origin, format!("{field}.mirrorPercentage"), "needs mirror");
+                    None
+                }
+                (None, None) => None,
+            };
             http.push(HttpRouteRule {
                 source: format!("{source} http[{}]", r.name.clone().unwrap_or_else(|| i.to_string())),
                 matches,
@@ -938,6 +973,7 @@ impl Mesh {
                 timeout,
                 retries,
                 fault,
+                mirror,
             });
         }
         let mut tcp = Vec::new();
@@ -1143,11 +1179,12 @@ impl Mesh {
     /// service port), skipping ejected ones. Returns the address to connect
     /// to.
     pub fn pick_endpoint(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
-        self.pick(svc, subset, port).map(|e| (e.address, e.port))
+        self.pick(svc, subset, port, None).map(|e| (e.address, e.port))
     }
 
-    /// [`Mesh::pick_endpoint`] with the endpoint's labels.
-    pub fn pick(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<Picked> {
+    /// [`Mesh::pick_endpoint`] with the endpoint's labels. `hash`: the
+    /// request's consistent-hash key, where the policy hashes.
+    pub fn pick(&self, svc: usize, subset: Option<&str>, port: u16, hash: Option<u64>) -> Option<Picked> {
         let service = &self.services[svc];
         let port_def = service.port(port).or_else(|| service.ports.first())?;
         let policy = self.policy(svc, subset);
@@ -1155,7 +1192,7 @@ impl Mesh {
             return None;
         }
         let labels = policy.and_then(|p| p.labels.as_ref());
-        let lb = policy.map(|p| p.lb).unwrap_or(LbPolicy::RoundRobin);
+        let lb = policy.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin);
         let port_of = |e: &Endpoint| {
             e.ports
                 .get(&port_def.name)
@@ -1186,6 +1223,21 @@ impl Mesh {
         drop(health);
         let candidates = if healthy.is_empty() { all } else { healthy };
         let chosen = match lb {
+            LbPolicy::HashHeader(_) | LbPolicy::HashQueryParameter(_) | LbPolicy::HashSourceIp if hash.is_some() => {
+                use std::hash::{Hash, Hasher};
+                let key = hash.unwrap_or_default();
+                let score = |e: &Endpoint| {
+                    let mut h = std::hash::DefaultHasher::new();
+                    key.hash(&mut h);
+                    match &e.address {
+                        Address::Ip(ip) => ip.hash(&mut h),
+                        Address::Dns(n) => n.hash(&mut h),
+                    }
+                    port_of(e).hash(&mut h);
+                    h.finish()
+                };
+                candidates.iter().copied().max_by_key(|e| score(e)).expect("not empty")
+            }
             LbPolicy::Random => candidates[self.random(candidates.len())],
             LbPolicy::LeastRequest => {
                 let in_flight = self.in_flight.lock().expect("lb lock");
@@ -1202,7 +1254,7 @@ impl Mesh {
                     a
                 }
             }
-            LbPolicy::RoundRobin | LbPolicy::Passthrough => {
+            _ => {
                 let mut cursors = self.cursors.lock().expect("lb lock");
                 let c = cursors.entry((svc, subset.map(str::to_string))).or_insert(0);
                 let e = candidates[*c % candidates.len()];
@@ -1363,7 +1415,7 @@ impl Mesh {
                 clusters.push(json!({
                     "service": s.hostname,
                     "subset": subset,
-                    "lb": p.map(|p| p.lb).unwrap_or(LbPolicy::RoundRobin),
+                    "lb": p.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin),
                     "max_connections": p.and_then(|p| p.pool.max_connections),
                     "max_pending_requests": p.and_then(|p| p.pool.max_pending),
                     "max_requests": p.and_then(|p| p.pool.max_requests),

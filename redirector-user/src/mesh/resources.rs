@@ -476,7 +476,21 @@ pub struct LoadBalancer {
     #[serde(default)]
     pub simple: Option<String>,
     #[serde(default)]
-    pub consistent_hash: Option<serde_yaml::Value>,
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+/// The keys Istio's consistentHash can hash on that the proxy supports;
+/// the others (httpCookie, ringHash, maglev...) are reported as not acted
+/// on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 const NGINX_PORT: u16 = 8088;
 const IPERF_PORT: u16 = 5201;
-const MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf+sockmap"];
+const MODES: [&str; 5] = ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7"];
 const SCENARIOS: [&str; 4] = ["standard", "max-rps", "conn-rate", "bulk"];
 
 struct Args {
@@ -184,9 +184,27 @@ fn run() -> Result<()> {
                     t.mode = "ebpf";
                     t.start_agent("")?;
                 }
-                _ => {
+                "ebpf+sockmap" => {
                     t.mode = "ebpf";
                     t.start_agent("  accelerate: true\n")?;
+                }
+                _ => {
+                    // L7: nginx's address is a mesh Service with an HTTP
+                    // port, so every request is parsed, routed and
+                    // forwarded by the proxy's HTTP path (hyper) instead of
+                    // copied as bytes.
+                    let dir = t.state.parent().unwrap().join("bench-mesh");
+                    std::fs::create_dir_all(&dir)?;
+                    std::fs::write(
+                        dir.join("nginx.yaml"),
+                        format!(
+                            "apiVersion: v1\nkind: Service\nmetadata: {{name: nginx}}\nspec:\n  clusterIP: {SERVER_V4}\n  ports: [{{name: http, port: {NGINX_PORT}}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: nginx}}\nsubsets:\n- addresses: [{{ip: {SERVER_V4}}}]\n  ports: [{{name: http, port: {NGINX_PORT}}}]\n"
+                        ),
+                    )?;
+                    t.mode = "ebpf";
+                    t.config_dir = Some(dir);
+                    t.start_agent("")?;
+                    t.config_dir = None;
                 }
             }
             if mode != "direct" {
@@ -491,6 +509,14 @@ fn markdown(r: &Report) -> String {
             fmt(get(mode, "standard", "proxy_rss_mb"), " MB", 1),
         ));
     }
+    if let (Some(l7), Some(l4)) = (get("ebpf+l7", "standard", "p50_ms"), get("ebpf", "standard", "p50_ms")) {
+        s.push_str(&format!(
+            "\nL7 routing over L4 forwarding (eBPF capture, standard scenario): p50 {:+.0} µs ({:.3} ms vs {:.3} ms).\n",
+            (l7 - l4) * 1000.0,
+            l7,
+            l4
+        ));
+    }
     let errors: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
     if !errors.is_empty() {
         s.push_str("\nFailed measurements:\n\n");
@@ -521,7 +547,13 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(520);
-    let colors = [RGBColor(120, 120, 120), RGBColor(214, 96, 77), RGBColor(67, 147, 195), RGBColor(33, 102, 172)];
+    let colors = [
+        RGBColor(120, 120, 120),
+        RGBColor(214, 96, 77),
+        RGBColor(67, 147, 195),
+        RGBColor(33, 102, 172),
+        RGBColor(90, 174, 97),
+    ];
     let get = |mode: &str, sc: &str, k: &str| {
         r.medians
             .get(mode)
@@ -555,8 +587,8 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
     for (mi, mode) in MODES.iter().enumerate() {
         let color = colors[mi];
         c.draw_series(pcts.iter().enumerate().map(|(pi, p)| {
-            let x0 = pi as f64 + 0.1 + mi as f64 * 0.2;
-            Rectangle::new([(x0, 0.0), (x0 + 0.18, get(mode, "standard", p))], color.filled())
+            let x0 = pi as f64 + 0.05 + mi as f64 * 0.18;
+            Rectangle::new([(x0, 0.0), (x0 + 0.16, get(mode, "standard", p))], color.filled())
         }))?
         .label(*mode)
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
@@ -593,8 +625,8 @@ fn chart(r: &Report, path: &Path) -> Result<()> {
     for (mi, mode) in MODES.iter().enumerate() {
         let color = colors[mi];
         c.draw_series(figs.iter().enumerate().map(|(fi, (s, k, _))| {
-            let x0 = fi as f64 + 0.1 + mi as f64 * 0.2;
-            Rectangle::new([(x0, 0.0), (x0 + 0.18, ratio(mode, s, k))], color.filled())
+            let x0 = fi as f64 + 0.05 + mi as f64 * 0.18;
+            Rectangle::new([(x0, 0.0), (x0 + 0.16, ratio(mode, s, k))], color.filled())
         }))?;
     }
     root.present()?;
