@@ -229,6 +229,9 @@ pub struct AgentConfig {
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirector";
+/// The agent settings' Kubernetes-style type.
+pub const AGENT_CONFIG_API: &str = "redirector.dev/v1alpha1";
+pub const AGENT_CONFIG_KIND: &str = "AgentConfig";
 
 impl AgentConfig {
     /// The embedded default settings.
@@ -244,11 +247,31 @@ impl AgentConfig {
         Self::from_yaml(&path.display().to_string(), &text)
     }
 
+    /// Settings as a Kubernetes-style document (`apiVersion:
+    /// redirector.dev/v1alpha1`, `kind: AgentConfig`, settings under
+    /// `spec`), the format of the mesh configuration, or as the bare
+    /// `capture:` / `proxy:` sections.
     pub fn from_yaml(origin: &str, text: &str) -> Result<AgentConfig, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse = |message: String| ConfigError::Parse {
             path: origin.into(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
+        let body = match value.get("kind") {
+            None => value,
+            Some(kind) => {
+                let api = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
+                if kind.as_str() != Some(AGENT_CONFIG_KIND) || api != AGENT_CONFIG_API {
+                    return Err(parse(format!(
+                        "expected apiVersion {AGENT_CONFIG_API} and kind {AGENT_CONFIG_KIND}, found {api} {}",
+                        kind.as_str().unwrap_or("?")
+                    )));
+                }
+                value.get("spec").cloned().unwrap_or(serde_yaml::Value::Null)
+            }
+        };
+        let body = if body.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { body };
+        let raw: RawConfig = serde_yaml::from_value(body).map_err(|e| parse(e.to_string()))?;
         Self::validate(origin, raw)
     }
 
@@ -415,6 +438,16 @@ mod tests {
         assert_eq!(c.admin_port, 15000);
         assert!(!c.capture_loopback);
         assert_eq!(c.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+    }
+
+    #[test]
+    fn settings_read_as_a_kubernetes_style_document_or_bare() {
+        let k = "apiVersion: redirector.dev/v1alpha1\nkind: AgentConfig\nmetadata: {name: x}\nspec:\n  capture: {mode: iptables}\n";
+        assert_eq!(AgentConfig::from_yaml("f", k).unwrap().mode, CaptureMode::Iptables);
+        let wrong = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+        let err = AgentConfig::from_yaml("f", wrong).unwrap_err().to_string();
+        assert!(err.contains("expected apiVersion redirector.dev/v1alpha1 and kind AgentConfig"), "{err}");
+        assert_eq!(AgentConfig::from_yaml("f", "capture: {mode: ebpf}\n").unwrap().mode, CaptureMode::Ebpf);
     }
 
     #[test]

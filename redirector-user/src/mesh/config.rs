@@ -243,6 +243,11 @@ pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec
             (_, "VirtualService") if istio => take!(virtual_services, VirtualServiceSpec, Some("spec")),
             (_, "DestinationRule") if istio => take!(destination_rules, DestinationRuleSpec, Some("spec")),
             (_, "Gateway") if istio => take!(gateways, GatewaySpec, Some("spec")),
+            (crate::config::AGENT_CONFIG_API, crate::config::AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
+                origin,
+                field: String::new(),
+                reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored".into(),
+            }),
             _ => docs.warnings.push(Problem {
                 origin,
                 field: String::new(),
