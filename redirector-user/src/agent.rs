@@ -173,6 +173,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         mesh: mesh.clone(),
         upstreams: upstreams.clone(),
         metrics: metrics.clone(),
+        access_log: cfg.access_log,
     })
     .await
     {
@@ -252,6 +253,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         mesh: mesh.clone(),
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
+        access_log: cfg.access_log,
     };
     let stats = Arc::new(ProxyStats::default());
     let (tx, rx) = watch::channel(false);

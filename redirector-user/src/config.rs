@@ -71,6 +71,7 @@ struct RawProxy {
     dns_port: Option<u16>,
     #[serde(default)]
     dns_upstreams: Vec<String>,
+    access_log: Option<bool>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -222,6 +223,8 @@ pub struct AgentConfig {
     pub dns_upstreams: Vec<SocketAddr>,
     /// Send enrolled workloads' DNS queries (UDP/53) to the DNS server.
     pub dns_capture: bool,
+    /// One log line per HTTP request (Envoy's access log).
+    pub access_log: bool,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -376,6 +379,7 @@ impl AgentConfig {
             dns_port,
             dns_upstreams,
             dns_capture: raw.capture.dns_capture.unwrap_or(true),
+            access_log: raw.proxy.access_log.unwrap_or(true),
             max_connections,
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,

@@ -40,6 +40,7 @@ pub struct ProxySettings {
     /// HTTP clients for L7 routing.
     pub upstreams: Upstreams,
     pub metrics: Arc<crate::mesh::metrics::Metrics>,
+    pub access_log: bool,
 }
 
 /// One connection the proxy is carrying, as `redirector status` shows it.
@@ -394,6 +395,7 @@ async fn handle(
                 gateway_port: None,
                 protocol,
                 metrics: settings.metrics.clone(),
+                access_log: settings.access_log,
             };
             drop(mesh);
             l7::serve(client_stream, ctx).await;

@@ -27,6 +27,7 @@ pub struct GatewayContext {
     pub mesh: MeshHandle,
     pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
+    pub access_log: bool,
 }
 
 fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> Result<tokio_rustls::TlsAcceptor> {
@@ -76,6 +77,7 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
                 gateway_port: Some(port),
                 protocol: Protocol::Http,
                 metrics: ctx.metrics.clone(),
+                access_log: ctx.access_log,
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {

@@ -132,6 +132,8 @@ pub struct ConnContext {
     pub gateway_port: Option<u16>,
     pub protocol: Protocol,
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
+    /// Write the per-request access log line.
+    pub access_log: bool,
 }
 
 /// Serve HTTP on a captured connection until the client closes it.
@@ -335,6 +337,9 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         done: Some(Box::new(move |n| response_bytes.observe(n as f64))),
     };
     let response = Response::from_parts(parts, observed.boxed());
+    if !ctx.access_log {
+        return response;
+    }
     info!(
         target: "access",
         client = %ctx.client,
