@@ -305,10 +305,10 @@ async fn sniff(stream: &TcpStream) -> Protocol {
 
 /// Where a TCP connection to a mesh service goes: its TCP route (weighted)
 /// or the service's endpoints. `None`: the service has no endpoint.
-async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>)> {
+async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>, u16)> {
     let service = &mesh.services[svc];
     if service.passthrough {
-        return Some((dst, svc, None));
+        return Some((dst, svc, None, dst.port()));
     }
     let rule = mesh
         .tcp_routes
@@ -336,7 +336,7 @@ async fn tcp_target(mesh: &crate::mesh::Mesh, svc: usize, dst: SocketAddr) -> Op
         Address::Ip(ip) => SocketAddr::new(ip, port),
         Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?,
     };
-    Some((a, target_svc, subset))
+    Some((a, target_svc, subset, port))
 }
 
 async fn handle(
@@ -403,7 +403,7 @@ async fn handle(
             return;
         }
         match tcp_target(&mesh, svc, dst).await {
-            Some((t, tsvc, subset)) => {
+            Some((t, tsvc, subset, tport)) => {
                 target = t;
                 let s = &mesh.services[tsvc];
                 let ep_labels = s
@@ -421,7 +421,7 @@ async fn handle(
                 );
                 // tcp.maxConnections: over the limit, the connection is
                 // refused (Envoy's UO).
-                let cluster = mesh.cluster(tsvc, subset.as_deref());
+                let cluster = mesh.cluster(tsvc, subset.as_deref(), tport);
                 if let Some(sem) = &cluster.connections {
                     match sem.clone().try_acquire_owned() {
                         Ok(p) => _slot = Some(p),

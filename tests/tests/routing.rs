@@ -264,7 +264,7 @@ fn a_tcp_service_is_routed_to_its_endpoints() {
     std::fs::write(
         dir.join("tcp.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{{name: tcp-echo, port: 7000, targetPort: 9000}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: echo}}\nsubsets:\n- addresses: [{{ip: {SERVER_V4_B}}}]\n  ports: [{{name: tcp-echo, port: 9000}}]\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{{name: tcp-echo, port: 7000, targetPort: 9000}}, {{port: 7001, targetPort: 9000}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: echo}}\nsubsets:\n- addresses: [{{ip: {SERVER_V4_B}}}]\n  ports: [{{name: tcp-echo, port: 9000}}, {{name: '', port: 9000}}]\n"
         ),
     )
     .unwrap();
@@ -273,11 +273,21 @@ fn a_tcp_service_is_routed_to_its_endpoints() {
     let out = t.exec_workload("app", &bash_connect("198.19.0.20", 7000));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(peers.lock().unwrap().len(), 1, "the service's endpoint answered");
+    // A port without a name or appProtocol: the first bytes decide. HTTP is
+    // routed per request (an access log line); anything else is TCP.
+    let out = t.exec_workload("sniff", "curl -sS -m 5 -o /dev/null -w '%{http_code}' http://198.19.0.20:7001/");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let out = t.exec_workload("sniff", &bash_connect("198.19.0.20", 7001));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(peers.lock().unwrap().len(), 3);
+    let log = std::fs::read_to_string(&t.log).unwrap();
+    assert_eq!(log.matches("\"original_dst\":\"198.19.0.20:7001\",\"method\":\"GET\"").count(), 1, "one HTTP request line");
     let series = "destination_service=\"echo.default.svc.cluster.local\"";
     assert!(eventually(Duration::from_secs(5), || {
         let text = local_get(&t, "http://127.0.0.1:15020/metrics");
-        metric_sum(&text, "istio_tcp_connections_opened_total", &[series]) == 1.0
-            && metric_sum(&text, "istio_tcp_connections_closed_total", &[series]) == 1.0
+        // The two TCP connections (the sniffed HTTP one is counted as requests).
+        metric_sum(&text, "istio_tcp_connections_opened_total", &[series]) == 2.0
+            && metric_sum(&text, "istio_tcp_connections_closed_total", &[series]) == 2.0
             && metric_sum(&text, "istio_tcp_sent_bytes_total", &[series]) > 0.0
     }));
 }

@@ -579,7 +579,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
 
     // Circuit breakers (DestinationRule connectionPool): requests in
     // flight, then a connection slot per request, with a bounded queue.
-    let cluster = mesh.cluster(dest.service, dest.subset.as_deref());
+    let cluster = mesh.cluster(dest.service, dest.subset.as_deref(), svc_port);
     let overflow = |route: Option<String>| Outcome {
         response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"),
         flags: "UO",
@@ -630,7 +630,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     // consistentHash: the request's key.
     let hash_key = {
         use std::hash::{Hash, Hasher};
-        let key: Option<String> = match mesh.policy(dest.service, dest.subset.as_deref()).map(|p| &p.lb) {
+        let key: Option<String> = match mesh.policy(dest.service, dest.subset.as_deref(), svc_port).map(|p| &p.lb) {
             Some(super::model::LbPolicy::HashHeader(h)) => {
                 parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string)
             }
@@ -778,7 +778,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 Ok(Ok(resp)) => Result5xx::Status(resp.status().as_u16()),
                 _ => Result5xx::Failed,
             };
-            if mesh.report(dest.service, dest.subset.as_deref(), ep, r) {
+            if mesh.report(dest.service, dest.subset.as_deref(), svc_port, ep, r) {
                 tracing::warn!(endpoint = %ep, service = %svc.hostname, "outlier detection: endpoint ejected");
             }
         }

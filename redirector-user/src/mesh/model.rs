@@ -225,6 +225,9 @@ pub struct EffectivePolicy {
 pub struct Policy {
     pub top: EffectivePolicy,
     pub subsets: BTreeMap<String, EffectivePolicy>,
+    /// portLevelSettings: (subset, destination port) -> the policy with
+    /// the port's settings over the subset's (or the top level's).
+    pub ports: BTreeMap<(Option<String>, u16), EffectivePolicy>,
 }
 
 /// Circuit-breaker state of one destination (service and subset).
@@ -287,8 +290,8 @@ pub struct GatewayRoutes {
 /// (Istio's default ingress gateway labels).
 pub const GATEWAY_LABELS: [(&str, &str); 2] = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")];
 
-/// A destination: service index and subset.
-type ClusterKey = (usize, Option<String>);
+/// A destination: service index, subset and port (0: any).
+type ClusterKey = (usize, Option<String>, u16);
 
 /// The compiled mesh. Immutable; a change builds a new one.
 #[derive(Debug, Default)]
@@ -495,9 +498,6 @@ fn effective_policy(
             base_ejection: dur(&od.base_ejection_time, "outlierDetection.baseEjectionTime", ctx).unwrap_or(Duration::from_secs(30)),
             max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
         });
-    }
-    if !tp.port_level_settings.is_empty() {
-        ctx.warn(origin, format!("{field}.portLevelSettings"), "not supported yet; ignored (see docs/istio-conformance.md)");
     }
     p
 }
@@ -771,6 +771,19 @@ impl Mesh {
         };
         let origin = d.origin.clone();
         let top = effective_policy(None, d.spec.traffic_policy.as_ref(), None, &origin, "spec.trafficPolicy", ctx);
+        let mut ports = BTreeMap::new();
+        let service_ports: Vec<u16> = self.services[svc].ports.iter().map(|p| p.port).collect();
+        let mut port_level = |base: &EffectivePolicy, subset: Option<&str>, tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
+            for (k, pl) in tp.map(|t| t.port_level_settings.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                let f = format!("{field}.portLevelSettings[{k}]");
+                if !service_ports.contains(&pl.port.number) {
+                    ctx.warn(&origin, format!("{f}.port.number"), format!("{host} has no port {}; the settings apply to nothing", pl.port.number));
+                }
+                let p = effective_policy(Some(base), Some(&pl.as_policy()), base.labels.clone(), &origin, &f, ctx);
+                ports.insert((subset.map(str::to_string), pl.port.number), p);
+            }
+        };
+        port_level(&top, None, d.spec.traffic_policy.as_ref(), "spec.trafficPolicy", ctx);
         let mut subsets = BTreeMap::new();
         for (i, s) in d.spec.subsets.iter().enumerate() {
             let field = format!("spec.subsets[{i}]");
@@ -782,11 +795,12 @@ impl Mesh {
                 &format!("{field}.trafficPolicy"),
                 ctx,
             );
+            port_level(&p, Some(&s.name), s.traffic_policy.as_ref(), &format!("{field}.trafficPolicy"), ctx);
             if subsets.insert(s.name.clone(), p).is_some() {
                 ctx.error(&d.origin, format!("{field}.name"), format!("subset `{}` is defined twice", s.name));
             }
         }
-        if self.policies.insert(svc, Policy { top, subsets }).is_some() {
+        if self.policies.insert(svc, Policy { top, subsets, ports }).is_some() {
             ctx.warn(&d.origin, "spec.host", format!("another DestinationRule already applies to {host}; this one replaces it"));
         }
     }
@@ -1148,9 +1162,13 @@ impl Mesh {
         self.by_host.get(host).copied()
     }
 
-    /// The policy that applies to `svc` (and `subset`).
-    pub fn policy(&self, svc: usize, subset: Option<&str>) -> Option<&EffectivePolicy> {
+    /// The policy that applies to `svc` (and `subset`) on destination
+    /// `port`: the port's settings where there are some.
+    pub fn policy(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<&EffectivePolicy> {
         let p = self.policies.get(&svc)?;
+        if let Some(pp) = p.ports.get(&(subset.map(str::to_string), port)) {
+            return Some(pp);
+        }
         match subset {
             Some(name) => p.subsets.get(name),
             None => Some(&p.top),
@@ -1158,13 +1176,13 @@ impl Mesh {
     }
 
     /// The circuit-breaker state of a destination, made on first use.
-    pub fn cluster(&self, svc: usize, subset: Option<&str>) -> Arc<Cluster> {
-        let key = (svc, subset.map(str::to_string));
+    pub fn cluster(&self, svc: usize, subset: Option<&str>, port: u16) -> Arc<Cluster> {
+        let key = (svc, subset.map(str::to_string), port);
         let mut clusters = self.clusters.lock().expect("cluster lock");
         clusters
             .entry(key)
             .or_insert_with(|| {
-                let limits = self.policy(svc, subset).map(|p| p.pool.clone()).unwrap_or_default();
+                let limits = self.policy(svc, subset, port).map(|p| p.pool.clone()).unwrap_or_default();
                 Arc::new(Cluster {
                     connections: limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
                     requests: limits.max_requests.map(|n| Arc::new(Semaphore::new(n))),
@@ -1187,7 +1205,7 @@ impl Mesh {
     pub fn pick(&self, svc: usize, subset: Option<&str>, port: u16, hash: Option<u64>) -> Option<Picked> {
         let service = &self.services[svc];
         let port_def = service.port(port).or_else(|| service.ports.first())?;
-        let policy = self.policy(svc, subset);
+        let policy = self.policy(svc, subset, port_def.port);
         if subset.is_some() && policy.is_none() {
             return None;
         }
@@ -1272,8 +1290,8 @@ impl Mesh {
     /// Record how a request to `endpoint` of `svc` ended; eject the
     /// endpoint when outlier detection says so. Returns true when this
     /// result ejected it.
-    pub fn report(&self, svc: usize, subset: Option<&str>, endpoint: SocketAddr, result: Result5xx) -> bool {
-        let Some(o) = self.policy(svc, subset).and_then(|p| p.outlier.clone()) else {
+    pub fn report(&self, svc: usize, subset: Option<&str>, port: u16, endpoint: SocketAddr, result: Result5xx) -> bool {
+        let Some(o) = self.policy(svc, subset, port).and_then(|p| p.outlier.clone()) else {
             return false;
         };
         let total = self.services[svc].endpoints.len().max(1);
@@ -1411,10 +1429,11 @@ impl Mesh {
         }
         let mut clusters = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
-            let mut push = |subset: Option<&str>, p: Option<&EffectivePolicy>| {
+            let mut push = |subset: Option<&str>, port: Option<u16>, p: Option<&EffectivePolicy>| {
                 clusters.push(json!({
                     "service": s.hostname,
                     "subset": subset,
+                    "port": port,
                     "lb": p.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin),
                     "max_connections": p.and_then(|p| p.pool.max_connections),
                     "max_pending_requests": p.and_then(|p| p.pool.max_pending),
@@ -1428,11 +1447,14 @@ impl Mesh {
                 }));
             };
             match self.policies.get(&i) {
-                None => push(None, None),
+                None => push(None, None, None),
                 Some(p) => {
-                    push(None, Some(&p.top));
+                    push(None, None, Some(&p.top));
                     for (name, sp) in &p.subsets {
-                        push(Some(name), Some(sp));
+                        push(Some(name), None, Some(sp));
+                    }
+                    for ((name, port), pp) in &p.ports {
+                        push(name.as_deref(), Some(*port), Some(pp));
                     }
                 }
             }
@@ -1458,5 +1480,59 @@ impl Mesh {
     pub fn chance(&self, percent: f64) -> bool {
         use rand::Rng;
         percent >= 100.0 || (percent > 0.0 && rand::thread_rng().gen_range(0.0..100.0) < percent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::config::load_text;
+
+    fn compile(yaml: &str) -> Result<Mesh, Vec<Problem>> {
+        let mut docs = Documents::default();
+        let mut errors = Vec::new();
+        load_text(std::path::Path::new("m.yaml"), yaml, &mut docs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        Mesh::compile(&docs)
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";
+
+    #[test]
+    fn port_level_settings_override_the_destination_and_the_subset() {
+        let m = compile(&format!(
+            "{SVC}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web}}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {{simple: RANDOM}}\n    connectionPool: {{tcp: {{maxConnections: 10}}}}\n    portLevelSettings:\n    - port: {{number: 9000}}\n      connectionPool: {{tcp: {{maxConnections: 1}}}}\n  subsets:\n  - name: v1\n    labels: {{version: v1}}\n    trafficPolicy:\n      portLevelSettings:\n      - port: {{number: 80}}\n        loadBalancer: {{simple: LEAST_REQUEST}}\n"
+        ))
+        .unwrap();
+        let svc = m.service_by_host("web.default.svc.cluster.local").unwrap();
+        let p80 = m.policy(svc, None, 80).unwrap();
+        assert_eq!((p80.lb.clone(), p80.pool.max_connections), (LbPolicy::Random, Some(10)));
+        let p9000 = m.policy(svc, None, 9000).unwrap();
+        assert_eq!((p9000.lb.clone(), p9000.pool.max_connections), (LbPolicy::Random, Some(1)));
+        let v1 = m.policy(svc, Some("v1"), 80).unwrap();
+        assert_eq!((v1.lb.clone(), v1.pool.max_connections), (LbPolicy::LeastRequest, Some(10)));
+        assert_eq!(v1.labels.as_ref().unwrap().get("version").map(String::as_str), Some("v1"));
+        assert_eq!(m.policy(svc, Some("v1"), 9000).unwrap().lb, LbPolicy::Random);
+    }
+
+    #[test]
+    fn services_are_found_by_address_and_port_and_protocols_by_name() {
+        let m = compile(SVC).unwrap();
+        let (i, p) = m.service_at("10.96.0.5:9000".parse().unwrap()).unwrap();
+        assert_eq!((m.services[i].hostname.as_str(), p.protocol), ("web.default.svc.cluster.local", Protocol::Http));
+        assert!(m.service_at("10.96.0.5:81".parse().unwrap()).is_none());
+        assert!(m.service_at("[::ffff:10.96.0.5]:80".parse().unwrap()).is_some(), "IPv4-mapped");
+        assert_eq!(Protocol::of(Some("kubernetes.io/h2c"), None, None), Protocol::Http2);
+        assert_eq!(Protocol::of(None, Some("grpc-web"), None), Protocol::Http2);
+        assert_eq!(Protocol::of(None, Some("tcp-db"), None), Protocol::Tcp);
+        assert_eq!(Protocol::of(None, Some("metrics"), None), Protocol::Sniff);
+    }
+
+    #[test]
+    fn durations_parse_as_istio_writes_them() {
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
     }
 }

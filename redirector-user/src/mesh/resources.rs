@@ -423,7 +423,31 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
-    pub port_level_settings: Vec<serde_yaml::Value>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// trafficPolicy.portLevelSettings[]: a policy for one destination port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: PortSelector,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl PortTrafficPolicy {
+    pub fn as_policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self.load_balancer.clone(),
+            connection_pool: self.connection_pool.clone(),
+            outlier_detection: self.outlier_detection.clone(),
+            port_level_settings: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
