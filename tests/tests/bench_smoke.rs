@@ -38,13 +38,14 @@ fn the_bench_harness_produces_a_well_formed_report() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
-    assert_eq!(table.len(), 1 + 4, "header and one row per mode:\n{md}");
+    assert_eq!(table.len(), 1 + 5, "header and one row per mode:\n{md}");
     for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7"] {
         let row = table.iter().find(|r| r.starts_with(&format!("| {mode} |"))).expect(mode);
         assert_eq!(row.matches('|').count(), 11, "{row}");
     }
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["samples"].as_array().unwrap().len(), 16, "4 modes x 4 scenarios");
+    assert_eq!(report["samples"].as_array().unwrap().len(), 20, "5 modes x 4 scenarios");
+    assert!(md.contains("L7 routing over L4 forwarding"), "{md}");
     assert!(report["medians"]["direct"]["max-rps"]["rps"].as_f64().unwrap() > 0.0);
     assert!(report["ratios"]["ebpf"]["max-rps"]["rps"].is_number());
     let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
