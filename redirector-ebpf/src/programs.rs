@@ -21,7 +21,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use redirector_common::{
     is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
-    OriginalDst, SockKey, AF_INET, AF_INET6, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
+    OriginalDst, SockKey, AF_INET, AF_INET6, SO_REDIRECTOR_SOURCE_CGROUP, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
@@ -257,6 +257,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         port,
         family,
         _pad: 0,
+        cgroup_id,
     };
     let stored = if socket_storage() {
         let stored = unsafe {
@@ -369,6 +370,7 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         port: DNS_PORT,
         family,
         _pad: 0,
+        cgroup_id,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if DNS_ORIG.insert(&cookie, &dst, 0).is_err() {
@@ -702,7 +704,8 @@ struct SockaddrIn6 {
 fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     let so = unsafe { &mut *ctx.sockopt };
     let level = so.level;
-    if so.optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+    let source = so.optname == SO_REDIRECTOR_SOURCE_CGROUP && level == SOL_IP;
+    if !source && (so.optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6)) {
         // Options above a page are truncated for us; an optlen of 0 tells
         // the kernel to keep its own answer untouched.
         if so.optlen > PAGE_SIZE {
@@ -734,6 +737,20 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
 
+    if source {
+        // The source workload's cgroup, for the proxy's telemetry.
+        if optval + 8 > optval_end {
+            return Ok(());
+        }
+        // Separate 4-byte stores: the verifier refuses one 8-byte store
+        // across optlen and retval, which the compiler would make of them.
+        unsafe {
+            *(optval as *mut u64) = dst.cgroup_id;
+            ptr::write_volatile(&mut so.optlen, 8);
+            ptr::write_volatile(&mut so.retval, 0);
+        }
+        return Ok(());
+    }
     if level == SOL_IP {
         let Some(ip4) = dst.ipv4() else {
             count(cgroup_id, Decision::ErrorLookupMiss);

@@ -254,6 +254,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
         access_log: cfg.access_log,
+        workloads: Arc::new(crate::proxy::Workloads::new(mount.clone())),
     };
     let stats = Arc::new(ProxyStats::default());
     let (tx, rx) = watch::channel(false);

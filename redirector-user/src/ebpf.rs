@@ -144,6 +144,7 @@ impl EbpfCapture {
         let pin_dir = cfg.bpffs_dir.clone();
         let fresh = !pin_dir.join(maps::CONFIG).exists();
         ensure_bpffs(&pin_dir)?;
+        drop_outdated_pins(&pin_dir);
         let result = Self::install_inner(cfg, cgroup_root, proxy_cgroup_id, &pin_dir, socket_storage);
         if result.is_err() && fresh {
             remove_pins(&pin_dir);
@@ -232,6 +233,24 @@ impl EbpfCapture {
             pin_dir: pin_dir.to_path_buf(),
             adopted,
         })
+    }
+}
+
+/// Pinned maps an older agent made with a different value layout cannot be
+/// adopted (the programs would not load): remove them so they are made
+/// afresh. They hold only connections in their handshake.
+fn drop_outdated_pins(dir: &Path) {
+    let want = std::mem::size_of::<OriginalDst>() as u32;
+    for name in [maps::PENDING, maps::DST_BY_COOKIE, maps::DNS_ORIG] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let size = MapData::from_pin(&path).ok().and_then(|m| m.info().ok()).map(|i| i.value_size());
+        if size != Some(want) {
+            warn!(map = name, found = ?size, want, "replacing a pinned map an older agent made");
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 

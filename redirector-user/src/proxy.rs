@@ -41,6 +41,8 @@ pub struct ProxySettings {
     pub upstreams: Upstreams,
     pub metrics: Arc<crate::mesh::metrics::Metrics>,
     pub access_log: bool,
+    /// Source workload names by cgroup.
+    pub workloads: Arc<Workloads>,
 }
 
 /// One connection the proxy is carrying, as `redirector status` shows it.
@@ -131,6 +133,107 @@ impl Drop for OpenGuard<'_> {
 
 /// The original destination of an accepted connection, by the same
 /// getsockopt a sidecar proxy uses under iptables capture.
+/// The client's cgroup id, as the kernel programs recorded it at connect()
+/// (eBPF capture; `None` under iptables capture or for an unknown socket).
+pub fn source_cgroup(stream: &TcpStream) -> Option<u64> {
+    let mut id: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: an 8-byte buffer and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            redirector_common::SO_REDIRECTOR_SOURCE_CGROUP,
+            (&mut id as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>() && id != 0).then_some(id)
+}
+
+/// Names of workloads by cgroup id: the cgroup directory's name (`redirector
+/// exec --workload NAME` makes `redirector-workloads/NAME`). The kernel
+/// turns the id into the directory (open_by_handle_at on the cgroup2
+/// mount, as bpftool does), so a workload is named from its first
+/// connection.
+pub struct Workloads {
+    mount: std::path::PathBuf,
+    names: Mutex<std::collections::HashMap<u64, String>>,
+}
+
+/// The file handle type of kernfs (cgroup2) inodes.
+const FILEID_KERNFS: libc::c_int = 0xfe;
+
+#[repr(C)]
+struct CgroupHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    id: u64,
+}
+
+impl Workloads {
+    pub fn new(mount: std::path::PathBuf) -> Workloads {
+        Workloads {
+            mount,
+            names: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The cgroup's path relative to the cgroup2 mount.
+    fn path_of(&self, cgroup_id: u64) -> Option<std::path::PathBuf> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mount = std::fs::File::open(&self.mount).ok()?;
+        let mut handle = CgroupHandle {
+            handle_bytes: std::mem::size_of::<u64>() as libc::c_uint,
+            handle_type: FILEID_KERNFS,
+            id: cgroup_id,
+        };
+        // SAFETY: a valid mount fd and a file handle of the declared size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mount.as_raw_fd(),
+                &mut handle as *mut CgroupHandle,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the kernel returned a new descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
+    }
+
+    pub fn name(&self, cgroup_id: u64) -> Option<String> {
+        if let Some(n) = self.names.lock().expect("workloads lock").get(&cgroup_id) {
+            return Some(n.clone());
+        }
+        let name = self.path_of(cgroup_id)?.file_name()?.to_string_lossy().into_owned();
+        let mut names = self.names.lock().expect("workloads lock");
+        if names.len() > 65_536 {
+            names.clear();
+        }
+        names.insert(cgroup_id, name.clone());
+        Some(name)
+    }
+}
+
+/// The source workload of a connection: its cgroup's name (eBPF capture),
+/// else the Pod or WorkloadEntry with the client's address; (name,
+/// namespace).
+pub fn source_workload(
+    stream: &TcpStream,
+    client: SocketAddr,
+    workloads: &Workloads,
+    mesh: &crate::mesh::Mesh,
+) -> Option<(String, String)> {
+    if let Some(name) = source_cgroup(stream).and_then(|id| workloads.name(id)) {
+        return Some((name, "unknown".into()));
+    }
+    mesh.workload_at(client.ip())
+}
+
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
     let local = stream.local_addr()?;
@@ -376,9 +479,17 @@ async fn handle(
     // service's endpoints (or its TCP route). Anything else goes where the
     // client was going.
     let mesh = settings.mesh.current();
+    let source = source_workload(&client_stream, client, &settings.workloads, &mesh);
     let mut target = dst;
     let mut _slot = None;
     let mut labels = crate::mesh::metrics::Labels::passthrough(dst);
+    let set_source = |l: &mut crate::mesh::metrics::Labels| {
+        if let Some((name, ns)) = &source {
+            l.source_workload = name.clone();
+            l.source_workload_namespace = ns.clone();
+        }
+    };
+    set_source(&mut labels);
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
             Protocol::Sniff => sniff(&client_stream).await,
@@ -396,6 +507,7 @@ async fn handle(
                 protocol,
                 metrics: settings.metrics.clone(),
                 access_log: settings.access_log,
+                source: source.clone(),
             };
             drop(mesh);
             l7::serve(client_stream, ctx).await;
@@ -419,6 +531,7 @@ async fn handle(
                     ep_labels.get("version").map(String::as_str).unwrap_or("unknown"),
                     "tcp",
                 );
+                set_source(&mut labels);
                 // tcp.maxConnections: over the limit, the connection is
                 // refused (Envoy's UO).
                 let cluster = mesh.cluster(tsvc, subset.as_deref(), tport);

@@ -459,6 +459,8 @@ fn metrics_readiness_config_dump_and_proxy_config() {
     );
     assert_eq!(metric_sum(&text, "istio_request_duration_milliseconds_count", &[svc]), 35.0);
     assert!(metric_sum(&text, "istio_requests_total", &["destination_version=\"v1\""]) > 0.0);
+    // The source workload: the enrolled client's cgroup (`exec --workload client`).
+    assert_eq!(metric_sum(&text, "istio_requests_total", &[svc, "source_workload=\"client\""]), 35.0, "{text}");
     assert!(text.contains("istio_response_bytes_bucket{"));
 
     assert_eq!(local_get(&m.t, "http://127.0.0.1:15021/healthz/ready").trim(), "ready");

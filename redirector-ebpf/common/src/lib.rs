@@ -85,6 +85,10 @@ pub const AF_INET6: u16 = 10;
 /// `SO_ORIGINAL_DST` (`SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (`SOL_IPV6`) share
 /// this option number.
 pub const SO_ORIGINAL_DST: i32 = 80;
+/// `getsockopt(SOL_IP, SO_REDIRECTOR_SOURCE_CGROUP)` on a socket the proxy
+/// accepted: the client's cgroup id (u64), answered by our getsockopt
+/// program (the kernel has no such option). "RD" in ASCII.
+pub const SO_REDIRECTOR_SOURCE_CGROUP: i32 = 0x5244;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
@@ -141,6 +145,9 @@ pub struct OriginalDst {
     /// (IPv4-mapped IPv6 destinations are `AF_INET`); host order.
     pub family: u16,
     pub _pad: u32,
+    /// The cgroup of the process that connected (the source workload);
+    /// host order. 0 where unknown.
+    pub cgroup_id: u64,
 }
 
 /// Key of [`maps::PENDING`]: the client end of a captured connection as both

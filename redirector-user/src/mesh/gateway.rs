@@ -78,6 +78,7 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
                 protocol: Protocol::Http,
                 metrics: ctx.metrics.clone(),
                 access_log: ctx.access_log,
+                source: None,
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {

@@ -134,6 +134,8 @@ pub struct ConnContext {
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
     /// Write the per-request access log line.
     pub access_log: bool,
+    /// The source workload (name, namespace), where known.
+    pub source: Option<(String, String)>,
 }
 
 /// Serve HTTP on a captured connection until the client closes it.
@@ -317,12 +319,24 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     };
     let workload = target.labels.get("app").map(String::as_str).unwrap_or("unknown");
     let version = target.labels.get("version").map(String::as_str).unwrap_or("unknown");
+    let source = ctx.source.as_ref();
     let series = ctx.metrics.request_series(
-        (svc_host.to_string(), workload.to_string(), version.to_string(), status, out.flags),
+        (
+            source.map(|s| s.0.clone()).unwrap_or_default(),
+            svc_host.to_string(),
+            workload.to_string(),
+            version.to_string(),
+            status,
+            out.flags,
+        ),
         || {
             let mut l = super::metrics::Labels::to_service(svc_host, svc_ns, workload, version, "http");
             l.response_code = status.to_string();
             l.response_flags = out.flags.to_string();
+            if let Some((name, ns)) = source {
+                l.source_workload = name.clone();
+                l.source_workload_namespace = ns.clone();
+            }
             l
         },
     );
@@ -343,6 +357,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     info!(
         target: "access",
         client = %ctx.client,
+        source_workload = ctx.source.as_ref().map(|s| s.0.as_str()).unwrap_or("unknown"),
         original_dst = %ctx.original_dst,
         method = %method,
         authority = %authority,

@@ -66,8 +66,9 @@ impl Labels {
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 /// What distinguishes one request series from another, cheaply hashed:
-/// (destination service, workload, version, response code, flags).
-pub type RequestKey = (String, String, String, u16, &'static str);
+/// (source workload, destination service, workload, version, response
+/// code, flags).
+pub type RequestKey = (String, String, String, String, u16, &'static str);
 
 /// The metric handles of one request series, kept so a request costs a
 /// small map lookup and a few atomic updates, not a label set hashed four

@@ -304,6 +304,9 @@ pub struct Mesh {
     pub policies: HashMap<usize, Policy>,
     pub gateway_listeners: Vec<GatewayListener>,
     pub gateway_routes: Vec<GatewayRoutes>,
+    /// Pods and WorkloadEntries by address: (workload name, namespace),
+    /// the name being the `app` label where there is one.
+    workloads_by_ip: HashMap<IpAddr, (String, String)>,
     pub warnings: Vec<Problem>,
     /// Round-robin positions per (service, subset).
     cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
@@ -528,6 +531,18 @@ impl Mesh {
             }
         }
 
+        for p in &docs.pods {
+            if let Some(ip) = p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+                let name = p.meta.labels.get("app").cloned().unwrap_or_else(|| p.meta.name.clone());
+                mesh.workloads_by_ip.insert(ip, (name, p.namespace().to_string()));
+            }
+        }
+        for w in &docs.workload_entries {
+            if let Ok(ip) = w.spec.address.parse() {
+                let name = w.spec.labels.get("app").or(w.meta.labels.get("app")).cloned().unwrap_or_else(|| w.meta.name.clone());
+                mesh.workloads_by_ip.insert(ip, (name, w.namespace().to_string()));
+            }
+        }
         for s in &docs.services {
             mesh.add_kubernetes_service(s, docs, &labels_by_ip, &mut ctx);
         }
@@ -1156,6 +1171,16 @@ impl Mesh {
         };
         let i = *self.by_vip.get(&(ip, dst.port()))?;
         Some((i, self.services[i].port(dst.port())?))
+    }
+
+    /// The workload (name, namespace) with this address, if the config
+    /// names one.
+    pub fn workload_at(&self, ip: IpAddr) -> Option<(String, String)> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.workloads_by_ip.get(&ip).cloned()
     }
 
     pub fn service_by_host(&self, host: &str) -> Option<usize> {
