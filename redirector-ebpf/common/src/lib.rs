@@ -379,6 +379,7 @@ mod tests {
             port: 80,
             family: AF_INET,
             _pad: 0,
+            cgroup_id: 0,
         };
         assert_eq!(v4.ipv4(), Some(u32::from_ne_bytes([198, 18, 0, 1])));
         let v6 = OriginalDst { family: AF_INET6, ..v4 };
