@@ -348,7 +348,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<CaptureConfig>(), 24);
         assert_eq!(size_of::<Enrollment>(), 8);
-        assert_eq!(size_of::<OriginalDst>(), 24);
+        assert_eq!(size_of::<OriginalDst>(), 32);
         assert_eq!(size_of::<ConnKey>(), 32);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<SockKey>(), 48);
