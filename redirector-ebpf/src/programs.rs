@@ -5,7 +5,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_STATE_CB_FLAG},
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -191,6 +191,42 @@ fn is_excluded_cidr(addr: &[u32; 4], family: u16) -> bool {
     }
 }
 
+/// The address a connect()/sendmsg() names, IPv4 in the IPv4-mapped form,
+/// and the family it really is (an IPv4-mapped IPv6 address is IPv4).
+#[inline(always)]
+fn destination(sa: &bpf_sock_addr, v6: bool) -> ([u32; 4], u16) {
+    if v6 {
+        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        if is_v4_mapped(&a) {
+            (a, AF_INET)
+        } else {
+            (a, AF_INET6)
+        }
+    } else {
+        (map_v4(sa.user_ip4), AF_INET)
+    }
+}
+
+/// Point a connect()/sendmsg() at `port` on loopback: 127.0.0.1 (in its
+/// IPv4-mapped form on a dual-stack socket) or ::1.
+#[inline(always)]
+fn to_loopback(sa: &mut bpf_sock_addr, v6: bool, family: u16, port: u16) {
+    if v6 {
+        let lo = if family == AF_INET {
+            map_v4(u32::from_ne_bytes([127, 0, 0, 1]))
+        } else {
+            [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+        };
+        sa.user_ip6[0] = lo[0];
+        sa.user_ip6[1] = lo[1];
+        sa.user_ip6[2] = lo[2];
+        sa.user_ip6[3] = lo[3];
+    } else {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    }
+    sa.user_port = u32::from(port.to_be());
+}
+
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -223,16 +259,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     }
 
     let port = u16::from_be(sa.user_port as u16);
-    let (addr, family) = if v6 {
-        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-        if is_v4_mapped(&a) {
-            (a, AF_INET)
-        } else {
-            (a, AF_INET6)
-        }
-    } else {
-        (map_v4(sa.user_ip4), AF_INET)
-    };
+    let (addr, family) = destination(sa, v6);
 
     if is_loopback(&addr, family) && cfg.flags & FLAG_CAPTURE_LOOPBACK == 0 {
         count(cgroup_id, Decision::ExcludedLoopback);
@@ -288,24 +315,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         return Ok(());
     }
 
-    let port_be = u32::from(cfg.outbound_port.to_be());
-    if v6 {
-        if family == AF_INET {
-            let lo = map_v4(u32::from_ne_bytes([127, 0, 0, 1]));
-            sa.user_ip6[0] = lo[0];
-            sa.user_ip6[1] = lo[1];
-            sa.user_ip6[2] = lo[2];
-            sa.user_ip6[3] = lo[3];
-        } else {
-            sa.user_ip6[0] = 0;
-            sa.user_ip6[1] = 0;
-            sa.user_ip6[2] = 0;
-            sa.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
-        }
-    } else {
-        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-    }
-    sa.user_port = port_be;
+    to_loopback(sa, v6, family, cfg.outbound_port);
     count(cgroup_id, Decision::Redirected);
     Ok(())
 }
@@ -355,16 +365,7 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     if cgroup_id == cfg.proxy_cgroup_id || unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
         return Ok(());
     }
-    let (addr, family) = if v6 {
-        let a = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-        if is_v4_mapped(&a) {
-            (a, AF_INET)
-        } else {
-            (a, AF_INET6)
-        }
-    } else {
-        (map_v4(sa.user_ip4), AF_INET)
-    };
+    let (addr, family) = destination(sa, v6);
     let dst = OriginalDst {
         addr,
         port: DNS_PORT,
@@ -377,23 +378,7 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         count(cgroup_id, Decision::ErrorMapFull);
         return Ok(());
     }
-    if v6 {
-        if family == AF_INET {
-            let lo = map_v4(u32::from_ne_bytes([127, 0, 0, 1]));
-            sa.user_ip6[0] = lo[0];
-            sa.user_ip6[1] = lo[1];
-            sa.user_ip6[2] = lo[2];
-            sa.user_ip6[3] = lo[3];
-        } else {
-            sa.user_ip6[0] = 0;
-            sa.user_ip6[1] = 0;
-            sa.user_ip6[2] = 0;
-            sa.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
-        }
-    } else {
-        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-    }
-    sa.user_port = u32::from(cfg.dns_port.to_be());
+    to_loopback(sa, v6, family, cfg.dns_port);
     count(cgroup_id, Decision::DnsRedirected);
     Ok(())
 }

@@ -56,17 +56,34 @@ struct Mesh {
 
 /// A topology with both httpbin instances and the agent routing by `vs`.
 fn mesh(mode: &'static str, vs: &str) -> Option<Mesh> {
+    start_mesh(mode, true, true, vs)
+}
+
+/// The Service and its workloads, httpbin v1 (and v2 when `v2`), the base
+/// DestinationRule when `base_rule`, `extra` YAML, and the agent. Without
+/// `v2`, v2's address has nothing listening (its log path is still set).
+fn start_mesh(mode: &'static str, v2: bool, base_rule: bool, extra: &str) -> Option<Mesh> {
     if !privileged() || !httpbin_available() {
         return None;
     }
     let mut t = Topology::with_mode(mode).unwrap();
     t.route_service_range().unwrap();
     let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
-    let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
+    let v2 = if v2 {
+        t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap()
+    } else {
+        t.state.parent().unwrap().join("httpbin-v2.access.log")
+    };
     let dir = t.state.parent().unwrap().join("mesh");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("base.yaml"), base_yaml()).unwrap();
-    std::fs::write(dir.join("vs.yaml"), vs).unwrap();
+    let base = base_yaml();
+    let base = if base_rule {
+        base
+    } else {
+        base.split("---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule").next().unwrap().to_string()
+    };
+    std::fs::write(dir.join("base.yaml"), base).unwrap();
+    std::fs::write(dir.join("vs.yaml"), extra).unwrap();
     t.config_dir = Some(dir.clone());
     t.start_agent("").unwrap();
     Some(Mesh { t, dir, v1, v2 })
@@ -326,26 +343,6 @@ fn a_bad_mesh_config_fails_the_start_naming_file_and_field() {
     assert!(!t.bpffs.exists());
 }
 
-/// Start the agent with `extra` YAML next to the base, but only httpbin v1
-/// running (v2's address has nothing listening until `start_v2`).
-fn mesh_v1_only(extra: &str) -> Option<(Topology, PathBuf, PathBuf)> {
-    if !privileged() || !httpbin_available() {
-        return None;
-    }
-    let mut t = Topology::new().unwrap();
-    t.route_service_range().unwrap();
-    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
-    let dir = t.state.parent().unwrap().join("mesh");
-    std::fs::create_dir_all(&dir).unwrap();
-    // The base's DestinationRule is replaced by the test's.
-    let base: String = base_yaml().split("---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule").next().unwrap().to_string();
-    std::fs::write(dir.join("base.yaml"), base).unwrap();
-    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
-    t.config_dir = Some(dir.clone());
-    t.start_agent("").unwrap();
-    Some((t, dir, v1))
-}
-
 #[test]
 fn circuit_breaking_sends_overflow_a_503_with_flag_uo() {
     let dr = r#"apiVersion: networking.istio.io/v1
@@ -361,7 +358,7 @@ spec:
   - {name: v1, labels: {version: v1}}
 "#;
     let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: httpbin, namespace: default}\nspec:\n  hosts: [httpbin]\n  http:\n  - route: [{destination: {host: httpbin, subset: v1}}]\n";
-    let Some((t, _dir, v1)) = mesh_v1_only(&format!("{dr}{vs}")) else { return };
+    let Some(Mesh { t, v1, .. }) = start_mesh("ebpf", false, false, &format!("{dr}{vs}")) else { return };
     // Six clients at once, each one request that takes a second: one in
     // flight, one waiting, the rest overflow at once.
     let script = format!(
@@ -394,7 +391,7 @@ spec:
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 100}
 "#;
-    let Some((t, _dir, v1)) = mesh_v1_only(dr) else { return };
+    let Some(Mesh { t, v1, .. }) = start_mesh("ebpf", false, false, dr) else { return };
     // v2 refuses connections: after two failures it is ejected; retries
     // carry every request to v1.
     let r = requests_on(&t, "/get", "--count 20");
@@ -672,7 +669,7 @@ spec:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
 "#;
-    let Some(m) = mesh_v1_v2_without_base_rule(vs) else { return };
+    let Some(m) = start_mesh("ebpf", true, false, vs) else { return };
 
     // consistentHash on a header: each user's requests all go to one
     // instance.
@@ -712,24 +709,4 @@ spec:
     assert!(raw(&format!("GET /get HTTP/1.1\\r\\nHost: a\\r\\nX-Big: {big}\\r\\n\\r\\n")).starts_with("HTTP/1.1 431"));
     let r = requests(&m, "/get", "--count 3");
     assert_eq!(count(&r, "200"), 3, "the proxy is unaffected");
-}
-
-/// Both httpbin instances, the Service and WorkloadEntries, and `extra`
-/// (which brings its own DestinationRule).
-fn mesh_v1_v2_without_base_rule(extra: &str) -> Option<Mesh> {
-    if !privileged() || !httpbin_available() {
-        return None;
-    }
-    let mut t = Topology::new().unwrap();
-    t.route_service_range().unwrap();
-    let v1 = t.start_httpbin("httpbin-v1", SERVER_V4, 8080).unwrap();
-    let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
-    let dir = t.state.parent().unwrap().join("mesh");
-    std::fs::create_dir_all(&dir).unwrap();
-    let base: String = base_yaml().split("---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule").next().unwrap().to_string();
-    std::fs::write(dir.join("base.yaml"), base).unwrap();
-    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
-    t.config_dir = Some(dir.clone());
-    t.start_agent("").unwrap();
-    Some(Mesh { t, dir, v1, v2 })
 }
