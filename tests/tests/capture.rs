@@ -34,6 +34,10 @@ macro_rules! in_every_mode {
     };
 }
 
+/// Programs attached to the capture cgroup: connect4/6, sockops,
+/// getsockopt, and DNS's sendmsg4/6 and recvmsg4/6.
+const CGROUP_PROGRAMS: usize = 8;
+
 fn upstream_locals_contain(t: &Topology, peer: std::net::SocketAddr) -> bool {
     eventually(Duration::from_secs(5), || {
         t.proxied_upstream_locals().contains(&peer.to_string())
@@ -226,9 +230,9 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) 
             .as_str()
             .is_some_and(|m| m.contains("adopted"))));
         let s = t.status();
-        assert_eq!(s["programs_attached"].as_array().unwrap().len(), 4, "{s}");
+        assert_eq!(s["programs_attached"].as_array().unwrap().len(), CGROUP_PROGRAMS, "{s}");
         // One link per program on the cgroup: the old ones were replaced.
-        assert_eq!(attached_programs(&t.cgroup).len(), 4);
+        assert_eq!(attached_programs(&t.cgroup).len(), CGROUP_PROGRAMS);
     } else {
         // The crashed agent's rules were replaced, not doubled, and the
         // enrolled workload was kept.
@@ -250,7 +254,7 @@ fn uninstall_leaves_no_program_attached_and_nothing_pinned(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
     t.start_agent("").unwrap();
     if mode.starts_with("ebpf") {
-        assert_eq!(attached_programs(&t.cgroup).len(), 4);
+        assert_eq!(attached_programs(&t.cgroup).len(), CGROUP_PROGRAMS);
         assert!(t.bpffs.exists());
     } else {
         assert!(!t.nat_rules().is_empty());
