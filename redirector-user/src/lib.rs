@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod features;
 pub mod iptables;
 pub mod mesh;
+pub mod podcgroup;
 pub mod proxy;
 pub mod state;
 pub mod system;
