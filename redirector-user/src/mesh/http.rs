@@ -28,31 +28,6 @@ use super::MeshHandle;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A response body that holds the destination's connection slot (its
-/// circuit breaker) until the body has been sent or dropped: an HTTP/1.1
-/// connection is busy until then.
-struct Guarded {
-    inner: Incoming,
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl hyper::body::Body for Guarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 60 * 1024;
 
@@ -244,18 +219,23 @@ struct Outcome {
     route: Option<String>,
 }
 
-/// The destination a request went to, for its metric labels.
-#[derive(Default, Clone)]
+/// The destination a request went to, for its metric labels, and the
+/// destination's connection slot the response holds.
+#[derive(Default)]
 struct Target {
     service: Option<usize>,
     labels: std::collections::BTreeMap<String, String>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// A response body that counts its bytes and reports them when done.
+/// A response body that counts its bytes and reports them when done, and
+/// holds the destination's connection slot (its circuit breaker) until
+/// then: an HTTP/1.1 connection is busy until its response is sent.
 struct Observed {
     inner: Body,
     bytes: u64,
     done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl hyper::body::Body for Observed {
@@ -349,6 +329,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         inner: body,
         bytes: 0,
         done: Some(Box::new(move |n| response_bytes.observe(n as f64))),
+        _slot: target.slot.take(),
     };
     let response = Response::from_parts(parts, observed.boxed());
     if !ctx.access_log {
@@ -841,12 +822,9 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 let (mut rp, rb) = resp.into_parts();
                 apply_ops(&mut rp.headers, rule.headers.as_ref().and_then(|h| h.response.as_ref()));
                 apply_ops(&mut rp.headers, dest.headers.as_ref().and_then(|h| h.response.as_ref()));
-                let body = Guarded {
-                    inner: rb,
-                    _slot: connection_slot,
-                };
+                target.slot = connection_slot;
                 return Outcome {
-                    response: Response::from_parts(rp, body.boxed()),
+                    response: Response::from_parts(rp, rb.boxed()),
                     flags,
                     upstream: Some(upstream),
                     route: route_name,
