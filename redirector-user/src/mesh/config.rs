@@ -76,6 +76,8 @@ pub struct Documents {
     pub endpoints: Vec<Doc<Vec<EndpointsSubset>>>,
     pub slices: Vec<Doc<SliceDoc>>,
     pub pods: Vec<Doc<PodDoc>>,
+    /// Namespaces, for their enrollment labels.
+    pub namespaces: Vec<Doc<()>>,
     pub service_entries: Vec<Doc<ServiceEntrySpec>>,
     pub workload_entries: Vec<Doc<WorkloadEntrySpec>>,
     pub virtual_services: Vec<Doc<VirtualServiceSpec>>,
@@ -237,6 +239,7 @@ pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec
             ("v1", "Service") => take!(services, ServiceSpec, Some("spec")),
             ("v1", "Endpoints") => take!(endpoints, Vec<EndpointsSubset>, Some("subsets")),
             ("v1", "Pod") => take!(pods, PodDoc, None::<&str>),
+            ("v1", "Namespace") => docs.namespaces.push(Doc { origin: origin.clone(), meta: meta.clone(), spec: () }),
             ("discovery.k8s.io/v1", "EndpointSlice") => take!(slices, SliceDoc, None::<&str>),
             (_, "ServiceEntry") if istio => take!(service_entries, ServiceEntrySpec, Some("spec")),
             (_, "WorkloadEntry") if istio => take!(workload_entries, WorkloadEntrySpec, Some("spec")),

@@ -307,6 +307,9 @@ pub struct Mesh {
     /// Pods and WorkloadEntries by address: (workload name, namespace),
     /// the name being the `app` label where there is one.
     workloads_by_ip: HashMap<IpAddr, (String, String)>,
+    /// Every Pod the config names, and which of them the mesh enrolls.
+    pub pods: Vec<PodInfo>,
+    pods_by_ip: HashMap<IpAddr, usize>,
     pub warnings: Vec<Problem>,
     /// Round-robin positions per (service, subset).
     cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
@@ -314,6 +317,76 @@ pub struct Mesh {
     pub in_flight: std::sync::Mutex<HashMap<SocketAddr, usize>>,
     clusters: std::sync::Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
     health: std::sync::Mutex<HashMap<(usize, SocketAddr), Health>>,
+}
+
+/// The annotation naming a pod's network namespace (a path such as
+/// `/var/run/netns/NAME`) where no container runtime tells us.
+pub const NETNS_ANNOTATION: &str = "redirector.dev/netns";
+/// The annotation naming a pod's cgroup (relative to the cgroup2 mount, or
+/// absolute) where it cannot be found from the pod's UID.
+pub const CGROUP_ANNOTATION: &str = "redirector.dev/cgroup";
+
+/// A Pod as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+    pub node_name: Option<String>,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub host_ip: Option<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub netns: Option<String>,
+    pub cgroup: Option<String>,
+    /// In the mesh: its namespace (or the pod itself) opts in the way Istio
+    /// users label them, it does not opt out, and it is not on the host
+    /// network.
+    pub enrolled: bool,
+}
+
+/// Istio's enrollment rules: a namespace labelled
+/// `istio-injection=enabled` or `istio.io/dataplane-mode=ambient` (or a pod
+/// labelled `sidecar.istio.io/inject: "true"` / `istio.io/dataplane-mode:
+/// ambient`) is in; the pod label or annotation `sidecar.istio.io/inject:
+/// "false"` and the label `istio.io/dataplane-mode=none` opt out;
+/// hostNetwork pods are never captured.
+fn pods(docs: &Documents) -> Vec<PodInfo> {
+    let ns_in: std::collections::HashSet<&str> = docs
+        .namespaces
+        .iter()
+        .filter(|n| {
+            n.meta.labels.get("istio-injection").is_some_and(|v| v == "enabled")
+                || n.meta.labels.get("istio.io/dataplane-mode").is_some_and(|v| v == "ambient")
+        })
+        .map(|n| n.meta.name.as_str())
+        .collect();
+    docs.pods
+        .iter()
+        .map(|p| {
+            let l = &p.meta.labels;
+            let a = &p.meta.annotations;
+            let opted_in = l.get("sidecar.istio.io/inject").is_some_and(|v| v == "true")
+                || l.get("istio.io/dataplane-mode").is_some_and(|v| v == "ambient");
+            let opted_out = l.get("sidecar.istio.io/inject").is_some_and(|v| v == "false")
+                || a.get("sidecar.istio.io/inject").is_some_and(|v| v == "false")
+                || l.get("istio.io/dataplane-mode").is_some_and(|v| v == "none");
+            let host_network = p.spec.spec.host_network.unwrap_or(false);
+            PodInfo {
+                name: p.meta.name.clone(),
+                namespace: p.namespace().to_string(),
+                uid: p.meta.uid.clone(),
+                node_name: p.spec.spec.node_name.clone(),
+                service_account: p.spec.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+                ips: p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()).into_iter().collect(),
+                host_ip: p.spec.status.host_ip.as_deref().and_then(|s| s.parse().ok()),
+                labels: l.clone(),
+                netns: a.get(NETNS_ANNOTATION).cloned(),
+                cgroup: a.get(CGROUP_ANNOTATION).cloned(),
+                enrolled: !host_network && !opted_out && (opted_in || ns_in.contains(p.namespace())),
+            }
+        })
+        .collect()
 }
 
 /// Istio's duration strings: `1s`, `500ms`, `1.5s`, `2m`, `1h`.
@@ -531,6 +604,12 @@ impl Mesh {
             }
         }
 
+        mesh.pods = pods(docs);
+        for (i, p) in mesh.pods.iter().enumerate() {
+            for ip in &p.ips {
+                mesh.pods_by_ip.insert(*ip, i);
+            }
+        }
         for p in &docs.pods {
             if let Some(ip) = p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
                 let name = p.meta.labels.get("app").cloned().unwrap_or_else(|| p.meta.name.clone());
@@ -1171,6 +1250,15 @@ impl Mesh {
         };
         let i = *self.by_vip.get(&(ip, dst.port()))?;
         Some((i, self.services[i].port(dst.port())?))
+    }
+
+    /// The Pod with this address.
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&PodInfo> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.pods_by_ip.get(&ip).map(|i| &self.pods[*i])
     }
 
     /// The workload (name, namespace) with this address, if the config

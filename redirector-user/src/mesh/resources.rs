@@ -18,6 +18,10 @@ pub struct Metadata {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub uid: Option<String>,
 }
 
 /// An integer or a string (Kubernetes' IntOrString).
@@ -122,6 +126,8 @@ pub struct PodSpec {
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
