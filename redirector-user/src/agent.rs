@@ -96,6 +96,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             missing.join(", ")
         );
     }
+    crate::inpod::init_home().context("recording the agent's network namespace")?;
+
+    // The mesh CA: a file that does not parse or a key that does not match
+    // fails the start here, before anything is bound or attached.
+    let ca = match &cfg.ca_dir {
+        Some(dir) => crate::identity::MeshCa::load_plugin(dir, &cfg.trust_domain),
+        None => crate::identity::MeshCa::load_or_generate(&opts.state_dir, &cfg.trust_domain),
+    }
+    .map_err(|e| anyhow!("mesh CA: {e}"))?;
+    info!(ca = %ca.origin, trust_domain = %cfg.trust_domain, cert_lifetime_s = cfg.cert_lifetime.as_secs(), node = %cfg.node_name, "workload identity ready");
+    let certs = crate::identity::CertStore::new(ca, cfg.cert_lifetime);
+    let hbone_pool = crate::mesh::hbone::Pool::new(certs.clone(), cfg.proxy_mark, cfg.connect_timeout);
     let mount = cgroup::cgroup2_mount()?;
     let root = match &cfg.cgroup_root {
         Some(p) => cgroup::resolve(&mount, p).map_err(|e| anyhow!("capture.cgroupRoot: {e}"))?,
@@ -245,6 +257,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "agent ready"
     );
 
+    let (tx_holder, rx_holder) = watch::channel(false);
     let settings = ProxySettings {
         max_connections: cfg.max_connections,
         connect_timeout: cfg.connect_timeout,
@@ -255,9 +268,66 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         upstreams: upstreams.clone(),
         access_log: cfg.access_log,
         workloads: Arc::new(crate::proxy::Workloads::new(mount.clone())),
+        // The agent's own namespace is one more workload: the default
+        // service account of the default namespace.
+        workload: Arc::new(crate::inpod::WorkloadNet::host(Some(crate::identity::Identity::new(
+            &cfg.trust_domain,
+            "default",
+            "default",
+        )))),
+        hbone: Some(hbone_pool.clone()),
+        close_on_stop: false,
+    };
+    let pods = Arc::new(crate::inpod::InPod::new(cfg.node_name.clone(), mount.clone()));
+    let pod_server = Arc::new(AgentPods {
+        settings: settings.clone(),
+        stats: Arc::new(ProxyStats::default()),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+        mode,
+        bpffs_dir: cfg.bpffs_dir.clone(),
+        outbound_port: cfg.outbound_port,
+        inbound_port: cfg.inbound_port,
+        hbone_port: cfg.hbone_port,
+        dns_port: cfg.dns_port,
+        dns_upstreams: if cfg.dns_upstreams.is_empty() { crate::mesh::dns::system_resolvers() } else { cfg.dns_upstreams.clone() },
+        drain_timeout: cfg.drain_timeout,
+        cfg: cfg.clone(),
+    });
+    let pods_task = {
+        let pods = pods.clone();
+        let server = pod_server.clone();
+        let mesh = mesh.clone();
+        let certs = certs.clone();
+        let mut stop = rx_for_pods(&tx_holder);
+        tokio::spawn(async move {
+            let mut seen = 0;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            let mut retry = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let v = mesh.version();
+                let has_problems = !pods.problems.lock().expect("in-pod lock").is_empty();
+                if v == seen && !(has_problems && retry.elapsed() >= std::time::Duration::from_secs(2)) {
+                    continue;
+                }
+                seen = v;
+                retry = tokio::time::Instant::now();
+                let m = mesh.current();
+                pods.reconcile(&m.pods, server.as_ref(), certs.trust_domain());
+                // Idle identities are rotated too; identities of pods
+                // that left are forgotten.
+                let live: Vec<_> = m.pods.iter().map(|p| (p.namespace.clone(), p.service_account.clone())).collect();
+                certs.rotate_due(&|id| (id.namespace == "default" && id.service_account == "default") || live.contains(&(id.namespace.clone(), id.service_account.clone())));
+            }
+            pods.clear();
+        })
     };
     let stats = Arc::new(ProxyStats::default());
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = (tx_holder, rx_holder);
     let gateway_task = gateways.run(rx.clone());
     let dns_upstreams = Arc::new(if cfg.dns_upstreams.is_empty() {
         crate::mesh::dns::system_resolvers()
@@ -304,6 +374,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "shutting down: no new connections, draining open ones"
     );
     let _ = tx.send(true);
+    let _ = pods_task.await;
     let _ = proxy_task.await;
     let _ = admin_task.await;
     let _ = metrics_task.await;
@@ -323,6 +394,122 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Installed::Iptables(c) => drop(c),
     }
     Ok(())
+}
+
+fn rx_for_pods(tx: &watch::Sender<bool>) -> watch::Receiver<bool> {
+    tx.subscribe()
+}
+
+/// Serves one pod: its listeners in its namespace, its capture, its proxy
+/// tasks.
+struct AgentPods {
+    settings: ProxySettings,
+    stats: Arc<ProxyStats>,
+    certs: Arc<crate::identity::CertStore>,
+    metrics: Arc<crate::mesh::metrics::Metrics>,
+    mode: CaptureMode,
+    bpffs_dir: PathBuf,
+    outbound_port: u16,
+    inbound_port: u16,
+    hbone_port: u16,
+    dns_port: u16,
+    dns_upstreams: Vec<SocketAddr>,
+    drain_timeout: std::time::Duration,
+    cfg: AgentConfig,
+}
+
+impl crate::inpod::PodServer for AgentPods {
+    fn start(
+        &self,
+        pod: &crate::mesh::model::PodInfo,
+        w: Arc<crate::inpod::WorkloadNet>,
+        cgroups: Vec<PathBuf>,
+    ) -> Result<crate::inpod::PodHandle> {
+        let listeners = crate::inpod::open_listeners(&w, self.outbound_port, self.inbound_port, self.hbone_port)
+            .context("opening the proxy's listeners in the pod's network namespace")?;
+        let dns = w
+            .netns
+            .as_ref()
+            .map(|ns| ns.run(|| std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, self.dns_port)))))
+            .transpose()?
+            .transpose()
+            .context("opening the DNS listener in the pod's network namespace")?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+        // The capture: the pod's cgroups enrolled (eBPF), or nat rules in
+        // its namespace (iptables).
+        match self.mode {
+            CaptureMode::Iptables => {
+                let ns = w.netns.clone().expect("an in-pod workload has a namespace");
+                crate::iptables::install_in_pod(&ns, &self.cfg).context("installing the pod's iptables rules")?;
+                undo.push(Box::new(move || {
+                    if let Err(e) = crate::iptables::remove_in_pod(&ns) {
+                        warn!(error = %e, "removing a pod's iptables rules");
+                    }
+                }));
+            }
+            _ => {
+                let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
+                for c in &cgroups {
+                    maps.enroll(cgroup::cgroup_id(c)?)?;
+                }
+                let dir = self.bpffs_dir.clone();
+                let ids: Vec<u64> = cgroups.iter().filter_map(|c| cgroup::cgroup_id(c).ok()).collect();
+                undo.push(Box::new(move || {
+                    if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
+                        for id in ids {
+                            let _ = maps.unenroll(id);
+                        }
+                    }
+                }));
+            }
+        }
+        if let Some(pool) = &self.settings.hbone {
+            let pool = pool.clone();
+            let inode = w.netns.as_ref().map(|n| n.inode).unwrap_or(0);
+            undo.push(Box::new(move || pool.forget(inode)));
+        }
+        let mut settings = self.settings.clone();
+        settings.workload = w.clone();
+        settings.close_on_stop = true;
+        tokio::spawn(proxy::run_outbound(
+            vec![listeners.outbound],
+            settings,
+            self.stats.clone(),
+            stop_rx.clone(),
+            self.drain_timeout,
+        ));
+        let inbound = Arc::new(crate::mesh::hbone::Inbound {
+            workload: w.clone(),
+            certs: self.certs.clone(),
+            mark: self.cfg.proxy_mark,
+            connect_timeout: self.cfg.connect_timeout,
+            stats: self.settings.hbone.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
+            metrics: self.metrics.clone(),
+            authorize: Arc::new(|_, _, _, _| Ok(())),
+        });
+        tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound, stop_rx.clone()));
+        // Held so the port is the proxy's; plaintext inbound is served by
+        // the inbound policy path.
+        let plaintext = listeners.inbound;
+        let mut hold = stop_rx.clone();
+        tokio::spawn(async move {
+            let _l = plaintext;
+            let _ = hold.changed().await;
+        });
+        if let Some(s) = dns {
+            s.set_nonblocking(true)?;
+            tokio::spawn(crate::mesh::dns::serve(
+                tokio::net::UdpSocket::from_std(s)?,
+                self.settings.mesh.clone(),
+                Arc::new(self.dns_upstreams.clone()),
+                self.cfg.proxy_mark,
+                stop_rx,
+            ));
+        }
+        let _ = pod;
+        Ok(crate::inpod::PodHandle { stop, undo })
+    }
 }
 
 enum Installed {

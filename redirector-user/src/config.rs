@@ -37,6 +37,18 @@ struct RawConfig {
     capture: RawCapture,
     #[serde(default)]
     proxy: RawProxy,
+    #[serde(default)]
+    mesh: RawMesh,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMesh {
+    node_name: Option<String>,
+    trust_domain: Option<String>,
+    ca_dir: Option<String>,
+    cert_lifetime: Option<String>,
+    hbone_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -229,6 +241,25 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// This node's name: the agent serves the Pods whose spec.nodeName it
+    /// is (`NODE_NAME` in the environment wins, as the downward API sets
+    /// it; default: the host name).
+    pub node_name: String,
+    pub trust_domain: String,
+    /// Istio's plug-in CA files; `None`: a CA generated into the state
+    /// directory.
+    pub ca_dir: Option<PathBuf>,
+    pub cert_lifetime: Duration,
+    pub hbone_port: u16,
+}
+
+/// The environment variable naming the node (Kubernetes' downward API).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirector";
@@ -384,6 +415,33 @@ impl AgentConfig {
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,
             drain_timeout: dur("proxy.drainTimeout", &raw.proxy.drain_timeout, Duration::from_secs(5))?,
+            node_name: std::env::var(ENV_NODE_NAME)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
+                .unwrap_or_else(host_name),
+            trust_domain: {
+                let td = raw.mesh.trust_domain.unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
+                if td.is_empty() || td.contains('/') {
+                    return Err(invalid("mesh.trustDomain", format!("`{td}` is not a trust domain (e.g. cluster.local)")));
+                }
+                td
+            },
+            ca_dir: raw.mesh.ca_dir.filter(|s| !s.is_empty()).map(PathBuf::from),
+            cert_lifetime: {
+                let d = dur("mesh.certLifetime", &raw.mesh.cert_lifetime, crate::identity::DEFAULT_CERT_LIFETIME)?;
+                if d < Duration::from_secs(2) {
+                    return Err(invalid("mesh.certLifetime", "must be at least 2s".into()));
+                }
+                d
+            },
+            hbone_port: match raw.mesh.hbone_port.unwrap_or(15008) {
+                0 => return Err(invalid("mesh.hbonePort", "port 0 is not allowed".into())),
+                p if ports.iter().any(|(_, q)| *q == p) => {
+                    return Err(invalid("mesh.hbonePort", format!("{p} is already one of the proxy's ports")))
+                }
+                p => p,
+            },
         })
     }
 

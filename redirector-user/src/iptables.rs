@@ -537,3 +537,99 @@ mod tests {
         assert!(conflicts_in("-A OUTPUT -j REDIRECT --to-ports 8080\n", &[15001]).is_none());
     }
 }
+
+/// The chain holding a pod's outbound capture, in the pod's own namespace.
+pub const POD_CHAIN_OUTPUT: &str = "REDIRECTOR_POD_OUTPUT";
+/// The chain holding a pod's inbound capture (to the plaintext listener).
+pub const POD_CHAIN_INBOUND: &str = "REDIRECTOR_POD_INBOUND";
+
+/// Run an iptables tool inside a pod's network namespace.
+fn run_in_pod(ns: &crate::inpod::Netns, tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path.display()))
+        .arg(tool)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| IptablesError::Run { tool, source: e })?;
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let _ = child.stdin.take().expect("piped stdin").write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| IptablesError::Run { tool, source: e })?;
+    if !out.status.success() {
+        return Err(IptablesError::Refused {
+            tool,
+            message: String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("failed").trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A pod's rules: every TCP connection its processes make goes to the
+/// proxy's outbound listener in the pod's namespace, except the proxy's own
+/// (marked), loopback and the configured exclusions; DNS to the pod's DNS
+/// listener. The namespace is the pod's alone, so no cgroup match is
+/// needed (Istio's sidecar rules have the same shape).
+pub fn pod_ruleset(cfg: &AgentConfig, family: Family) -> String {
+    let mut r = String::from("*nat\n");
+    r.push_str(&format!(":{POD_CHAIN_OUTPUT} - [0:0]\n"));
+    r.push_str(&format!("-A OUTPUT -j {POD_CHAIN_OUTPUT}\n"));
+    r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -m mark --mark {} -j RETURN\n", cfg.proxy_mark));
+    r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -d {} -j RETURN\n", family.loopback()));
+    for p in &cfg.exclude_ports {
+        r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -p tcp --dport {p} -j RETURN\n"));
+    }
+    for c in &cfg.exclude_cidrs {
+        if c.addr.is_ipv4() == (family == Family::V4) {
+            r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -d {}/{} -j RETURN\n", c.addr, c.prefix_len));
+        }
+    }
+    if cfg.dns_capture {
+        r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -p udp --dport 53 -j REDIRECT --to-ports {}\n", cfg.dns_port));
+    }
+    r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -p tcp -j REDIRECT --to-ports {}\n", cfg.outbound_port));
+    r.push_str("COMMIT\n");
+    r
+}
+
+/// Install a pod's rules in its namespace (replacing what a crashed run
+/// left there).
+pub fn install_in_pod(ns: &crate::inpod::Netns, cfg: &AgentConfig) -> Result<(), IptablesError> {
+    remove_in_pod(ns)?;
+    for family in Family::ALL {
+        if let Err(e) = run_in_pod(ns, family.restore(), &["--noflush"], Some(&pod_ruleset(cfg, family))) {
+            let _ = remove_in_pod(ns);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Remove exactly the pod's rules from its namespace.
+pub fn remove_in_pod(ns: &crate::inpod::Netns) -> Result<(), IptablesError> {
+    for family in Family::ALL {
+        let saved = run_in_pod(ns, family.save(), &["-t", "nat"], None)?;
+        let mut r = String::from("*nat\n");
+        let mut any = false;
+        for chain in [POD_CHAIN_OUTPUT, POD_CHAIN_INBOUND] {
+            if !saved.contains(&format!(":{chain} ")) {
+                continue;
+            }
+            any = true;
+            for l in saved.lines() {
+                if (l.starts_with("-A OUTPUT ") || l.starts_with("-A PREROUTING ")) && l.ends_with(&format!("-j {chain}")) {
+                    r.push_str(&l.replacen("-A ", "-D ", 1));
+                    r.push('\n');
+                }
+            }
+            r.push_str(&format!("-F {chain}\n-X {chain}\n"));
+        }
+        r.push_str("COMMIT\n");
+        if any {
+            run_in_pod(ns, family.restore(), &["--noflush"], Some(&r))?;
+        }
+    }
+    Ok(())
+}

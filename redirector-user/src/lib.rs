@@ -12,6 +12,7 @@ pub mod config;
 pub mod ebpf;
 pub mod features;
 pub mod identity;
+pub mod inpod;
 pub mod iptables;
 pub mod mesh;
 pub mod podcgroup;

@@ -73,6 +73,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a mesh CA in Istio's plug-in layout (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem) for `mesh.caDir`, so several nodes
+    /// trust one root.
+    Ca {
+        #[arg(value_parser = ["create"])]
+        action: String,
+        dir: PathBuf,
+        #[arg(long, default_value = redirector::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
     /// Print the version.
     Version,
     /// Stop the agent if it runs, detach every program and remove every pin.
@@ -183,6 +193,14 @@ fn main() -> ExitCode {
         Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
         Command::Analyze { dir } => commands::analyze(&dir),
         Command::ProxyConfig { what, json } => commands::proxy_config(&cli.state_dir, &what, json),
+        Command::Ca { dir, trust_domain, .. } => (|| {
+            if dir.join(redirector::identity::CA_KEY_FILE).exists() {
+                anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
+            }
+            redirector::identity::write_self_signed_ca(&dir, &trust_domain)?;
+            println!("mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node", dir.display());
+            Ok(())
+        })(),
         Command::Version => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())

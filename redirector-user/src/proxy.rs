@@ -43,6 +43,14 @@ pub struct ProxySettings {
     pub access_log: bool,
     /// Source workload names by cgroup.
     pub workloads: Arc<Workloads>,
+    /// The workload whose listener this is: where upstream sockets are
+    /// made and who the connections are from.
+    pub workload: Arc<crate::inpod::WorkloadNet>,
+    /// HBONE to enrolled pods (absent: plain TCP everywhere).
+    pub hbone: Option<Arc<crate::mesh::hbone::Pool>>,
+    /// Close open connections when the listeners stop (a pod that left),
+    /// instead of draining them.
+    pub close_on_stop: bool,
 }
 
 /// One connection the proxy is carrying, as `redirector status` shows it.
@@ -331,8 +339,16 @@ pub async fn run_outbound(
                 let stats = stats.clone();
                 let settings = settings.clone();
                 let addrs = addrs.clone();
+                let mut stop = shutdown.clone();
                 tokio::spawn(async move {
-                    handle(stream, client, &settings, &stats, &addrs).await;
+                    if settings.close_on_stop {
+                        tokio::select! {
+                            _ = handle(stream, client, &settings, &stats, &addrs) => {}
+                            _ = stop.changed() => {}
+                        }
+                    } else {
+                        handle(stream, client, &settings, &stats, &addrs).await;
+                    }
                     drop(permit);
                 });
             }
@@ -368,9 +384,58 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     TcpSocket::from_std_stream(socket.into()).connect(dst).await
 }
 
-async fn connect_upstream(dst: SocketAddr, settings: &ProxySettings) -> io::Result<TcpStream> {
-    match tokio::time::timeout(settings.connect_timeout, connect_marked(dst, settings.mark)).await {
-        Ok(r) => r,
+/// The proxy's side of a forwarded connection: a TCP connection to the
+/// destination, or an HBONE tunnel to it.
+enum Upstream {
+    Plain(TcpStream),
+    Hbone(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connect to `target`: over HBONE when it is an enrolled pod and this
+/// workload has an identity, else plain TCP from the workload's namespace.
+async fn connect_upstream(target: SocketAddr, settings: &ProxySettings, mesh: &crate::mesh::Mesh) -> io::Result<(Upstream, Option<crate::identity::Identity>)> {
+    if let (Some(pool), Some(_)) = (&settings.hbone, &settings.workload.identity) {
+        if let Some(pod) = mesh.pod_at(target.ip()).filter(|p| p.enrolled) {
+            let peer_id = crate::identity::Identity::new(pool.certs().trust_domain(), &pod.namespace, &pod.service_account);
+            let peer = SocketAddr::new(target.ip(), crate::mesh::hbone::HBONE_PORT);
+            return match pool.tunnel(&settings.workload, peer, peer_id.clone(), target).await {
+                Ok(t) => Ok((Upstream::Hbone(t), Some(peer_id))),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            };
+        }
+    }
+    match tokio::time::timeout(settings.connect_timeout, settings.workload.connect(target, settings.mark)).await {
+        Ok(r) => r.map(|s| (Upstream::Plain(s), None)),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
     }
 }
@@ -479,7 +544,17 @@ async fn handle(
     // service's endpoints (or its TCP route). Anything else goes where the
     // client was going.
     let mesh = settings.mesh.current();
-    let source = source_workload(&client_stream, client, &settings.workloads, &mesh);
+    let source = match settings.workload.netns {
+        // In a pod's namespace: the pod is the source.
+        Some(_) => settings
+            .workload
+            .ips
+            .first()
+            .and_then(|ip| mesh.workload_at(*ip))
+            .or_else(|| Some((settings.workload.name.clone(), settings.workload.namespace.clone()))),
+        None => source_workload(&client_stream, client, &settings.workloads, &mesh),
+    };
+    let in_pod = settings.workload.netns.is_some();
     let mut target = dst;
     let mut _slot = None;
     let mut labels = crate::mesh::metrics::Labels::passthrough(dst);
@@ -495,7 +570,9 @@ async fn handle(
             Protocol::Sniff => sniff(&client_stream).await,
             p => p,
         };
-        if matches!(protocol, Protocol::Http | Protocol::Http2) {
+        // In a pod's namespace the node proxy is L4, as ztunnel is: HTTP
+        // is carried over HBONE like any TCP.
+        if matches!(protocol, Protocol::Http | Protocol::Http2) && !in_pod {
             stats.forwarded.fetch_add(1, Ordering::Relaxed);
             let ctx = l7::ConnContext {
                 mesh: settings.mesh.clone(),
@@ -553,17 +630,29 @@ async fn handle(
             }
         }
     }
+    let connected = connect_upstream(target, settings, &mesh).await;
     drop(mesh);
-
-    let mut upstream = match connect_upstream(target, settings).await {
+    let (upstream, peer_identity) = match connected {
         Ok(s) => s,
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            info!(%client, original_dst = %dst, error = %e, "upstream connect failed");
+            info!(%client, original_dst = %dst, %target, error = %e, "upstream connect failed");
             return;
         }
     };
-    let upstream_local = upstream.local_addr().ok();
+    if let Some(id) = &settings.workload.identity {
+        if peer_identity.is_some() {
+            labels.source_principal = id.to_string();
+        }
+    }
+    if let Some(p) = &peer_identity {
+        labels.destination_principal = p.to_string();
+        labels.connection_security_policy = "mutual_tls".into();
+    }
+    let upstream_local = match &upstream {
+        Upstream::Plain(s) => s.local_addr().ok(),
+        Upstream::Hbone(_) => None,
+    };
     if let Some(e) = stats.open.lock().expect("stats lock").get_mut(&id) {
         e.upstream_local = upstream_local;
     }
@@ -576,7 +665,7 @@ async fn handle(
     let down_bytes = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let (client_read, client_write) = client_stream.split();
-    let (upstream_read, upstream_write) = upstream.split();
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
     let idle = settings.idle_timeout;
     let copy = async {
         tokio::try_join!(
@@ -615,6 +704,8 @@ async fn handle(
         Ok(Some(_)) => info!(
             %client, original_dst = %dst,
             upstream_local = ?upstream_local,
+            source_principal = %settings.workload.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            destination_principal = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
             bytes_up = up, bytes_down = down, duration_ms,
             "connection closed"
         ),

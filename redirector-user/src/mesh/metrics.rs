@@ -91,6 +91,11 @@ pub struct Metrics {
     pub tcp_received: Family<Labels, Counter>,
     pub tcp_opened: Family<Labels, Counter>,
     pub tcp_closed: Family<Labels, Counter>,
+    /// HBONE connections refused before any stream (bad handshake, no
+    /// identity, CONNECT to an address that is not the workload's).
+    pub hbone_refused_total: Family<ReasonLabel, Counter>,
+    /// Connections refused by PeerAuthentication or AuthorizationPolicy.
+    pub denied_total: Family<DeniedLabels, Counter>,
     encode_lock: Mutex<()>,
     series: Mutex<std::collections::HashMap<RequestKey, RequestSeries>>,
 }
@@ -126,6 +131,10 @@ impl Default for Metrics {
         registry.register("istio_tcp_received_bytes", "Bytes received from the destination", tcp_received.clone());
         registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        let hbone_refused_total = Family::<ReasonLabel, Counter>::default();
+        let denied_total = Family::<DeniedLabels, Counter>::default();
+        registry.register("redirector_hbone_refused", "HBONE connections refused before a stream opened", hbone_refused_total.clone());
+        registry.register("redirector_policy_denied", "Connections denied by PeerAuthentication or AuthorizationPolicy", denied_total.clone());
         Metrics {
             registry,
             requests,
@@ -136,13 +145,57 @@ impl Default for Metrics {
             tcp_received,
             tcp_opened,
             tcp_closed,
+            hbone_refused_total,
+            denied_total,
             encode_lock: Mutex::new(()),
             series: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub source_principal: String,
+}
+
 impl Metrics {
+    pub fn hbone_refused(&self, reason: &str) -> Counter {
+        self.hbone_refused_total.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
+    }
+
+    pub fn denied(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>) -> Counter {
+        self.denied_total
+            .get_or_create(&DeniedLabels {
+                destination_workload: w.name.clone(),
+                destination_workload_namespace: w.namespace.clone(),
+                source_principal: peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()),
+            })
+            .clone()
+    }
+
+    /// Labels of a connection a workload received (reporter destination).
+    pub fn inbound_labels(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>, security: &str) -> Labels {
+        let mut l = Labels::to_service(&w.name, &w.namespace, &w.name, "unknown", "tcp");
+        l.reporter = "destination".into();
+        l.destination_service = "unknown".into();
+        l.destination_service_name = "unknown".into();
+        if let Some(p) = peer {
+            l.source_principal = p.to_string();
+            l.source_workload_namespace = p.namespace.clone();
+        }
+        if let Some(id) = &w.identity {
+            l.destination_principal = id.to_string();
+        }
+        l.connection_security_policy = security.into();
+        l
+    }
     /// The handles of a request series; `labels` builds its label set the
     /// first time.
     pub fn request_series(&self, key: RequestKey, labels: impl FnOnce() -> Labels) -> RequestSeries {

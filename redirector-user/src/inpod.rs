@@ -1,0 +1,300 @@
+//! Pods in their own network namespaces: the node proxy opens its listeners
+//! (15001 outbound, 15006 inbound plaintext, 15008 HBONE) *inside* each
+//! enrolled pod's namespace and originates the pod's connections from there,
+//! as Istio ambient's ztunnel does. The kernel's rewrite to 127.0.0.1:15001
+//! then lands on the proxy with any CNI, and the pod's source address is
+//! kept.
+//!
+//! A socket belongs to the network namespace of the thread that created it,
+//! for life: a thread switches into the pod's namespace, creates the socket
+//! and switches back, with no await in between. This module owns that and
+//! the set of pods served; what is done with the connections is
+//! [`crate::proxy`] and [`crate::mesh::hbone`].
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tracing::{info, warn};
+
+use crate::identity::Identity;
+use crate::mesh::model::PodInfo;
+
+/// The agent's own network namespace, opened before any thread switches.
+static HOME: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Remember the agent's own network namespace. Call once at start, from
+/// the main thread.
+pub fn init_home() -> io::Result<()> {
+    if HOME.get().is_none() {
+        let f = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let _ = HOME.set(f.into());
+    }
+    Ok(())
+}
+
+/// A pod's network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+    pub path: PathBuf,
+    /// The namespace's inode: the same namespace under two paths is one.
+    pub inode: u64,
+}
+
+fn setns(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: a valid namespace descriptor; only this thread changes.
+    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open(path)?;
+        let inode = f.metadata()?.ino();
+        Ok(Netns {
+            fd: f.into(),
+            path: path.to_path_buf(),
+            inode,
+        })
+    }
+
+    /// Run `f` on this thread inside the namespace, then come back.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = HOME
+            .get()
+            .ok_or_else(|| io::Error::other("the agent's own network namespace was not recorded at start"))?;
+        setns(&self.fd)?;
+        let r = f();
+        // A thread left in a pod's namespace would put the next socket
+        // it makes there: not recoverable.
+        setns(home).expect("returning to the agent's network namespace");
+        Ok(r)
+    }
+}
+
+/// Where a workload's sockets live and who it is.
+#[derive(Debug)]
+pub struct WorkloadNet {
+    /// `None`: the agent's own namespace (the host's on a dev box).
+    pub netns: Option<Arc<Netns>>,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Option<Identity>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl WorkloadNet {
+    /// The agent's own namespace, as one more workload.
+    pub fn host(identity: Option<Identity>) -> WorkloadNet {
+        WorkloadNet {
+            netns: None,
+            name: "host".into(),
+            namespace: "default".into(),
+            identity,
+            ips: Vec::new(),
+        }
+    }
+
+    /// A new TCP socket in this workload's namespace.
+    pub fn socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket> {
+        let make = || socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP));
+        match &self.netns {
+            Some(ns) => ns.run(make)?,
+            None => make(),
+        }
+    }
+
+    /// A listener on `addr` in this workload's namespace.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let s = self.socket(socket2::Domain::for_address(addr))?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        if addr.ip().is_unspecified() {
+            // Accept connections to any address (the pod's, and the
+            // original destinations of redirected connections).
+            s.set_ip_transparent(true).ok();
+        }
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        tokio::net::TcpListener::from_std(s.into())
+    }
+
+    /// Connect to `dst` from this workload's namespace on a socket with the
+    /// proxy's mark, so no capture takes it again.
+    pub async fn connect(&self, dst: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpStream> {
+        let s = self.socket(socket2::Domain::for_address(dst))?;
+        s.set_mark(mark)?;
+        s.set_nonblocking(true)?;
+        s.set_nodelay(true)?;
+        tokio::net::TcpSocket::from_std_stream(s.into()).connect(dst).await
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The cgroups a pod's processes run in (the kernel programs key on the
+/// socket's own cgroup): its annotation (relative to the cgroup2 mount or
+/// absolute), else its containers' cgroups found from its UID under the
+/// container runtime's layout.
+pub fn pod_cgroups(mount: &Path, pod: &PodInfo) -> Vec<PathBuf> {
+    if let Some(c) = &pod.cgroup {
+        let p = Path::new(c);
+        return vec![if p.is_absolute() && p.starts_with(mount) { p.to_path_buf() } else { mount.join(c.trim_start_matches('/')) }];
+    }
+    let Some(uid) = pod.uid.as_deref() else { return Vec::new() };
+    match crate::podcgroup::find_pod(mount, uid) {
+        Some(p) if p.containers.is_empty() => vec![p.pod],
+        Some(p) => p.containers.into_iter().map(|c| c.path).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The listeners the proxy opens in a pod's namespace.
+pub struct PodListeners {
+    pub outbound: tokio::net::TcpListener,
+    pub inbound: tokio::net::TcpListener,
+    pub hbone: tokio::net::TcpListener,
+}
+
+pub fn open_listeners(w: &WorkloadNet, outbound: u16, inbound: u16, hbone: u16) -> io::Result<PodListeners> {
+    Ok(PodListeners {
+        outbound: w.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, outbound)))?,
+        inbound: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound)))?,
+        hbone: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, hbone)))?,
+    })
+}
+
+/// What the agent must do to serve a pod and to stop serving it: the
+/// capture (enroll the cgroup or install rules in the namespace) and the
+/// proxy tasks.
+pub trait PodServer: Send + Sync {
+    fn start(&self, pod: &PodInfo, w: Arc<WorkloadNet>, cgroups: Vec<PathBuf>) -> anyhow::Result<PodHandle>;
+}
+
+/// A pod being served. Dropping it stops the tasks (closing the pod's
+/// listeners and connections) and runs the undo steps.
+pub struct PodHandle {
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub undo: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for u in self.undo.drain(..) {
+            u();
+        }
+    }
+}
+
+struct Served {
+    pod: PodInfo,
+    _handle: PodHandle,
+}
+
+/// The pods this node serves, kept in step with the config.
+pub struct InPod {
+    pub node: String,
+    mount: PathBuf,
+    served: Mutex<HashMap<(String, String), Served>>,
+    /// Pods that could not be started (no namespace, no cgroup), with why:
+    /// retried on each reconcile, shown by status.
+    pub problems: Mutex<HashMap<(String, String), String>>,
+}
+
+impl InPod {
+    pub fn new(node: String, mount: PathBuf) -> InPod {
+        InPod {
+            node,
+            mount,
+            served: Mutex::new(HashMap::new()),
+            problems: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pods of this node the mesh enrolls and that live in a namespace
+    /// of their own.
+    fn wanted<'a>(&self, pods: &'a [PodInfo]) -> Vec<&'a PodInfo> {
+        pods.iter()
+            .filter(|p| p.enrolled && p.node_name.as_deref() == Some(self.node.as_str()) && p.netns.is_some())
+            .collect()
+    }
+
+    /// Start serving new pods, stop serving removed (or changed) ones.
+    pub fn reconcile(&self, pods: &[PodInfo], server: &dyn PodServer, trust_domain: &str) {
+        let wanted = self.wanted(pods);
+        let mut served = self.served.lock().expect("in-pod lock");
+        let keep: Vec<(String, String)> = wanted.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect();
+        let gone: Vec<(String, String)> = served
+            .iter()
+            .filter(|(k, s)| !keep.contains(k) || !wanted.iter().any(|p| *p == &s.pod))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            served.remove(&k);
+            info!(pod = %format!("{}/{}", k.0, k.1), "pod left the mesh: its listeners and connections are closed");
+        }
+        let mut problems = self.problems.lock().expect("in-pod lock");
+        problems.retain(|k, _| keep.contains(k));
+        for p in wanted {
+            let key = (p.namespace.clone(), p.name.clone());
+            if served.contains_key(&key) {
+                continue;
+            }
+            match self.start(p, server, trust_domain) {
+                Ok(h) => {
+                    problems.remove(&key);
+                    served.insert(key, Served { pod: p.clone(), _handle: h });
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if problems.get(&key) != Some(&msg) {
+                        warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %msg, "cannot serve this pod yet; retrying on the next change");
+                    }
+                    problems.insert(key, msg);
+                }
+            }
+        }
+    }
+
+    fn start(&self, p: &PodInfo, server: &dyn PodServer, trust_domain: &str) -> anyhow::Result<PodHandle> {
+        use anyhow::Context;
+        let path = p.netns.as_deref().unwrap_or_default();
+        let netns = Netns::open(Path::new(path)).with_context(|| format!("network namespace {path}"))?;
+        let cgroups = pod_cgroups(&self.mount, p);
+        for c in &cgroups {
+            anyhow::ensure!(c.join("cgroup.procs").exists(), "cgroup {} does not exist", c.display());
+        }
+        let w = Arc::new(WorkloadNet {
+            netns: Some(Arc::new(netns)),
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            identity: Some(Identity::new(trust_domain, &p.namespace, &p.service_account)),
+            ips: p.ips.clone(),
+        });
+        let h = server.start(p, w, cgroups)?;
+        info!(pod = %format!("{}/{}", p.namespace, p.name), netns = path, ips = ?p.ips, "pod enrolled: listeners open in its network namespace");
+        Ok(h)
+    }
+
+    /// (namespace, name) of the pods served now.
+    pub fn served(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self.served.lock().expect("in-pod lock").keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Stop serving every pod.
+    pub fn clear(&self) {
+        self.served.lock().expect("in-pod lock").clear();
+    }
+}

@@ -1,0 +1,409 @@
+//! HBONE: TCP tunnelled as HTTP/2 CONNECT inside mutual TLS 1.3, on port
+//! 15008, the way Istio ambient's ztunnel carries traffic between nodes.
+//!
+//! Outbound: the source pod's proxy dials the destination pod's address on
+//! 15008 from inside the source pod's network namespace (so the source
+//! address stays the pod's), presents the source workload's certificate,
+//! checks that the server presents the destination's service account, and
+//! opens one CONNECT stream per connection with the original destination
+//! (`pod-ip:port`) as the authority. The h2 connections are pooled per
+//! (source workload, destination address, destination identity): one TLS
+//! session multiplexes every connection between the pair.
+//!
+//! Inbound: the destination node's proxy accepts on the 15008 listener it
+//! opened in the destination pod's namespace, requires a mesh client
+//! certificate, records its SPIFFE identity, checks policy, and connects
+//! from inside the pod's namespace to the authority, which must be the
+//! pod's own address.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::identity::{CertStore, Identity};
+use crate::inpod::WorkloadNet;
+
+pub const HBONE_PORT: u16 = 15008;
+/// A TLS handshake that has not finished by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one client may have open on one connection (ztunnel's figure).
+pub const MAX_STREAMS: u32 = 100;
+/// Flow-control windows and frame size, as ztunnel sets them, so a bulk
+/// stream is not held back by HTTP/2's 64 KiB defaults.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const FRAME_SIZE: u32 = 1024 * 1024;
+/// Copy buffer per direction of a tunnelled connection.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// Counters of the HBONE path, shown on /metrics.
+#[derive(Default, Debug)]
+pub struct HboneStats {
+    pub inbound_streams: AtomicU64,
+    pub outbound_streams: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub refused_not_local: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// Whether an inbound connection may proceed: the policy check, given the
+/// peer's identity (`None`: plaintext), the peer's address and the
+/// destination port. `Err` carries the reason for the log.
+pub type Authorizer = Arc<dyn Fn(&WorkloadNet, Option<&Identity>, SocketAddr, SocketAddr) -> Result<(), String> + Send + Sync>;
+
+/// What the inbound side of one pod needs.
+pub struct Inbound {
+    pub workload: Arc<WorkloadNet>,
+    pub certs: Arc<CertStore>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub stats: Arc<HboneStats>,
+    pub metrics: Arc<crate::mesh::metrics::Metrics>,
+    pub authorize: Authorizer,
+}
+
+/// Serve HBONE on `listener` until `stop` turns true; then every tunnel
+/// of this pod is closed.
+pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, mut stop: watch::Receiver<bool>) {
+    let identity = ctx.workload.identity.clone().expect("an in-pod workload has an identity");
+    let tls = match crate::tls::server_config(&ctx.certs, &identity) {
+        Ok(c) => tokio_rustls::TlsAcceptor::from(c),
+        Err(e) => {
+            warn!(workload = %ctx.workload.describe(), error = %e, "no HBONE listener: TLS config failed");
+            return;
+        }
+    };
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let tls = tls.clone();
+        let ctx = ctx.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = serve_connection(tcp, peer, tls, ctx) => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+}
+
+async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tokio_rustls::TlsAcceptor, ctx: Arc<Inbound>) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ctx.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.hbone_refused("handshake").inc();
+            warn!(%peer, workload = %ctx.workload.describe(), error = %e, "HBONE handshake refused");
+            return;
+        }
+        Err(_) => {
+            ctx.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.hbone_refused("handshake_timeout").inc();
+            warn!(%peer, workload = %ctx.workload.describe(), "HBONE handshake did not complete in {}s; closed", HANDSHAKE_TIMEOUT.as_secs());
+            return;
+        }
+    };
+    let Some(peer_id) = crate::tls::peer_identity(stream.get_ref().1.peer_certificates()) else {
+        ctx.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.hbone_refused("no_identity").inc();
+        warn!(%peer, "HBONE peer certificate carries no SPIFFE identity; closed");
+        return;
+    };
+    debug!(%peer, peer_identity = %peer_id, "HBONE connection");
+    let svc = {
+        let ctx = ctx.clone();
+        let peer_id = peer_id.clone();
+        hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            let peer_id = peer_id.clone();
+            async move { Ok::<_, Infallible>(tunnel_inbound(req, peer, peer_id, ctx).await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        // An HTTP/2 flood (streams opened and reset faster than served)
+        // ends the connection with GOAWAY, others unaffected.
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(Some(100))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+        debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: Identity, ctx: Arc<Inbound>) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        warn!(%peer, peer_identity = %peer_id, uri = %req.uri(), "HBONE CONNECT without an ip:port authority; refused");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // Only this pod's own addresses: the proxy must not be an open relay.
+    if !ctx.workload.ips.contains(&dst.ip()) {
+        ctx.stats.refused_not_local.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.hbone_refused("not_local").inc();
+        warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
+        return status(StatusCode::BAD_REQUEST);
+    }
+    if let Err(why) = (ctx.authorize)(&ctx.workload, Some(&peer_id), peer, dst) {
+        ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.denied(&ctx.workload, Some(&peer_id)).inc();
+        info!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    let upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%peer, peer_identity = %peer_id, %dst, error = %e, "HBONE: the workload refused the connection");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Err(_) => {
+            info!(%peer, peer_identity = %peer_id, %dst, "HBONE: connect to the workload timed out");
+            return status(StatusCode::GATEWAY_TIMEOUT);
+        }
+    };
+    ctx.stats.inbound_streams.fetch_add(1, Ordering::Relaxed);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let labels = ctx.metrics.inbound_labels(&ctx.workload, Some(&peer_id), "mutual_tls");
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let tunnel = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "HBONE stream closed before it opened");
+                return;
+            }
+        };
+        ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+        let mut tunnel = TokioIo::new(tunnel);
+        let mut upstream = upstream;
+        let r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
+        let (received, sent) = r.as_ref().copied().unwrap_or((0, 0));
+        ctx.metrics.tcp_received.get_or_create(&labels).inc_by(received);
+        ctx.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
+        ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+        info!(
+            target: "access",
+            direction = "inbound",
+            src = %peer,
+            source_principal = %peer_id,
+            dst = %dst,
+            destination_workload = %ctx.workload.describe(),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "HBONE connection closed"
+        );
+    });
+    status(StatusCode::OK)
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct PoolKey {
+    /// The source workload's network namespace (its inode; 0: the agent's).
+    netns: u64,
+    source: Identity,
+    peer: SocketAddr,
+    peer_identity: Identity,
+}
+
+/// Pooled HBONE connections.
+pub struct Pool {
+    certs: Arc<CertStore>,
+    mark: u32,
+    connect_timeout: Duration,
+    conns: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    /// One dial at a time per key, so a burst of new connections shares
+    /// one TLS handshake.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    pub stats: Arc<HboneStats>,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot reach {peer}: {source}")]
+    Connect { peer: SocketAddr, source: std::io::Error },
+    #[error("mTLS with {peer} failed: {source}")]
+    Tls { peer: SocketAddr, source: std::io::Error },
+    #[error("HTTP/2 with {peer} failed: {message}")]
+    H2 { peer: SocketAddr, message: String },
+    #[error("{peer} answered CONNECT {authority} with {status}")]
+    Refused { peer: SocketAddr, authority: SocketAddr, status: StatusCode },
+    #[error("the source workload has no identity")]
+    NoIdentity,
+}
+
+impl Pool {
+    pub fn new(certs: Arc<CertStore>, mark: u32, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            certs,
+            mark,
+            connect_timeout,
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+            stats: Arc::new(HboneStats::default()),
+        })
+    }
+
+    pub fn certs(&self) -> &Arc<CertStore> {
+        &self.certs
+    }
+
+    async fn dial(&self, from: &WorkloadNet, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let peer = key.peer;
+        let tcp = match tokio::time::timeout(self.connect_timeout, from.connect(peer, self.mark)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(TunnelError::Connect { peer, source: e }),
+            Err(_) => return Err(TunnelError::Connect { peer, source: std::io::ErrorKind::TimedOut.into() }),
+        };
+        let cfg = crate::tls::client_config(&self.certs, &key.source, vec![key.peer_identity.clone()])
+            .map_err(|e| TunnelError::Tls { peer, source: std::io::Error::other(e) })?;
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg).connect(rustls::pki_types::ServerName::IpAddress(peer.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::Tls { peer, source: std::io::ErrorKind::TimedOut.into() })?
+        .map_err(|e| TunnelError::Tls { peer, source: e })?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(FRAME_SIZE)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "HBONE connection ended");
+            }
+        });
+        self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        info!(%peer, source = %key.source, peer_identity = %key.peer_identity, "HBONE connection opened");
+        Ok(send)
+    }
+
+    async fn sender(&self, from: &WorkloadNet, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let live = |m: &mut HashMap<PoolKey, SendRequest<Empty<Bytes>>>| match m.get(key) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                m.remove(key);
+                None
+            }
+            None => None,
+        };
+        if let Some(s) = live(&mut self.conns.lock().expect("pool lock")) {
+            return Ok(s);
+        }
+        let gate = self.dialing.lock().expect("pool lock").entry(key.clone()).or_default().clone();
+        let _g = gate.lock().await;
+        if let Some(s) = live(&mut self.conns.lock().expect("pool lock")) {
+            return Ok(s);
+        }
+        let s = self.dial(from, key).await?;
+        self.conns.lock().expect("pool lock").insert(key.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// A tunnel from `from` to `authority` through the HBONE listener at
+    /// `peer`, which must present `peer_identity`.
+    pub async fn tunnel(
+        &self,
+        from: &WorkloadNet,
+        peer: SocketAddr,
+        peer_identity: Identity,
+        authority: SocketAddr,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+        let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
+        let key = PoolKey {
+            netns: from.netns.as_ref().map(|n| n.inode).unwrap_or(0),
+            source,
+            peer,
+            peer_identity,
+        };
+        // A pooled connection the peer has just closed fails the first
+        // request: dial once more.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut send = self.sender(from, &key).await?;
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.to_string())
+                .body(Empty::new())
+                .expect("a CONNECT request");
+            let sent = async {
+                send.ready().await?;
+                send.send_request(req).await
+            }
+            .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) if attempt == 1 => {
+                    debug!(%peer, error = %e, "pooled HBONE connection failed; dialling again");
+                    self.conns.lock().expect("pool lock").remove(&key);
+                    continue;
+                }
+                Err(e) => return Err(TunnelError::H2 { peer, message: e.to_string() }),
+            };
+            if resp.status() != StatusCode::OK {
+                return Err(TunnelError::Refused { peer, authority, status: resp.status() });
+            }
+            let up = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
+            self.stats.outbound_streams.fetch_add(1, Ordering::Relaxed);
+            return Ok(TokioIo::new(up));
+        }
+    }
+
+    /// Drop pooled connections of a workload that left.
+    pub fn forget(&self, netns: u64) {
+        self.conns.lock().expect("pool lock").retain(|k, _| k.netns != netns);
+        self.dialing.lock().expect("pool lock").retain(|k, _| k.netns != netns);
+    }
+
+    /// Open pooled connections (status, tests).
+    pub fn pooled(&self) -> usize {
+        self.conns.lock().expect("pool lock").values().filter(|s| !s.is_closed()).count()
+    }
+}
