@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+pub mod cluster;
 use serde_json::Value;
 
 pub const CLIENT_V4: &str = "198.18.0.1";
@@ -28,7 +30,7 @@ pub const SERVER_V4_B: &str = "198.18.0.3";
 pub const CLIENT_V6: &str = "2001:2::1";
 pub const SERVER_V6: &str = "2001:2::2";
 
-const PREFIX: &str = "rdt";
+pub(crate) const PREFIX: &str = "rdt";
 
 /// Whether this process may run the privileged tests. Outside CI a non-root
 /// run skips them with a printed reason; in CI it is a failure.
@@ -93,11 +95,11 @@ pub fn redirector_bin() -> PathBuf {
     bin
 }
 
-fn cgroup2_mount() -> PathBuf {
+pub(crate) fn cgroup2_mount() -> PathBuf {
     redirector::cgroup::cgroup2_mount().expect("cgroup v2 mount")
 }
 
-fn run(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -109,12 +111,17 @@ fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
 static CLEAN: Once = Once::new();
-static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Clean a crashed run's leftovers, once per test process.
+pub(crate) fn clean_once() {
+    CLEAN.call_once(clean_leftovers);
+}
+pub(crate) static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// Remove network namespaces, cgroups and pins left by a test run whose
 /// process is gone.
@@ -154,7 +161,7 @@ pub fn clean_leftovers() {
 }
 
 /// Kill what is left in a cgroup tree and remove it, deepest first.
-fn remove_cgroup_tree(root: &Path) {
+pub(crate) fn remove_cgroup_tree(root: &Path) {
     let mut dirs = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {

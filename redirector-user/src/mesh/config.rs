@@ -115,7 +115,7 @@ const ISTIO_NETWORKING: [&str; 3] = [
 /// Fields of a document that say what it is or are written by the cluster,
 /// not by the user: never reported as "not acted on".
 fn bookkeeping(path: &str) -> bool {
-    path.starts_with("metadata.") || path == "status" || path.starts_with("status.")
+    path == "metadata" || path.starts_with("metadata.") || path == "status" || path.starts_with("status.")
 }
 
 /// Load every `*.yaml` / `*.yml` file of `dir` (sorted by name, not

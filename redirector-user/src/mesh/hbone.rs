@@ -146,6 +146,7 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
+        .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -304,6 +305,7 @@ impl Pool {
         .map_err(|_| TunnelError::Tls { peer, source: std::io::ErrorKind::TimedOut.into() })?
         .map_err(|e| TunnelError::Tls { peer, source: e })?;
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME_SIZE)

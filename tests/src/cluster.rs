@@ -1,0 +1,415 @@
+//! A small cluster on one machine: two "nodes" (a network namespace, a
+//! cgroup subtree and an agent process each) joined by a veth link, and two
+//! "pods" per node (a network namespace and a cgroup each, connected to
+//! their node by veth, routed like a CNI does). Addresses in 198.18.0.0/15.
+//! Everything is created here and removed on drop (and a crashed run's
+//! leftovers by the next run).
+//!
+//! | what | address |
+//! |---|---|
+//! | node-a ↔ node-b link | 198.18.0.1 ↔ 198.18.0.2 |
+//! | pods of node-a | 198.18.1.2, 198.18.1.6 (node side .1, .5) |
+//! | pods of node-b | 198.18.2.2, 198.18.2.6 (node side .1, .5) |
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{cgroup2_mount, eventually, ip, redirector_bin, remove_cgroup_tree, run, PREFIX, SEQ};
+
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    /// This node's own copy of the mesh configuration (each agent computes
+    /// its own view, as in a cluster).
+    pub config_dir: PathBuf,
+    agent: Option<Child>,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: usize,
+    pub ns: String,
+    pub ip: String,
+    pub cgroup: PathBuf,
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    /// "ebpf" or "iptables".
+    pub mode: &'static str,
+    /// Extra lines for the `mesh:` section of every agent's settings.
+    pub mesh_settings: String,
+    /// Extra YAML documents in every node's mesh configuration.
+    pub extra_yaml: String,
+}
+
+pub const POD_NAMES: [(&str, usize); 4] = [("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)];
+
+fn ns_path(ns: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(ns)
+}
+
+impl Cluster {
+    pub fn new(mode: &'static str) -> Result<Cluster> {
+        crate::clean_once();
+        let name = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir)?;
+        let cgroup = cgroup2_mount().join(&name);
+        fs::create_dir_all(&cgroup)?;
+        let mut c = Cluster {
+            ca_dir: dir.join("ca"),
+            dir: dir.clone(),
+            cgroup: cgroup.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            mode,
+            mesh_settings: String::new(),
+            extra_yaml: String::new(),
+            name: name.clone(),
+        };
+        for (i, n) in ["node-a", "node-b"].iter().enumerate() {
+            let node = Node {
+                name: n.to_string(),
+                ns: format!("{name}n{i}"),
+                ip: format!("198.18.0.{}", i + 1),
+                cgroup: cgroup.join(n),
+                bpffs: PathBuf::from("/sys/fs/bpf").join(format!("{name}n{i}")),
+                state: dir.join(n).join("state"),
+                log: dir.join(n).join("agent.log"),
+                config_dir: dir.join(n).join("mesh"),
+                agent: None,
+            };
+            fs::create_dir_all(&node.config_dir)?;
+            fs::create_dir_all(&node.cgroup)?;
+            ip(&["netns", "add", &node.ns])?;
+            ip(&["-n", &node.ns, "link", "set", "lo", "up"])?;
+            run(Command::new("ip").args(["netns", "exec", &node.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+            c.nodes.push(node);
+        }
+        ip(&[
+            "link", "add", "link0", "netns", &c.nodes[0].ns, "type", "veth", "peer", "name", "link0", "netns",
+            &c.nodes[1].ns,
+        ])?;
+        for (i, n) in c.nodes.iter().enumerate() {
+            ip(&["-n", &n.ns, "addr", "add", &format!("{}/30", n.ip), "dev", "link0"])?;
+            ip(&["-n", &n.ns, "link", "set", "link0", "up"])?;
+            let other = &c.nodes[1 - i];
+            ip(&["-n", &n.ns, "route", "add", &format!("198.18.{}.0/24", 2 - i), "via", &other.ip])?;
+        }
+        for (k, (p, node)) in POD_NAMES.iter().enumerate() {
+            let base = 4 * (k % 2);
+            let subnet = node + 1;
+            let pod = Pod {
+                name: p.to_string(),
+                namespace: "default".into(),
+                service_account: format!("sa-{p}"),
+                node: *node,
+                ns: format!("{name}p{p}"),
+                ip: format!("198.18.{subnet}.{}", base + 2),
+                cgroup: c.nodes[*node].cgroup.join(format!("pod-{p}")),
+            };
+            let gw = format!("198.18.{subnet}.{}", base + 1);
+            ip(&["netns", "add", &pod.ns])?;
+            ip(&["-n", &pod.ns, "link", "set", "lo", "up"])?;
+            let host_side = format!("veth-{p}");
+            ip(&[
+                "link", "add", "eth0", "netns", &pod.ns, "type", "veth", "peer", "name", &host_side, "netns",
+                &c.nodes[*node].ns,
+            ])?;
+            ip(&["-n", &pod.ns, "addr", "add", &format!("{}/30", pod.ip), "dev", "eth0"])?;
+            ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &pod.ns, "route", "add", "default", "via", &gw])?;
+            ip(&["-n", &c.nodes[*node].ns, "addr", "add", &format!("{gw}/30"), "dev", &host_side])?;
+            ip(&["-n", &c.nodes[*node].ns, "link", "set", &host_side, "up"])?;
+            fs::create_dir_all(&pod.cgroup)?;
+            c.pods.push(pod);
+        }
+        run(Command::new(redirector_bin()).arg("ca").arg("create").arg(&c.ca_dir))?;
+        Ok(c)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).expect("a pod of the cluster")
+    }
+
+    /// The mesh configuration every node reads: the namespace enrolled
+    /// with Istio's label, each pod with its node, service account,
+    /// address, network namespace and cgroup.
+    pub fn mesh_yaml(&self) -> String {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels:\n    istio-injection: enabled\n",
+        );
+        for p in &self.pods {
+            y.push_str(&self.pod_yaml(p, &p.service_account));
+        }
+        y.push_str(&self.extra_yaml);
+        y
+    }
+
+    pub fn pod_yaml(&self, p: &Pod, service_account: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {cluster}-{name}\n  labels:\n    app: {name}\n  annotations:\n    redirector.dev/netns: {netns}\n    redirector.dev/cgroup: {cgroup}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n  hostIP: {host}\n",
+            name = p.name,
+            ns = p.namespace,
+            cluster = self.name,
+            netns = ns_path(&p.ns).display(),
+            cgroup = p.cgroup.display(),
+            node = self.nodes[p.node].name,
+            sa = service_account,
+            ip = p.ip,
+            host = self.nodes[p.node].ip,
+        )
+    }
+
+    /// Write `yaml` as a node's mesh configuration.
+    pub fn write_mesh(&self, node: usize, yaml: &str) {
+        let path = self.nodes[node].config_dir.join("mesh.yaml");
+        let tmp = self.nodes[node].config_dir.join(".mesh.yaml.tmp");
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(tmp, path).unwrap();
+    }
+
+    /// Start both agents with the shared CA and wait until each serves its
+    /// two pods.
+    pub fn start(&mut self) -> Result<()> {
+        let yaml = self.mesh_yaml();
+        for i in 0..self.nodes.len() {
+            self.write_mesh(i, &yaml);
+        }
+        for i in 0..self.nodes.len() {
+            self.start_agent(i)?;
+        }
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if !eventually(Duration::from_secs(15), || self.served(i) >= 2) {
+                bail!("{} does not serve its pods: {}", n.name, fs::read_to_string(&n.log).unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+
+    fn served(&self, node: usize) -> usize {
+        self.log_lines(node)
+            .iter()
+            .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("pod enrolled")))
+            .count()
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let n = &self.nodes[i];
+        fs::create_dir_all(n.state.parent().unwrap())?;
+        let cfg = n.state.parent().unwrap().join("agent.yaml");
+        fs::write(
+            &cfg,
+            format!(
+                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\nmesh:\n  caDir: {}\n{}",
+                self.ca_dir.display(),
+                self.mesh_settings
+            ),
+        )?;
+        let log = fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns_path(&n.ns).display()))
+            .arg(redirector_bin())
+            .arg("--state-dir")
+            .arg(&n.state)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--cgroup")
+            .arg(&n.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&n.bpffs)
+            .args(["--log-format", "json", "--mode", self.mode])
+            .arg("--config-dir")
+            .arg(&n.config_dir)
+            .env("NODE_NAME", &n.name)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.nodes[i].agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.log_lines(i).iter().any(|l| l["fields"]["message"] == "agent ready") {
+                return Ok(());
+            }
+            if let Some(status) = self.nodes[i].agent.as_mut().unwrap().try_wait()? {
+                bail!("agent of {} exited with {status}: {}", self.nodes[i].name, fs::read_to_string(&self.nodes[i].log)?);
+            }
+            if Instant::now() > deadline {
+                bail!("agent of {} not ready after 20 s", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_lines(&self, node: usize) -> Vec<Value> {
+        fs::read_to_string(&self.nodes[node].log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Log lines of a node whose message starts with `prefix`.
+    pub fn logged(&self, node: usize, prefix: &str) -> Vec<Value> {
+        self.log_lines(node)
+            .into_iter()
+            .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .collect()
+    }
+
+    /// A command run in a pod: its network namespace and its cgroup.
+    pub fn in_pod(&self, pod: &str, program: &str, args: &[&str]) -> Command {
+        let p = self.pod(pod);
+        let procs = p.cgroup.join("cgroup.procs");
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns_path(&p.ns).display())).arg(program).args(args);
+        // SAFETY: moves the child into the pod's cgroup before exec.
+        unsafe {
+            c.pre_exec(move || fs::write(&procs, "0"));
+        }
+        c
+    }
+
+    /// A command run in a network namespace outside the mesh (a node's).
+    pub fn in_node(&self, node: usize, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns_path(&self.nodes[node].ns).display())).arg(program).args(args);
+        c
+    }
+
+    pub fn output(&self, mut c: Command) -> Output {
+        c.output().expect("running a command")
+    }
+
+    /// nginx in a pod on its address and `port`, with a 1 KB body.
+    pub fn start_nginx(&self, pod: &str, port: u16) -> Result<()> {
+        let p = self.pod(pod);
+        let dir = self.dir.join(format!("nginx-{pod}"));
+        fs::create_dir_all(&dir)?;
+        let conf = dir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log {d}/access.log;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {ip}:{port} backlog=4096;\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
+                d = dir.display(),
+                ip = p.ip,
+                body = "x".repeat(1024),
+            ),
+        )?;
+        self.in_pod(pod, "nginx", &["-c", conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        self.wait_listening(pod, port)
+    }
+
+    /// Wait until something listens on the pod's address and `port`.
+    pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
+        let p = self.pod(pod);
+        let ok = eventually(Duration::from_secs(10), || {
+            Command::new("nsenter")
+                .arg(format!("--net={}", ns_path(&p.ns).display()))
+                .args(["ss", "-Htln", &format!("sport = :{port}")])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        });
+        if !ok {
+            bail!("nothing listens on {}:{port} in pod {pod}", p.ip);
+        }
+        Ok(())
+    }
+
+    /// `curl` from a pod; returns (HTTP status or 0, stderr).
+    pub fn curl(&self, pod: &str, url: &str) -> (u16, String) {
+        let out = self.output(self.in_pod(
+            pod,
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", url],
+        ));
+        let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        (code, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The node agent's Prometheus text.
+    pub fn metrics(&self, node: usize) -> String {
+        let out = self.output(self.in_node(node, "curl", &["-s", "--max-time", "5", "http://127.0.0.1:15020/stats/prometheus"]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            // SAFETY: plain signal send.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_agent(i);
+            let n = &self.nodes[i];
+            if n.state.join("agent.json").exists() {
+                let _ = Command::new("nsenter")
+                    .arg(format!("--net={}", ns_path(&n.ns).display()))
+                    .arg(redirector_bin())
+                    .arg("--state-dir")
+                    .arg(&n.state)
+                    .arg("uninstall")
+                    .output();
+            }
+            redirector::ebpf::remove_pins(&n.bpffs);
+        }
+        remove_cgroup_tree(&self.cgroup);
+        for p in &self.pods {
+            let _ = ip(&["netns", "del", &p.ns]);
+        }
+        for n in &self.nodes {
+            let _ = ip(&["netns", "del", &n.ns]);
+        }
+        if std::env::var_os("REDIRECTOR_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Whether `path` (a pcap) holds `needle` anywhere.
+pub fn pcap_contains(path: &Path, needle: &[u8]) -> bool {
+    let data = fs::read(path).unwrap_or_default();
+    data.windows(needle.len()).any(|w| w == needle)
+}
