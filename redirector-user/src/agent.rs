@@ -309,6 +309,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     _ = tick.tick() => {}
                     _ = stop.changed() => break,
                 }
+                // Idle identities are rotated too; identities of pods
+                // that left are forgotten.
+                {
+                    let m = mesh.current();
+                    certs.rotate_due(&|id| {
+                        (id.namespace == "default" && id.service_account == "default")
+                            || m.pods.iter().any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
+                    });
+                }
                 let v = mesh.version();
                 let has_problems = !pods.problems.lock().expect("in-pod lock").is_empty();
                 if v == seen && !(has_problems && retry.elapsed() >= std::time::Duration::from_secs(2)) {
@@ -318,10 +327,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 retry = tokio::time::Instant::now();
                 let m = mesh.current();
                 pods.reconcile(&m.pods, server.as_ref(), certs.trust_domain());
-                // Idle identities are rotated too; identities of pods
-                // that left are forgotten.
-                let live: Vec<_> = m.pods.iter().map(|p| (p.namespace.clone(), p.service_account.clone())).collect();
-                certs.rotate_due(&|id| (id.namespace == "default" && id.service_account == "default") || live.contains(&(id.namespace.clone(), id.service_account.clone())));
             }
             pods.clear();
         })
