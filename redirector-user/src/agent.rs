@@ -443,16 +443,21 @@ impl crate::inpod::PodServer for AgentPods {
         let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         // The capture: the pod's cgroups enrolled (eBPF), or nat rules in
         // its namespace (iptables).
-        match self.mode {
-            CaptureMode::Iptables => {
-                let ns = w.netns.clone().expect("an in-pod workload has a namespace");
-                crate::iptables::install_in_pod(&ns, &self.cfg).context("installing the pod's iptables rules")?;
-                undo.push(Box::new(move || {
-                    if let Err(e) = crate::iptables::remove_in_pod(&ns) {
-                        warn!(error = %e, "removing a pod's iptables rules");
-                    }
-                }));
+        // Inbound steering to the plaintext listener (so STRICT holds for
+        // clients that never went near our hooks) is a nat PREROUTING rule
+        // in the pod's namespace in both modes, as ztunnel's in-pod mode
+        // does; outbound is the kernel programs (eBPF) or nat OUTPUT
+        // (iptables).
+        let ns = w.netns.clone().expect("an in-pod workload has a namespace");
+        crate::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
+            .context("installing the pod's iptables rules")?;
+        undo.push(Box::new(move || {
+            if let Err(e) = crate::iptables::remove_in_pod(&ns) {
+                warn!(error = %e, "removing a pod's iptables rules");
             }
+        }));
+        match self.mode {
+            CaptureMode::Iptables => {}
             _ => {
                 let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
                 for c in &cgroups {
@@ -491,17 +496,10 @@ impl crate::inpod::PodServer for AgentPods {
             connect_timeout: self.cfg.connect_timeout,
             stats: self.settings.hbone.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
             metrics: self.metrics.clone(),
-            authorize: Arc::new(|_, _, _, _| Ok(())),
+            mesh: self.settings.mesh.clone(),
         });
-        tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound, stop_rx.clone()));
-        // Held so the port is the proxy's; plaintext inbound is served by
-        // the inbound policy path.
-        let plaintext = listeners.inbound;
-        let mut hold = stop_rx.clone();
-        tokio::spawn(async move {
-            let _l = plaintext;
-            let _ = hold.changed().await;
-        });
+        tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
+        tokio::spawn(crate::mesh::hbone::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));
         if let Some(s) = dns {
             s.set_nonblocking(true)?;
             tokio::spawn(crate::mesh::dns::serve(

@@ -572,8 +572,22 @@ fn run_in_pod(ns: &crate::inpod::Netns, tool: &'static str, args: &[&str], stdin
 /// (marked), loopback and the configured exclusions; DNS to the pod's DNS
 /// listener. The namespace is the pod's alone, so no cgroup match is
 /// needed (Istio's sidecar rules have the same shape).
-pub fn pod_ruleset(cfg: &AgentConfig, family: Family) -> String {
+pub fn pod_ruleset(cfg: &AgentConfig, family: Family, outbound: bool) -> String {
     let mut r = String::from("*nat\n");
+    // Inbound: every TCP connection to the pod goes to the plaintext
+    // listener, except HBONE, the proxy's own ports and the pod's own
+    // traffic to itself (the proxy delivering to the app).
+    r.push_str(&format!(":{POD_CHAIN_INBOUND} - [0:0]\n"));
+    r.push_str(&format!("-A PREROUTING -j {POD_CHAIN_INBOUND}\n"));
+    for p in [cfg.hbone_port, cfg.inbound_port, cfg.outbound_port] {
+        r.push_str(&format!("-A {POD_CHAIN_INBOUND} -p tcp --dport {p} -j RETURN\n"));
+    }
+    r.push_str(&format!("-A {POD_CHAIN_INBOUND} -i lo -j RETURN\n"));
+    r.push_str(&format!("-A {POD_CHAIN_INBOUND} -p tcp -j REDIRECT --to-ports {}\n", cfg.inbound_port));
+    if !outbound {
+        r.push_str("COMMIT\n");
+        return r;
+    }
     r.push_str(&format!(":{POD_CHAIN_OUTPUT} - [0:0]\n"));
     r.push_str(&format!("-A OUTPUT -j {POD_CHAIN_OUTPUT}\n"));
     r.push_str(&format!("-A {POD_CHAIN_OUTPUT} -m mark --mark {} -j RETURN\n", cfg.proxy_mark));
@@ -596,10 +610,10 @@ pub fn pod_ruleset(cfg: &AgentConfig, family: Family) -> String {
 
 /// Install a pod's rules in its namespace (replacing what a crashed run
 /// left there).
-pub fn install_in_pod(ns: &crate::inpod::Netns, cfg: &AgentConfig) -> Result<(), IptablesError> {
+pub fn install_in_pod(ns: &crate::inpod::Netns, cfg: &AgentConfig, outbound: bool) -> Result<(), IptablesError> {
     remove_in_pod(ns)?;
     for family in Family::ALL {
-        if let Err(e) = run_in_pod(ns, family.restore(), &["--noflush"], Some(&pod_ruleset(cfg, family))) {
+        if let Err(e) = run_in_pod(ns, family.restore(), &["--noflush"], Some(&pod_ruleset(cfg, family, outbound))) {
             let _ = remove_in_pod(ns);
             return Err(e);
         }

@@ -24,6 +24,8 @@ in_both_modes!(
     a_peer_with_the_wrong_identity_is_refused,
     source_identity_is_logged_and_labelled,
     certificate_rotation_keeps_long_lived_connections,
+    strict_refuses_plaintext_and_permissive_accepts_it,
+    authorization_policies_deny_and_allow,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -191,4 +193,56 @@ fn certificate_rotation_keeps_long_lived_connections(mode: &'static str) {
     // New connections use the new certificates.
     c.start_nginx("b1", 8080).unwrap();
     assert_eq!(c.curl("a2", &format!("http://{b1}:8080/")).0, 200);
+}
+
+/// A client outside the mesh (in node-b's own namespace) dials the app's
+/// port directly: PERMISSIVE (the default) lets it in, STRICT refuses it,
+/// while a mesh client keeps working.
+fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let url = format!("http://{}:8080/", c.pod("b1").ip);
+    let outside = |c: &Cluster| {
+        let out = c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &url]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(outside(&c), "200", "PERMISSIVE must accept a plaintext client");
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "plaintext connection closed").is_empty()));
+    c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n".into();
+    let yaml = c.mesh_yaml();
+    c.write_mesh(0, &yaml);
+    c.write_mesh(1, &yaml);
+    assert!(eventually(Duration::from_secs(5), || c.logged(1, "mesh config applied").len() >= 1));
+    assert_ne!(outside(&c), "200", "STRICT must refuse a plaintext client");
+    let denied = c.logged(1, "connection denied by policy");
+    assert!(denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("STRICT")), "{denied:?}");
+    assert_eq!(c.curl("a1", &url).0, 200, "a mesh client must still get through under STRICT");
+    assert!(c.metrics(1).lines().any(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"unknown\"")));
+}
+
+/// DENY blocks the principal it names; ALLOW admits only its principals.
+/// Denials are logged with the peer identity and counted.
+fn authorization_policies_deny_and_allow(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a2, namespace: default}\nspec:\n  selector: {matchLabels: {app: b1}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a2]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-a1, namespace: default}\nspec:\n  selector: {matchLabels: {app: b2}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a1]}}]\n    to: [{operation: {ports: [\"8080\"]}}]\n".into();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    c.start_nginx("b2", 8080).unwrap();
+    let b1 = format!("http://{}:8080/", c.pod("b1").ip);
+    let b2 = format!("http://{}:8080/", c.pod("b2").ip);
+    assert_eq!(c.curl("a1", &b1).0, 200, "DENY names sa-a2 only");
+    assert_ne!(c.curl("a2", &b1).0, 200, "DENY must block sa-a2");
+    assert_eq!(c.curl("a1", &b2).0, 200, "ALLOW admits sa-a1");
+    assert_ne!(c.curl("a2", &b2).0, 200, "ALLOW admits nobody else");
+    let denied = c.logged(1, "connection denied by policy");
+    assert!(denied.iter().any(|l| l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/default/sa/sa-a2"
+        && l["fields"]["reason"].as_str().unwrap_or_default().contains("deny-a2")), "{denied:?}");
+    assert!(denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("allow-a1")), "{denied:?}");
+    let m = c.metrics(1);
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a2\""))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(line.ends_with(" 1"), "{line}");
 }

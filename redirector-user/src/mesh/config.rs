@@ -83,6 +83,8 @@ pub struct Documents {
     pub virtual_services: Vec<Doc<VirtualServiceSpec>>,
     pub destination_rules: Vec<Doc<DestinationRuleSpec>>,
     pub gateways: Vec<Doc<GatewaySpec>>,
+    pub peer_authentications: Vec<Doc<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Doc<AuthorizationPolicySpec>>,
     /// Non-fatal findings: unknown kinds, fields not acted on.
     pub warnings: Vec<Problem>,
 }
@@ -246,6 +248,12 @@ pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec
             (_, "VirtualService") if istio => take!(virtual_services, VirtualServiceSpec, Some("spec")),
             (_, "DestinationRule") if istio => take!(destination_rules, DestinationRuleSpec, Some("spec")),
             (_, "Gateway") if istio => take!(gateways, GatewaySpec, Some("spec")),
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                take!(peer_authentications, PeerAuthenticationSpec, Some("spec"))
+            }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                take!(authorization_policies, AuthorizationPolicySpec, Some("spec"))
+            }
             (crate::config::AGENT_CONFIG_API, crate::config::AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
                 origin,
                 field: String::new(),

@@ -60,11 +60,6 @@ pub struct HboneStats {
     pub denied: AtomicU64,
 }
 
-/// Whether an inbound connection may proceed: the policy check, given the
-/// peer's identity (`None`: plaintext), the peer's address and the
-/// destination port. `Err` carries the reason for the log.
-pub type Authorizer = Arc<dyn Fn(&WorkloadNet, Option<&Identity>, SocketAddr, SocketAddr) -> Result<(), String> + Send + Sync>;
-
 /// What the inbound side of one pod needs.
 pub struct Inbound {
     pub workload: Arc<WorkloadNet>,
@@ -73,7 +68,108 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub stats: Arc<HboneStats>,
     pub metrics: Arc<crate::mesh::metrics::Metrics>,
-    pub authorize: Authorizer,
+    pub mesh: crate::mesh::MeshHandle,
+}
+
+impl Inbound {
+    /// The AuthorizationPolicy check for a connection from `peer`
+    /// (`None`: plaintext) at `src` to `dst`.
+    pub fn authorize(&self, peer: Option<&Identity>, src: SocketAddr, dst: SocketAddr) -> Result<(), String> {
+        let mesh = self.mesh.current();
+        match mesh.pods.iter().find(|p| p.namespace == self.workload.namespace && p.name == self.workload.name) {
+            Some(pod) => mesh.security.authorize(pod, peer, src.ip(), dst.port()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether plaintext is accepted on `port` (PeerAuthentication).
+    pub fn accepts_plaintext(&self, port: u16) -> bool {
+        let mesh = self.mesh.current();
+        mesh.pods
+            .iter()
+            .find(|p| p.namespace == self.workload.namespace && p.name == self.workload.name)
+            .is_none_or(|pod| mesh.security.mtls_mode(pod, port).accepts_plaintext())
+    }
+}
+
+/// Serve the pod's plaintext inbound listener (15006): connections from
+/// outside the mesh, steered here by the pod's inbound capture. STRICT
+/// refuses them; otherwise AuthorizationPolicy decides (with no identity).
+pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (client, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let ctx = ctx.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = plaintext_connection(client, peer, ctx) => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+}
+
+async fn plaintext_connection(mut client: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Inbound>) {
+    let dst = match crate::proxy::original_dst(&client) {
+        Ok(d) => d,
+        Err(_) => match client.local_addr() {
+            Ok(d) => d,
+            Err(_) => return,
+        },
+    };
+    if !ctx.workload.ips.contains(&dst.ip()) {
+        warn!(%peer, %dst, workload = %ctx.workload.describe(), "plaintext inbound connection to an address that is not this workload's; closed");
+        return;
+    }
+    if !ctx.accepts_plaintext(dst.port()) {
+        ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.denied(&ctx.workload, None).inc();
+        info!(%peer, %dst, workload = %ctx.workload.describe(), reason = "PeerAuthentication STRICT: mTLS required", "connection denied by policy");
+        return;
+    }
+    if let Err(why) = ctx.authorize(None, peer, dst) {
+        ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.denied(&ctx.workload, None).inc();
+        info!(%peer, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");
+        return;
+    }
+    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            info!(%peer, %dst, "inbound: the workload refused the connection");
+            return;
+        }
+    };
+    let labels = ctx.metrics.inbound_labels(&ctx.workload, None, "none");
+    ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (received, sent) = r.unwrap_or((0, 0));
+    ctx.metrics.tcp_received.get_or_create(&labels).inc_by(received);
+    ctx.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
+    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+    info!(
+        target: "access",
+        direction = "inbound",
+        src = %peer,
+        source_principal = "",
+        dst = %dst,
+        destination_workload = %ctx.workload.describe(),
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "plaintext connection closed"
+    );
 }
 
 /// Serve HBONE on `listener` until `stop` turns true; then every tunnel
@@ -183,7 +279,7 @@ async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: I
         warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
         return status(StatusCode::BAD_REQUEST);
     }
-    if let Err(why) = (ctx.authorize)(&ctx.workload, Some(&peer_id), peer, dst) {
+    if let Err(why) = ctx.authorize(Some(&peer_id), peer, dst) {
         ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.denied(&ctx.workload, Some(&peer_id)).inc();
         info!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");

@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod resources;
+pub mod security;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -309,6 +309,8 @@ pub struct Mesh {
     workloads_by_ip: HashMap<IpAddr, (String, String)>,
     /// Every Pod the config names, and which of them the mesh enrolls.
     pub pods: Vec<PodInfo>,
+    /// PeerAuthentication and AuthorizationPolicy.
+    pub security: super::security::Security,
     pods_by_ip: HashMap<IpAddr, usize>,
     pub warnings: Vec<Problem>,
     /// Round-robin positions per (service, subset).
@@ -605,6 +607,7 @@ impl Mesh {
         }
 
         mesh.pods = pods(docs);
+        mesh.security = super::security::Security::compile(docs, ctx.errors);
         for (i, p) in mesh.pods.iter().enumerate() {
             for ip in &p.ips {
                 mesh.pods_by_ip.insert(*ip, i);

@@ -570,3 +570,94 @@ pub struct GatewayPort {
     #[serde(default)]
     pub protocol: Option<String>,
 }
+
+// ---------------------------------------------------------------------------
+// security.istio.io
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSpec {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<PolicySelector>,
+    #[serde(default)]
+    pub mtls: Option<MtlsSpec>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<u16, MtlsSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<PolicySelector>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzRule {
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzFrom {
+    pub source: AuthzSource,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzTo {
+    pub operation: AuthzOperation,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}

@@ -1,0 +1,390 @@
+//! Inbound security as Istio defines it: PeerAuthentication (whether a
+//! workload accepts plaintext) and AuthorizationPolicy (who may connect),
+//! compiled once per config change and evaluated per connection.
+//!
+//! Scopes: the root namespace (`istio-system`, mesh-wide), a namespace
+//! (no selector), a workload (selector). PeerAuthentication: the narrowest
+//! scope wins, `portLevelMtls` only at workload scope, UNSET inherits, the
+//! default is PERMISSIVE. AuthorizationPolicy: any matching DENY denies;
+//! then, if ALLOW policies apply to the workload, one must match; with none,
+//! the connection is allowed. The node proxy sees connections (L4), so an
+//! operation naming HTTP paths or methods never matches in an ALLOW rule
+//! and is ignored in a DENY rule, as Istio does for TCP traffic.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::config::{Documents, Problem};
+use super::model::PodInfo;
+use crate::config::Cidr;
+use crate::identity::Identity;
+
+/// Istio's root namespace: policies there without a selector are mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+impl MtlsMode {
+    fn parse(s: Option<&str>) -> Result<MtlsMode, String> {
+        match s.unwrap_or("UNSET") {
+            "UNSET" => Ok(MtlsMode::Unset),
+            "DISABLE" => Ok(MtlsMode::Disable),
+            "PERMISSIVE" => Ok(MtlsMode::Permissive),
+            "STRICT" => Ok(MtlsMode::Strict),
+            other => Err(format!("`{other}` is not a mode; use STRICT, PERMISSIVE, DISABLE or UNSET")),
+        }
+    }
+
+    pub fn accepts_plaintext(self) -> bool {
+        self != MtlsMode::Strict
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PeerAuth {
+    namespace: String,
+    selector: Option<BTreeMap<String, String>>,
+    mode: MtlsMode,
+    ports: BTreeMap<u16, MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Source {
+    principals: Vec<String>,
+    not_principals: Vec<String>,
+    namespaces: Vec<String>,
+    not_namespaces: Vec<String>,
+    ip_blocks: Vec<Cidr>,
+    not_ip_blocks: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Operation {
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+    /// Names HTTP paths or methods.
+    http_only: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rule {
+    from: Vec<Source>,
+    to: Vec<Operation>,
+}
+
+#[derive(Debug, Clone)]
+struct Authz {
+    namespace: String,
+    name: String,
+    selector: Option<BTreeMap<String, String>>,
+    action: Action,
+    rules: Vec<Rule>,
+}
+
+/// The compiled security policies.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    peer_auth: Vec<PeerAuth>,
+    authz: Vec<Authz>,
+}
+
+fn selects(selector: &Option<BTreeMap<String, String>>, pod: &PodInfo) -> bool {
+    selector
+        .as_ref()
+        .is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+}
+
+/// Istio's string match: exact, `*`, `prefix*` or `*suffix`.
+fn matches(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(p) = pattern.strip_suffix('*') {
+        return value.starts_with(p);
+    }
+    if let Some(s) = pattern.strip_prefix('*') {
+        return value.ends_with(s);
+    }
+    pattern == value
+}
+
+impl Source {
+    fn matches(&self, peer: Option<&Identity>, src: IpAddr) -> bool {
+        // Principals are written without the spiffe:// scheme.
+        let principal = peer.map(|p| p.to_string().trim_start_matches("spiffe://").to_string());
+        let ns = peer.map(|p| p.namespace.as_str());
+        let any = |list: &[String], v: Option<&str>| v.is_some_and(|v| list.iter().any(|p| matches(p, v)));
+        (self.principals.is_empty() || any(&self.principals, principal.as_deref()))
+            && !any(&self.not_principals, principal.as_deref())
+            && (self.namespaces.is_empty() || any(&self.namespaces, ns))
+            && !any(&self.not_namespaces, ns)
+            && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|c| c.contains(src)))
+            && !self.not_ip_blocks.iter().any(|c| c.contains(src))
+    }
+}
+
+impl Operation {
+    fn matches(&self, port: u16, action: Action) -> bool {
+        if self.http_only && action == Action::Allow {
+            return false;
+        }
+        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+    }
+}
+
+impl Rule {
+    fn matches(&self, peer: Option<&Identity>, src: IpAddr, port: u16, action: Action) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|f| f.matches(peer, src)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(port, action)))
+    }
+}
+
+impl Security {
+    fn applies<'a>(ns: &'a str, selector: &'a Option<BTreeMap<String, String>>, pod: &PodInfo) -> bool {
+        (ns == ROOT_NAMESPACE || ns == pod.namespace) && selects(selector, pod)
+    }
+
+    /// The PeerAuthentication mode for `port` of `pod`.
+    pub fn mtls_mode(&self, pod: &PodInfo, port: u16) -> MtlsMode {
+        let workload = self
+            .peer_auth
+            .iter()
+            .find(|p| p.selector.is_some() && p.namespace == pod.namespace && selects(&p.selector, pod));
+        if let Some(w) = workload {
+            if let Some(m) = w.ports.get(&port).filter(|m| **m != MtlsMode::Unset) {
+                return *m;
+            }
+            if w.mode != MtlsMode::Unset {
+                return w.mode;
+            }
+        }
+        let scoped = |ns: &str| {
+            self.peer_auth
+                .iter()
+                .find(|p| p.selector.is_none() && p.namespace == ns && p.mode != MtlsMode::Unset)
+                .map(|p| p.mode)
+        };
+        scoped(&pod.namespace)
+            .or_else(|| scoped(ROOT_NAMESPACE))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// Whether a connection from `peer` (`None`: plaintext) at `src` to
+    /// `port` of `pod` is allowed; `Err` names the policy that refused it.
+    pub fn authorize(&self, pod: &PodInfo, peer: Option<&Identity>, src: IpAddr, port: u16) -> Result<(), String> {
+        let applying: Vec<&Authz> = self
+            .authz
+            .iter()
+            .filter(|a| Self::applies(&a.namespace, &a.selector, pod))
+            .collect();
+        for a in applying.iter().filter(|a| a.action == Action::Deny) {
+            if a.rules.iter().any(|r| r.matches(peer, src, port, Action::Deny)) {
+                return Err(format!("denied by AuthorizationPolicy {}/{} (DENY)", a.namespace, a.name));
+            }
+        }
+        let allows: Vec<&&Authz> = applying.iter().filter(|a| a.action == Action::Allow).collect();
+        if allows.is_empty() || allows.iter().any(|a| a.rules.iter().any(|r| r.matches(peer, src, port, Action::Allow))) {
+            return Ok(());
+        }
+        Err(format!(
+            "no ALLOW rule matches (AuthorizationPolicy {})",
+            allows.iter().map(|a| format!("{}/{}", a.namespace, a.name)).collect::<Vec<_>>().join(", ")
+        ))
+    }
+
+    /// Compile the documents' PeerAuthentications and
+    /// AuthorizationPolicies; bad values are errors naming the field.
+    pub fn compile(docs: &Documents, errors: &mut Vec<Problem>) -> Security {
+        let mut sec = Security::default();
+        let err = |errors: &mut Vec<Problem>, origin: &super::config::Origin, field: String, reason: String| {
+            errors.push(Problem { origin: origin.clone(), field, reason })
+        };
+        for d in &docs.peer_authentications {
+            let mode = match MtlsMode::parse(d.spec.mtls.as_ref().and_then(|m| m.mode.as_deref())) {
+                Ok(m) => m,
+                Err(e) => {
+                    err(errors, &d.origin, "spec.mtls.mode".into(), e);
+                    continue;
+                }
+            };
+            let mut ports = BTreeMap::new();
+            for (p, m) in &d.spec.port_level_mtls {
+                match MtlsMode::parse(m.mode.as_deref()) {
+                    Ok(m) => {
+                        ports.insert(*p, m);
+                    }
+                    Err(e) => err(errors, &d.origin, format!("spec.portLevelMtls.{p}.mode"), e),
+                }
+            }
+            let selector = d.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
+            if !ports.is_empty() && selector.is_none() {
+                err(
+                    errors,
+                    &d.origin,
+                    "spec.portLevelMtls".into(),
+                    "needs a workload selector (Istio applies port-level mTLS only at workload scope)".into(),
+                );
+            }
+            sec.peer_auth.push(PeerAuth {
+                namespace: d.namespace().to_string(),
+                selector,
+                mode,
+                ports,
+            });
+        }
+        for d in &docs.authorization_policies {
+            let action = match d.spec.action.as_deref().unwrap_or("ALLOW") {
+                "ALLOW" => Action::Allow,
+                "DENY" => Action::Deny,
+                other => {
+                    err(
+                        errors,
+                        &d.origin,
+                        "spec.action".into(),
+                        format!("`{other}` is not supported; use ALLOW or DENY (CUSTOM and AUDIT are not yet)"),
+                    );
+                    continue;
+                }
+            };
+            let mut rules = Vec::new();
+            for (i, r) in d.spec.rules.iter().enumerate() {
+                let mut rule = Rule::default();
+                for (j, f) in r.from.iter().enumerate() {
+                    let cidrs = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<Cidr> {
+                        list.iter()
+                            .filter_map(|c| match Cidr::parse(c) {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    err(errors, &d.origin, format!("spec.rules[{i}].from[{j}].source.{name}"), e);
+                                    None
+                                }
+                            })
+                            .collect()
+                    };
+                    rule.from.push(Source {
+                        principals: f.source.principals.clone(),
+                        not_principals: f.source.not_principals.clone(),
+                        namespaces: f.source.namespaces.clone(),
+                        not_namespaces: f.source.not_namespaces.clone(),
+                        ip_blocks: cidrs(&f.source.ip_blocks, "ipBlocks", errors),
+                        not_ip_blocks: cidrs(&f.source.not_ip_blocks, "notIpBlocks", errors),
+                    });
+                }
+                for (j, t) in r.to.iter().enumerate() {
+                    let ports = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<u16> {
+                        list.iter()
+                            .filter_map(|p| match p.parse::<u16>() {
+                                Ok(p) if p > 0 => Some(p),
+                                _ => {
+                                    err(errors, &d.origin, format!("spec.rules[{i}].to[{j}].operation.{name}"), format!("`{p}` is not a port"));
+                                    None
+                                }
+                            })
+                            .collect()
+                    };
+                    rule.to.push(Operation {
+                        ports: ports(&t.operation.ports, "ports", errors),
+                        not_ports: ports(&t.operation.not_ports, "notPorts", errors),
+                        http_only: !t.operation.paths.is_empty() || !t.operation.methods.is_empty(),
+                    });
+                }
+                rules.push(rule);
+            }
+            sec.authz.push(Authz {
+                namespace: d.namespace().to_string(),
+                name: d.meta.name.clone(),
+                selector: d.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty()),
+                action,
+                rules,
+            });
+        }
+        sec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(yaml: &str) -> Security {
+        let dir = std::env::temp_dir().join(format!("redirector-sec-{}-{}", std::process::id(), yaml.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.yaml"), yaml).unwrap();
+        let docs = crate::mesh::config::load_dir(&dir).unwrap();
+        let mut errors = Vec::new();
+        let s = Security::compile(&docs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        s
+    }
+
+    fn pod(ns: &str, app: &str) -> PodInfo {
+        PodInfo {
+            name: app.into(),
+            namespace: ns.into(),
+            uid: None,
+            node_name: None,
+            service_account: app.into(),
+            ips: vec![],
+            host_ip: None,
+            labels: [("app".to_string(), app.to_string())].into(),
+            netns: None,
+            cgroup: None,
+            enrolled: true,
+        }
+    }
+
+    #[test]
+    fn the_narrowest_peer_authentication_wins() {
+        let s = compile(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: legacy}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: legacy}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n",
+        );
+        assert_eq!(s.mtls_mode(&pod("default", "a"), 80), MtlsMode::Strict);
+        assert_eq!(s.mtls_mode(&pod("legacy", "a"), 80), MtlsMode::Permissive);
+        assert_eq!(s.mtls_mode(&pod("legacy", "web"), 80), MtlsMode::Strict);
+        assert_eq!(s.mtls_mode(&pod("legacy", "web"), 8080), MtlsMode::Disable);
+        assert_eq!(Security::default().mtls_mode(&pod("x", "y"), 1), MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn deny_wins_over_allow_and_no_allow_means_allow() {
+        let s = compile(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/a]}}]\n    to: [{operation: {ports: [\"8080\"]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-ip, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [198.18.9.0/24]}}]\n",
+        );
+        let a = Identity::new("cluster.local", "default", "a");
+        let b = Identity::new("cluster.local", "default", "b");
+        let ip = "198.18.1.2".parse().unwrap();
+        let web = pod("default", "web");
+        assert!(s.authorize(&web, Some(&a), ip, 8080).is_ok());
+        assert!(s.authorize(&web, Some(&b), ip, 8080).unwrap_err().contains("no ALLOW rule"));
+        assert!(s.authorize(&web, Some(&a), ip, 9090).is_err());
+        assert!(s.authorize(&web, None, ip, 8080).is_err());
+        let denied = s.authorize(&web, Some(&a), "198.18.9.1".parse().unwrap(), 8080).unwrap_err();
+        assert!(denied.contains("deny-ip"), "{denied}");
+        // No ALLOW policy selects this workload: allowed unless denied.
+        assert!(s.authorize(&pod("default", "other"), None, ip, 1).is_ok());
+    }
+
+    #[test]
+    fn http_only_operations_never_allow_and_always_deny_at_l4() {
+        let s = compile(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: default}\nspec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: default}\nspec:\n  selector: {matchLabels: {app: admin}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n",
+        );
+        let ip = "198.18.1.2".parse().unwrap();
+        assert!(s.authorize(&pod("default", "web"), None, ip, 80).is_err());
+        assert!(s.authorize(&pod("default", "admin"), None, ip, 80).unwrap_err().contains("no-admin"));
+    }
+}
