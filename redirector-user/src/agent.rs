@@ -105,7 +105,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => crate::identity::MeshCa::load_or_generate(&opts.state_dir, &cfg.trust_domain),
     }
     .map_err(|e| anyhow!("mesh CA: {e}"))?;
-    info!(ca = %ca.origin, trust_domain = %cfg.trust_domain, cert_lifetime_s = cfg.cert_lifetime.as_secs(), node = %cfg.node_name, "workload identity ready");
+    let ca_origin = ca.origin.clone();
     let certs = crate::identity::CertStore::new(ca, cfg.cert_lifetime);
     let hbone_pool = crate::mesh::hbone::Pool::new(certs.clone(), cfg.proxy_mark, cfg.connect_timeout);
     let mount = cgroup::cgroup2_mount()?;
@@ -256,6 +256,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         capture_loopback = cfg.capture_loopback,
         "agent ready"
     );
+    info!(ca = %ca_origin, trust_domain = %cfg.trust_domain, cert_lifetime_s = cfg.cert_lifetime.as_secs(), node = %cfg.node_name, "workload identity ready");
 
     let (tx_holder, rx_holder) = watch::channel(false);
     let settings = ProxySettings {

@@ -236,7 +236,7 @@ impl InPod {
         let keep: Vec<(String, String)> = wanted.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect();
         let gone: Vec<(String, String)> = served
             .iter()
-            .filter(|(k, s)| !keep.contains(k) || !wanted.iter().any(|p| *p == &s.pod))
+            .filter(|(k, s)| !keep.contains(k) || !wanted.contains(&&s.pod))
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {

@@ -460,84 +460,6 @@ pub fn rule_counters() -> Result<Vec<(String, u64)>, IptablesError> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> RuleSpec {
-        RuleSpec {
-            proxy_mark: 1337,
-            proxy_cgroup: "/t/redirector-proxy".into(),
-            capture_loopback: false,
-            exclude_ports: vec![22],
-            exclude_cidrs: vec![("198.18.0.3".parse().unwrap(), 32), ("2001:2::9".parse().unwrap(), 128)],
-            outbound_port: 15001,
-            inbound_port: 15006,
-            inbound_ports: vec![8080],
-            enrolled: vec!["/t/app".into()],
-            dns_port: Some(15053),
-        }
-    }
-
-    #[test]
-    fn the_ruleset_is_istios_capture_in_our_chains() {
-        let r = ruleset(&spec(), Family::V4);
-        let expected = [
-            ":REDIRECTOR_OUTPUT - [0:0]",
-            "-A REDIRECTOR_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
-            "-A REDIRECTOR_INBOUND -p tcp -j REDIRECT --to-ports 15006",
-            "-A REDIRECTOR_OUTPUT -m mark --mark 1337 -j RETURN",
-            "-A REDIRECTOR_OUTPUT -m cgroup --path \"/t/redirector-proxy\" -j RETURN",
-            "-A REDIRECTOR_OUTPUT -d 127.0.0.0/8 -j RETURN",
-            "-A REDIRECTOR_OUTPUT -p tcp --dport 22 -j RETURN",
-            "-A REDIRECTOR_OUTPUT -d 198.18.0.3/32 -j RETURN",
-            "-A REDIRECTOR_OUTPUT -p tcp -m cgroup --path \"/t/app\" -j REDIRECTOR_REDIRECT",
-            "-A REDIRECTOR_PREROUTING -p tcp --dport 8080 -j REDIRECTOR_INBOUND",
-            "-A OUTPUT -p tcp -j REDIRECTOR_OUTPUT",
-            "-A PREROUTING -p tcp -j REDIRECTOR_PREROUTING",
-            // DNS: enrolled workloads' UDP/53 to the agent's DNS server.
-            "-A OUTPUT -p udp --dport 53 -j REDIRECTOR_DNS",
-            "-A REDIRECTOR_DNS -m mark --mark 1337 -j RETURN",
-            "-A REDIRECTOR_DNS -m cgroup --path \"/t/app\" -j REDIRECTOR_DNS_REDIRECT",
-            "-A REDIRECTOR_DNS_REDIRECT -p udp -j REDIRECT --to-ports 15053",
-        ];
-        for e in expected {
-            assert!(r.lines().any(|l| l == e), "missing `{e}` in\n{r}");
-        }
-        assert!(!r.contains("2001:2::9"), "IPv6 prefixes stay out of the IPv4 table");
-        let r6 = ruleset(&spec(), Family::V6);
-        assert!(r6.contains("-d ::1/128 -j RETURN") && r6.contains("-d 2001:2::9/128 -j RETURN"));
-        // Exclusions come before the workload rule: first match wins.
-        let pos = |s: &str| r.find(s).unwrap();
-        assert!(pos("--dport 22 -j RETURN") < pos("-j REDIRECTOR_REDIRECT\n"));
-    }
-
-    #[test]
-    fn enrolled_workloads_and_our_rules_are_read_back_from_iptables_save() {
-        let saved = "*nat\n:OUTPUT ACCEPT [0:0]\n:REDIRECTOR_OUTPUT - [0:0]\n\
-            -A OUTPUT -p tcp -j REDIRECTOR_OUTPUT\n\
-            -A OUTPUT -p tcp -j DOCKER\n\
-            -A REDIRECTOR_OUTPUT -p tcp -m cgroup --path \"/t/app one\" -j REDIRECTOR_REDIRECT\n\
-            -A REDIRECTOR_OUTPUT -p tcp -m cgroup --path /t/b -j REDIRECTOR_REDIRECT\n\
-            -A REDIRECTOR_OUTPUT -m cgroup --path \"/t/redirector-proxy\" -j RETURN\nCOMMIT\n";
-        assert_eq!(enrolled_in(saved), vec!["/t/app one".to_string(), "/t/b".to_string()]);
-        let ours = our_rules_in(saved);
-        assert_eq!(ours.len(), 4);
-        assert!(!ours.iter().any(|l| l.contains("DOCKER")));
-    }
-
-    #[test]
-    fn istio_chains_and_foreign_redirects_to_our_ports_conflict() {
-        let istio = "-A OUTPUT -p tcp -j ISTIO_OUTPUT\n";
-        assert!(conflicts_in(istio, &[15001]).is_some());
-        let foreign = "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n";
-        assert!(conflicts_in(foreign, &[15001]).is_some());
-        let ours = "-A REDIRECTOR_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n";
-        assert!(conflicts_in(ours, &[15001]).is_none());
-        assert!(conflicts_in("-A OUTPUT -j REDIRECT --to-ports 8080\n", &[15001]).is_none());
-    }
-}
-
 /// The chain holding a pod's outbound capture, in the pod's own namespace.
 pub const POD_CHAIN_OUTPUT: &str = "REDIRECTOR_POD_OUTPUT";
 /// The chain holding a pod's inbound capture (to the plaintext listener).
@@ -646,4 +568,82 @@ pub fn remove_in_pod(ns: &crate::inpod::Netns) -> Result<(), IptablesError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RuleSpec {
+        RuleSpec {
+            proxy_mark: 1337,
+            proxy_cgroup: "/t/redirector-proxy".into(),
+            capture_loopback: false,
+            exclude_ports: vec![22],
+            exclude_cidrs: vec![("198.18.0.3".parse().unwrap(), 32), ("2001:2::9".parse().unwrap(), 128)],
+            outbound_port: 15001,
+            inbound_port: 15006,
+            inbound_ports: vec![8080],
+            enrolled: vec!["/t/app".into()],
+            dns_port: Some(15053),
+        }
+    }
+
+    #[test]
+    fn the_ruleset_is_istios_capture_in_our_chains() {
+        let r = ruleset(&spec(), Family::V4);
+        let expected = [
+            ":REDIRECTOR_OUTPUT - [0:0]",
+            "-A REDIRECTOR_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+            "-A REDIRECTOR_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+            "-A REDIRECTOR_OUTPUT -m mark --mark 1337 -j RETURN",
+            "-A REDIRECTOR_OUTPUT -m cgroup --path \"/t/redirector-proxy\" -j RETURN",
+            "-A REDIRECTOR_OUTPUT -d 127.0.0.0/8 -j RETURN",
+            "-A REDIRECTOR_OUTPUT -p tcp --dport 22 -j RETURN",
+            "-A REDIRECTOR_OUTPUT -d 198.18.0.3/32 -j RETURN",
+            "-A REDIRECTOR_OUTPUT -p tcp -m cgroup --path \"/t/app\" -j REDIRECTOR_REDIRECT",
+            "-A REDIRECTOR_PREROUTING -p tcp --dport 8080 -j REDIRECTOR_INBOUND",
+            "-A OUTPUT -p tcp -j REDIRECTOR_OUTPUT",
+            "-A PREROUTING -p tcp -j REDIRECTOR_PREROUTING",
+            // DNS: enrolled workloads' UDP/53 to the agent's DNS server.
+            "-A OUTPUT -p udp --dport 53 -j REDIRECTOR_DNS",
+            "-A REDIRECTOR_DNS -m mark --mark 1337 -j RETURN",
+            "-A REDIRECTOR_DNS -m cgroup --path \"/t/app\" -j REDIRECTOR_DNS_REDIRECT",
+            "-A REDIRECTOR_DNS_REDIRECT -p udp -j REDIRECT --to-ports 15053",
+        ];
+        for e in expected {
+            assert!(r.lines().any(|l| l == e), "missing `{e}` in\n{r}");
+        }
+        assert!(!r.contains("2001:2::9"), "IPv6 prefixes stay out of the IPv4 table");
+        let r6 = ruleset(&spec(), Family::V6);
+        assert!(r6.contains("-d ::1/128 -j RETURN") && r6.contains("-d 2001:2::9/128 -j RETURN"));
+        // Exclusions come before the workload rule: first match wins.
+        let pos = |s: &str| r.find(s).unwrap();
+        assert!(pos("--dport 22 -j RETURN") < pos("-j REDIRECTOR_REDIRECT\n"));
+    }
+
+    #[test]
+    fn enrolled_workloads_and_our_rules_are_read_back_from_iptables_save() {
+        let saved = "*nat\n:OUTPUT ACCEPT [0:0]\n:REDIRECTOR_OUTPUT - [0:0]\n\
+            -A OUTPUT -p tcp -j REDIRECTOR_OUTPUT\n\
+            -A OUTPUT -p tcp -j DOCKER\n\
+            -A REDIRECTOR_OUTPUT -p tcp -m cgroup --path \"/t/app one\" -j REDIRECTOR_REDIRECT\n\
+            -A REDIRECTOR_OUTPUT -p tcp -m cgroup --path /t/b -j REDIRECTOR_REDIRECT\n\
+            -A REDIRECTOR_OUTPUT -m cgroup --path \"/t/redirector-proxy\" -j RETURN\nCOMMIT\n";
+        assert_eq!(enrolled_in(saved), vec!["/t/app one".to_string(), "/t/b".to_string()]);
+        let ours = our_rules_in(saved);
+        assert_eq!(ours.len(), 4);
+        assert!(!ours.iter().any(|l| l.contains("DOCKER")));
+    }
+
+    #[test]
+    fn istio_chains_and_foreign_redirects_to_our_ports_conflict() {
+        let istio = "-A OUTPUT -p tcp -j ISTIO_OUTPUT\n";
+        assert!(conflicts_in(istio, &[15001]).is_some());
+        let foreign = "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n";
+        assert!(conflicts_in(foreign, &[15001]).is_some());
+        let ours = "-A REDIRECTOR_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n";
+        assert!(conflicts_in(ours, &[15001]).is_none());
+        assert!(conflicts_in("-A OUTPUT -j REDIRECT --to-ports 8080\n", &[15001]).is_none());
+    }
 }

@@ -213,7 +213,7 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
     let yaml = c.mesh_yaml();
     c.write_mesh(0, &yaml);
     c.write_mesh(1, &yaml);
-    assert!(eventually(Duration::from_secs(5), || c.logged(1, "mesh config applied").len() >= 1));
+    assert!(eventually(Duration::from_secs(5), || !c.logged(1, "mesh config applied").is_empty()));
     assert_ne!(outside(&c), "200", "STRICT must refuse a plaintext client");
     let denied = c.logged(1, "connection denied by policy");
     assert!(denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("STRICT")), "{denied:?}");
