@@ -95,24 +95,34 @@ impl Inbound {
 /// Serve the pod's plaintext inbound listener (15006): connections from
 /// outside the mesh, steered here by the pod's inbound capture. STRICT
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
-pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, mut stop: watch::Receiver<bool>) {
+pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
+    accept_until_stopped(listener, stop, "inbound", move |client, peer| plaintext_connection(client, peer, ctx.clone())).await
+}
+
+/// Accept until `stop` turns true; each connection's task ends with
+/// `stop` too (a pod that leaves has its connections closed).
+async fn accept_until_stopped<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, what: &'static str, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
-        let (client, peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
+                    warn!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
-        let ctx = ctx.clone();
+        let conn = handle(tcp, peer);
         let mut stop = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = plaintext_connection(client, peer, ctx) => {}
+                _ = conn => {}
                 _ = stop.changed() => {}
             }
         });
@@ -174,7 +184,7 @@ async fn plaintext_connection(mut client: tokio::net::TcpStream, peer: SocketAdd
 
 /// Serve HBONE on `listener` until `stop` turns true; then every tunnel
 /// of this pod is closed.
-pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
     let identity = ctx.workload.identity.clone().expect("an in-pod workload has an identity");
     let tls = match crate::tls::server_config(&ctx.certs, &identity) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(c),
@@ -183,28 +193,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, mut stop: watch::Re
             return;
         }
     };
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let tls = tls.clone();
-        let ctx = ctx.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = serve_connection(tcp, peer, tls, ctx) => {}
-                _ = stop.changed() => {}
-            }
-        });
-    }
+    accept_until_stopped(listener, stop, "HBONE", move |tcp, peer| serve_connection(tcp, peer, tls.clone(), ctx.clone())).await
 }
 
 async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tokio_rustls::TlsAcceptor, ctx: Arc<Inbound>) {
