@@ -63,7 +63,7 @@ pub struct Cluster {
 
 pub const POD_NAMES: [(&str, usize); 4] = [("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)];
 
-fn ns_path(ns: &str) -> PathBuf {
+pub fn ns_path(ns: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(ns)
 }
 
@@ -195,12 +195,15 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.write_mesh(i, &yaml);
         }
+        // A restarted agent appends to its log: count only what this start
+        // adds.
+        let before: Vec<usize> = (0..self.nodes.len()).map(|i| self.served(i)).collect();
         for i in 0..self.nodes.len() {
             self.start_agent(i)?;
         }
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
-            if !eventually(Duration::from_secs(15), || self.served(i) >= 2) {
+            if !eventually(Duration::from_secs(15), || self.served(i) >= before[i] + 2) {
                 bail!("{} does not serve its pods: {}", n.name, fs::read_to_string(&n.log).unwrap_or_default());
             }
         }
@@ -216,6 +219,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
+        let seen = self.log_lines(i).len();
         fs::create_dir_all(n.state.parent().unwrap())?;
         let cfg = n.state.parent().unwrap().join("agent.yaml");
         fs::write(
@@ -250,7 +254,7 @@ impl Cluster {
         self.nodes[i].agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.log_lines(i).iter().any(|l| l["fields"]["message"] == "agent ready") {
+            if self.log_lines(i).iter().skip(seen).any(|l| l["fields"]["message"] == "agent ready") {
                 return Ok(());
             }
             if let Some(status) = self.nodes[i].agent.as_mut().unwrap().try_wait()? {
@@ -312,7 +316,7 @@ impl Cluster {
         fs::write(
             &conf,
             format!(
-                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log {d}/access.log;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {ip}:{port} backlog=4096;\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {ip}:{port} backlog=4096;\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
                 d = dir.display(),
                 ip = p.ip,
                 body = "x".repeat(1024),
@@ -375,10 +379,11 @@ impl Cluster {
             let _ = c.wait();
         }
     }
-}
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
+
+    /// Stop both agents and remove whatever they left (pins, rules), so
+    /// the cluster is back to plain routing (or ready for another start).
+    pub fn stop(&mut self) {
         for i in 0..self.nodes.len() {
             self.stop_agent(i);
             let n = &self.nodes[i];
@@ -393,6 +398,38 @@ impl Drop for Cluster {
             }
             redirector::ebpf::remove_pins(&n.bpffs);
         }
+    }
+
+    /// The process id of a node's agent, while it runs.
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].agent.as_ref().map(|c| c.id())
+    }
+
+    /// An iperf3 server in a pod on its address and `port`.
+    pub fn start_iperf3(&self, pod: &str, port: u16) -> Result<()> {
+        let ip = self.pod(pod).ip.clone();
+        self.in_pod(pod, "iperf3", &["-s", "-B", &ip, "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3")?;
+        self.wait_listening(pod, port)
+    }
+
+    /// Let a pod open (and close) connections at a high rate: reuse
+    /// TIME_WAIT ports and widen the ephemeral range.
+    pub fn tune_for_many_connections(&self, pod: &str) -> Result<()> {
+        for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"] {
+            let p = self.pod(pod);
+            run(Command::new("nsenter").arg(format!("--net={}", ns_path(&p.ns).display())).args(["sysctl", "-qw", kv]))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
         remove_cgroup_tree(&self.cgroup);
         for p in &self.pods {
             let _ = ip(&["netns", "del", &p.ns]);

@@ -44,8 +44,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmark eBPF capture against iptables capture and direct (root;
-    /// needs nginx, iperf3 and oha). Writes results/bench.{md,json,svg}.
+    /// Benchmark eBPF capture against iptables capture and direct on one
+    /// host, and the cross-node HBONE path against direct between two
+    /// nodes (root; needs nginx, iperf3 and oha). Writes
+    /// results/bench.{md,json,svg} and results/bench-cross-node.svg.
     Bench {
         /// A short run (under 2 minutes).
         #[arg(long)]
@@ -59,9 +61,13 @@ enum Task {
         /// Seconds per scenario.
         #[arg(long)]
         seconds: Option<f64>,
-        /// Only these modes (comma-separated: direct,iptables,ebpf,ebpf+sockmap).
+        /// Only these modes (comma-separated: direct,iptables,ebpf,ebpf+sockmap,ebpf+l7
+        /// on one host; direct,hbone,hbone-iptables across nodes).
         #[arg(long)]
         modes: Option<String>,
+        /// Only these suites (comma-separated: local,cross-node).
+        #[arg(long)]
+        suite: Option<String>,
         /// Only these scenarios (comma-separated: standard,max-rps,conn-rate,bulk).
         #[arg(long)]
         scenarios: Option<String>,
@@ -109,8 +115,9 @@ fn main() -> ExitCode {
             rounds,
             seconds,
             modes,
+            suite,
             scenarios,
-        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, scenarios)),
+        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, suite, scenarios)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -288,6 +295,7 @@ fn bench(
     rounds: Option<usize>,
     seconds: Option<f64>,
     modes: Option<String>,
+    suite: Option<String>,
     scenarios: Option<String>,
 ) -> Result<()> {
     build(true)?;
@@ -317,6 +325,9 @@ fn bench(
     }
     if let Some(s) = scenarios {
         c.args(["--scenarios", &s]);
+    }
+    if let Some(s) = suite {
+        c.args(["--suite", &s]);
     }
     sh(&mut c)
 }
