@@ -495,6 +495,7 @@ impl crate::inpod::PodServer for AgentPods {
             certs: self.certs.clone(),
             mark: self.cfg.proxy_mark,
             connect_timeout: self.cfg.connect_timeout,
+            handshake_timeout: self.cfg.handshake_timeout,
             stats: self.settings.hbone.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
             metrics: self.metrics.clone(),
             mesh: self.settings.mesh.clone(),

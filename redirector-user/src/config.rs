@@ -49,6 +49,7 @@ struct RawMesh {
     ca_dir: Option<String>,
     cert_lifetime: Option<String>,
     hbone_port: Option<u16>,
+    handshake_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -251,6 +252,8 @@ pub struct AgentConfig {
     pub ca_dir: Option<PathBuf>,
     pub cert_lifetime: Duration,
     pub hbone_port: u16,
+    /// An inbound mTLS handshake not finished by then is dropped.
+    pub handshake_timeout: Duration,
 }
 
 /// The environment variable naming the node (Kubernetes' downward API).
@@ -441,6 +444,13 @@ impl AgentConfig {
                     return Err(invalid("mesh.hbonePort", format!("{p} is already one of the proxy's ports")))
                 }
                 p => p,
+            },
+            handshake_timeout: {
+                let d = dur("mesh.handshakeTimeout", &raw.mesh.handshake_timeout, crate::mesh::hbone::HANDSHAKE_TIMEOUT)?;
+                if d.is_zero() {
+                    return Err(invalid("mesh.handshakeTimeout", "must be more than 0s".into()));
+                }
+                d
             },
         })
     }

@@ -261,6 +261,10 @@ fn loader(socket_storage: bool) -> EbpfLoader<'static> {
     use aya::sys::{is_helper_supported, BpfHelper};
     static NO: u32 = 0;
     let mut l = EbpfLoader::new();
+    // The programs use no CO-RE relocations: skip parsing the kernel's
+    // type information (several MiB of vmlinux BTF the agent would keep in
+    // its heap for nothing). Map BTF comes from the object itself.
+    l.btf(None);
     let has_cookie =
         |t: ProgramType| is_helper_supported(t, BpfHelper::BPF_FUNC_get_netns_cookie).unwrap_or(false);
     // The keyed tier's getsockopt builds the same key as sockops: both

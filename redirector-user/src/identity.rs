@@ -243,6 +243,12 @@ impl MeshCa {
     /// A new key and certificate for `id`, valid from a minute ago (clock
     /// skew between nodes) for `lifetime`.
     pub fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
+        let now = SystemTime::now();
+        self.issue_between(id, now - Duration::from_secs(60), now + lifetime)
+    }
+
+    /// A certificate for `id` valid from `not_before` to `not_after`.
+    pub fn issue_between(&self, id: &Identity, not_before: SystemTime, not_after: SystemTime) -> Result<WorkloadCert, IdentityError> {
         let err = |m: String| IdentityError::Issue { identity: id.to_string(), message: m };
         let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
         let mut params = CertificateParams::default();
@@ -252,9 +258,8 @@ impl MeshCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::try_from(lifetime).map_err(|e| err(e.to_string()))?;
+        params.not_before = time::OffsetDateTime::from(not_before);
+        params.not_after = time::OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
@@ -267,7 +272,7 @@ impl MeshCa {
         Ok(WorkloadCert {
             key: Arc::new(CertifiedKey::new(chain, signing)),
             issued: SystemTime::now(),
-            expires: SystemTime::now() + lifetime,
+            expires: not_after,
         })
     }
 }

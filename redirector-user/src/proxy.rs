@@ -730,7 +730,7 @@ const FULL_READS_TO_GROW: u32 = 4;
 
 /// Copy until `from` ends, then half-close `to` (the other direction may
 /// go on). Returns the bytes copied.
-async fn copy_one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+pub(crate) async fn copy_one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

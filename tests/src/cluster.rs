@@ -201,9 +201,9 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.start_agent(i)?;
         }
-        for i in 0..self.nodes.len() {
+        for (i, before) in before.into_iter().enumerate() {
             let n = &self.nodes[i];
-            if !eventually(Duration::from_secs(15), || self.served(i) >= before[i] + 2) {
+            if !eventually(Duration::from_secs(15), || self.served(i) >= before + 2) {
                 bail!("{} does not serve its pods: {}", n.name, fs::read_to_string(&n.log).unwrap_or_default());
             }
         }

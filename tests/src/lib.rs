@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod cluster;
+pub mod hbone_client;
 use serde_json::Value;
 
 pub const CLIENT_V4: &str = "198.18.0.1";

@@ -246,3 +246,157 @@ fn authorization_policies_deny_and_allow(mode: &'static str) {
         .unwrap_or_else(|| panic!("{m}"));
     assert!(line.ends_with(" 1"), "{line}");
 }
+
+// Bad input at the HBONE listener. What the listener does does not depend
+// on how the pods' traffic is captured, so these run once (eBPF capture).
+
+fn refusals(c: &Cluster, node: usize, reason: &str) -> u64 {
+    let m = c.metrics(node);
+    m.lines()
+        .find(|l| l.starts_with("redirector_hbone_refused_total{") && l.contains(&format!("reason=\"{reason}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An expired certificate and one from another CA are refused at the
+/// handshake; a client that never finishes its handshake is cut off after
+/// `mesh.handshakeTimeout`. Each is logged and counted, and the pod keeps
+/// serving mesh clients.
+#[test]
+fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
+    if !privileged() {
+        return;
+    }
+    use redirector::identity::Identity;
+    use redirector_tests::hbone_client as hc;
+    use std::time::{Instant, SystemTime};
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.mesh_settings = "  handshakeTimeout: 1s\n".into();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let hbone: std::net::SocketAddr = format!("{}:15008", c.pod("b1").ip).parse().unwrap();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1 = Identity::new("cluster.local", "default", "sa-a1");
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+
+    // Expired: signed by the mesh CA, but over since yesterday.
+    let expired = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - 2 * day, now - day).unwrap();
+    let refused = rt.block_on(async {
+        match hc::tls(hc::connect_from(&node_a, hbone).unwrap(), expired).await {
+            Ok(mut s) => hc::closed_by_server(&mut s, Duration::from_secs(3)).await,
+            Err(_) => true,
+        }
+    });
+    assert!(refused, "an expired client certificate must be refused");
+    assert!(eventually(Duration::from_secs(3), || c
+        .logged(1, "HBONE handshake refused")
+        .iter()
+        .any(|l| l["fields"]["error"].as_str().unwrap_or_default().to_lowercase().contains("expired"))));
+
+    // Foreign: a valid certificate from a CA the mesh does not trust.
+    let foreign_ca = c.dir.join("foreign-ca");
+    assert!(std::process::Command::new(redirector_tests::redirector_bin())
+        .arg("ca")
+        .arg("create")
+        .arg(&foreign_ca)
+        .status()
+        .unwrap()
+        .success());
+    let foreign = hc::certificate(&foreign_ca, "cluster.local", &a1, now - day, now + day).unwrap();
+    let refused = rt.block_on(async {
+        match hc::tls(hc::connect_from(&node_a, hbone).unwrap(), foreign).await {
+            Ok(mut s) => hc::closed_by_server(&mut s, Duration::from_secs(3)).await,
+            Err(_) => true,
+        }
+    });
+    assert!(refused, "a certificate from a foreign CA must be refused");
+    assert!(eventually(Duration::from_secs(3), || c.logged(1, "HBONE handshake refused").len() >= 2));
+    assert!(refusals(&c, 1, "handshake") >= 2, "{}", c.metrics(1));
+
+    // Stalled: TCP connected, not one TLS byte sent.
+    let mut stalled = hc::connect_from(&node_a, hbone).unwrap();
+    stalled.set_nonblocking(false).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 16];
+    let n = std::io::Read::read(&mut stalled, &mut b);
+    assert!(matches!(n, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(6), "the server must close a stalled handshake: {n:?} after {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_millis(800), "closed before the timeout: {:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE handshake did not complete").is_empty()));
+    assert!(refusals(&c, 1, "handshake_timeout") >= 1, "{}", c.metrics(1));
+
+    // The pod's mesh clients never noticed.
+    let (code, err) = c.curl("a1", &format!("http://{}:8080/", c.pod("b1").ip));
+    assert_eq!(code, 200, "{err}");
+}
+
+/// A mesh peer that asks to CONNECT to an address that is not the pod's is
+/// refused (no open relay); one that floods a connection with streams it
+/// resets loses that connection. Both are logged and counted; the pod's
+/// other peers are unaffected.
+#[test]
+fn hbone_refuses_foreign_destinations_and_stream_floods() {
+    if !privileged() {
+        return;
+    }
+    use redirector::identity::Identity;
+    use redirector_tests::hbone_client as hc;
+    use std::time::SystemTime;
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    c.start_nginx("b2", 8080).unwrap();
+    let b1_app: std::net::SocketAddr = format!("{}:8080", c.pod("b1").ip).parse().unwrap();
+    let b2_app: std::net::SocketAddr = format!("{}:8080", c.pod("b2").ip).parse().unwrap();
+    let hbone: std::net::SocketAddr = format!("{}:15008", c.pod("b1").ip).parse().unwrap();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1 = Identity::new("cluster.local", "default", "sa-a1");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - hour, now + hour).unwrap();
+
+    let (relay, own) = rt.block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert.clone()).await.unwrap();
+        let mut h2 = hc::h2(tls).await.unwrap();
+        // b2's address through b1's listener: not b1's to give.
+        let relay = hc::connect(&mut h2, b2_app).await.unwrap();
+        // The same connection still works for b1's own address.
+        let own = hc::connect(&mut h2, b1_app).await.unwrap();
+        (relay, own)
+    });
+    assert_eq!(relay, 400, "CONNECT to another pod's address must be refused");
+    assert_eq!(own, 200, "CONNECT to the pod's own address must work");
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE CONNECT to an address that is not this workload's").is_empty()));
+    assert!(refusals(&c, 1, "not_local") >= 1, "{}", c.metrics(1));
+
+    // The flood: streams opened and reset as fast as the client can.
+    let (sent, closed) = rt.block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert.clone()).await.unwrap();
+        let h2 = hc::h2(tls).await.unwrap();
+        let probe = h2.clone();
+        let sent = hc::flood(h2, b1_app, 5000).await;
+        // The server has ended the connection: no new stream gets through.
+        let mut probe = probe;
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if hc::connect(&mut probe, b1_app).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or(false);
+        (sent, closed)
+    });
+    assert!(closed, "the flooding connection must be closed by the server (sent {sent} resets)");
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE connection closed on an HTTP/2 protocol error").is_empty()), "{}", std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    assert!(refusals(&c, 1, "h2_protocol_error") >= 1, "{}", c.metrics(1));
+
+    let (code, err) = c.curl("a1", &format!("http://{b1_app}/"));
+    assert_eq!(code, 200, "{err}");
+}

@@ -37,17 +37,16 @@ use crate::identity::{CertStore, Identity};
 use crate::inpod::WorkloadNet;
 
 pub const HBONE_PORT: u16 = 15008;
-/// A TLS handshake that has not finished by then is dropped.
+/// A TLS handshake that has not finished by then is dropped (default of
+/// `mesh.handshakeTimeout`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one client may have open on one connection (ztunnel's figure).
 pub const MAX_STREAMS: u32 = 100;
 /// Flow-control windows and frame size, as ztunnel sets them, so a bulk
 /// stream is not held back by HTTP/2's 64 KiB defaults.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const FRAME_SIZE: u32 = 1024 * 1024;
-/// Copy buffer per direction of a tunnelled connection.
-const COPY_BUFFER: usize = 256 * 1024;
 
 /// Counters of the HBONE path, shown on /metrics.
 #[derive(Default, Debug)]
@@ -66,6 +65,7 @@ pub struct Inbound {
     pub certs: Arc<CertStore>,
     pub mark: u32,
     pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
     pub stats: Arc<HboneStats>,
     pub metrics: Arc<crate::mesh::metrics::Metrics>,
     pub mesh: crate::mesh::MeshHandle,
@@ -198,7 +198,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
 
 async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tokio_rustls::TlsAcceptor, ctx: Arc<Inbound>) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let stream = match tokio::time::timeout(ctx.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             ctx.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -209,7 +209,7 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
         Err(_) => {
             ctx.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             ctx.metrics.hbone_refused("handshake_timeout").inc();
-            warn!(%peer, workload = %ctx.workload.describe(), "HBONE handshake did not complete in {}s; closed", HANDSHAKE_TIMEOUT.as_secs());
+            warn!(%peer, workload = %ctx.workload.describe(), timeout = ?ctx.handshake_timeout, "HBONE handshake did not complete in time; closed (mesh.handshakeTimeout)");
             return;
         }
     };
@@ -243,7 +243,18 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-        debug!(%peer, error = %e, "HBONE connection ended");
+        // A peer that breaks HTTP/2's rules (a flood of streams opened and
+        // reset, bad frames) loses its connection; other connections and
+        // the pod's other peers are untouched.
+        let h2_error = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .is_some_and(|h| h.is_library() || h.reason().is_some_and(|r| r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL));
+        if h2_error || e.is_parse() {
+            ctx.metrics.hbone_refused("h2_protocol_error").inc();
+            warn!(%peer, peer_identity = %peer_id, workload = %ctx.workload.describe(), error = %e, "HBONE connection closed on an HTTP/2 protocol error");
+        } else {
+            debug!(%peer, error = %e, "HBONE connection ended");
+        }
     }
 }
 
@@ -298,9 +309,14 @@ async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: I
             }
         };
         ctx.metrics.tcp_opened.get_or_create(&labels).inc();
-        let mut tunnel = TokioIo::new(tunnel);
-        let mut upstream = upstream;
-        let r = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
+        // Buffers start small and grow for bulk transfers (the proxy's
+        // own copy), so a short connection does not pay for large ones.
+        let (tunnel_read, tunnel_write) = tokio::io::split(TokioIo::new(tunnel));
+        let (upstream_read, upstream_write) = upstream.into_split();
+        let r = tokio::try_join!(
+            crate::proxy::copy_one_way(tunnel_read, upstream_write),
+            crate::proxy::copy_one_way(upstream_read, tunnel_write),
+        );
         let (received, sent) = r.as_ref().copied().unwrap_or((0, 0));
         ctx.metrics.tcp_received.get_or_create(&labels).inc_by(received);
         ctx.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);

@@ -583,6 +583,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn summarise(modes: &[&str], samples: &[Sample]) -> (Figures, Figures) {
     let mut medians: Figures = BTreeMap::new();
     for mode in modes {
+        if !samples.iter().any(|s| s.mode == *mode) {
+            continue;
+        }
         for scenario in SCENARIOS {
             let mut figures: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             for s in samples.iter().filter(|s| s.mode == *mode && s.scenario == scenario) {
