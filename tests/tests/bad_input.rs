@@ -158,3 +158,33 @@ fn iptables_mode_refuses_to_fight_an_existing_sidecar_capture() {
     nothing_installed(&t);
     assert_eq!(t.nat_rules(), Vec::<String>::new(), "no rule of ours was installed");
 }
+
+/// A mesh CA whose certificate file does not parse, or whose key is not
+/// the certificate's, fails the start with one line naming the file; no
+/// program is attached, no listener opened.
+#[test]
+fn a_broken_mesh_ca_is_named_and_nothing_starts() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let dir = t.state.parent().unwrap();
+    let (ca, other) = (dir.join("ca"), dir.join("other-ca"));
+    for d in [&ca, &other] {
+        let out = std::process::Command::new(redirector_bin()).arg("ca").arg("create").arg(d).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let cfg = t.write_config_full("", &format!("  drainTimeout: 1s\n  connectTimeout: 3s\nmesh:\n  caDir: {}\n", ca.display()));
+    let good_cert = std::fs::read(ca.join("ca-cert.pem")).unwrap();
+
+    std::fs::write(ca.join("ca-cert.pem"), "this is not a certificate\n").unwrap();
+    let out = run_agent(&t, &["--config", cfg.to_str().unwrap()]);
+    one_line_error(&out, &["ca-cert.pem"]);
+    nothing_installed(&t);
+
+    std::fs::write(ca.join("ca-cert.pem"), &good_cert).unwrap();
+    std::fs::copy(other.join("ca-key.pem"), ca.join("ca-key.pem")).unwrap();
+    let out = run_agent(&t, &["--config", cfg.to_str().unwrap()]);
+    one_line_error(&out, &["ca-key.pem", "ca-cert.pem"]);
+    nothing_installed(&t);
+}
