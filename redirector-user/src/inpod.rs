@@ -88,9 +88,21 @@ pub struct WorkloadNet {
     pub namespace: String,
     pub identity: Option<Identity>,
     pub ips: Vec<IpAddr>,
+    /// Outbound sockets made ahead in the workload's namespace (IPv4,
+    /// IPv6), with the mark they carry: entering a namespace costs two
+    /// setns calls, so they are made a batch at a time.
+    spare: Mutex<[Vec<(u32, socket2::Socket)>; 2]>,
 }
 
+/// Outbound sockets made per visit to a pod's namespace.
+const SPARE_BATCH: usize = 16;
+
 impl WorkloadNet {
+    /// A pod's workload: its namespace, who it is, its addresses.
+    pub fn pod(netns: Arc<Netns>, name: String, namespace: String, identity: Option<Identity>, ips: Vec<IpAddr>) -> WorkloadNet {
+        WorkloadNet { netns: Some(netns), name, namespace, identity, ips, spare: Mutex::default() }
+    }
+
     /// The agent's own namespace, as one more workload.
     pub fn host(identity: Option<Identity>) -> WorkloadNet {
         WorkloadNet {
@@ -99,6 +111,7 @@ impl WorkloadNet {
             namespace: "default".into(),
             identity,
             ips: Vec::new(),
+            spare: Mutex::default(),
         }
     }
 
@@ -109,6 +122,29 @@ impl WorkloadNet {
             Some(ns) => ns.run(make)?,
             None => make(),
         }
+    }
+
+    /// A non-blocking TCP socket for an outbound connection, with `mark`
+    /// and no Nagle delay: from the spares, made a batch at a time.
+    fn outbound_socket(&self, domain: socket2::Domain, mark: u32) -> io::Result<socket2::Socket> {
+        let make = || -> io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking().cloexec(), Some(socket2::Protocol::TCP))?;
+            s.set_mark(mark)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        };
+        let Some(ns) = &self.netns else { return make() };
+        let slot = usize::from(domain == socket2::Domain::IPV6);
+        let mut spare = self.spare.lock().expect("spare sockets lock");
+        while let Some((m, s)) = spare[slot].pop() {
+            if m == mark {
+                return Ok(s);
+            }
+        }
+        let mut batch = ns.run(|| (0..SPARE_BATCH).map(|_| make()).collect::<io::Result<Vec<_>>>())??;
+        let s = batch.pop().expect("a batch of sockets");
+        spare[slot].extend(batch.into_iter().map(|s| (mark, s)));
+        Ok(s)
     }
 
     /// A listener on `addr` in this workload's namespace.
@@ -129,10 +165,7 @@ impl WorkloadNet {
     /// Connect to `dst` from this workload's namespace on a socket with the
     /// proxy's mark, so no capture takes it again.
     pub async fn connect(&self, dst: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpStream> {
-        let s = self.socket(socket2::Domain::for_address(dst))?;
-        s.set_mark(mark)?;
-        s.set_nonblocking(true)?;
-        s.set_nodelay(true)?;
+        let s = self.outbound_socket(socket2::Domain::for_address(dst), mark)?;
         tokio::net::TcpSocket::from_std_stream(s.into()).connect(dst).await
     }
 
@@ -274,13 +307,13 @@ impl InPod {
         for c in &cgroups {
             anyhow::ensure!(c.join("cgroup.procs").exists(), "cgroup {} does not exist", c.display());
         }
-        let w = Arc::new(WorkloadNet {
-            netns: Some(Arc::new(netns)),
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            identity: Some(Identity::new(trust_domain, &p.namespace, &p.service_account)),
-            ips: p.ips.clone(),
-        });
+        let w = Arc::new(WorkloadNet::pod(
+            Arc::new(netns),
+            p.name.clone(),
+            p.namespace.clone(),
+            Some(Identity::new(trust_domain, &p.namespace, &p.service_account)),
+            p.ips.clone(),
+        ));
         let h = server.start(p, w, cgroups)?;
         info!(pod = %format!("{}/{}", p.namespace, p.name), netns = path, ips = ?p.ips, "pod enrolled: listeners open in its network namespace");
         Ok(h)
