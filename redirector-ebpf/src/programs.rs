@@ -11,17 +11,17 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{
         lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash,
     },
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
 use redirector_common::{
     is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
-    OriginalDst, SockKey, AF_INET, AF_INET6, SO_REDIRECTOR_SOURCE_CGROUP, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
+    OriginalDst, PodInbound, SockKey, AF_INET, AF_INET6, SO_REDIRECTOR_SOURCE_CGROUP, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
@@ -33,6 +33,8 @@ const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_F_INGRESS: u64 = 1;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const IPPROTO_TCP: u32 = 6;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
@@ -91,6 +93,12 @@ static SOCKET_STORAGE: Global<u32> = Global::new(1);
 
 #[map]
 static DNS_ORIG: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_PENDING, 0);
+
+#[map]
+static POD_INBOUND: HashMap<[u32; 4], PodInbound> = HashMap::pinned(MAX_ENROLLED, 0);
+
+#[map]
+static POD_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(MAX_ENROLLED, 0);
 
 #[inline(always)]
 fn socket_storage() -> bool {
@@ -865,5 +873,83 @@ fn try_sk_msg(ctx: &SkMsgContext) {
                 (*c).passed += 1;
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 6. sk_lookup: inbound steering in pods
+// ---------------------------------------------------------------------------
+
+/// Attached to each served pod's network namespace; runs when an incoming
+/// TCP connection looks for its listening socket. A connection to one of
+/// the pod's addresses goes to the proxy's plaintext inbound listener in
+/// that namespace (so PeerAuthentication and AuthorizationPolicy see every
+/// client, also those that never went near our hooks), except HBONE and the
+/// proxy's own ports, and except the pod's traffic to itself (the proxy
+/// delivering to the app). This is what the nat PREROUTING rule does under
+/// iptables, without netfilter.
+#[sk_lookup]
+pub fn redirector_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // Every field is read up front, each straight from the context at its
+    // own offset: the verifier refuses context reads through a pointer the
+    // compiler moved.
+    let (family, protocol, lport, lip4, rip4) = unsafe {
+        (
+            ptr::read_volatile(&(*l).family),
+            ptr::read_volatile(&(*l).protocol),
+            ptr::read_volatile(&(*l).local_port),
+            ptr::read_volatile(&(*l).local_ip4),
+            ptr::read_volatile(&(*l).remote_ip4),
+        )
+    };
+    let (lip6, rip6) = unsafe {
+        (
+            [
+                ptr::read_volatile(&(*l).local_ip6[0]),
+                ptr::read_volatile(&(*l).local_ip6[1]),
+                ptr::read_volatile(&(*l).local_ip6[2]),
+                ptr::read_volatile(&(*l).local_ip6[3]),
+            ],
+            [
+                ptr::read_volatile(&(*l).remote_ip6[0]),
+                ptr::read_volatile(&(*l).remote_ip6[1]),
+                ptr::read_volatile(&(*l).remote_ip6[2]),
+                ptr::read_volatile(&(*l).remote_ip6[3]),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let (local, remote) = if family == u32::from(AF_INET) {
+        (map_v4(lip4), map_v4(rip4))
+    } else if family == u32::from(AF_INET6) {
+        (lip6, rip6)
+    } else {
+        return SK_PASS;
+    };
+    // The pod's own traffic to itself: the proxy delivering to the app.
+    if local == remote {
+        return SK_PASS;
+    }
+    let Some(pod) = (unsafe { POD_INBOUND.get(&local) }) else {
+        return SK_PASS;
+    };
+    if lport == pod.hbone_port || lport == pod.inbound_port || lport == pod.outbound_port {
+        return SK_PASS;
+    }
+    match POD_LISTENERS.redirect_sk_lookup(ctx, local, 0) {
+        Ok(()) => SK_PASS,
+        // A served pod whose listener is gone (its agent is down or
+        // restarting): the connection is refused (the kernel answers the
+        // SYN with a reset), as under iptables, rather than let plaintext
+        // reach the app past the mesh's policy.
+        Err(_) => SK_DROP,
     }
 }

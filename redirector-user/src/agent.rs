@@ -294,6 +294,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         dns_upstreams: if cfg.dns_upstreams.is_empty() { crate::mesh::dns::system_resolvers() } else { cfg.dns_upstreams.clone() },
         drain_timeout: cfg.drain_timeout,
         cfg: cfg.clone(),
+        steering: match &capture {
+            Installed::Ebpf(c) => c.steering.clone(),
+            Installed::Iptables(_) => None,
+        },
     });
     let pods_task = {
         let pods = pods.clone();
@@ -422,6 +426,8 @@ struct AgentPods {
     dns_upstreams: Vec<SocketAddr>,
     drain_timeout: std::time::Duration,
     cfg: AgentConfig,
+    /// eBPF inbound steering (sk_lookup), when the kernel has it.
+    steering: Option<Arc<crate::ebpf::PodSteering>>,
 }
 
 impl crate::inpod::PodServer for AgentPods {
@@ -443,20 +449,38 @@ impl crate::inpod::PodServer for AgentPods {
         let (stop, stop_rx) = watch::channel(false);
         let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         // The capture: the pod's cgroups enrolled (eBPF), or nat rules in
-        // its namespace (iptables).
-        // Inbound steering to the plaintext listener (so STRICT holds for
-        // clients that never went near our hooks) is a nat PREROUTING rule
-        // in the pod's namespace in both modes, as ztunnel's in-pod mode
-        // does; outbound is the kernel programs (eBPF) or nat OUTPUT
-        // (iptables).
+        // its namespace (iptables). Inbound steering to the plaintext
+        // listener (so STRICT holds for clients that never went near our
+        // hooks): in eBPF mode the sk_lookup program attached to the pod's
+        // namespace, for IPv4 pods on kernels that have it; otherwise a nat
+        // PREROUTING rule in the pod's namespace, as ztunnel's in-pod mode
+        // does.
         let ns = w.netns.clone().expect("an in-pod workload has a namespace");
-        crate::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
-            .context("installing the pod's iptables rules")?;
-        undo.push(Box::new(move || {
-            if let Err(e) = crate::iptables::remove_in_pod(&ns) {
-                warn!(error = %e, "removing a pod's iptables rules");
-            }
-        }));
+        let steering = self.steering.as_ref().filter(|_| w.ips.iter().all(|ip| ip.is_ipv4()) && !w.ips.is_empty());
+        if let Some(steering) = steering {
+            // Rules an iptables-mode agent left in this namespace go first.
+            let _ = crate::iptables::remove_in_pod(&ns);
+            let ports = redirector_common::PodInbound {
+                hbone_port: self.hbone_port.into(),
+                inbound_port: self.inbound_port.into(),
+                outbound_port: self.outbound_port.into(),
+                _pad: 0,
+            };
+            use std::os::fd::AsFd;
+            steering
+                .steer(ns.as_fd(), ns.inode, &w.ips, listeners.inbound.as_fd(), ports)
+                .context("steering the pod's inbound connections (sk_lookup)")?;
+            let (steering, inode, ips) = (steering.clone(), ns.inode, w.ips.clone());
+            undo.push(Box::new(move || steering.unsteer(inode, &ips)));
+        } else {
+            crate::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
+                .context("installing the pod's iptables rules")?;
+            undo.push(Box::new(move || {
+                if let Err(e) = crate::iptables::remove_in_pod(&ns) {
+                    warn!(error = %e, "removing a pod's iptables rules");
+                }
+            }));
+        }
         match self.mode {
             CaptureMode::Iptables => {}
             _ => {

@@ -22,7 +22,7 @@ use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
     maps, programs, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
-    OriginalDst, SockKey, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK,
+    OriginalDst, PodInbound, SockKey, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -124,6 +124,9 @@ pub struct EbpfCapture {
     pub pin_dir: PathBuf,
     /// Whether an earlier agent's links were found and replaced.
     pub adopted: bool,
+    /// Inbound steering in pods' namespaces; `None` when this kernel has no
+    /// sk_lookup (5.9+) and pods get the nat PREROUTING rule instead.
+    pub steering: Option<std::sync::Arc<PodSteering>>,
 }
 
 impl EbpfCapture {
@@ -222,16 +225,27 @@ impl EbpfCapture {
                 drop(old); // detaches the previous agent's program
             }
         }
+        // Inbound steering in pods is optional: without it a pod's inbound
+        // goes through a nat PREROUTING rule in its namespace.
+        let steering = match load_sk_lookup(&mut ebpf) {
+            Ok(prog) => Some(std::sync::Arc::new(PodSteering { prog, pin_dir: pin_dir.to_path_buf() })),
+            Err(e) => {
+                warn!(error = %e, "this kernel cannot steer pods' inbound connections with sk_lookup (5.9+); pods get a nat PREROUTING rule instead");
+                None
+            }
+        };
         info!(
             cgroup = %cgroup_root.display(),
             pins = %pin_dir.display(),
             adopted,
+            pod_inbound = if steering.is_some() { "sk_lookup" } else { "iptables" },
             "kernel programs attached"
         );
         Ok(EbpfCapture {
             _ebpf: ebpf,
             pin_dir: pin_dir.to_path_buf(),
             adopted,
+            steering,
         })
     }
 }
@@ -379,6 +393,105 @@ fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         Err(io::Error::last_os_error())
     } else {
         Ok(rc)
+    }
+}
+
+const BPF_SK_LOOKUP: u32 = 36;
+
+fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<aya::programs::ProgramFd, EbpfError> {
+    let name = programs::SK_LOOKUP;
+    let perr = |source| EbpfError::Program { program: name, source };
+    let Some(Program::SkLookup(p)) = ebpf.program_mut(name) else {
+        return Err(perr(aya::programs::ProgramError::UnexpectedProgramType));
+    };
+    p.load().map_err(perr)?;
+    p.fd().map_err(perr)?.try_clone().map_err(|e| EbpfError::Attach { program: name, source: e })
+}
+
+/// The key of a pod address in the steering maps: IPv4-mapped, words in
+/// network order, as the program reads them.
+fn steering_key(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => redirector_common::map_v4(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// Inbound steering in pods' namespaces: the sk_lookup program attached to
+/// a pod's namespace with a pinned link (so a crashed or restarting agent
+/// leaves no gap: the program refuses new connections until the new
+/// listener is in place), and the pod's addresses mapped to its plaintext
+/// listener.
+pub struct PodSteering {
+    prog: aya::programs::ProgramFd,
+    pin_dir: PathBuf,
+}
+
+impl PodSteering {
+    fn link_pin(&self, netns_inode: u64) -> PathBuf {
+        self.pin_dir.join("links").join(format!("pod-inbound-{netns_inode}"))
+    }
+
+    fn maps(&self) -> Result<(aya::maps::SockHash<MapData, [u32; 4]>, HashMap<MapData, [u32; 4], PodInbound>), EbpfError> {
+        let listeners = aya::maps::SockHash::try_from(Map::SockHash(open_pinned(&self.pin_dir, maps::POD_LISTENERS)?))
+            .map_err(map_err(maps::POD_LISTENERS))?;
+        let inbound = HashMap::try_from(Map::HashMap(open_pinned(&self.pin_dir, maps::POD_INBOUND)?))
+            .map_err(map_err(maps::POD_INBOUND))?;
+        Ok((listeners, inbound))
+    }
+
+    /// Steer TCP connections to `ips` in the namespace `netns` (its
+    /// descriptor and inode) to `listener`, except those to `ports`' ports.
+    pub fn steer(&self, netns: BorrowedFd<'_>, netns_inode: u64, ips: &[IpAddr], listener: BorrowedFd<'_>, ports: PodInbound) -> Result<(), EbpfError> {
+        let (mut listeners, mut inbound) = self.maps()?;
+        for ip in ips {
+            let key = steering_key(*ip);
+            listeners.insert(key, listener.as_raw_fd(), 0).map_err(map_err(maps::POD_LISTENERS))?;
+            inbound.insert(key, ports, 0).map_err(map_err(maps::POD_INBOUND))?;
+        }
+        let mut attr = LinkCreateAttr {
+            prog_fd: self.prog.as_fd().as_raw_fd() as u32,
+            target_fd: netns.as_raw_fd() as u32,
+            attach_type: BPF_SK_LOOKUP,
+            ..Default::default()
+        };
+        let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).map_err(|e| EbpfError::Attach { program: programs::SK_LOOKUP, source: e })?;
+        // SAFETY: the kernel returned a new file descriptor we now own.
+        let link = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // A link a crashed agent left on this namespace is replaced once
+        // the new one is pinned.
+        let path = self.link_pin(netns_inode);
+        let old = if path.exists() {
+            let old = PinnedLink::from_pin(&path).ok().and_then(|p| p.unpin().ok());
+            let _ = fs::remove_file(&path);
+            old
+        } else {
+            None
+        };
+        obj_pin(link.as_fd(), &path).map_err(|e| EbpfError::Pin { path: path.clone(), message: e.to_string() })?;
+        drop(old);
+        Ok(())
+    }
+
+    /// Stop steering a pod: detach the program from its namespace and
+    /// forget its addresses.
+    pub fn unsteer(&self, netns_inode: u64, ips: &[IpAddr]) {
+        let path = self.link_pin(netns_inode);
+        if let Ok(l) = PinnedLink::from_pin(&path) {
+            let _ = l.unpin();
+        }
+        let _ = fs::remove_file(&path);
+        if let Ok((mut listeners, mut inbound)) = self.maps() {
+            for ip in ips {
+                let key = steering_key(*ip);
+                let _ = listeners.remove(&key);
+                let _ = inbound.remove(&key);
+            }
+        }
     }
 }
 
@@ -745,7 +858,7 @@ pub fn check_programs(socket_storage: bool) -> Result<Vec<ProgramCheck>, EbpfErr
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
         let mut out = Vec::new();
-        for name in programs::ALL.iter().copied().chain([programs::SK_MSG]) {
+        for name in programs::ALL.iter().copied().chain([programs::SK_MSG, programs::SK_LOOKUP]) {
             // (verifier-processed, own) instruction counts.
             fn counts(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) -> (Option<u32>, Option<u32>) {
                 match info {
@@ -759,6 +872,7 @@ pub fn check_programs(socket_storage: bool) -> Result<Vec<ProgramCheck>, EbpfErr
                 Some(Program::SockOps(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
                 Some(Program::CgroupSockopt(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
                 Some(Program::SkMsg(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
+                Some(Program::SkLookup(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
                 _ => Err("not found in the kernel object".into()),
             };
             out.push(match r {

@@ -89,6 +89,8 @@ fn features() -> Vec<(String, Probe, &'static [Tier])> {
         prog("sock_ops", P::SockOps, ALL),
         prog("cgroup_sockopt (getsockopt)", P::CgroupSockopt, ALL),
         prog("sk_msg", P::SkMsg, SOCKMAP),
+        // Pods' inbound steering; without it pods get a nat PREROUTING rule.
+        prog("sk_lookup (pod inbound steering, 5.9+)", P::SkLookup, OPTIONAL),
         map("array", MapType::Array, ALL),
         map("percpu_array", MapType::PerCpuArray, ALL),
         map("hash", MapType::Hash, ALL),

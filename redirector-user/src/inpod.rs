@@ -65,6 +65,12 @@ impl Netns {
         })
     }
 
+    /// The namespace's descriptor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     /// Run `f` on this thread inside the namespace, then come back.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         let home = HOME

@@ -364,6 +364,14 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Kill a node's agent as a crash would: nothing is cleaned up.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn stop_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
             // SAFETY: plain signal send.

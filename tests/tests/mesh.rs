@@ -26,6 +26,7 @@ in_both_modes!(
     certificate_rotation_keeps_long_lived_connections,
     strict_refuses_plaintext_and_permissive_accepts_it,
     authorization_policies_deny_and_allow,
+    pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -245,6 +246,47 @@ fn authorization_policies_deny_and_allow(mode: &'static str) {
         .find(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a2\""))
         .unwrap_or_else(|| panic!("{m}"));
     assert!(line.ends_with(" 1"), "{line}");
+}
+
+/// Inbound steering: eBPF mode does it with the sk_lookup program attached
+/// to the pod's namespace (no netfilter rule there), iptables mode with a
+/// nat PREROUTING chain. Either way a plaintext client reaches the proxy's
+/// inbound listener, and while the node's agent is down (killed, not
+/// stopped) it does not reach the app past the mesh: the steering stays and
+/// has no listener to hand the connection to. A restarted agent takes over.
+fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let url = format!("http://{}:8080/", c.pod("b1").ip);
+    let outside = |c: &Cluster| {
+        let out = c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", &url]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let b1_ns = redirector_tests::cluster::ns_path(&c.pod("b1").ns);
+    let nat = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", b1_ns.display()))
+        .args(["iptables-save", "-t", "nat"])
+        .output()
+        .unwrap();
+    let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
+    let links: Vec<String> = std::fs::read_dir(c.nodes[1].bpffs.join("links"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    if mode == "ebpf" {
+        assert!(!nat.contains("REDIRECTOR"), "eBPF mode must not need netfilter in the pod:\n{nat}");
+        assert_eq!(links.iter().filter(|l| l.starts_with("pod-inbound-")).count(), 2, "one sk_lookup link per pod of node-b: {links:?}");
+    } else {
+        assert!(nat.contains("REDIRECTOR_POD_INBOUND"), "{nat}");
+    }
+    assert_eq!(outside(&c), "200", "PERMISSIVE lets a plaintext client in, through the proxy");
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "plaintext connection closed").is_empty()), "the plaintext client must have gone through the proxy");
+
+    c.kill_agent(1);
+    assert_ne!(outside(&c), "200", "with the agent down, a plaintext client must not reach the app directly");
+
+    c.start_agent(1).unwrap();
+    assert!(eventually(Duration::from_secs(15), || outside(&c) == "200"), "a restarted agent takes the pod's inbound over again");
 }
 
 // Bad input at the HBONE listener. What the listener does does not depend

@@ -21,6 +21,10 @@ pub mod programs {
     pub const RECVMSG6: &str = "redirector_recvmsg6";
     /// Same-node acceleration, attached to [`super::maps::SOCK_PAIRS`].
     pub const SK_MSG: &str = "redirector_sk_msg";
+    /// Inbound steering in pods: attached to each served pod's network
+    /// namespace (sk_lookup), it hands connections to the pod's addresses
+    /// to the proxy's plaintext inbound listener there.
+    pub const SK_LOOKUP: &str = "redirector_sk_lookup";
     /// Every program, in the order the loader attaches them. The getsockopt
     /// and sockops programs go first so that a connection redirected by
     /// connect4/6 always finds them in place.
@@ -67,6 +71,13 @@ pub mod maps {
     /// Per-CPU shortcut totals: [messages redirected, bytes redirected,
     /// messages passed to the TCP stack].
     pub const ACCEL_TOTALS: &str = "ACCEL_TOTALS";
+    /// Inbound steering: a served pod's address (IPv4-mapped, network
+    /// order words) -> [`super::PodInbound`]. Written by user space.
+    pub const POD_INBOUND: &str = "POD_INBOUND";
+    /// Inbound steering: a served pod's address -> the proxy's plaintext
+    /// inbound listener in that pod's namespace. A socket leaves by itself
+    /// when it closes.
+    pub const POD_LISTENERS: &str = "POD_LISTENERS";
 }
 
 /// Load-time constants of the kernel object.
@@ -128,6 +139,17 @@ pub struct CaptureConfig {
 pub struct Enrollment {
     /// Reserved for per-workload capture flags; 0 today. Host order.
     pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::POD_INBOUND`]: the ports of a served pod that keep
+/// their own listeners (HBONE, and the proxy's own). Host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInbound {
+    pub hbone_port: u32,
+    pub inbound_port: u32,
+    pub outbound_port: u32,
     pub _pad: u32,
 }
 
@@ -337,6 +359,7 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::AccelCount {}
+    unsafe impl aya::Pod for super::PodInbound {}
 }
 
 #[cfg(test)]
@@ -353,6 +376,7 @@ mod tests {
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<AccelCount>(), 24);
+        assert_eq!(size_of::<PodInbound>(), 16);
         assert_eq!(align_of::<ConnKey>(), 8);
     }
 
