@@ -421,6 +421,9 @@ fn steering_key(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+type SteeringListeners = aya::maps::SockHash<MapData, [u32; 4]>;
+type SteeringPods = HashMap<MapData, [u32; 4], PodInbound>;
+
 /// Inbound steering in pods' namespaces: the sk_lookup program attached to
 /// a pod's namespace with a pinned link (so a crashed or restarting agent
 /// leaves no gap: the program refuses new connections until the new
@@ -436,7 +439,7 @@ impl PodSteering {
         self.pin_dir.join("links").join(format!("pod-inbound-{netns_inode}"))
     }
 
-    fn maps(&self) -> Result<(aya::maps::SockHash<MapData, [u32; 4]>, HashMap<MapData, [u32; 4], PodInbound>), EbpfError> {
+    fn maps(&self) -> Result<(SteeringListeners, SteeringPods), EbpfError> {
         let listeners = aya::maps::SockHash::try_from(Map::SockHash(open_pinned(&self.pin_dir, maps::POD_LISTENERS)?))
             .map_err(map_err(maps::POD_LISTENERS))?;
         let inbound = HashMap::try_from(Map::HashMap(open_pinned(&self.pin_dir, maps::POD_INBOUND)?))

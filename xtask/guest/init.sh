@@ -46,6 +46,8 @@ mkdir -p /sys/fs/cgroup/rt/manual
 check enroll $R enroll /sys/fs/cgroup/rt/manual
 check unenroll $R unenroll /sys/fs/cgroup/rt/manual
 check sk_msg-loads sh -c "tr -d ' \n' < /tmp/verify.json | grep -q '\"name\":\"programredirector_sk_msg\",\"ok\":true'"
+# Pods' inbound steering (sk_lookup, 5.9+): the verifier takes it.
+check sk_lookup-loads sh -c "tr -d ' \n' < /tmp/verify.json | grep -q '\"name\":\"programredirector_sk_lookup\",\"ok\":true'"
 # The shortcut, switched on at run time: the proxy's writes reach the
 # client through sk_msg, not the loopback TCP stack.
 total() { $R status --json | tr -d ' \n' | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2; }
