@@ -172,16 +172,6 @@ fn main() -> ExitCode {
                     );
                 }
             }
-            // One malloc arena for the whole agent: the node proxy's
-            // buffers come and go with connections, and per-thread arenas
-            // keep several MiB resident for no gain in speed we could
-            // measure (docs/bench: resident memory per node proxy).
-            #[cfg(target_env = "gnu")]
-            if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-                // SAFETY: mallopt only tunes the allocator; called before
-                // any other thread exists.
-                unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
