@@ -425,9 +425,11 @@ impl Cluster {
     }
 
     /// Let a pod open (and close) connections at a high rate: reuse
-    /// TIME_WAIT ports and widen the ephemeral range.
+    /// TIME_WAIT ports and widen the ephemeral range, above the proxy's
+    /// ports (150xx) so no client's TIME_WAIT socket holds one of them when
+    /// an agent opens its listeners in the pod again.
     pub fn tune_for_many_connections(&self, pod: &str) -> Result<()> {
-        for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"] {
+        for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=15100 65000"] {
             let p = self.pod(pod);
             run(Command::new("nsenter").arg(format!("--net={}", ns_path(&p.ns).display())).args(["sysctl", "-qw", kv]))?;
         }
