@@ -1,5 +1,5 @@
-//! The benchmark harness runs end to end and produces a well-formed report
-//! (a smoke test: tiny durations, no figure is asserted).
+//! The benchmark harness runs end to end, both suites, and produces a
+//! well-formed report (a smoke test: tiny durations, no figure is asserted).
 
 use std::process::Command;
 
@@ -37,18 +37,29 @@ fn the_bench_harness_produces_a_well_formed_report() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
+    // Tables: local (header + 5 modes), cross-node (header + 3 modes) and
+    // the cross-node targets (header + 6 figures).
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
-    assert_eq!(table.len(), 1 + 5, "header and one row per mode:\n{md}");
-    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7"] {
+    assert_eq!(table.len(), (1 + 5) + (1 + 3) + (1 + 6), "headers and one row per mode and target:\n{md}");
+    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7", "hbone", "hbone-iptables"] {
         let row = table.iter().find(|r| r.starts_with(&format!("| {mode} |"))).expect(mode);
         assert_eq!(row.matches('|').count(), 11, "{row}");
     }
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["samples"].as_array().unwrap().len(), 20, "5 modes x 4 scenarios");
+    assert_eq!(report["samples"].as_array().unwrap().len(), 20, "5 local modes x 4 scenarios");
+    assert_eq!(report["cross_node"]["samples"].as_array().unwrap().len(), 12, "3 cross-node modes x 4 scenarios");
     assert!(md.contains("L7 routing over L4 forwarding"), "{md}");
     assert!(report["medians"]["direct"]["max-rps"]["rps"].as_f64().unwrap() > 0.0);
     assert!(report["ratios"]["ebpf"]["max-rps"]["rps"].is_number());
-    let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
+    assert!(report["cross_node"]["ratios"]["hbone"]["max-rps"]["rps"].is_number(), "{md}");
+    assert!(report["cross_node"]["medians"]["hbone"]["standard"]["proxy_rss_mb"].as_f64().unwrap() > 0.0);
+    for t in ["new connections/s", "resident memory per proxy"] {
+        let row = table.iter().find(|r| r.contains(t)).expect(t);
+        assert!(row.contains("met"), "each target says met or not met: {row}");
+    }
+    for f in ["bench.svg", "bench-cross-node.svg"] {
+        let svg = std::fs::read_to_string(dir.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
