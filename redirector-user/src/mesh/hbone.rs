@@ -72,6 +72,42 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// Carry a connection admitted to this pod (plaintext on 15006, or an
+    /// HBONE stream from `peer_id`) to the app, with the proxy's copy
+    /// buffers (small, grown for bulk transfers); count it and write its
+    /// access-log line.
+    async fn deliver<C>(&self, client: C, upstream: tokio::net::TcpStream, peer: SocketAddr, peer_id: Option<&Identity>, dst: SocketAddr)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (security, kind) = if peer_id.is_some() { ("mutual_tls", "HBONE") } else { ("none", "plaintext") };
+        let labels = self.metrics.inbound_labels(&self.workload, peer_id, security);
+        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        let started = Instant::now();
+        let (client_read, client_write) = tokio::io::split(client);
+        let (upstream_read, upstream_write) = upstream.into_split();
+        let r = tokio::try_join!(
+            crate::proxy::copy_one_way(client_read, upstream_write),
+            crate::proxy::copy_one_way(upstream_read, client_write),
+        );
+        let (received, sent) = r.unwrap_or((0, 0));
+        self.metrics.tcp_received.get_or_create(&labels).inc_by(received);
+        self.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
+        self.metrics.tcp_closed.get_or_create(&labels).inc();
+        info!(
+            target: "access",
+            direction = "inbound",
+            src = %peer,
+            source_principal = %peer_id.map(|i| i.to_string()).unwrap_or_default(),
+            dst = %dst,
+            destination_workload = %self.workload.describe(),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "{kind} connection closed"
+        );
+    }
+
     /// The AuthorizationPolicy check for a connection from `peer`
     /// (`None`: plaintext) at `src` to `dst`.
     pub fn authorize(&self, peer: Option<&Identity>, src: SocketAddr, dst: SocketAddr) -> Result<(), String> {
@@ -129,7 +165,7 @@ where
     }
 }
 
-async fn plaintext_connection(mut client: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Inbound>) {
+async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Inbound>) {
     let dst = match crate::proxy::original_dst(&client) {
         Ok(d) => d,
         Err(_) => match client.local_addr() {
@@ -153,33 +189,14 @@ async fn plaintext_connection(mut client: tokio::net::TcpStream, peer: SocketAdd
         info!(%peer, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");
         return;
     }
-    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
+    let upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
         Ok(Ok(s)) => s,
         _ => {
             info!(%peer, %dst, "inbound: the workload refused the connection");
             return;
         }
     };
-    let labels = ctx.metrics.inbound_labels(&ctx.workload, None, "none");
-    ctx.metrics.tcp_opened.get_or_create(&labels).inc();
-    let started = Instant::now();
-    let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    let (received, sent) = r.unwrap_or((0, 0));
-    ctx.metrics.tcp_received.get_or_create(&labels).inc_by(received);
-    ctx.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
-    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
-    info!(
-        target: "access",
-        direction = "inbound",
-        src = %peer,
-        source_principal = "",
-        dst = %dst,
-        destination_workload = %ctx.workload.describe(),
-        bytes_received = received,
-        bytes_sent = sent,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "plaintext connection closed"
-    );
+    ctx.deliver(client, upstream, peer, None, dst).await;
 }
 
 /// Serve HBONE on `listener` until `stop` turns true; then every tunnel
@@ -298,9 +315,7 @@ async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: I
     };
     ctx.stats.inbound_streams.fetch_add(1, Ordering::Relaxed);
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let labels = ctx.metrics.inbound_labels(&ctx.workload, Some(&peer_id), "mutual_tls");
     tokio::spawn(async move {
-        let started = Instant::now();
         let tunnel = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -308,31 +323,7 @@ async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: I
                 return;
             }
         };
-        ctx.metrics.tcp_opened.get_or_create(&labels).inc();
-        // Buffers start small and grow for bulk transfers (the proxy's
-        // own copy), so a short connection does not pay for large ones.
-        let (tunnel_read, tunnel_write) = tokio::io::split(TokioIo::new(tunnel));
-        let (upstream_read, upstream_write) = upstream.into_split();
-        let r = tokio::try_join!(
-            crate::proxy::copy_one_way(tunnel_read, upstream_write),
-            crate::proxy::copy_one_way(upstream_read, tunnel_write),
-        );
-        let (received, sent) = r.as_ref().copied().unwrap_or((0, 0));
-        ctx.metrics.tcp_received.get_or_create(&labels).inc_by(received);
-        ctx.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
-        ctx.metrics.tcp_closed.get_or_create(&labels).inc();
-        info!(
-            target: "access",
-            direction = "inbound",
-            src = %peer,
-            source_principal = %peer_id,
-            dst = %dst,
-            destination_workload = %ctx.workload.describe(),
-            bytes_received = received,
-            bytes_sent = sent,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "HBONE connection closed"
-        );
+        ctx.deliver(TokioIo::new(tunnel), upstream, peer, Some(&peer_id), dst).await;
     });
     status(StatusCode::OK)
 }
