@@ -25,6 +25,9 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// A directory of Istio / Kubernetes YAML to route by, watched.
     pub config_dir: Option<PathBuf>,
+    /// Read the mesh config from the Kubernetes API instead (the
+    /// DaemonSet).
+    pub kubernetes: Option<crate::kubernetes::Access>,
 }
 
 fn bind_error(port: u16, field: &str, e: io::Error) -> anyhow::Error {
@@ -88,6 +91,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => crate::mesh::Mesh::default(),
     };
     let mesh = crate::mesh::MeshHandle::new(mesh);
+    // The cluster: reachable, Istio's kinds found, RBAC enough; else the
+    // start fails here, before anything is bound or attached.
+    let kube = match &opts.kubernetes {
+        Some(access) => {
+            let (client, watched, warnings) = crate::kubernetes::prepare(access, &cfg.node_name).await?;
+            info!(node = %cfg.node_name, kinds = watched.len(), "kubernetes API reachable; watching the cluster");
+            Some((client, watched, warnings))
+        }
+        None => None,
+    };
 
     let missing = system::missing_capabilities();
     if !missing.is_empty() {
@@ -279,7 +292,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         hbone: Some(hbone_pool.clone()),
         close_on_stop: false,
     };
-    let pods = Arc::new(crate::inpod::InPod::new(cfg.node_name.clone(), mount.clone()));
+    let pods = Arc::new(crate::inpod::InPod::new(cfg.node_name.clone(), mount.clone(), root.clone()));
     let pod_server = Arc::new(AgentPods {
         settings: settings.clone(),
         stats: Arc::new(ProxyStats::default()),
@@ -359,6 +372,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .config_dir
         .clone()
         .map(|dir| crate::mesh::watch(dir, mesh.clone(), rx.clone()));
+    let kube_source = kube.map(|(client, watched, warnings)| crate::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone()));
     let mut listeners = outbound;
     listeners.extend(inbound);
     let proxy_task = tokio::spawn(proxy::run_outbound(
@@ -395,6 +409,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = ready_task.await;
     if let Some(w) = watcher {
         let _ = w.await;
+    }
+    if let Some((task, _)) = kube_source {
+        let _ = task.await;
     }
     match capture {
         // Pinned: the next agent adopts it without a gap.

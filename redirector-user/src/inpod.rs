@@ -184,17 +184,44 @@ impl WorkloadNet {
 /// socket's own cgroup): its annotation (relative to the cgroup2 mount or
 /// absolute), else its containers' cgroups found from its UID under the
 /// container runtime's layout.
-pub fn pod_cgroups(mount: &Path, pod: &PodInfo) -> Vec<PathBuf> {
+/// The kubepods tree is searched for below `search` (the capture root)
+/// first, then below the whole cgroup2 mount.
+pub fn pod_cgroups(mount: &Path, search: &Path, pod: &PodInfo) -> Vec<PathBuf> {
     if let Some(c) = &pod.cgroup {
         let p = Path::new(c);
         return vec![if p.is_absolute() && p.starts_with(mount) { p.to_path_buf() } else { mount.join(c.trim_start_matches('/')) }];
     }
     let Some(uid) = pod.uid.as_deref() else { return Vec::new() };
-    match crate::podcgroup::find_pod(mount, uid) {
+    let found = crate::podcgroup::find_pod(search, uid).or_else(|| (search != mount).then(|| crate::podcgroup::find_pod(mount, uid)).flatten());
+    match found {
         Some(p) if p.containers.is_empty() => vec![p.pod],
         Some(p) => p.containers.into_iter().map(|c| c.path).collect(),
         None => Vec::new(),
     }
+}
+
+/// A pod's network namespace found from one of its processes (the
+/// container runtime puts every container of a pod in the pod's
+/// namespace): `/proc/<pid>/ns/net` of the first process in its cgroups.
+pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
+    for c in cgroups {
+        let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            // The process may exit between the two reads: try the next.
+            if let Ok(ns) = Netns::open(&PathBuf::from(format!("/proc/{pid}/ns/net"))) {
+                return Ok(ns);
+            }
+        }
+    }
+    anyhow::bail!("no process runs in the pod's containers yet, so its network namespace is unknown")
+}
+
+/// The agent's own network namespace's inode.
+fn home_inode() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let fd = HOME.get()?;
+    let f = std::fs::File::from(fd.try_clone().ok()?);
+    f.metadata().ok().map(|m| m.ino())
 }
 
 /// The listeners the proxy opens in a pod's namespace.
@@ -244,6 +271,8 @@ struct Served {
 pub struct InPod {
     pub node: String,
     mount: PathBuf,
+    /// Where pods' cgroups are searched for first (the capture root).
+    search: PathBuf,
     served: Mutex<HashMap<(String, String), Served>>,
     /// Pods that could not be started (no namespace, no cgroup), with why:
     /// retried on each reconcile, shown by status.
@@ -251,20 +280,22 @@ pub struct InPod {
 }
 
 impl InPod {
-    pub fn new(node: String, mount: PathBuf) -> InPod {
+    pub fn new(node: String, mount: PathBuf, search: PathBuf) -> InPod {
         InPod {
             node,
             mount,
+            search,
             served: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
         }
     }
 
     /// The pods of this node the mesh enrolls and that live in a namespace
-    /// of their own.
+    /// of their own: named by annotation, or found from the pod's UID
+    /// (its cgroups, then one of its processes).
     fn wanted<'a>(&self, pods: &'a [PodInfo]) -> Vec<&'a PodInfo> {
         pods.iter()
-            .filter(|p| p.enrolled && p.node_name.as_deref() == Some(self.node.as_str()) && p.netns.is_some())
+            .filter(|p| p.enrolled && p.node_name.as_deref() == Some(self.node.as_str()) && (p.netns.is_some() || p.uid.is_some()))
             .collect()
     }
 
@@ -307,12 +338,27 @@ impl InPod {
 
     fn start(&self, p: &PodInfo, server: &dyn PodServer, trust_domain: &str) -> anyhow::Result<PodHandle> {
         use anyhow::Context;
-        let path = p.netns.as_deref().unwrap_or_default();
-        let netns = Netns::open(Path::new(path)).with_context(|| format!("network namespace {path}"))?;
-        let cgroups = pod_cgroups(&self.mount, p);
+        let cgroups = pod_cgroups(&self.mount, &self.search, p);
         for c in &cgroups {
             anyhow::ensure!(c.join("cgroup.procs").exists(), "cgroup {} does not exist", c.display());
         }
+        let netns = match p.netns.as_deref() {
+            Some(path) => Netns::open(Path::new(path)).with_context(|| format!("network namespace {path}"))?,
+            None => {
+                anyhow::ensure!(
+                    !cgroups.is_empty(),
+                    "no cgroup found for pod UID {} (searched the kubepods tree for the systemd and cgroupfs drivers); set the {} annotation if the runtime puts pods elsewhere",
+                    p.uid.as_deref().unwrap_or_default(),
+                    crate::mesh::model::CGROUP_ANNOTATION
+                );
+                netns_of_cgroups(&cgroups)?
+            }
+        };
+        // A pod sharing the node's namespace (hostNetwork) is never
+        // captured: its listeners would be the node's.
+        anyhow::ensure!(Some(netns.inode) != home_inode(), "the pod runs in the node's network namespace (hostNetwork); not captured");
+        let path = netns.path.display().to_string();
+        let path = path.as_str();
         let w = Arc::new(WorkloadNet::pod(
             Arc::new(netns),
             p.name.clone(),

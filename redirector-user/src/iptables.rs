@@ -23,6 +23,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -468,7 +469,9 @@ pub const POD_CHAIN_INBOUND: &str = "REDIRECTOR_POD_INBOUND";
 /// Run an iptables tool inside a pod's network namespace.
 fn run_in_pod(ns: &crate::inpod::Netns, tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.path.display()))
+    // The descriptor the agent holds: the namespace stays reachable even
+    // when the path it was found under (a process's) is gone.
+    cmd.arg(format!("--net=/proc/{}/fd/{}", std::process::id(), ns.as_fd().as_raw_fd()))
         .arg(tool)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })

@@ -14,6 +14,7 @@ pub mod features;
 pub mod identity;
 pub mod inpod;
 pub mod iptables;
+pub mod kubernetes;
 pub mod mesh;
 pub mod podcgroup;
 pub mod proxy;

@@ -18,6 +18,8 @@ struct Cli {
     /// Where the agent records its runtime state (pins, cgroups, admin address).
     #[arg(long, global = true, env = ENV_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    #[command(flatten)]
+    kube: KubeArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,9 +116,34 @@ struct RunArgs {
     /// or auto.
     #[arg(long, value_parser = ["socket", "map", "auto"])]
     storage: Option<String>,
+    /// Read the mesh config (Pods, Namespaces, Services, EndpointSlices,
+    /// Istio's kinds) from the Kubernetes API: the DaemonSet's way.
+    #[arg(long, conflicts_with = "config_dir", env = "REDIRECTOR_KUBERNETES")]
+    kubernetes: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+/// How the commands that talk to the cluster reach it.
+#[derive(Args, Clone, Default)]
+struct KubeArgs {
+    /// kubeconfig file (default: KUBECONFIG, ~/.kube/config, or the pod's
+    /// service account).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+}
+
+impl KubeArgs {
+    fn access(&self) -> anyhow::Result<redirector::kubernetes::Access> {
+        if let Some(p) = &self.kubeconfig {
+            redirector::kubernetes::check_kubeconfig(p)?;
+        }
+        Ok(redirector::kubernetes::Access { kubeconfig: self.kubeconfig.clone(), context: self.context.clone() })
+    }
 }
 
 #[derive(Args)]
@@ -175,10 +202,12 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
+            let kubernetes = if a.kubernetes { Some(cli.kube.access()?) } else { None };
             rt.block_on(redirector::agent::run(redirector::agent::RunOptions {
                 config,
                 state_dir: cli.state_dir,
                 config_dir: a.config_dir.clone(),
+                kubernetes,
             }))
         })(),
         Command::Exec { workload, command } => {

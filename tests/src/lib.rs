@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod cluster;
 pub mod hbone_client;
+pub mod kubeapi;
 use serde_json::Value;
 
 pub const CLIENT_V4: &str = "198.18.0.1";

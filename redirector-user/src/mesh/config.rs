@@ -29,6 +29,8 @@ pub struct Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.kind.as_str(), self.name.is_empty()) {
+            // An object from the Kubernetes API: no file position.
+            (kind, false) if self.index == 0 => write!(f, "{} ({kind} {})", self.file.display(), self.name),
             ("?", true) => write!(f, "{}, document {}", self.file.display(), self.index),
             (kind, true) => write!(f, "{}, document {} ({kind})", self.file.display(), self.index),
             (kind, false) => write!(f, "{}, document {} ({kind} {})", self.file.display(), self.index, self.name),
@@ -171,7 +173,7 @@ pub fn load_dir(dir: &Path) -> Result<Documents, Vec<Problem>> {
 pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec<Problem>) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let mut origin = Origin {
+        let origin = Origin {
             file: file.into(),
             index,
             kind: "?".into(),
@@ -192,79 +194,85 @@ pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec
         if value.is_null() {
             continue; // an empty document (a trailing `---`)
         }
-        let api = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        origin.kind = if kind.is_empty() { "?".into() } else { kind.clone() };
-        let meta: Metadata = value
-            .get("metadata")
-            .cloned()
-            .and_then(|m| serde_yaml::from_value(m).ok())
-            .unwrap_or_default();
-        origin.name = match &meta.namespace {
-            Some(ns) => format!("{ns}/{}", meta.name),
-            None => meta.name.clone(),
-        };
-        if kind.is_empty() || api.is_empty() {
-            errors.push(Problem {
-                origin,
-                field: if kind.is_empty() { "kind".into() } else { "apiVersion".into() },
-                reason: "missing; every document needs apiVersion and kind".into(),
-            });
-            continue;
-        }
-        if meta.name.is_empty() {
-            errors.push(Problem {
-                origin,
-                field: "metadata.name".into(),
-                reason: "missing".into(),
-            });
-            continue;
-        }
-        let istio = ISTIO_NETWORKING.contains(&api.as_str());
-        macro_rules! take {
-            ($list:ident, $ty:ty, $part:expr) => {{
-                let part = match $part {
-                    Some(p) => value.get(p).cloned().unwrap_or(serde_yaml::Value::Null),
-                    None => value.clone(),
-                };
-                let prefix = $part.map(|p: &str| format!("{p}.")).unwrap_or_default();
-                if let Some(spec) = parse::<$ty>(part, &prefix, &origin, docs, errors) {
-                    docs.$list.push(Doc {
-                        origin: origin.clone(),
-                        meta: meta.clone(),
-                        spec,
-                    });
-                }
-            }};
-        }
-        match (api.as_str(), kind.as_str()) {
-            ("v1", "Service") => take!(services, ServiceSpec, Some("spec")),
-            ("v1", "Endpoints") => take!(endpoints, Vec<EndpointsSubset>, Some("subsets")),
-            ("v1", "Pod") => take!(pods, PodDoc, None::<&str>),
-            ("v1", "Namespace") => docs.namespaces.push(Doc { origin: origin.clone(), meta: meta.clone(), spec: () }),
-            ("discovery.k8s.io/v1", "EndpointSlice") => take!(slices, SliceDoc, None::<&str>),
-            (_, "ServiceEntry") if istio => take!(service_entries, ServiceEntrySpec, Some("spec")),
-            (_, "WorkloadEntry") if istio => take!(workload_entries, WorkloadEntrySpec, Some("spec")),
-            (_, "VirtualService") if istio => take!(virtual_services, VirtualServiceSpec, Some("spec")),
-            (_, "DestinationRule") if istio => take!(destination_rules, DestinationRuleSpec, Some("spec")),
-            (_, "Gateway") if istio => take!(gateways, GatewaySpec, Some("spec")),
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-                take!(peer_authentications, PeerAuthenticationSpec, Some("spec"))
+        load_value(origin, value, docs, errors);
+    }
+}
+
+/// Take one object (a YAML document, or an object from the Kubernetes API)
+/// into `docs` by its kind. `origin` names where it came from.
+pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Documents, errors: &mut Vec<Problem>) {
+    let api = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    origin.kind = if kind.is_empty() { "?".into() } else { kind.clone() };
+    let meta: Metadata = value
+        .get("metadata")
+        .cloned()
+        .and_then(|m| serde_yaml::from_value(m).ok())
+        .unwrap_or_default();
+    origin.name = match &meta.namespace {
+        Some(ns) => format!("{ns}/{}", meta.name),
+        None => meta.name.clone(),
+    };
+    if kind.is_empty() || api.is_empty() {
+        errors.push(Problem {
+            origin,
+            field: if kind.is_empty() { "kind".into() } else { "apiVersion".into() },
+            reason: "missing; every document needs apiVersion and kind".into(),
+        });
+        return;
+    }
+    if meta.name.is_empty() {
+        errors.push(Problem {
+            origin,
+            field: "metadata.name".into(),
+            reason: "missing".into(),
+        });
+        return;
+    }
+    let istio = ISTIO_NETWORKING.contains(&api.as_str());
+    macro_rules! take {
+        ($list:ident, $ty:ty, $part:expr) => {{
+            let part = match $part {
+                Some(p) => value.get(p).cloned().unwrap_or(serde_yaml::Value::Null),
+                None => value.clone(),
+            };
+            let prefix = $part.map(|p: &str| format!("{p}.")).unwrap_or_default();
+            if let Some(spec) = parse::<$ty>(part, &prefix, &origin, docs, errors) {
+                docs.$list.push(Doc {
+                    origin: origin.clone(),
+                    meta: meta.clone(),
+                    spec,
+                });
             }
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-                take!(authorization_policies, AuthorizationPolicySpec, Some("spec"))
-            }
-            (crate::config::AGENT_CONFIG_API, crate::config::AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
-                origin,
-                field: String::new(),
-                reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored".into(),
-            }),
-            _ => docs.warnings.push(Problem {
-                origin,
-                field: String::new(),
-                reason: format!("{api} {kind} is not a kind the mesh reads; ignored"),
-            }),
+        }};
+    }
+    match (api.as_str(), kind.as_str()) {
+        ("v1", "Service") => take!(services, ServiceSpec, Some("spec")),
+        ("v1", "Endpoints") => take!(endpoints, Vec<EndpointsSubset>, Some("subsets")),
+        ("v1", "Pod") => take!(pods, PodDoc, None::<&str>),
+        ("v1", "Namespace") => docs.namespaces.push(Doc { origin: origin.clone(), meta: meta.clone(), spec: () }),
+        ("discovery.k8s.io/v1", "EndpointSlice") => take!(slices, SliceDoc, None::<&str>),
+        (_, "ServiceEntry") if istio => take!(service_entries, ServiceEntrySpec, Some("spec")),
+        (_, "WorkloadEntry") if istio => take!(workload_entries, WorkloadEntrySpec, Some("spec")),
+        (_, "VirtualService") if istio => take!(virtual_services, VirtualServiceSpec, Some("spec")),
+        (_, "DestinationRule") if istio => take!(destination_rules, DestinationRuleSpec, Some("spec")),
+        (_, "Gateway") if istio => take!(gateways, GatewaySpec, Some("spec")),
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            take!(peer_authentications, PeerAuthenticationSpec, Some("spec"))
         }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            take!(authorization_policies, AuthorizationPolicySpec, Some("spec"))
+        }
+        (crate::config::AGENT_CONFIG_API, crate::config::AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
+            origin,
+            field: String::new(),
+            reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored".into(),
+        }),
+        _ => docs.warnings.push(Problem {
+            origin,
+            field: String::new(),
+            reason: format!("{api} {kind} is not a kind the mesh reads; ignored"),
+        }),
     }
 }
 

@@ -59,7 +59,7 @@ impl MeshHandle {
         self.version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn replace(&self, mesh: Mesh) {
+    pub fn replace(&self, mesh: Mesh) {
         *self.current.write().expect("mesh lock") = Arc::new(mesh);
         self.version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

@@ -1,0 +1,476 @@
+//! The Kubernetes API as the mesh's config source (the DaemonSet's): kube-rs
+//! watchers on the kinds the mesh reads, feeding the same [`Documents`] →
+//! [`Mesh`] path as a directory of YAML.
+//!
+//! - Pods: those scheduled on this node (field selector `spec.nodeName`),
+//!   which the agent enrolls, and every pod as the address book (a remote
+//!   pod's node and service account decide where an HBONE tunnel goes and
+//!   which identity the peer must present).
+//! - Namespaces (their `istio-injection` / `istio.io/dataplane-mode`
+//!   labels), Services, EndpointSlices.
+//! - Istio's kinds (networking.istio.io, security.istio.io) where their
+//!   CRDs are installed; where they are not, a warning, and capture and
+//!   mTLS work without them.
+//!
+//! Nothing is compiled until every watcher has listed its kind once, so a
+//! pod is never enrolled under a half-read config (its policies missing).
+//! A watch that ends (an API server restart) resumes from its last
+//! resourceVersion; a relist replaces a kind's objects at once, and a
+//! content that did not change does not touch the mesh, so pods already
+//! served are not re-enrolled.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use futures_util::StreamExt;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use tracing::{error, info, warn};
+
+use crate::mesh::config::{load_value, Documents, Origin, Problem};
+use crate::mesh::{Mesh, MeshHandle};
+
+/// How to reach the cluster: a kubeconfig (and context), else the usual
+/// search (`KUBECONFIG`, `~/.kube/config`, the in-cluster service account).
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
+
+/// A client for the cluster, or one line saying why there is none.
+pub async fn client(access: &Access) -> Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions {
+        context: access.context.clone(),
+        ..Default::default()
+    };
+    let config = match &access.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow!("kubeconfig {}: {e}; pass a readable kubeconfig with --kubeconfig", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|e| anyhow!("kubeconfig {}: {e}", path.display()))?
+        }
+        None if access.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| anyhow!("kubeconfig: {e}"))?,
+        None => kube::Config::infer().await.map_err(|e| {
+            anyhow!("no access to a Kubernetes cluster ({e}); set KUBECONFIG or --kubeconfig, or run in a pod with a service account")
+        })?,
+    };
+    let url = config.cluster_url.clone();
+    kube::Client::try_from(config).map_err(|e| anyhow!("Kubernetes API at {url}: {e}"))
+}
+
+/// One line for an API error: what was asked, what the API server said,
+/// and what to do.
+pub fn explain(e: kube::Error, what: &str) -> anyhow::Error {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => anyhow!(
+            "the Kubernetes API refused to {what}: {}; grant it in the redirector ClusterRole (deploy/kubernetes/rbac.yaml)",
+            s.message
+        ),
+        kube::Error::Api(s) if s.code == 401 => {
+            anyhow!("the Kubernetes API did not accept our credentials to {what}: {}; check the kubeconfig's user or the service account token", s.message)
+        }
+        kube::Error::Api(s) => anyhow!("the Kubernetes API answered {} to {what}: {}", s.code, s.message),
+        other => anyhow!("cannot reach the Kubernetes API to {what}: {other}; check that the API server is up and the kubeconfig points at it"),
+    }
+}
+
+/// A kind the agent watches.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub resource: ApiResource,
+    pub field_selector: Option<String>,
+    /// What this watch is for, in logs and status.
+    pub role: String,
+}
+
+impl Watched {
+    fn new(group: &str, version: &str, kind: &str, plural: &str, field_selector: Option<String>, role: &str) -> Watched {
+        Watched {
+            resource: ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural),
+            field_selector,
+            role: role.into(),
+        }
+    }
+
+    /// `pods`, `virtualservices.networking.istio.io`: as RBAC and kubectl
+    /// name it.
+    pub fn resource_name(&self) -> String {
+        if self.resource.group.is_empty() {
+            self.resource.plural.clone()
+        } else {
+            format!("{}.{}", self.resource.plural, self.resource.group)
+        }
+    }
+}
+
+/// The Kubernetes kinds, always watched.
+pub fn core_kinds(node: &str) -> Vec<Watched> {
+    vec![
+        Watched::new("", "v1", "Pod", "pods", Some(format!("spec.nodeName={node}")), "pods on this node"),
+        Watched::new("", "v1", "Pod", "pods", None, "pods (address book)"),
+        Watched::new("", "v1", "Namespace", "namespaces", None, "namespaces"),
+        Watched::new("", "v1", "Service", "services", None, "services"),
+        Watched::new("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", None, "endpoint slices"),
+    ]
+}
+
+/// Istio's kinds the mesh reads, by API group.
+pub const ISTIO_KINDS: [(&str, &[(&str, &str)]); 2] = [
+    (
+        "networking.istio.io",
+        &[
+            ("VirtualService", "virtualservices"),
+            ("DestinationRule", "destinationrules"),
+            ("Gateway", "gateways"),
+            ("ServiceEntry", "serviceentries"),
+            ("WorkloadEntry", "workloadentries"),
+        ],
+    ),
+    (
+        "security.istio.io",
+        &[("PeerAuthentication", "peerauthentications"), ("AuthorizationPolicy", "authorizationpolicies")],
+    ),
+];
+
+/// The Istio kinds the cluster serves (the newest version of each group
+/// that has them), and a warning per group whose CRDs are absent.
+pub async fn istio_kinds(client: &kube::Client) -> Result<(Vec<Watched>, Vec<String>)> {
+    let mut found = Vec::new();
+    let mut warnings = Vec::new();
+    for (group, kinds) in ISTIO_KINDS {
+        let mut served = None;
+        for version in ["v1", "v1beta1", "v1alpha3"] {
+            match client.list_api_group_resources(&format!("{group}/{version}")).await {
+                Ok(list) => {
+                    served = Some((version, list));
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => return Err(explain(e, &format!("discover the {group} API group"))),
+            }
+        }
+        let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+        match served {
+            None => warnings.push(format!(
+                "the Istio CRDs of {group} are not installed: {} from the cluster are not applied (capture and mTLS still work); install Istio's CRDs to use them",
+                names.join(", ")
+            )),
+            Some((version, list)) => {
+                for (kind, plural) in kinds {
+                    if list.resources.iter().any(|r| r.name == *plural) {
+                        found.push(Watched::new(group, version, kind, plural, None, plural));
+                    } else {
+                        warnings.push(format!("{group}/{version} does not serve {kind}: it is not applied"));
+                    }
+                }
+            }
+        }
+    }
+    Ok((found, warnings))
+}
+
+/// Ask the API server (SelfSubjectAccessReview) whether this agent may
+/// list and watch each kind; the first refusal is the error, naming verb
+/// and resource.
+pub async fn check_access(client: &kube::Client, watched: &[Watched]) -> Result<()> {
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut asked = HashSet::new();
+    for w in watched {
+        for verb in ["list", "watch"] {
+            if !asked.insert((verb, w.resource_name())) {
+                continue;
+            }
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        verb: Some(verb.into()),
+                        group: Some(w.resource.group.clone()),
+                        resource: Some(w.resource.plural.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let answer = api
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| explain(e, &format!("check whether the agent may {verb} {}", w.resource_name())))?;
+            let status = answer.status.unwrap_or_default();
+            if !status.allowed {
+                let why = status.reason.filter(|r| !r.is_empty()).map(|r| format!(" ({r})")).unwrap_or_default();
+                bail!(
+                    "the agent may not {verb} {} in the cluster{why}: grant verb `{verb}` on resource `{}` in the redirector ClusterRole (deploy/kubernetes/rbac.yaml)",
+                    w.resource_name(),
+                    w.resource_name()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the source has seen, for logs and `redirector status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    /// Every kind listed at least once.
+    pub synced: bool,
+    /// Objects per watch.
+    pub objects: BTreeMap<String, usize>,
+    /// Mesh changes applied from the cluster.
+    pub applied: u64,
+    /// Objects the mesh rejected (kind namespace/name: reason).
+    pub rejected: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Store {
+    /// Per watch: objects by (namespace, name), as the API sent them.
+    objects: Vec<BTreeMap<(String, String), serde_json::Value>>,
+    /// Objects listed since the last `Init`, replacing `objects` at `InitDone`.
+    relisting: Vec<Option<BTreeMap<(String, String), serde_json::Value>>>,
+    listed: Vec<bool>,
+}
+
+fn key_of(o: &DynamicObject) -> (String, String) {
+    (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default())
+}
+
+/// The object as the file source would read it: apiVersion and kind set
+/// (list items lack them), bookkeeping the mesh never reads dropped.
+fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(&o).ok()?;
+    let m = v.as_object_mut()?;
+    m.insert("apiVersion".into(), r.api_version.clone().into());
+    m.insert("kind".into(), r.kind.clone().into());
+    if let Some(meta) = m.get_mut("metadata").and_then(|x| x.as_object_mut()) {
+        meta.remove("managedFields");
+        meta.remove("resourceVersion");
+        meta.remove("generation");
+        meta.remove("creationTimestamp");
+    }
+    if r.kind == "Pod" {
+        // Finished pods hold no connections; their address is reused.
+        let phase = m.get("status").and_then(|s| s.get("phase")).and_then(|p| p.as_str()).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            return None;
+        }
+        // Only the addresses matter, not probe times and conditions.
+        if let Some(status) = m.get_mut("status").and_then(|s| s.as_object_mut()) {
+            status.retain(|k, _| k == "podIP" || k == "podIPs" || k == "hostIP" || k == "phase");
+        }
+    }
+    Some(v)
+}
+
+/// Kubernetes' own kinds have many fields the mesh does not read by
+/// design; only the mesh kinds' unread fields are worth a warning.
+const CORE_KINDS: [&str; 5] = ["Pod", "Namespace", "Service", "EndpointSlice", "Endpoints"];
+
+/// The documents the stored objects make. Pods on this node come from
+/// their own watch; the address book fills in the rest.
+fn documents(store: &Store, watched: &[Watched]) -> (Documents, Vec<Problem>) {
+    let mut docs = Documents::default();
+    let mut errors = Vec::new();
+    let mut pods_seen = HashSet::new();
+    for (i, w) in watched.iter().enumerate() {
+        for ((ns, name), value) in &store.objects[i] {
+            if w.resource.kind == "Pod" && !pods_seen.insert((ns.clone(), name.clone())) {
+                continue;
+            }
+            let Ok(yaml) = serde_yaml::to_value(value) else { continue };
+            let origin = Origin {
+                file: PathBuf::from("kubernetes"),
+                index: 0,
+                kind: w.resource.kind.clone(),
+                name: if ns.is_empty() { name.clone() } else { format!("{ns}/{name}") },
+            };
+            load_value(origin, yaml, &mut docs, &mut errors);
+        }
+    }
+    docs.warnings.retain(|w| !CORE_KINDS.contains(&w.origin.kind.as_str()));
+    (docs, errors)
+}
+
+/// Watch every kind and keep `handle` compiled from what the cluster
+/// holds. Returns the task and the source's status.
+pub fn spawn(
+    client: kube::Client,
+    watched: Vec<Watched>,
+    warnings: Vec<String>,
+    handle: MeshHandle,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<SourceStatus>>) {
+    let n = watched.len();
+    let store = Arc::new(Mutex::new(Store {
+        objects: vec![BTreeMap::new(); n],
+        relisting: vec![None; n],
+        listed: vec![false; n],
+    }));
+    let status = Arc::new(Mutex::new(SourceStatus {
+        warnings: warnings.clone(),
+        ..Default::default()
+    }));
+    for w in &warnings {
+        warn!(warning = %w, "kubernetes config source");
+    }
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let watched = Arc::new(watched);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let w = watched[i].clone();
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &w.resource);
+        let mut config = watcher::Config::default();
+        if let Some(f) = &w.field_selector {
+            config = config.fields(f);
+        }
+        let store = store.clone();
+        let changed = changed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut events = watcher(api, config).default_backoff().boxed();
+            let mut failing = false;
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(e) => {
+                        if failing {
+                            info!(watch = %w.role, "kubernetes watch resumed");
+                            failing = false;
+                        }
+                        e
+                    }
+                    Err(e) => {
+                        // The watcher backs off and retries by itself.
+                        if !failing {
+                            warn!(watch = %w.role, error = %e, "kubernetes watch failed; retrying with backoff, the last config stays in force");
+                            failing = true;
+                        }
+                        continue;
+                    }
+                };
+                let mut s = store.lock().expect("kubernetes store lock");
+                match event {
+                    watcher::Event::Init => s.relisting[i] = Some(BTreeMap::new()),
+                    watcher::Event::InitApply(o) => {
+                        let k = key_of(&o);
+                        if let (Some(v), Some(buf)) = (normalise(o, &w.resource), s.relisting[i].as_mut()) {
+                            buf.insert(k, v);
+                        }
+                    }
+                    watcher::Event::InitDone => {
+                        let listed = s.relisting[i].take().unwrap_or_default();
+                        s.objects[i] = listed;
+                        s.listed[i] = true;
+                        changed.notify_one();
+                    }
+                    watcher::Event::Apply(o) => {
+                        let k = key_of(&o);
+                        match normalise(o, &w.resource) {
+                            Some(v) => s.objects[i].insert(k, v),
+                            None => s.objects[i].remove(&k),
+                        };
+                        changed.notify_one();
+                    }
+                    watcher::Event::Delete(o) => {
+                        s.objects[i].remove(&key_of(&o));
+                        changed.notify_one();
+                    }
+                }
+            }
+        }));
+    }
+    let task = {
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut last: Option<Vec<serde_json::Value>> = None;
+            let mut announced = false;
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = stop.changed() => break,
+                }
+                // Let a burst of events (a relist, a kubectl apply of
+                // many objects) settle into one change.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let (docs, errors, content) = {
+                    let s = store.lock().expect("kubernetes store lock");
+                    let mut st = status.lock().expect("kubernetes status lock");
+                    st.objects = watched
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| (w.role.clone(), s.objects[i].len()))
+                        .collect();
+                    if !s.listed.iter().all(|l| *l) {
+                        continue;
+                    }
+                    st.synced = true;
+                    let content: Vec<serde_json::Value> = s.objects.iter().flat_map(|m| m.values().cloned()).collect();
+                    if last.as_ref() == Some(&content) {
+                        continue;
+                    }
+                    let (docs, errors) = documents(&s, &watched);
+                    (docs, errors, content)
+                };
+                if !announced {
+                    info!(objects = content.len(), "kubernetes config source synced: every kind listed");
+                    announced = true;
+                }
+                for e in &errors {
+                    error!(problem = %e, "object from the cluster rejected; the rest of the config applies");
+                }
+                match Mesh::compile(&docs) {
+                    Ok(mesh) => {
+                        crate::mesh::log_warnings(&mesh);
+                        let (services, pods) = (mesh.services.len(), mesh.pods.len());
+                        handle.replace(mesh);
+                        last = Some(content);
+                        let mut st = status.lock().expect("kubernetes status lock");
+                        st.applied += 1;
+                        st.rejected = errors.iter().map(|e| e.to_string()).collect();
+                        info!(version = handle.version(), services, pods, "mesh config applied from the cluster");
+                    }
+                    Err(problems) => {
+                        for p in &problems {
+                            error!(problem = %p, "config from the cluster rejected; the last good config stays in force");
+                        }
+                        last = Some(content);
+                    }
+                }
+            }
+            for t in tasks {
+                t.abort();
+            }
+        })
+    };
+    (task, status)
+}
+
+/// Everything the agent does before it watches: reach the API server,
+/// find Istio's kinds, check RBAC. Fails with one line, before anything is
+/// attached.
+pub async fn prepare(access: &Access, node: &str) -> Result<(kube::Client, Vec<Watched>, Vec<String>)> {
+    let client = client(access).await?;
+    let (istio, warnings) = istio_kinds(&client).await?;
+    let mut watched = core_kinds(node);
+    watched.extend(istio);
+    check_access(&client, &watched).await?;
+    Ok((client, watched, warnings))
+}
+
+/// A kubeconfig path given on the command line must exist.
+pub fn check_kubeconfig(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("--kubeconfig {}: no such file; pass the path of a kubeconfig", path.display());
+    }
+    Ok(())
+}

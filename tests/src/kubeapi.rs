@@ -1,0 +1,376 @@
+//! A Kubernetes API server for tests that need no cluster: the agent's
+//! kube-rs client talks HTTP/1.1 to it on loopback, as to a real one. It
+//! answers lists, watches (chunked streams of watch events), API group
+//! discovery and SelfSubjectAccessReviews in the API server's wire format,
+//! from objects a test loads from recorded responses (`tests/fixtures/kube`)
+//! and changes while the agent watches. A test can withhold a permission,
+//! leave Istio's CRDs out, or end every watch stream at once as an API
+//! server restart does, and count the lists and watches it was sent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+
+/// The collections the fake serves: (API path, apiVersion, kind, plural).
+const COLLECTIONS: [(&str, &str, &str, &str); 11] = [
+    ("/api/v1/pods", "v1", "Pod", "pods"),
+    ("/api/v1/namespaces", "v1", "Namespace", "namespaces"),
+    ("/api/v1/services", "v1", "Service", "services"),
+    ("/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
+    ("/apis/networking.istio.io/v1/virtualservices", "networking.istio.io/v1", "VirtualService", "virtualservices"),
+    ("/apis/networking.istio.io/v1/destinationrules", "networking.istio.io/v1", "DestinationRule", "destinationrules"),
+    ("/apis/networking.istio.io/v1/gateways", "networking.istio.io/v1", "Gateway", "gateways"),
+    ("/apis/networking.istio.io/v1/serviceentries", "networking.istio.io/v1", "ServiceEntry", "serviceentries"),
+    ("/apis/networking.istio.io/v1/workloadentries", "networking.istio.io/v1", "WorkloadEntry", "workloadentries"),
+    ("/apis/security.istio.io/v1/peerauthentications", "security.istio.io/v1", "PeerAuthentication", "peerauthentications"),
+    ("/apis/security.istio.io/v1/authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies"),
+];
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    /// (collection path, namespace, name) → object.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change: (resourceVersion, collection, watch event).
+    events: Vec<(u64, String, Value)>,
+    /// (verb, resource) pairs SelfSubjectAccessReview refuses.
+    deny: HashSet<(String, String)>,
+    istio: bool,
+    /// Bumped by `restart`: open watch streams end.
+    generation: u64,
+    lists: HashMap<String, usize>,
+    watches: HashMap<String, usize>,
+}
+
+pub struct KubeApi {
+    pub port: u16,
+    inner: Arc<(Mutex<Inner>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    pub kubeconfig: PathBuf,
+}
+
+fn collection_of(obj: &Value) -> Result<&'static str> {
+    let api = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    COLLECTIONS
+        .iter()
+        .find(|c| c.1 == api && c.2 == kind)
+        .map(|c| c.0)
+        .ok_or_else(|| anyhow!("the test API server does not serve {api} {kind}"))
+}
+
+fn key_of(obj: &Value) -> (String, String) {
+    (
+        obj["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
+        obj["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+impl KubeApi {
+    /// Start serving on 127.0.0.1 with Istio's CRDs installed; the
+    /// kubeconfig pointing at it is written into `dir`.
+    pub fn start(dir: &Path) -> Result<KubeApi> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let inner = Arc::new((Mutex::new(Inner { istio: true, rv: 1000, ..Default::default() }), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let inner = inner.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let inner = inner.clone();
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, &inner, &stop);
+                    });
+                }
+            });
+        }
+        std::fs::create_dir_all(dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n"
+            ),
+        )?;
+        Ok(KubeApi { port, inner, stop, kubeconfig })
+    }
+
+    /// Load the items of a recorded List response (`kind: List` or a typed
+    /// list), as if created before the agent started.
+    pub fn load_recorded(&self, file: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+        let list: Value = serde_json::from_str(&text).with_context(|| file.display().to_string())?;
+        for item in list["items"].as_array().cloned().unwrap_or_default() {
+            self.apply(item)?;
+        }
+        Ok(())
+    }
+
+    /// Create or update an object (ADDED or MODIFIED to watchers).
+    pub fn apply(&self, mut obj: Value) -> Result<()> {
+        let coll = collection_of(&obj)?;
+        let (ns, name) = key_of(&obj);
+        let (lock, cv) = &*self.inner;
+        let mut s = lock.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{rv:012}"));
+        }
+        let key = (coll.to_string(), ns, name);
+        let kind = if s.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        s.objects.insert(key, obj.clone());
+        s.events.push((rv, coll.to_string(), json!({"type": kind, "object": obj})));
+        cv.notify_all();
+        Ok(())
+    }
+
+    /// Delete an object (DELETED to watchers).
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let coll = collection_of(&json!({"apiVersion": api_version, "kind": kind}))?;
+        let (lock, cv) = &*self.inner;
+        let mut s = lock.lock().unwrap();
+        let mut obj = s
+            .objects
+            .remove(&(coll.to_string(), namespace.to_string(), name.to_string()))
+            .ok_or_else(|| anyhow!("no {kind} {namespace}/{name}"))?;
+        s.rv += 1;
+        let rv = s.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.events.push((rv, coll.to_string(), json!({"type": "DELETED", "object": obj})));
+        cv.notify_all();
+        Ok(())
+    }
+
+    /// Refuse `verb` on `resource` (e.g. `watch`, `pods`) in access reviews.
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.inner.0.lock().unwrap().deny.insert((verb.into(), resource.into()));
+    }
+
+    /// Serve without Istio's API groups (CRDs not installed).
+    pub fn without_istio(&self) {
+        self.inner.0.lock().unwrap().istio = false;
+    }
+
+    /// End every open watch stream, as an API server restart does.
+    pub fn restart(&self) {
+        let (lock, cv) = &*self.inner;
+        lock.lock().unwrap().generation += 1;
+        cv.notify_all();
+    }
+
+    /// How many lists and watches a collection path (`/api/v1/pods`) got.
+    pub fn requests(&self, collection: &str) -> (usize, usize) {
+        let s = self.inner.0.lock().unwrap();
+        (s.lists.get(collection).copied().unwrap_or(0), s.watches.get(collection).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.restart();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn respond(w: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        404 => "Not Found",
+        _ => "Error",
+    };
+    write!(w, "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}", text.len())
+}
+
+fn not_found(path: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("the server could not find the requested resource ({path})"), "reason": "NotFound", "code": 404})
+}
+
+/// Whether `obj` passes a field selector such as `spec.nodeName=node-a`.
+fn selected(obj: &Value, selector: Option<&String>) -> bool {
+    let Some(sel) = selector else { return true };
+    sel.split(',').all(|term| match term.split_once('=') {
+        Some((field, want)) => {
+            let mut v = obj;
+            for part in field.split('.') {
+                v = &v[part];
+            }
+            v.as_str().unwrap_or_default() == want.trim_start_matches('=')
+        }
+        None => true,
+    })
+}
+
+fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBool) -> Result<()> {
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let target = parts.next().unwrap_or_default().to_string();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        r.read_exact(&mut body)?;
+        let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+        let q: HashMap<String, String> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+            .collect();
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
+            let mut review: Value = serde_json::from_slice(&body)?;
+            let attrs = &review["spec"]["resourceAttributes"];
+            let verb = attrs["verb"].as_str().unwrap_or_default().to_string();
+            let resource = attrs["resource"].as_str().unwrap_or_default().to_string();
+            let denied = inner.0.lock().unwrap().deny.contains(&(verb, resource));
+            review["status"] = if denied {
+                json!({"allowed": false, "reason": "RBAC: no rule grants it"})
+            } else {
+                json!({"allowed": true, "reason": "RBAC: allowed by ClusterRoleBinding \"redirector\""})
+            };
+            respond(&mut w, 201, &review)?;
+            continue;
+        }
+        // API group discovery for Istio's groups.
+        if let Some(gv) = path.strip_prefix("/apis/").filter(|p| p.contains(".istio.io/") && p.matches('/').count() == 1) {
+            let istio = inner.0.lock().unwrap().istio;
+            let resources: Vec<Value> = COLLECTIONS
+                .iter()
+                .filter(|c| c.1 == gv)
+                .map(|c| json!({"name": c.3, "singularName": "", "namespaced": true, "kind": c.2, "verbs": ["get", "list", "watch"]}))
+                .collect();
+            if !istio || resources.is_empty() {
+                respond(&mut w, 404, &not_found(path))?;
+            } else {
+                respond(&mut w, 200, &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))?;
+            }
+            continue;
+        }
+        let Some(&(coll, api, kind, _)) = COLLECTIONS.iter().find(|c| c.0 == path) else {
+            respond(&mut w, 404, &not_found(path))?;
+            continue;
+        };
+        if coll.contains(".istio.io/") && !inner.0.lock().unwrap().istio {
+            respond(&mut w, 404, &not_found(path))?;
+            continue;
+        }
+        let selector = q.get("fieldSelector");
+        let watch = q.get("watch").is_some_and(|v| v == "true" || v == "1");
+        if !watch {
+            let s = inner.0.lock().unwrap();
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|((c, _, _), o)| c == coll && selected(o, selector))
+                .map(|(_, o)| o.clone())
+                .collect();
+            let rv = s.rv;
+            drop(s);
+            inner.0.lock().unwrap().lists.entry(coll.into()).and_modify(|n| *n += 1).or_insert(1);
+            respond(&mut w, 200, &json!({"apiVersion": api, "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv.to_string()}, "items": items}))?;
+            continue;
+        }
+        // A watch: every change after the given version, then new ones as
+        // they come, until the timeout or a restart.
+        let mut since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let timeout = Duration::from_secs(q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
+        let started = Instant::now();
+        let generation = {
+            let mut s = inner.0.lock().unwrap();
+            s.watches.entry(coll.into()).and_modify(|n| *n += 1).or_insert(1);
+            s.generation
+        };
+        write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+        w.flush()?;
+        loop {
+            let pending: Vec<Value> = {
+                let (lock, cv) = &**inner;
+                let mut s = lock.lock().unwrap();
+                if s.generation != generation || stop.load(Ordering::Relaxed) || started.elapsed() > timeout {
+                    break;
+                }
+                let new: Vec<(u64, Value)> = s
+                    .events
+                    .iter()
+                    .filter(|(rv, c, e)| *rv > since && c == coll && selected(&e["object"], selector))
+                    .map(|(rv, _, e)| (*rv, e.clone()))
+                    .collect();
+                if new.is_empty() {
+                    s = cv.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
+                    drop(s);
+                    continue;
+                }
+                since = new.last().map(|(rv, _)| *rv).unwrap_or(since);
+                new.into_iter().map(|(_, e)| e).collect()
+            };
+            for e in pending {
+                let line = format!("{e}\n");
+                write!(w, "{:x}\r\n{line}\r\n", line.len())?;
+            }
+            w.flush()?;
+        }
+        // An API server going away closes its connections.
+        let _ = w.shutdown(std::net::Shutdown::Both);
+        return Ok(());
+    }
+}

@@ -1,0 +1,186 @@
+//! The Kubernetes config source without a cluster: the agent's kube-rs
+//! watchers against a test API server (tests/src/kubeapi.rs) loaded with
+//! recorded API objects (tests/fixtures/kube/cluster.json), changed while
+//! the agent watches. No root needed: nothing is attached.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use redirector::kubernetes::{prepare, spawn, Access};
+use redirector::mesh::model::PodInfo;
+use redirector::mesh::MeshHandle;
+use redirector_tests::kubeapi::KubeApi;
+use serde_json::json;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("redirector-kube-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/cluster.json")
+}
+
+fn access(api: &KubeApi) -> Access {
+    Access { kubeconfig: Some(api.kubeconfig.clone()), context: None }
+}
+
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(15), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pod<'a>(pods: &'a [PodInfo], ns: &str, prefix: &str) -> Option<&'a PodInfo> {
+    pods.iter().find(|p| p.namespace == ns && p.name.starts_with(prefix))
+}
+
+fn new_pod(name: &str, ns: &str, node: &str, ip: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+           "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "app", "image": "curlimages/curl"}]},
+           "status": {"phase": "Running", "podIP": ip, "hostIP": "198.18.10.1"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
+    let dir = scratch("follow");
+    let api = KubeApi::start(&dir).unwrap();
+    api.load_recorded(&fixture()).unwrap();
+    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.expect("prepare");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let handle = MeshHandle::default();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
+    until("the first config from the cluster is applied", || handle.version() > 1).await;
+
+    let m = handle.current();
+    let enrolled = |ns: &str, prefix: &str| pod(&m.pods, ns, prefix).unwrap_or_else(|| panic!("{ns}/{prefix} missing")).enrolled;
+    // Users' labels: istio-injection=enabled and istio.io/dataplane-mode=ambient
+    // namespaces are in; the opt-outs and hostNetwork are not.
+    assert!(enrolled("bookinfo", "productpage"));
+    assert!(enrolled("ambient-demo", "sleep"));
+    assert!(!enrolled("bookinfo", "ratings"), "sidecar.istio.io/inject: \"false\" opts out");
+    assert!(!enrolled("ambient-demo", "batch"), "istio.io/dataplane-mode=none opts out");
+    assert!(!enrolled("bookinfo", "node-exporter"), "hostNetwork pods are never captured");
+    assert!(!enrolled("legacy", "legacy-app"), "an unlabelled namespace is not in the mesh");
+    assert!(pod(&m.pods, "bookinfo", "migrate").is_none(), "a finished pod is not a workload");
+    // The address book: pods of other nodes, with their identities.
+    let r = pod(&m.pods, "bookinfo", "reviews-v1").expect("pods of other nodes are known");
+    assert_eq!((r.node_name.as_deref(), r.service_account.as_str()), (Some("node-b"), "bookinfo-reviews"));
+    let productpage = pod(&m.pods, "bookinfo", "productpage").unwrap().clone();
+    assert_eq!(productpage.uid.as_deref(), Some("7f2a4c1e-3b5d-4e6f-8a9b-0c1d2e3f4a5b"));
+    // Services, EndpointSlices and Istio's kinds feed the same model as
+    // files do.
+    let svc = m.service_by_host("reviews.bookinfo.svc.cluster.local").expect("the Service is in the mesh");
+    assert_eq!(m.services[svc].endpoints.len(), 2);
+    assert_eq!(m.http_routes.get(&svc).map(|r| r.len()), Some(2), "the VirtualService's two rules");
+    assert!(m.dump().to_string().contains("jason"));
+    assert_eq!(format!("{:?}", m.security.mtls_mode(&productpage, 9080)), "Strict");
+    assert!(m.warnings.is_empty(), "Kubernetes' own fields are not warned about: {:?}", m.warnings);
+    {
+        let st = status.lock().unwrap();
+        assert!(st.synced);
+        assert_eq!(st.objects["pods on this node"], 6, "the field selector keeps other nodes' pods out: {:?}", st.objects);
+    }
+
+    // Live: a new pod, a namespace joining the mesh, a pod leaving.
+    api.apply(new_pod("curl", "bookinfo", "node-a", "198.18.1.20")).unwrap();
+    until("the new pod is in the mesh", || pod(&handle.current().pods, "bookinfo", "curl").is_some_and(|p| p.enrolled)).await;
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy", "labels": {"istio-injection": "enabled"}}}))
+        .unwrap();
+    until("the labelled namespace's pods are enrolled", || pod(&handle.current().pods, "legacy", "legacy-app").is_some_and(|p| p.enrolled)).await;
+    api.delete("v1", "Pod", "bookinfo", "curl").unwrap();
+    until("the deleted pod is gone", || pod(&handle.current().pods, "bookinfo", "curl").is_none()).await;
+
+    // An API server restart: every watch stream ends. The watches resume
+    // from where they were, with no new list, and the mesh (so the pods
+    // served) is not touched.
+    let version = handle.version();
+    let before = api.requests("/api/v1/pods");
+    api.restart();
+    until("both pod watches are re-established", || api.requests("/api/v1/pods").1 >= before.1 + 2).await;
+    assert_eq!(api.requests("/api/v1/pods").0, before.0, "the pods were listed again after a restart");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(handle.version(), version, "a restart with no change re-applied the config");
+    // And changes after the restart still arrive.
+    api.apply(new_pod("late", "ambient-demo", "node-a", "198.18.1.21")).unwrap();
+    until("a pod created after the restart is seen", || pod(&handle.current().pods, "ambient-demo", "late").is_some()).await;
+
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_istio_crds_routing_is_off_with_a_warning_and_pods_still_enroll() {
+    let dir = scratch("nocrd");
+    let api = KubeApi::start(&dir).unwrap();
+    api.without_istio();
+    let mut list: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture()).unwrap()).unwrap();
+    list["items"].as_array_mut().unwrap().retain(|o| !o["apiVersion"].as_str().unwrap().contains("istio.io"));
+    let recorded = dir.join("core.json");
+    std::fs::write(&recorded, list.to_string()).unwrap();
+    api.load_recorded(&recorded).unwrap();
+    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.expect("prepare without CRDs");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("the Istio CRDs of networking.istio.io are not installed"), "{warnings:?}");
+    assert!(warnings[0].contains("capture and mTLS still work"), "{warnings:?}");
+    assert!(!watched.iter().any(|w| w.resource.group.contains("istio")));
+    let handle = MeshHandle::default();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
+    until("the config is applied", || handle.version() > 1).await;
+    let m = handle.current();
+    assert!(pod(&m.pods, "bookinfo", "productpage").unwrap().enrolled);
+    assert!(m.service_by_host("reviews.bookinfo.svc.cluster.local").is_some());
+    assert!(m.http_routes.is_empty());
+    assert_eq!(status.lock().unwrap().warnings.len(), 2);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_rbac_is_named_by_verb_and_resource() {
+    let dir = scratch("rbac");
+    let api = KubeApi::start(&dir).unwrap();
+    api.deny("watch", "pods");
+    let e = prepare(&access(&api), "node-a").await.err().expect("a refused watch fails the start").to_string();
+    assert!(
+        e.starts_with("the agent may not watch pods in the cluster (RBAC: no rule grants it): grant verb `watch` on resource `pods`"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+    let api = KubeApi::start(&dir).unwrap();
+    api.deny("list", "authorizationpolicies");
+    let e = prepare(&access(&api), "node-a").await.err().unwrap().to_string();
+    assert!(e.contains("may not list authorizationpolicies.security.istio.io"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_server_is_one_clear_line() {
+    let dir = scratch("down");
+    let port = {
+        let api = KubeApi::start(&dir).unwrap();
+        api.port
+    };
+    // The server is gone; its port refuses.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = port;
+    let e = prepare(&Access { kubeconfig: Some(dir.join("kubeconfig")), context: None }, "node-a")
+        .await
+        .err()
+        .expect("no API server")
+        .to_string();
+    assert!(e.starts_with("cannot reach the Kubernetes API to discover the networking.istio.io API group"), "{e}");
+    assert!(e.contains("check that the API server is up"), "{e}");
+    let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a").await.err().unwrap().to_string();
+    assert!(e.starts_with("kubeconfig "), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
