@@ -38,6 +38,8 @@ pub struct Node {
 
 pub struct Pod {
     pub name: String,
+    /// The pod's UID (a UUID in the Kubernetes layout).
+    pub uid: String,
     pub namespace: String,
     pub service_account: String,
     pub node: usize,
@@ -59,6 +61,10 @@ pub struct Cluster {
     pub mesh_settings: String,
     /// Extra YAML documents in every node's mesh configuration.
     pub extra_yaml: String,
+    /// Pods laid out as a kubelet does (see [`Cluster::kubernetes`]).
+    pub kubernetes_layout: bool,
+    /// Pods whose process `start` does not start (Kubernetes layout).
+    pub late: Vec<String>,
 }
 
 pub const POD_NAMES: [(&str, usize); 4] = [("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)];
@@ -69,6 +75,21 @@ pub fn ns_path(ns: &str) -> PathBuf {
 
 impl Cluster {
     pub fn new(mode: &'static str) -> Result<Cluster> {
+        Cluster::build(mode, false)
+    }
+
+    /// Pods as a kubelet lays them out, with nothing naming their network
+    /// namespace or cgroup: the agent must find them from the pod's UID.
+    /// node-a uses the systemd cgroup driver with containerd
+    /// (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`),
+    /// node-b the cgroupfs driver (`kubepods/burstable/pod<uid>/<id>`). A
+    /// pod's "container" is a process started in its cgroup and network
+    /// namespace before the agents start.
+    pub fn kubernetes(mode: &'static str) -> Result<Cluster> {
+        Cluster::build(mode, true)
+    }
+
+    fn build(mode: &'static str, kubernetes_layout: bool) -> Result<Cluster> {
         crate::clean_once();
         let name = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
         let dir = std::env::temp_dir().join(&name);
@@ -85,6 +106,8 @@ impl Cluster {
             mesh_settings: String::new(),
             extra_yaml: String::new(),
             name: name.clone(),
+            kubernetes_layout,
+            late: Vec::new(),
         };
         for (i, n) in ["node-a", "node-b"].iter().enumerate() {
             let node = Node {
@@ -118,14 +141,25 @@ impl Cluster {
         for (k, (p, node)) in POD_NAMES.iter().enumerate() {
             let base = 4 * (k % 2);
             let subnet = node + 1;
+            let uid = format!("{:08x}-5e1f-4c2a-9b3d-{:012x}", std::process::id(), k * 7919 + SEQ.load(std::sync::atomic::Ordering::SeqCst));
+            let container = format!("{:0>64}", format!("{:x}", 0xc0ffee00u64 + k as u64));
+            let cgroup = match (kubernetes_layout, node) {
+                (false, _) => c.nodes[*node].cgroup.join(format!("pod-{p}")),
+                (true, 0) => c.nodes[*node].cgroup.join(format!(
+                    "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container}.scope",
+                    uid.replace('-', "_")
+                )),
+                (true, _) => c.nodes[*node].cgroup.join(format!("kubepods/burstable/pod{uid}/{container}")),
+            };
             let pod = Pod {
                 name: p.to_string(),
+                uid,
                 namespace: "default".into(),
                 service_account: format!("sa-{p}"),
                 node: *node,
                 ns: format!("{name}p{p}"),
                 ip: format!("198.18.{subnet}.{}", base + 2),
-                cgroup: c.nodes[*node].cgroup.join(format!("pod-{p}")),
+                cgroup,
             };
             let gw = format!("198.18.{subnet}.{}", base + 1);
             ip(&["netns", "add", &pod.ns])?;
@@ -140,7 +174,9 @@ impl Cluster {
             ip(&["-n", &pod.ns, "route", "add", "default", "via", &gw])?;
             ip(&["-n", &c.nodes[*node].ns, "addr", "add", &format!("{gw}/30"), "dev", &host_side])?;
             ip(&["-n", &c.nodes[*node].ns, "link", "set", &host_side, "up"])?;
-            fs::create_dir_all(&pod.cgroup)?;
+            if !kubernetes_layout {
+                fs::create_dir_all(&pod.cgroup)?;
+            }
             c.pods.push(pod);
         }
         run(Command::new(redirector_bin()).arg("ca").arg("create").arg(&c.ca_dir))?;
@@ -166,6 +202,19 @@ impl Cluster {
     }
 
     pub fn pod_yaml(&self, p: &Pod, service_account: &str) -> String {
+        if self.kubernetes_layout {
+            // As the API server has it: UID and node, nothing of ours.
+            return format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    app: {name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  phase: Running\n  podIP: {ip}\n  hostIP: {host}\n",
+                name = p.name,
+                ns = p.namespace,
+                uid = p.uid,
+                node = self.nodes[p.node].name,
+                sa = service_account,
+                ip = p.ip,
+                host = self.nodes[p.node].ip,
+            );
+        }
         format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {cluster}-{name}\n  labels:\n    app: {name}\n  annotations:\n    redirector.dev/netns: {netns}\n    redirector.dev/cgroup: {cgroup}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n  hostIP: {host}\n",
             name = p.name,
@@ -198,19 +247,43 @@ impl Cluster {
         // A restarted agent appends to its log: count only what this start
         // adds.
         let before: Vec<usize> = (0..self.nodes.len()).map(|i| self.served(i)).collect();
+        if self.kubernetes_layout {
+            for p in self.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
+                if !self.late.contains(&p) && !self.pod_running(&p) {
+                    self.start_pod_process(&p)?;
+                }
+            }
+        }
         for i in 0..self.nodes.len() {
             self.start_agent(i)?;
         }
         for (i, before) in before.into_iter().enumerate() {
             let n = &self.nodes[i];
-            if !eventually(Duration::from_secs(15), || self.served(i) >= before + 2) {
+            let want = self.pods.iter().filter(|p| p.node == i && !self.late.contains(&p.name)).count();
+            if !eventually(Duration::from_secs(15), || self.served(i) >= before + want) {
                 bail!("{} does not serve its pods: {}", n.name, fs::read_to_string(&n.log).unwrap_or_default());
             }
         }
         Ok(())
     }
 
-    fn served(&self, node: usize) -> usize {
+    /// Kubernetes layout: the pod's "container", a process in its cgroup
+    /// and network namespace (as a pod's pause container and app are).
+    pub fn start_pod_process(&self, pod: &str) -> Result<()> {
+        let p = self.pod(pod);
+        fs::create_dir_all(&p.cgroup)?;
+        self.in_pod(pod, "sleep", &["infinity"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("starting a pod's process")?;
+        if !eventually(Duration::from_secs(5), || self.pod_running(pod)) {
+            bail!("the process of pod {pod} did not start");
+        }
+        Ok(())
+    }
+
+    fn pod_running(&self, pod: &str) -> bool {
+        fs::read_to_string(self.pod(pod).cgroup.join("cgroup.procs")).is_ok_and(|s| !s.trim().is_empty())
+    }
+
+    pub fn served(&self, node: usize) -> usize {
         self.log_lines(node)
             .iter()
             .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("pod enrolled")))

@@ -1,7 +1,14 @@
-//! The Kubernetes config source without a cluster: the agent's kube-rs
-//! watchers against a test API server (tests/src/kubeapi.rs) loaded with
-//! recorded API objects (tests/fixtures/kube/cluster.json), changed while
-//! the agent watches. No root needed: nothing is attached.
+//! Kubernetes without a cluster.
+//!
+//! - The config source: the agent's kube-rs watchers against a test API
+//!   server (tests/src/kubeapi.rs) loaded with recorded API objects
+//!   (tests/fixtures/kube/cluster.json), changed while the agent watches.
+//!   No root needed: nothing is attached.
+//! - Pods laid out as a kubelet does (cgroups under kubepods for the
+//!   systemd and cgroupfs drivers, a process in each pod's network
+//!   namespace) and described as the API server has them (UID, nodeName,
+//!   no annotation of ours): the agents find and capture them (root; both
+//!   capture modes).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -9,7 +16,9 @@ use std::time::{Duration, Instant};
 use redirector::kubernetes::{prepare, spawn, Access};
 use redirector::mesh::model::PodInfo;
 use redirector::mesh::MeshHandle;
+use redirector_tests::cluster::Cluster;
 use redirector_tests::kubeapi::KubeApi;
+use redirector_tests::{eventually, privileged};
 use serde_json::json;
 
 fn scratch(name: &str) -> PathBuf {
@@ -183,4 +192,59 @@ async fn an_unreachable_api_server_is_one_clear_line() {
     let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a").await.err().unwrap().to_string();
     assert!(e.starts_with("kubeconfig "), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ebpf_pods_found_from_their_uid_are_captured() {
+    if privileged() {
+        pods_found_from_their_uid_are_captured("ebpf")
+    }
+}
+
+#[test]
+fn iptables_pods_found_from_their_uid_are_captured() {
+    if privileged() {
+        pods_found_from_their_uid_are_captured("iptables")
+    }
+}
+
+fn pods_found_from_their_uid_are_captured(mode: &'static str) {
+    let mut c = Cluster::kubernetes(mode).unwrap();
+    // a2's containers have not started when the agents start.
+    c.late = vec!["a2".into()];
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let b1 = c.pod("b1").ip.clone();
+    let logs = |c: &Cluster| format!("node-a: {}\nnode-b: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap(), std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    // Pods already running when the agents started are enrolled: the
+    // cgroup found from the UID (systemd driver on node-a, cgroupfs on
+    // node-b), the network namespace from the pod's process.
+    let enrolled = c.logged(0, "pod enrolled");
+    assert_eq!(enrolled.len(), 1, "{}", logs(&c));
+    assert!(enrolled[0]["fields"]["netns"].as_str().unwrap().starts_with("/proc/"), "{}", enrolled[0]);
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a1 -> b1: {err}\n{}", logs(&c));
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(1, "HBONE connection closed")
+        .iter()
+        .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a1")));
+
+    // A pod whose cgroup does not exist yet is reported and retried...
+    assert!(
+        eventually(Duration::from_secs(5), || c
+            .logged(0, "cannot serve this pod yet")
+            .iter()
+            .any(|l| l["fields"]["pod"] == "default/a2" && l["fields"]["error"].as_str().unwrap_or_default().contains("no cgroup found for pod UID"))),
+        "{}",
+        logs(&c)
+    );
+    // ...and enrolled once its container runs.
+    c.start_pod_process("a2").unwrap();
+    assert!(eventually(Duration::from_secs(10), || c.served(0) == 2), "{}", logs(&c));
+    let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(1, "HBONE connection closed")
+        .iter()
+        .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a2")));
 }
