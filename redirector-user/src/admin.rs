@@ -1,8 +1,9 @@
 //! The agent's HTTP endpoints, on Istio's ports: admin on 127.0.0.1:15000
 //! (`/stats`: the proxy's totals and open connections; `/config_dump`: the
 //! mesh in force; `/healthz/ready`), Prometheus metrics on 15020
-//! (`/stats/prometheus`, `/metrics`) and readiness on 15021
-//! (`/healthz/ready`).
+//! (`/stats/prometheus`, `/metrics`, and `/node`: this node's agent as the
+//! cluster-wide `redirector status` and `version` read it) and readiness on
+//! 15021 (`/healthz/ready`).
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -28,6 +29,8 @@ pub struct Sources {
     pub stats: Arc<ProxyStats>,
     pub mesh: MeshHandle,
     pub metrics: Arc<Metrics>,
+    /// This node's agent: version, capture, config version, pods served.
+    pub node: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 /// Which endpoints a listener serves.
@@ -70,6 +73,7 @@ fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Res
             dump["version"] = serde_json::json!(src.mesh.version());
             json(serde_json::to_vec_pretty(&dump).expect("serializable"))
         }
+        (Role::Admin | Role::Metrics, "/node") => json(serde_json::to_vec_pretty(&(src.node)()).expect("serializable")),
         (Role::Metrics, "/stats/prometheus") | (Role::Metrics, "/metrics") => (
             StatusCode::OK,
             src.metrics.encode().into_bytes(),

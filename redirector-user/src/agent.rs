@@ -382,10 +382,50 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         rx.clone(),
         cfg.drain_timeout,
     ));
+    let node = {
+        let features = crate::features::probe();
+        let kernel = serde_json::json!({
+            "release": crate::system::kernel_release(),
+            "tier": crate::features::tier(&features).name(),
+            "missing": crate::features::missing_for(&features, crate::features::Tier::Ebpf),
+        });
+        let pods = pods.clone();
+        let mesh = mesh.clone();
+        let kube_status = kube_source.as_ref().map(|(_, s)| s.clone());
+        let source = if kube_status.is_some() {
+            "kubernetes"
+        } else if opts.config_dir.is_some() {
+            "directory"
+        } else {
+            "none"
+        };
+        let (node_name, mode_name) = (cfg.node_name.clone(), mode.name());
+        Arc::new(move || {
+            let problems: std::collections::BTreeMap<String, String> = pods
+                .problems
+                .lock()
+                .expect("in-pod lock")
+                .iter()
+                .map(|((ns, n), why)| (format!("{ns}/{n}"), why.clone()))
+                .collect();
+            serde_json::json!({
+                "node": node_name,
+                "version": env!("CARGO_PKG_VERSION"),
+                "mode": mode_name,
+                "kernel": kernel,
+                "configSource": source,
+                "configVersion": mesh.version(),
+                "kubernetes": kube_status.as_ref().map(|s| serde_json::to_value(&*s.lock().expect("kubernetes status lock")).unwrap_or_default()),
+                "pods": pods.served().iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                "podProblems": problems,
+            })
+        }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
+    };
     let sources = admin::Sources {
         stats: stats.clone(),
         mesh: mesh.clone(),
         metrics: metrics.clone(),
+        node,
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin::Role::Admin, sources.clone(), rx.clone()));
     let metrics_task = tokio::spawn(admin::serve(metrics_listener, admin::Role::Metrics, sources.clone(), rx.clone()));

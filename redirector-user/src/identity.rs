@@ -277,14 +277,9 @@ impl MeshCa {
     }
 }
 
-/// Write a self-signed root (used directly as the signing CA) into `dir` in
-/// the plug-in layout. Also what `redirector ca create` does, so nodes can
-/// share one.
-pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let werr = |path: &Path, source| IdentityError::Write { path: path.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
+/// A self-signed mesh root, used directly as the signing CA: (certificate
+/// PEM, key PEM).
+pub fn self_signed_ca_pem(trust_domain: &str) -> Result<(String, String), IdentityError> {
     let key = KeyPair::generate().map_err(|e| IdentityError::Issue { identity: "the mesh CA".into(), message: e.to_string() })?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::OrganizationName, trust_domain);
@@ -297,7 +292,17 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
     let cert = params
         .self_signed(&key)
         .map_err(|e| IdentityError::Issue { identity: "the mesh CA".into(), message: e.to_string() })?;
-    let pem = cert.pem();
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Write a self-signed root into `dir` in the plug-in layout. Also what
+/// `redirector ca create` does, so nodes can share one.
+pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let werr = |path: &Path, source| IdentityError::Write { path: path.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
+    let (pem, key_pem) = self_signed_ca_pem(trust_domain)?;
     for name in [CA_CERT_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
         let p = dir.join(name);
         std::fs::write(&p, &pem).map_err(|e| werr(&p, e))?;
@@ -310,7 +315,7 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
         .mode(0o600)
         .open(&p)
         .map_err(|e| werr(&p, e))?;
-    f.write_all(key.serialize_pem().as_bytes()).map_err(|e| werr(&p, e))?;
+    f.write_all(key_pem.as_bytes()).map_err(|e| werr(&p, e))?;
     Ok(())
 }
 

@@ -229,6 +229,9 @@ pub struct SourceStatus {
     pub objects: BTreeMap<String, usize>,
     /// Mesh changes applied from the cluster.
     pub applied: u64,
+    /// Digest of the cluster-wide objects last applied (what
+    /// `redirector status --cluster` compares with the cluster's own).
+    pub digest: String,
     /// Objects the mesh rejected (kind namespace/name: reason).
     pub rejected: Vec<String>,
     pub warnings: Vec<String>,
@@ -249,7 +252,7 @@ fn key_of(o: &DynamicObject) -> (String, String) {
 
 /// The object as the file source would read it: apiVersion and kind set
 /// (list items lack them), bookkeeping the mesh never reads dropped.
-fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value> {
+pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value> {
     let mut v = serde_json::to_value(&o).ok()?;
     let m = v.as_object_mut()?;
     m.insert("apiVersion".into(), r.api_version.clone().into());
@@ -272,6 +275,19 @@ fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value> {
         }
     }
     Some(v)
+}
+
+/// A digest of objects (FNV-1a over their JSON, in order): the same code
+/// in the agent and in `redirector status --cluster`.
+pub fn digest<'a>(objects: impl Iterator<Item = &'a serde_json::Value>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for o in objects {
+        for b in o.to_string().bytes().chain(std::iter::once(b'\n')) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// Kubernetes' own kinds have many fields the mesh does not read by
@@ -418,6 +434,14 @@ pub fn spawn(
                     if last.as_ref() == Some(&content) {
                         continue;
                     }
+                    // The cluster-wide watches (not this node's pods).
+                    st.digest = digest(
+                        watched
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, w)| w.field_selector.is_none())
+                            .flat_map(|(i, _)| s.objects[i].values()),
+                    );
                     let (docs, errors) = documents(&s, &watched);
                     (docs, errors, content)
                 };

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroup;
+pub mod clustercmd;
 pub mod commands;
 pub mod config;
 pub mod ebpf;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod inpod;
 pub mod iptables;
 pub mod kubernetes;
+pub mod manifest;
 pub mod mesh;
 pub mod podcgroup;
 pub mod proxy;

@@ -42,17 +42,49 @@ enum Command {
     Enroll(Target),
     /// Stop capturing a cgroup (by path) or the cgroup of a process (by --pid).
     Unenroll(Target),
-    /// Show attached programs, enrolled cgroups, counters and open connections.
+    /// Show attached programs, enrolled cgroups, counters and open
+    /// connections; with --cluster, every node agent's config sync, capture
+    /// mode and pods (like `istioctl proxy-status`).
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Every node of the cluster (kubeconfig or in-cluster).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Check the kernel and this machine: version, BTF, cgroup v2, bpffs,
-    /// capabilities, and that every program passes the verifier.
+    /// capabilities, and that every program passes the verifier; with
+    /// --cluster, the DaemonSet on every node, each node's kernel and
+    /// Istio's CRDs.
     Verify {
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Print the Kubernetes manifests of a profile: minimal (capture and L4
+    /// mTLS) or demo (adds the ingress gateway, access logs and a metrics
+    /// Service).
+    Manifest {
+        #[arg(value_parser = ["generate"])]
+        action: String,
+        #[arg(long, default_value = "minimal")]
+        profile: String,
+        /// The agent image.
+        #[arg(long, default_value = redirector::manifest::DEFAULT_IMAGE)]
+        image: String,
+    },
+    /// Install a profile into the cluster (server-side apply), create the
+    /// mesh CA Secret if absent, and wait until the agent runs on every node.
+    Install {
+        #[arg(long, default_value = "minimal")]
+        profile: String,
+        #[arg(long, default_value = redirector::manifest::DEFAULT_IMAGE)]
+        image: String,
+        /// How long to wait for the DaemonSet, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
     /// Turn the same-node sockmap shortcut on or off while the agent runs
     /// (the kill switch; eBPF mode).
@@ -85,8 +117,12 @@ enum Command {
         #[arg(long, default_value = redirector::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
-    /// Print the version.
-    Version,
+    /// Print the version; with --cluster, the API server's and every node
+    /// agent's too.
+    Version {
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Stop the agent if it runs, detach every program and remove every pin.
     Uninstall,
 }
@@ -167,6 +203,17 @@ fn init_logging(json: bool) {
     }
 }
 
+/// Run a command that talks to the cluster.
+fn in_cluster<F, Fut>(kube: &KubeArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(redirector::kubernetes::Access) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let access = kube.access()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(f(access))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -217,8 +264,18 @@ fn main() -> ExitCode {
         }
         Command::Enroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, true),
         Command::Unenroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
-        Command::Status { json } => commands::status(&cli.state_dir, json),
-        Command::Verify { json } => commands::verify(json),
+        Command::Status { json, cluster: false } => commands::status(&cli.state_dir, json),
+        Command::Status { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::status(&a, json).await }),
+        Command::Verify { json, cluster: false } => commands::verify(json),
+        Command::Verify { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::verify(&a, json).await }),
+        Command::Manifest { profile, image, .. } => redirector::manifest::generate(&profile, &image).map(|y| print!("{y}")),
+        Command::Install { profile, image, timeout } => (|| {
+            // Check the profile before reaching for the cluster.
+            redirector::manifest::documents(&profile, &image)?;
+            in_cluster(&cli.kube, |a| async move {
+                redirector::clustercmd::install(&a, &profile, &image, std::time::Duration::from_secs(timeout)).await
+            })
+        })(),
         Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
         Command::Analyze { dir } => commands::analyze(&dir),
         Command::ProxyConfig { what, json } => commands::proxy_config(&cli.state_dir, &what, json),
@@ -230,10 +287,11 @@ fn main() -> ExitCode {
             println!("mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node", dir.display());
             Ok(())
         })(),
-        Command::Version => {
+        Command::Version { cluster: false } => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Version { cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::version(&a).await }),
         Command::Uninstall => commands::uninstall(&cli.state_dir),
     };
     match result {

@@ -47,6 +47,15 @@ struct Inner {
     generation: u64,
     lists: HashMap<String, usize>,
     watches: HashMap<String, usize>,
+    /// Objects written by `redirector install` (server-side apply, create),
+    /// by API path.
+    applied: BTreeMap<String, Value>,
+    /// Reads of the DaemonSet: its rollout advances one node per read.
+    daemonset_reads: usize,
+    /// Nodes the DaemonSet runs on.
+    nodes: usize,
+    /// Agent pods (name, node) and what their `/node` endpoint answers.
+    agents: Vec<(String, String, Option<Value>)>,
 }
 
 pub struct KubeApi {
@@ -79,7 +88,7 @@ impl KubeApi {
     pub fn start(dir: &Path) -> Result<KubeApi> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
-        let inner = Arc::new((Mutex::new(Inner { istio: true, rv: 1000, ..Default::default() }), Condvar::new()));
+        let inner = Arc::new((Mutex::new(Inner { istio: true, rv: 1000, nodes: 2, ..Default::default() }), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {
             let inner = inner.clone();
@@ -172,6 +181,21 @@ impl KubeApi {
         let (lock, cv) = &*self.inner;
         lock.lock().unwrap().generation += 1;
         cv.notify_all();
+    }
+
+    /// A node agent pod and its `/node` answer (`None`: unreachable).
+    pub fn add_agent(&self, pod: &str, node: &str, answer: Option<Value>) {
+        self.inner.0.lock().unwrap().agents.push((pod.into(), node.into(), answer));
+    }
+
+    /// What install wrote at an API path.
+    pub fn applied(&self, path: &str) -> Option<Value> {
+        self.inner.0.lock().unwrap().applied.get(path).cloned()
+    }
+
+    /// Every API path install wrote, in order of path.
+    pub fn applied_paths(&self) -> Vec<String> {
+        self.inner.0.lock().unwrap().applied.keys().cloned().collect()
     }
 
     /// How many lists and watches a collection path (`/api/v1/pods`) got.
@@ -277,6 +301,11 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+        if let Some(done) = serve_install(&mut w, &method, path, &body, inner)? {
+            if done {
+                continue;
+            }
+        }
         if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
             let mut review: Value = serde_json::from_slice(&body)?;
             let attrs = &review["spec"]["resourceAttributes"];
@@ -373,4 +402,85 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
         let _ = w.shutdown(std::net::Shutdown::Both);
         return Ok(());
     }
+}
+
+/// The API `redirector install`, `status`, `verify` and `version` use:
+/// server-side apply, the CA Secret, the DaemonSet's rollout, the agent
+/// pods and their `/node` through the pod proxy, the server version.
+/// `Some(true)`: answered.
+fn serve_install(w: &mut TcpStream, method: &str, path: &str, body: &[u8], inner: &Arc<(Mutex<Inner>, Condvar)>) -> Result<Option<bool>> {
+    const NS: &str = "/api/v1/namespaces/redirector-system";
+    const DS: &str = "/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector";
+    let mut s = inner.0.lock().unwrap();
+    if method == "GET" && path == "/version" {
+        drop(s);
+        respond(w, 200, &json!({"major": "1", "minor": "32", "gitVersion": "v1.32.4", "platform": "linux/amd64"}))?;
+        return Ok(Some(true));
+    }
+    if method == "PATCH" {
+        let mut obj: Value = serde_json::from_slice(body)?;
+        obj["metadata"]["resourceVersion"] = json!("1");
+        obj["metadata"]["generation"] = json!(1);
+        s.applied.insert(path.to_string(), obj.clone());
+        drop(s);
+        respond(w, 200, &obj)?;
+        return Ok(Some(true));
+    }
+    if method == "POST" && path == format!("{NS}/secrets") {
+        let obj: Value = serde_json::from_slice(body)?;
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        s.applied.insert(format!("{NS}/secrets/{name}"), obj.clone());
+        drop(s);
+        respond(w, 201, &obj)?;
+        return Ok(Some(true));
+    }
+    if method == "GET" && path.starts_with(&format!("{NS}/secrets/")) {
+        let found = s.applied.get(path).cloned();
+        drop(s);
+        match found {
+            Some(o) => respond(w, 200, &o)?,
+            None => respond(w, 404, &not_found(path))?,
+        }
+        return Ok(Some(true));
+    }
+    if method == "GET" && path == DS {
+        let Some(mut ds) = s.applied.get(DS).cloned() else {
+            drop(s);
+            respond(w, 404, &not_found(path))?;
+            return Ok(Some(true));
+        };
+        s.daemonset_reads += 1;
+        let ready = s.daemonset_reads.saturating_sub(1).min(s.nodes);
+        ds["status"] = json!({"desiredNumberScheduled": s.nodes, "currentNumberScheduled": s.nodes, "numberReady": ready,
+                              "updatedNumberScheduled": ready, "numberAvailable": ready, "numberMisscheduled": 0, "observedGeneration": 1});
+        drop(s);
+        respond(w, 200, &ds)?;
+        return Ok(Some(true));
+    }
+    if method == "GET" && path == format!("{NS}/pods") {
+        let items: Vec<Value> = s
+            .agents
+            .iter()
+            .map(|(pod, node, _)| json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": "redirector-system", "labels": {"app": "redirector"}},
+                "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "redirector"}]},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}))
+            .collect();
+        drop(s);
+        respond(w, 200, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}))?;
+        return Ok(Some(true));
+    }
+    if let Some(rest) = path.strip_prefix(&format!("{NS}/pods/")) {
+        if let Some(pod) = rest.strip_suffix(":15020/proxy/node") {
+            let answer = s.agents.iter().find(|a| a.0 == pod).and_then(|a| a.2.clone());
+            drop(s);
+            match answer {
+                Some(v) => respond(w, 200, &v)?,
+                None => respond(w, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("error trying to reach service: dial tcp 198.18.10.9:15020: connect: connection refused"), "reason": "ServiceUnavailable", "code": 503}))?,
+            }
+            return Ok(Some(true));
+        }
+    }
+    Ok(None)
 }

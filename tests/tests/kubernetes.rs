@@ -248,3 +248,126 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
         .iter()
         .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a2")));
 }
+
+/// Run the CLI against the test API server; (exit ok, stdout, stderr).
+fn cli(api: &KubeApi, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(redirector_tests::redirector_bin())
+        .arg("--kubeconfig")
+        .arg(&api.kubeconfig)
+        .args(args)
+        .output()
+        .expect("running redirector");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
+    let dir = scratch("install");
+    let api = KubeApi::start(&dir).unwrap();
+    let (ok, out, err) = cli(&api, &["install", "--profile", "demo", "--image", "registry.example/redirector:test", "--timeout", "60"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("[1/8] applied Namespace redirector-system"), "{out}");
+    assert!(out.contains("[8/8] applied Service redirector-metrics"), "{out}");
+    assert!(out.contains("mesh CA: generated into Secret redirector-system/cacerts"), "{out}");
+    assert!(out.contains("0/2 nodes ready") && out.contains("2/2 nodes ready, 2 updated"), "progress is shown: {out}");
+    assert!(out.contains("redirector (demo profile) is ready on 2 node(s)"), "{out}");
+    let ds = api.applied("/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector").expect("the DaemonSet was applied");
+    assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/redirector:test");
+    let secret = api.applied("/api/v1/namespaces/redirector-system/secrets/cacerts").expect("the CA Secret was created");
+    for f in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
+        assert!(secret["stringData"][f].as_str().unwrap().starts_with("-----BEGIN CERTIFICATE-----"), "{f}");
+    }
+    assert!(secret["stringData"]["ca-key.pem"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert!(api.applied("/api/v1/namespaces/redirector-system/services/istio-ingressgateway").is_some());
+    // A second install keeps the CA (workload certificates stay valid).
+    let (ok, out, _) = cli(&api, &["install", "--profile", "minimal", "--timeout", "60"]);
+    assert!(ok && out.contains("Secret redirector-system/cacerts exists; kept"), "{out}");
+    // A profile that does not exist fails before anything is applied.
+    let fresh = KubeApi::start(&dir.join("fresh")).unwrap();
+    let (ok, out, err) = cli(&fresh, &["install", "--profile", "default"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert_eq!(err.trim(), "redirector: error: unknown profile `default`: choose one of minimal, demo");
+    assert!(fresh.applied_paths().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_verify_and_version_read_every_node_agent() {
+    let dir = scratch("status");
+    let api = KubeApi::start(&dir).unwrap();
+    api.load_recorded(&fixture()).unwrap();
+    // node-a's agent: the real config source, synced with the cluster.
+    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.unwrap();
+    let handle = MeshHandle::default();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
+    until("node-a's source is synced", || handle.version() > 1).await;
+    let source = serde_json::to_value(&*status.lock().unwrap()).unwrap();
+    let node = |name: &str, source: serde_json::Value| {
+        json!({"node": name, "version": "0.1.0", "mode": "ebpf", "configSource": "kubernetes", "configVersion": 3,
+               "kernel": {"release": "6.1.0-41-amd64", "tier": "ebpf+sockmap", "missing": []},
+               "kubernetes": source, "pods": ["bookinfo/productpage-v1-6c8f9d7b5-x2k4p"],
+               "podProblems": {"ambient-demo/sleep-5b8d7f9c4-t7w2n": "no process runs in the pod's containers yet, so its network namespace is unknown"}})
+    };
+    api.add_agent("redirector-a1b2c", "node-a", Some(node("node-a", source.clone())));
+    // node-b's agent applied an older config.
+    let mut old = source.clone();
+    old["digest"] = json!("0123456789abcdef");
+    api.add_agent("redirector-d3e4f", "node-b", Some(node("node-b", old)));
+
+    let (ok, out, err) = cli(&api, &["status", "--cluster"]);
+    assert!(ok, "{out}\n{err}");
+    let line = |n: &str| out.lines().find(|l| l.starts_with(n)).unwrap_or_else(|| panic!("no {n} line: {out}")).to_string();
+    assert!(line("node-a").contains("SYNCED") && line("node-a").contains("redirector-a1b2c"), "{out}");
+    assert!(line("node-b").contains("STALE"), "{out}");
+    assert!(out.contains("enrolled bookinfo/productpage-v1-6c8f9d7b5-x2k4p"), "{out}");
+    assert!(out.contains("NOT ENROLLED ambient-demo/sleep-5b8d7f9c4-t7w2n: no process runs"), "{out}");
+    // A change in the cluster makes the synced agent's config stale until
+    // it applies it.
+    api.apply(new_pod("curl", "bookinfo", "node-b", "198.18.2.30")).unwrap();
+    let (_, out, _) = cli(&api, &["status", "--cluster"]);
+    assert!(line_of(&out, "node-a").contains("STALE"), "{out}");
+    until("node-a's source applied the change", || pod(&handle.current().pods, "bookinfo", "curl").is_some()).await;
+    let fresh = serde_json::to_value(&*status.lock().unwrap()).unwrap();
+    let (_, out, _) = cli(&api, &["status", "--cluster", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["latest"], fresh["digest"], "the agent's digest and the CLI's agree on the same objects");
+
+    let (ok, out, err) = cli(&api, &["version", "--cluster"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("kubernetes: v1.32.4") && out.contains("agent on node-a: 0.1.0 (redirector-a1b2c)"), "{out}");
+
+    // verify: no DaemonSet yet → a FAIL line and a non-zero exit.
+    let (ok, out, err) = cli(&api, &["verify", "--cluster"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL daemonset") && out.contains("run `redirector install --profile minimal`"), "{out}");
+    assert_eq!(err.trim(), "redirector: error: the cluster is not ready for the mesh: see the FAIL lines above");
+    assert!(out.contains("node node-a") && out.contains("kernel 6.1.0-41-amd64, capture ebpf (kernel supports ebpf+sockmap)"), "{out}");
+    assert!(out.contains("ok   istio CRDs") && out.contains("present"), "{out}");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn verify_passes_on_a_ready_cluster_and_names_an_unreachable_agent() {
+    let dir = scratch("verify");
+    let api = KubeApi::start(&dir).unwrap();
+    api.without_istio();
+    let (ok, out, err) = cli(&api, &["install", "--timeout", "60"]);
+    assert!(ok, "{out}{err}");
+    api.add_agent("redirector-a1b2c", "node-a", Some(json!({"version": "0.1.0", "mode": "iptables", "kernel": {"release": "5.10.0-35-amd64", "tier": "ebpf", "missing": []}})));
+    let (ok, out, err) = cli(&api, &["verify", "--cluster"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("ok   daemonset            2/2 nodes ready"), "{out}");
+    assert!(out.contains("the Istio CRDs of networking.istio.io are not installed"), "{out}");
+    api.add_agent("redirector-zzzzz", "node-b", None);
+    let (ok, out, _) = cli(&api, &["verify", "--cluster"]);
+    assert!(!ok);
+    assert!(out.contains("FAIL node node-b") && out.contains("connection refused"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn line_of(out: &str, prefix: &str) -> String {
+    out.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string()
+}
