@@ -55,6 +55,12 @@ pub fn generate(profile: &str, image: &str) -> Result<String> {
     Ok(documents(profile, image)?.join("---\n"))
 }
 
+/// One YAML document as JSON text (for comparing renderings).
+pub fn yaml_to_json(doc: &str) -> Result<String> {
+    let v: serde_yaml::Value = serde_yaml::from_str(doc)?;
+    Ok(serde_json::to_string(&v)?)
+}
+
 fn split(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();

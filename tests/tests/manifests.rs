@@ -1,0 +1,134 @@
+//! Every Kubernetes manifest we ship, validated offline against
+//! Kubernetes' OpenAPI schemas with `kubernetes-validate` (PyPI; .ci/run
+//! installs it into the test venv), in strict mode (unknown fields are
+//! errors): each profile as `redirector manifest generate` prints it, and
+//! each file of deploy/kubernetes. A deliberately broken manifest must
+//! fail, so a validator that passes everything cannot hide here.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Kubernetes version the manifests are checked against (the oldest
+/// we support and the client library's).
+const KUBERNETES: &str = "1.32.0";
+
+fn validator() -> Option<PathBuf> {
+    let v = redirector_tests::httpbin_venv()
+        .map(|v| v.join("bin/kubernetes-validate"))
+        .unwrap_or_else(|| PathBuf::from("/opt/redirector-venv/bin/kubernetes-validate"));
+    if v.exists() {
+        return Some(v);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("kubernetes-validate is missing: .ci/run installs it into /opt/redirector-venv");
+    }
+    eprintln!("SKIPPED: kubernetes-validate is not installed: /opt/redirector-venv/bin/pip install kubernetes-validate==1.37.0");
+    None
+}
+
+/// (passed, output) of validating `file`.
+fn validate(tool: &Path, file: &Path) -> (bool, String) {
+    let out = Command::new(tool).args(["--strict", "-k", KUBERNETES]).arg(file).output().expect("running kubernetes-validate");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("redirector-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn every_profile_and_deploy_file_passes_the_kubernetes_schemas() {
+    let Some(tool) = validator() else { return };
+    let dir = scratch();
+    for profile in redirector::manifest::PROFILES {
+        let out = Command::new(redirector_tests::redirector_bin()).args(["manifest", "generate", "--profile", profile]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let file = dir.join(format!("{profile}.yaml"));
+        std::fs::write(&file, &out.stdout).unwrap();
+        let (ok, report) = validate(&tool, &file);
+        assert!(ok, "profile {profile}:\n{report}");
+        let objects = redirector::manifest::documents(profile, redirector::manifest::DEFAULT_IMAGE).unwrap().len();
+        assert_eq!(report.matches(" passed for resource ").count(), objects, "every object of {profile} was checked:\n{report}");
+    }
+    let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    for sub in ["base", "demo"] {
+        for e in std::fs::read_dir(deploy.join(sub)).unwrap().flatten() {
+            let p = e.path();
+            if p.file_name().unwrap() == "kustomization.yaml" {
+                continue;
+            }
+            let (ok, report) = validate(&tool, &p);
+            assert!(ok, "{}:\n{report}", p.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_broken_manifest_is_caught() {
+    let Some(tool) = validator() else { return };
+    let dir = scratch();
+    let yaml = redirector::manifest::generate("minimal", redirector::manifest::DEFAULT_IMAGE).unwrap();
+    // A wrong type, as a hand edit might make it.
+    let broken = yaml.replacen("containerPort: 15020", "containerPort: metrics", 1);
+    let file = dir.join("broken.yaml");
+    std::fs::write(&file, broken).unwrap();
+    let (ok, report) = validate(&tool, &file);
+    assert!(!ok, "the validator accepted a broken DaemonSet:\n{report}");
+    assert!(report.contains("did not validate for resource daemonset/redirector") && report.contains("containerPort: 'metrics' is not of type 'integer'"), "{report}");
+    // A misspelt field: strict mode rejects what Kubernetes would drop.
+    std::fs::write(&file, yaml.replacen("hostNetwork: true", "hostNetwrk: true", 1)).unwrap();
+    let (ok, report) = validate(&tool, &file);
+    assert!(!ok && report.contains("'hostNetwrk' was unexpected"), "{report}");
+    let _ = std::fs::remove_file(&file);
+}
+
+/// The kustomize base and overlay render to exactly what `manifest
+/// generate` prints, where kubectl is installed (it is not a CI
+/// requirement: the files are the generator's own input).
+#[test]
+fn kustomize_renders_what_manifest_generate_prints() {
+    if Command::new("kubectl").arg("version").arg("--client").output().map(|o| !o.status.success()).unwrap_or(true) {
+        eprintln!("SKIPPED: kubectl is not installed; the kustomize rendering is not compared");
+        return;
+    }
+    let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    for (profile, dir) in [("minimal", "base"), ("demo", "demo")] {
+        let out = Command::new("kubectl").arg("kustomize").arg(deploy.join(dir)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let parse = |text: &str| -> Vec<serde_json::Value> {
+            let mut docs = vec![String::new()];
+            for line in text.lines() {
+                if line == "---" {
+                    docs.push(String::new());
+                } else {
+                    let d = docs.last_mut().unwrap();
+                    d.push_str(line);
+                    d.push('\n');
+                }
+            }
+            let mut v: Vec<serde_json::Value> = docs
+                .iter()
+                .filter_map(|d| serde_json::to_value(redirector_yaml(d)).ok())
+                .filter(|v: &serde_json::Value| !v.is_null())
+                .collect();
+            v.sort_by_key(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]));
+            v
+        };
+        let rendered = parse(&String::from_utf8_lossy(&out.stdout));
+        let generated = parse(&redirector::manifest::generate(profile, redirector::manifest::DEFAULT_IMAGE).unwrap());
+        assert_eq!(rendered, generated, "{profile}");
+    }
+}
+
+fn redirector_yaml(doc: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&yaml_to_json(doc)).unwrap_or(serde_json::Value::Null);
+    v
+}
+
+/// YAML → JSON text through the agent's own YAML reader.
+fn yaml_to_json(doc: &str) -> String {
+    redirector::manifest::yaml_to_json(doc).unwrap_or_else(|_| "null".into())
+}
