@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_STATE_CB_FLAG},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
@@ -22,7 +22,7 @@ use aya_log_ebpf::warn;
 use redirector_common::{
     is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
     OriginalDst, PodInbound, SockKey, AF_INET, AF_INET6, SO_REDIRECTOR_SOURCE_CGROUP, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
-    MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST, ENROLL_PENDING, MAX_CGROUP_DEPTH,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -158,15 +158,49 @@ fn count(cgroup_id: u64, decision: Decision) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirector_connect4(ctx: SockAddrContext) -> i32 {
-    // Always let the connect proceed: captured or not, never refused.
-    let _ = try_connect(&ctx, false);
-    1
+    // Captured or not, the connect proceeds; refused (EPERM) only for a
+    // workload of the mesh whose proxy is not ready.
+    let mut refuse = false;
+    let _ = try_connect(&ctx, false, &mut refuse);
+    if refuse {
+        0
+    } else {
+        1
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect(&ctx, true);
-    1
+    let mut refuse = false;
+    let _ = try_connect(&ctx, true, &mut refuse);
+    if refuse {
+        0
+    } else {
+        1
+    }
+}
+
+/// How the current task's cgroup is enrolled: its own entry, else that of
+/// its nearest enrolled ancestor (a pod's cgroup covers the containers the
+/// runtime creates under it, from their first connect).
+#[inline(always)]
+fn enrollment(cgroup_id: u64) -> Option<Enrollment> {
+    if let Some(e) = unsafe { ENROLLED.get(&cgroup_id) } {
+        return Some(*e);
+    }
+    let mut found = None;
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        if let Some(e) = unsafe { ENROLLED.get(&id) } {
+            found = Some(*e);
+        }
+        level += 1;
+    }
+    found
 }
 
 #[inline(always)]
@@ -236,7 +270,7 @@ fn to_loopback(sa: &mut bpf_sock_addr, v6: bool, family: u16, port: u16) {
 }
 
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
+fn try_connect(ctx: &SockAddrContext, v6: bool, refuse: &mut bool) -> Result<(), ()> {
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ == SOCK_DGRAM {
         // A connected UDP socket to a resolver.
@@ -261,9 +295,17 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         count(cgroup_id, Decision::ProxyOwn);
         return Ok(());
     }
-    if unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
-        count(cgroup_id, Decision::NotEnrolled);
-        return Ok(());
+    match enrollment(cgroup_id) {
+        None => {
+            count(cgroup_id, Decision::NotEnrolled);
+            return Ok(());
+        }
+        Some(e) if e.flags & ENROLL_PENDING != 0 => {
+            count(cgroup_id, Decision::RefusedPending);
+            *refuse = true;
+            return Ok(());
+        }
+        Some(_) => {}
     }
 
     let port = u16::from_be(sa.user_port as u16);
@@ -370,7 +412,9 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         return Ok(());
     }
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup_id == cfg.proxy_cgroup_id || unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
+    // A pending workload's queries go to its resolver as they are: no
+    // connection of its is captured yet.
+    if cgroup_id == cfg.proxy_cgroup_id || enrollment(cgroup_id).is_none_or(|e| e.flags & ENROLL_PENDING != 0) {
         return Ok(());
     }
     let (addr, family) = destination(sa, v6);

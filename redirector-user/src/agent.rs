@@ -311,7 +311,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Installed::Ebpf(c) => c.steering.clone(),
             Installed::Iptables(_) => None,
         },
+        state_dir: opts.state_dir.clone(),
+        held: Arc::default(),
     });
+    release_leftover_holds(&opts.state_dir, &cfg.bpffs_dir, mode != CaptureMode::Iptables);
     let pods_task = {
         let pods = pods.clone();
         let server = pod_server.clone();
@@ -417,6 +420,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 "configVersion": mesh.version(),
                 "kubernetes": kube_status.as_ref().map(|s| serde_json::to_value(&*s.lock().expect("kubernetes status lock")).unwrap_or_default()),
                 "pods": pods.served().iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                "held": pods.pending().iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
                 "podProblems": problems,
             })
         }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
@@ -485,9 +489,96 @@ struct AgentPods {
     cfg: AgentConfig,
     /// eBPF inbound steering (sk_lookup), when the kernel has it.
     steering: Option<Arc<crate::ebpf::PodSteering>>,
+    state_dir: PathBuf,
+    /// Pod cgroups frozen until their proxy is ready.
+    held: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+}
+
+/// The file listing the pod cgroups this agent froze (hold until ready),
+/// so a crashed agent's holds are lifted by the next one.
+const HELD_FILE: &str = "held-cgroups";
+
+fn set_frozen(cgroup: &std::path::Path, frozen: bool) -> std::io::Result<()> {
+    std::fs::write(cgroup.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+}
+
+/// Lift the holds a previous agent left (its pending pods' freezes and
+/// refusals); this agent holds again the pods still pending.
+fn release_leftover_holds(state_dir: &std::path::Path, bpffs_dir: &std::path::Path, ebpf: bool) {
+    let file = state_dir.join(HELD_FILE);
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let _ = set_frozen(std::path::Path::new(line), false);
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+    if ebpf {
+        if let Ok(maps) = crate::ebpf::PinnedMaps::open(bpffs_dir) {
+            if let Ok(n) = maps.clear_pending() {
+                if n > 0 {
+                    info!(cgroups = n, "lifted the refusals a previous agent left on pending pods");
+                }
+            }
+        }
+    }
+}
+
+impl AgentPods {
+    fn record_held(&self) {
+        let held = self.held.lock().expect("held lock");
+        let text: String = held.iter().map(|p| format!("{}\n", p.display())).collect();
+        let _ = std::fs::write(self.state_dir.join(HELD_FILE), text);
+    }
 }
 
 impl crate::inpod::PodServer for AgentPods {
+    fn hold(&self, pod: &crate::mesh::model::PodInfo, cgroups: &[PathBuf]) -> Result<crate::inpod::PodHandle> {
+        use crate::mesh::model::UntilReady;
+        let (stop, _) = watch::channel(false);
+        let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+        // iptables capture has no per-cgroup refusal: a pending pod is held.
+        let freeze = pod.until_ready == UntilReady::Hold || self.mode == CaptureMode::Iptables;
+        if self.mode != CaptureMode::Iptables {
+            let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
+            let mut ids = Vec::new();
+            for c in cgroups {
+                let id = cgroup::cgroup_id(c)?;
+                maps.enroll_with(id, redirector_common::ENROLL_PENDING)?;
+                ids.push(id);
+            }
+            let dir = self.bpffs_dir.clone();
+            undo.push(Box::new(move || {
+                if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
+                    for id in ids {
+                        let _ = maps.unenroll_if_pending(id);
+                    }
+                }
+            }));
+        }
+        if freeze {
+            for c in cgroups {
+                set_frozen(c, true).with_context(|| format!("freezing {}", c.display()))?;
+                self.held.lock().expect("held lock").insert(c.clone());
+            }
+            self.record_held();
+            let (cgroups, held, file) = (cgroups.to_vec(), self.held.clone(), self.state_dir.join(HELD_FILE));
+            undo.push(Box::new(move || {
+                let mut h = held.lock().expect("held lock");
+                for c in &cgroups {
+                    if let Err(e) = set_frozen(c, false) {
+                        if c.exists() {
+                            warn!(cgroup = %c.display(), error = %e, "thawing a held pod");
+                        }
+                    }
+                    h.remove(c);
+                }
+                let text: String = h.iter().map(|p| format!("{}\n", p.display())).collect();
+                let _ = std::fs::write(file, text);
+            }));
+        }
+        Ok(crate::inpod::PodHandle { stop, undo })
+    }
+
     fn start(
         &self,
         pod: &crate::mesh::model::PodInfo,

@@ -205,6 +205,7 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
     let rows: Vec<Value> = agents
         .iter()
         .map(|a| {
+            let held = a.info.as_ref().map(|i| i["held"].clone()).unwrap_or(Value::Null);
             let (sync, mode, version, pods, problems) = match &a.info {
                 Ok(i) => {
                     let digest = i["kubernetes"]["digest"].as_str().unwrap_or_default();
@@ -226,7 +227,7 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
                 Err(e) => (format!("UNREACHABLE ({e})"), "?".into(), 0, Vec::new(), Value::Null),
             };
             serde_json::json!({"node": a.node, "pod": a.pod, "ready": a.ready, "config": sync, "configVersion": version,
-                               "mode": mode, "pods": pods, "podProblems": problems})
+                               "mode": mode, "pods": pods, "podProblems": problems, "held": held})
         })
         .collect();
     if json {
@@ -247,8 +248,10 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
         for p in r["pods"].as_array().into_iter().flatten() {
             println!("    enrolled {}", p.as_str().unwrap_or_default());
         }
+        let held: Vec<&str> = r["held"].as_array().into_iter().flatten().filter_map(|h| h.as_str()).collect();
         for (p, why) in r["podProblems"].as_object().into_iter().flatten() {
-            println!("    NOT ENROLLED {p}: {}", why.as_str().unwrap_or_default());
+            let state = if held.contains(&p.as_str()) { "HELD" } else { "NOT ENROLLED" };
+            println!("    {state} {p}: {}", why.as_str().unwrap_or_default());
         }
     }
     if rows.is_empty() {

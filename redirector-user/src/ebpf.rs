@@ -716,8 +716,13 @@ impl PinnedMaps {
     }
 
     pub fn enroll(&self, cgroup_id: u64) -> Result<(), EbpfError> {
+        self.enroll_with(cgroup_id, 0)
+    }
+
+    /// Enroll with `ENROLL_*` flags (an existing entry is replaced).
+    pub fn enroll_with(&self, cgroup_id: u64, flags: u32) -> Result<(), EbpfError> {
         let mut m = self.enrolled_map()?;
-        m.insert(cgroup_id, Enrollment::default(), 0).map_err(|e| {
+        m.insert(cgroup_id, Enrollment { flags, _pad: 0 }, 0).map_err(|e| {
             if let aya::maps::MapError::SyscallError(s) = &e {
                 if s.io_error.raw_os_error() == Some(libc::E2BIG) {
                     return EbpfError::EnrolledFull(redirector_common::MAX_ENROLLED);
@@ -746,6 +751,32 @@ impl PinnedMaps {
                 source: e,
             }),
         }
+    }
+
+    /// Remove a cgroup's entry only while it is still pending (a pod that
+    /// became served keeps its enrollment).
+    pub fn unenroll_if_pending(&self, cgroup_id: u64) -> Result<bool, EbpfError> {
+        let m = self.enrolled_map()?;
+        match m.get(&cgroup_id, 0) {
+            Ok(e) if e.flags & redirector_common::ENROLL_PENDING != 0 => self.unenroll(cgroup_id),
+            _ => Ok(false),
+        }
+    }
+
+    /// Remove every pending entry (a previous agent's; the pods still
+    /// pending are held again by this one).
+    pub fn clear_pending(&self) -> Result<usize, EbpfError> {
+        let m = self.enrolled_map()?;
+        let pending: Vec<u64> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, e)| e.flags & redirector_common::ENROLL_PENDING != 0)
+            .map(|(k, _)| k)
+            .collect();
+        for id in &pending {
+            self.unenroll(*id)?;
+        }
+        Ok(pending.len())
     }
 
     pub fn enrolled(&self) -> Result<Vec<u64>, EbpfError> {

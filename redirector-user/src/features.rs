@@ -102,6 +102,8 @@ fn features() -> Vec<(String, Probe, &'static [Tier])> {
         map("sk_storage", MapType::SkStorage, ALL),
         map("sockhash", MapType::SockHash, ALL),
         helper("cgroup_sock_addr", P::CgroupSockAddr, "get_current_cgroup_id", H::BPF_FUNC_get_current_cgroup_id, ALL),
+        // A pod's cgroup covers its containers' cgroups.
+        helper("cgroup_sock_addr", P::CgroupSockAddr, "get_current_ancestor_cgroup_id", H::BPF_FUNC_get_current_ancestor_cgroup_id, ALL),
         helper("cgroup_sockopt", P::CgroupSockopt, "get_current_cgroup_id", H::BPF_FUNC_get_current_cgroup_id, ALL),
         helper("cgroup_sock_addr", P::CgroupSockAddr, "sk_storage_get", H::BPF_FUNC_sk_storage_get, STORAGE),
         helper("sock_ops", P::SockOps, "sk_storage_get", H::BPF_FUNC_sk_storage_get, STORAGE),

@@ -193,18 +193,26 @@ pub fn pod_cgroups(mount: &Path, search: &Path, pod: &PodInfo) -> Vec<PathBuf> {
     }
     let Some(uid) = pod.uid.as_deref() else { return Vec::new() };
     let found = crate::podcgroup::find_pod(search, uid).or_else(|| (search != mount).then(|| crate::podcgroup::find_pod(mount, uid)).flatten());
-    match found {
-        Some(p) if p.containers.is_empty() => vec![p.pod],
-        Some(p) => p.containers.into_iter().map(|c| c.path).collect(),
-        None => Vec::new(),
-    }
+    // The pod's own cgroup: enrolling it covers every container the
+    // runtime starts under it, from the container's first connect.
+    found.map(|p| vec![p.pod]).unwrap_or_default()
 }
 
 /// A pod's network namespace found from one of its processes (the
 /// container runtime puts every container of a pod in the pod's
 /// namespace): `/proc/<pid>/ns/net` of the first process in its cgroups.
 pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
+    // The cgroups and, below a pod's cgroup, its containers'.
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for c in cgroups {
+        dirs.push(c.clone());
+        if let Ok(rd) = std::fs::read_dir(c) {
+            let mut sub: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect();
+            sub.sort();
+            dirs.extend(sub);
+        }
+    }
+    for c in &dirs {
         let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
         for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
             // The process may exit between the two reads: try the next.
@@ -244,6 +252,11 @@ pub fn open_listeners(w: &WorkloadNet, outbound: u16, inbound: u16, hbone: u16) 
 /// proxy tasks.
 pub trait PodServer: Send + Sync {
     fn start(&self, pod: &PodInfo, w: Arc<WorkloadNet>, cgroups: Vec<PathBuf>) -> anyhow::Result<PodHandle>;
+    /// Keep a pod of the mesh that cannot be served yet from reaching
+    /// anything around the mesh: its connects refused, or its processes
+    /// frozen (`UntilReady`), until it is served or leaves. The handle's
+    /// undo lifts that without touching a served pod's capture.
+    fn hold(&self, pod: &PodInfo, cgroups: &[PathBuf]) -> anyhow::Result<PodHandle>;
 }
 
 /// A pod being served. Dropping it stops the tasks (closing the pod's
@@ -274,6 +287,8 @@ pub struct InPod {
     /// Where pods' cgroups are searched for first (the capture root).
     search: PathBuf,
     served: Mutex<HashMap<(String, String), Served>>,
+    /// Pods of the mesh not served yet, held (see [`PodServer::hold`]).
+    pending: Mutex<HashMap<(String, String), Served>>,
     /// Pods that could not be started (no namespace, no cgroup), with why:
     /// retried on each reconcile, shown by status.
     pub problems: Mutex<HashMap<(String, String), String>>,
@@ -286,6 +301,7 @@ impl InPod {
             mount,
             search,
             served: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
         }
     }
@@ -315,6 +331,9 @@ impl InPod {
         }
         let mut problems = self.problems.lock().expect("in-pod lock");
         problems.retain(|k, _| keep.contains(k));
+        let mut pending = self.pending.lock().expect("in-pod lock");
+        // Held pods that left the mesh, or changed, are let go.
+        pending.retain(|k, s| keep.contains(k) && wanted.contains(&&s.pod));
         for p in wanted {
             let key = (p.namespace.clone(), p.name.clone());
             if served.contains_key(&key) {
@@ -323,17 +342,40 @@ impl InPod {
             match self.start(p, server, trust_domain) {
                 Ok(h) => {
                     problems.remove(&key);
-                    served.insert(key, Served { pod: p.clone(), _handle: h });
+                    served.insert(key.clone(), Served { pod: p.clone(), _handle: h });
+                    // After the capture is in place: nothing slips between.
+                    pending.remove(&key);
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
                     if problems.get(&key) != Some(&msg) {
                         warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %msg, "cannot serve this pod yet; retrying on the next change");
                     }
-                    problems.insert(key, msg);
+                    problems.insert(key.clone(), msg);
+                    if !pending.contains_key(&key) {
+                        let cgroups: Vec<PathBuf> =
+                            pod_cgroups(&self.mount, &self.search, p).into_iter().filter(|c| c.join("cgroup.procs").exists()).collect();
+                        if cgroups.is_empty() {
+                            continue;
+                        }
+                        match server.hold(p, &cgroups) {
+                            Ok(h) => {
+                                info!(pod = %format!("{}/{}", p.namespace, p.name), until_ready = ?p.until_ready, "pod held until its proxy is ready: nothing it sends goes around the mesh");
+                                pending.insert(key, Served { pod: p.clone(), _handle: h });
+                            }
+                            Err(e) => warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served"),
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// (namespace, name) of the pods held until they can be served.
+    pub fn pending(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self.pending.lock().expect("in-pod lock").keys().cloned().collect();
+        v.sort();
+        v
     }
 
     fn start(&self, p: &PodInfo, server: &dyn PodServer, trust_domain: &str) -> anyhow::Result<PodHandle> {
@@ -378,8 +420,9 @@ impl InPod {
         v
     }
 
-    /// Stop serving every pod.
+    /// Stop serving every pod, and let every held pod go.
     pub fn clear(&self) {
         self.served.lock().expect("in-pod lock").clear();
+        self.pending.lock().expect("in-pod lock").clear();
     }
 }

@@ -272,7 +272,16 @@ impl Cluster {
     pub fn start_pod_process(&self, pod: &str) -> Result<()> {
         let p = self.pod(pod);
         fs::create_dir_all(&p.cgroup)?;
-        self.in_pod(pod, "sleep", &["infinity"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("starting a pod's process")?;
+        // As a container runtime does: into the pod's network namespace
+        // first, then into the container's cgroup (which may be frozen).
+        let script = format!("echo 0 > {}; exec sleep infinity", p.cgroup.join("cgroup.procs").display());
+        Command::new("nsenter")
+            .arg(format!("--net={}", ns_path(&p.ns).display()))
+            .args(["sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting a pod's process")?;
         if !eventually(Duration::from_secs(5), || self.pod_running(pod)) {
             bail!("the process of pod {pod} did not start");
         }

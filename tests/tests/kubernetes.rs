@@ -238,9 +238,45 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
         "{}",
         logs(&c)
     );
-    // ...and enrolled once its container runs.
+    // ...and once the kubelet has made its cgroup, held until its proxy is
+    // ready: nothing it sends may go around the mesh.
+    let a2 = c.pod("a2").cgroup.clone();
+    let pod_cgroup = a2.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&pod_cgroup).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || c.logged(0, "pod held until its proxy is ready").iter().any(|l| l["fields"]["pod"] == "default/a2")),
+        "{}",
+        logs(&c)
+    );
+    // A process of a2 the agent cannot serve (it runs in the node's
+    // network namespace, where b1 is reachable directly).
+    std::fs::create_dir_all(&a2).unwrap();
+    // It joins a2's container cgroup itself, once in the node's namespace.
+    let script = format!(
+        "echo 0 > {}; exec curl -sS -o /dev/null -w %{{http_code}} --max-time 5 http://{b1}:8080/",
+        a2.join("cgroup.procs").display()
+    );
+    let mut direct = c.in_node(0, "sh", &["-c", &script]);
+    if mode == "ebpf" {
+        // eBPF capture refuses its connects (EPERM).
+        let out = direct.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "000", "a pending pod reached b1 around the mesh: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success());
+    } else {
+        // iptables capture has no per-cgroup refusal: the pod is frozen.
+        let mut child = direct.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let events = pod_cgroup.join("cgroup.events");
+        assert!(eventually(Duration::from_secs(3), || std::fs::read_to_string(&events).unwrap_or_default().contains("frozen 1")));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(child.try_wait().unwrap().is_none(), "a held pod's process ran");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // Its real process (its own network namespace): enrolled on the next
+    // retry, released, and its connections go through the mesh.
     c.start_pod_process("a2").unwrap();
     assert!(eventually(Duration::from_secs(10), || c.served(0) == 2), "{}", logs(&c));
+    assert!(!std::fs::read_to_string(pod_cgroup.join("cgroup.events")).unwrap().contains("frozen 1"), "a served pod stays frozen");
     let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
     assert!(eventually(Duration::from_secs(5), || c

@@ -137,10 +137,19 @@ pub struct CaptureConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Enrollment {
-    /// Reserved for per-workload capture flags; 0 today. Host order.
+    /// `ENROLL_*` flags. Host order.
     pub flags: u32,
     pub _pad: u32,
 }
+
+/// A cgroup in the mesh whose proxy is not ready yet (a pod whose network
+/// namespace is not known, or not served yet): its TCP connects are
+/// refused (EPERM) rather than sent around the mesh.
+pub const ENROLL_PENDING: u32 = 1;
+
+/// How many cgroup levels above a socket's own cgroup are searched for an
+/// enrolled ancestor (a pod's cgroup covers its containers' cgroups).
+pub const MAX_CGROUP_DEPTH: i32 = 16;
 
 /// Value of [`maps::POD_INBOUND`]: the ports of a served pod that keep
 /// their own listeners (HBONE, and the proxy's own). Host order.
@@ -258,10 +267,12 @@ pub enum Decision {
     /// A DNS query (UDP to port 53) of an enrolled workload sent to the
     /// agent's DNS server.
     DnsRedirected = 10,
+    /// connect() of a workload whose proxy is not ready yet: refused.
+    RefusedPending = 11,
 }
 
 impl Decision {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [Decision; Self::COUNT] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -274,6 +285,7 @@ impl Decision {
         Decision::OriginalDstAnswered,
         Decision::Accelerated,
         Decision::DnsRedirected,
+        Decision::RefusedPending,
     ];
 
     /// The name used in `redirector status` and its JSON.
@@ -290,6 +302,7 @@ impl Decision {
             Decision::OriginalDstAnswered => "original_dst_answered",
             Decision::Accelerated => "accelerated",
             Decision::DnsRedirected => "dns_redirected",
+            Decision::RefusedPending => "refused_pending",
         }
     }
 

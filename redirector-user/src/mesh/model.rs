@@ -328,6 +328,20 @@ pub const NETNS_ANNOTATION: &str = "redirector.dev/netns";
 /// absolute) where it cannot be found from the pod's UID.
 pub const CGROUP_ANNOTATION: &str = "redirector.dev/cgroup";
 
+/// The annotation (on a Namespace, or a Pod to override it) choosing what
+/// happens to a pod's connections until its proxy is ready: `refuse`
+/// (default: connects fail with EPERM) or `hold` (the pod's processes are
+/// frozen until then, as Istio's holdApplicationUntilProxyStarts holds the
+/// app). Either way nothing goes around the mesh.
+pub const UNTIL_READY_ANNOTATION: &str = "redirector.dev/until-ready";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UntilReady {
+    #[default]
+    Refuse,
+    Hold,
+}
+
 /// A Pod as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
@@ -341,6 +355,7 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub netns: Option<String>,
     pub cgroup: Option<String>,
+    pub until_ready: UntilReady,
     /// In the mesh: its namespace (or the pod itself) opts in the way Istio
     /// users label them, it does not opt out, and it is not on the host
     /// network.
@@ -361,6 +376,12 @@ fn pods(docs: &Documents) -> Vec<PodInfo> {
             n.meta.labels.get("istio-injection").is_some_and(|v| v == "enabled")
                 || n.meta.labels.get("istio.io/dataplane-mode").is_some_and(|v| v == "ambient")
         })
+        .map(|n| n.meta.name.as_str())
+        .collect();
+    let hold_ns: std::collections::HashSet<&str> = docs
+        .namespaces
+        .iter()
+        .filter(|n| n.meta.annotations.get(UNTIL_READY_ANNOTATION).is_some_and(|v| v == "hold"))
         .map(|n| n.meta.name.as_str())
         .collect();
     docs.pods
@@ -385,6 +406,12 @@ fn pods(docs: &Documents) -> Vec<PodInfo> {
                 labels: l.clone(),
                 netns: a.get(NETNS_ANNOTATION).cloned(),
                 cgroup: a.get(CGROUP_ANNOTATION).cloned(),
+                until_ready: match a.get(UNTIL_READY_ANNOTATION).map(String::as_str) {
+                    Some("hold") => UntilReady::Hold,
+                    Some(_) => UntilReady::Refuse,
+                    None if hold_ns.contains(p.namespace()) => UntilReady::Hold,
+                    None => UntilReady::Refuse,
+                },
                 enrolled: !host_network && !opted_out && (opted_in || ns_in.contains(p.namespace())),
             }
         })
