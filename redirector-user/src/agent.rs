@@ -102,6 +102,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => None,
     };
 
+    let signals = catch_signals()?;
     let missing = system::missing_capabilities();
     if !missing.is_empty() {
         bail!(
@@ -233,6 +234,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     info!(mode = mode.name(), reason = %reason, "capture mode chosen");
+    if crate::features::cilium_socket_lb() {
+        warn!(advice = crate::features::CILIUM_ADVICE, "another program uses the connect hooks");
+    }
     if let Installed::Ebpf(c) = &capture {
         if c.adopted {
             info!("adopted the capture a previous agent left pinned");
@@ -391,6 +395,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "release": crate::system::kernel_release(),
             "tier": crate::features::tier(&features).name(),
             "missing": crate::features::missing_for(&features, crate::features::Tier::Ebpf),
+            "ciliumSocketLb": crate::features::cilium_socket_lb(),
         });
         let pods = pods.clone();
         let mesh = mesh.clone();
@@ -435,7 +440,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let metrics_task = tokio::spawn(admin::serve(metrics_listener, admin::Role::Metrics, sources.clone(), rx.clone()));
     let ready_task = tokio::spawn(admin::serve(ready_listener, admin::Role::Readiness, sources, rx));
 
-    wait_for_signal().await;
+    wait_for_signal(signals).await;
     info!(
         open = stats.open_count(),
         drain_ms = cfg.drain_timeout.as_millis() as u64,
@@ -801,10 +806,23 @@ fn choose_mode(cfg: &AgentConfig) -> Result<(CaptureMode, bool, String)> {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, caught from the start: one that arrives while the
+/// agent is still starting stops it cleanly once it is up.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn catch_signals() -> Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+    })
+}
+
+async fn wait_for_signal(signals: Signals) {
+    let Signals { mut term, mut int } = signals;
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},

@@ -310,7 +310,7 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
                         i["kernel"]["release"].as_str().unwrap_or("?"),
                         i["mode"].as_str().unwrap_or("?"),
                         if missing.is_empty() { String::new() } else { format!("; eBPF needs {}", missing.join(", ")) }
-                    ),
+                    ) + if i["kernel"]["ciliumSocketLb"].as_bool().unwrap_or(false) { format!("; {}", crate::features::CILIUM_ADVICE) } else { String::new() }.as_str(),
                 ));
             }
             Err(e) => checks.push((name, false, e.clone())),

@@ -657,6 +657,9 @@ pub fn verify(json: bool) -> Result<()> {
             format!("missing {}: run as root", missing.join(", "))
         },
     ));
+    if crate::features::cilium_socket_lb() {
+        checks.push(Check::new("cilium socket-LB", true, crate::features::CILIUM_ADVICE.to_string()));
+    }
     let bpffs = Path::new("/sys/fs/bpf");
     let bpffs_ok = ebpf::is_bpffs(bpffs);
     checks.push(Check::new(

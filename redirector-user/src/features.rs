@@ -159,6 +159,20 @@ pub fn probe() -> Vec<Feature> {
         .collect()
 }
 
+/// Cilium's socket load balancing: its cgroup connect programs
+/// (`cil_sock4_connect`, `cil_sock6_connect`, ...) are loaded. They use the
+/// same hook as our capture; unless Cilium keeps them to the host's
+/// namespace, a pod's connect to a Service is rewritten to a backend pod
+/// before the mesh sees the Service.
+pub fn cilium_socket_lb() -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.name_as_str().is_some_and(|n| n.starts_with("cil_sock")))
+}
+
+/// What to tell an operator whose cluster runs Cilium's socket LB.
+pub const CILIUM_ADVICE: &str = "Cilium's socket-based load balancing is active on this node: set socketLB.hostNamespaceOnly=true in Cilium's Helm values (bpf-lb-sock-hostns-only: \"true\" in the cilium-config ConfigMap) so pods' connections to Services reach the mesh with the Service address; see docs/kubernetes.md";
+
 /// Whether the kernel has a named optional feature.
 pub fn has(features: &[Feature], name: &str) -> bool {
     features.iter().any(|f| f.name == name && f.supported)

@@ -343,6 +343,7 @@ mod tests {
             labels: [("app".to_string(), app.to_string())].into(),
             netns: None,
             cgroup: None,
+            until_ready: Default::default(),
             enrolled: true,
         }
     }
