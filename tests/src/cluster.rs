@@ -65,6 +65,9 @@ pub struct Cluster {
     pub kubernetes_layout: bool,
     /// Pods whose process `start` does not start (Kubernetes layout).
     pub late: Vec<String>,
+    /// Per node: a kubeconfig; the agents then read the cluster from that
+    /// API server (`run --kubernetes`) instead of their YAML directory.
+    pub kubeconfigs: Option<Vec<PathBuf>>,
 }
 
 pub const POD_NAMES: [(&str, usize); 4] = [("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)];
@@ -108,6 +111,7 @@ impl Cluster {
             name: name.clone(),
             kubernetes_layout,
             late: Vec::new(),
+            kubeconfigs: None,
         };
         for (i, n) in ["node-a", "node-b"].iter().enumerate() {
             let node = Node {
@@ -326,8 +330,10 @@ impl Cluster {
             .arg("--bpffs-dir")
             .arg(&n.bpffs)
             .args(["--log-format", "json", "--mode", self.mode])
-            .arg("--config-dir")
-            .arg(&n.config_dir)
+            .args(match &self.kubeconfigs {
+                Some(k) => vec!["--kubernetes".into(), "--kubeconfig".into(), k[i].clone().into_os_string()],
+                None => vec!["--config-dir".into(), n.config_dir.clone().into_os_string()],
+            })
             .env("NODE_NAME", &n.name)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

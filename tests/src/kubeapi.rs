@@ -91,32 +91,71 @@ impl KubeApi {
         let inner = Arc::new((Mutex::new(Inner { istio: true, rv: 1000, nodes: 2, ..Default::default() }), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let inner = inner.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let inner = inner.clone();
-                    let stop = stop.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve(conn, &inner, &stop);
-                    });
-                }
-            });
+            let (inner, stop) = (inner.clone(), stop.clone());
+            std::thread::spawn(move || accept_loop(listener, inner, stop));
         }
         std::fs::create_dir_all(dir)?;
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
+        write_kubeconfig(&kubeconfig, port)?;
+        Ok(KubeApi { port, inner, stop, kubeconfig })
+    }
+
+    /// Serve the same API on 127.0.0.1 inside another network namespace
+    /// (a test node's), with a kubeconfig for it at `kubeconfig`.
+    pub fn listen_in_netns(&self, netns: &Path, kubeconfig: &Path) -> Result<u16> {
+        let ns = std::fs::File::open(netns).with_context(|| netns.display().to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (inner, stop) = (self.inner.clone(), self.stop.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a namespace descriptor; only this thread moves.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = tx.send(Err(anyhow!("setns: {}", std::io::Error::last_os_error())));
+                return;
+            }
+            match TcpListener::bind("127.0.0.1:0") {
+                Ok(l) => {
+                    let _ = tx.send(Ok(l.local_addr().map(|a| a.port()).unwrap_or(0)));
+                    accept_loop(l, inner, stop);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                }
+            }
+        });
+        let port = rx.recv()??;
+        write_kubeconfig(kubeconfig, port)?;
+        Ok(port)
+    }
+}
+
+fn accept_loop(listener: TcpListener, inner: Arc<(Mutex<Inner>, Condvar)>, stop: Arc<AtomicBool>) {
+    let _ = listener.set_nonblocking(true);
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let _ = conn.set_nonblocking(false);
+                let (inner, stop) = (inner.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &inner, &stop);
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn write_kubeconfig(path: &Path, port: u16) -> Result<()> {
+    std::fs::write(
+            path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n"
             ),
         )?;
-        Ok(KubeApi { port, inner, stop, kubeconfig })
-    }
+    Ok(())
+}
+
+impl KubeApi {
 
     /// Load the items of a recorded List response (`kind: List` or a typed
     /// list), as if created before the agent started.
@@ -209,7 +248,6 @@ impl Drop for KubeApi {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.restart();
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -407,3 +407,74 @@ fn verify_passes_on_a_ready_cluster_and_names_an_unreachable_agent() {
 fn line_of(out: &str, prefix: &str) -> String {
     out.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string()
 }
+
+/// YAML documents (a `---` stream) as JSON objects.
+fn yaml_objects(yaml: &str) -> Vec<serde_json::Value> {
+    let mut docs = vec![String::new()];
+    for line in yaml.lines() {
+        if line == "---" {
+            docs.push(String::new());
+        } else {
+            let d = docs.last_mut().unwrap();
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_json::from_str(&redirector::manifest::yaml_to_json(d).unwrap()).unwrap())
+        .collect()
+}
+
+/// Two node agents run with `--kubernetes` against the test API server
+/// (reached inside each node's namespace): pods described only by the API
+/// (UID, nodeName) are found, enrolled and carried over HBONE; a namespace
+/// label removed and put back through the API takes them out and back in;
+/// an API server restart re-enrolls nothing.
+#[test]
+fn agents_read_the_cluster_from_the_api_server() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::kubernetes("ebpf").unwrap();
+    let api = KubeApi::start(&c.dir.join("api")).unwrap();
+    let mut kubeconfigs = Vec::new();
+    for n in &c.nodes {
+        let k = c.dir.join(format!("{}.kubeconfig", n.name));
+        api.listen_in_netns(&redirector_tests::cluster::ns_path(&n.ns), &k).unwrap();
+        kubeconfigs.push(k);
+    }
+    c.kubeconfigs = Some(kubeconfigs);
+    for o in yaml_objects(&c.mesh_yaml()) {
+        api.apply(o).unwrap();
+    }
+    c.start().unwrap();
+    let logs = |c: &Cluster| format!("node-a: {}\nnode-b: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap(), std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    assert!(!c.logged(0, "kubernetes config source synced").is_empty(), "{}", logs(&c));
+    c.start_nginx("b1", 8080).unwrap();
+    let b1 = c.pod("b1").ip.clone();
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a1 -> b1: {err}\n{}", logs(&c));
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(1, "HBONE connection closed")
+        .iter()
+        .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a1")));
+
+    // An API server restart: watches resume, nothing is re-enrolled or let go.
+    let (enrolled, left) = (c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len());
+    let watches = api.requests("/api/v1/pods").1;
+    api.restart();
+    assert!(eventually(Duration::from_secs(10), || api.requests("/api/v1/pods").1 >= watches + 4), "both agents' pod watches resume");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len()), (enrolled, left), "{}", logs(&c));
+
+    // The namespace label removed through the API: the pods leave the mesh.
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {}}})).unwrap();
+    assert!(eventually(Duration::from_secs(10), || c.logged(0, "pod left the mesh").len() >= left + 2), "{}", logs(&c));
+    // And put back: enrolled again, no restart of anything.
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"istio-injection": "enabled"}}}))
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || c.logged(0, "pod enrolled").len() >= enrolled + 2), "{}", logs(&c));
+    let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
+}
