@@ -180,15 +180,20 @@ pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
-/// How the current task's cgroup is enrolled: its own entry, else that of
-/// its nearest enrolled ancestor (a pod's cgroup covers the containers the
-/// runtime creates under it, from their first connect).
+/// Not in the mesh: no entry for the current task's cgroup or any ancestor.
+const NOT_ENROLLED: u32 = u32::MAX;
+
+/// The `ENROLL_*` flags of the current task's cgroup: its own entry, else
+/// that of its nearest enrolled ancestor (a pod's cgroup covers the
+/// containers the runtime creates under it, from their first connect), else
+/// [`NOT_ENROLLED`]. A plain integer, not an `Option` of a struct: older
+/// verifiers (5.10) reject reading the unset half of one from the stack.
 #[inline(always)]
-fn enrollment(cgroup_id: u64) -> Option<Enrollment> {
+fn enrollment(cgroup_id: u64) -> u32 {
     if let Some(e) = unsafe { ENROLLED.get(&cgroup_id) } {
-        return Some(*e);
+        return e.flags;
     }
-    let mut found = None;
+    let mut flags = NOT_ENROLLED;
     let mut level = 1;
     while level < MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
@@ -196,11 +201,11 @@ fn enrollment(cgroup_id: u64) -> Option<Enrollment> {
             break;
         }
         if let Some(e) = unsafe { ENROLLED.get(&id) } {
-            found = Some(*e);
+            flags = e.flags;
         }
         level += 1;
     }
-    found
+    flags
 }
 
 #[inline(always)]
@@ -295,17 +300,15 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, refuse: &mut bool) -> Result<(),
         count(cgroup_id, Decision::ProxyOwn);
         return Ok(());
     }
-    match enrollment(cgroup_id) {
-        None => {
-            count(cgroup_id, Decision::NotEnrolled);
-            return Ok(());
-        }
-        Some(e) if e.flags & ENROLL_PENDING != 0 => {
-            count(cgroup_id, Decision::RefusedPending);
-            *refuse = true;
-            return Ok(());
-        }
-        Some(_) => {}
+    let flags = enrollment(cgroup_id);
+    if flags == NOT_ENROLLED {
+        count(cgroup_id, Decision::NotEnrolled);
+        return Ok(());
+    }
+    if flags & ENROLL_PENDING != 0 {
+        count(cgroup_id, Decision::RefusedPending);
+        *refuse = true;
+        return Ok(());
     }
 
     let port = u16::from_be(sa.user_port as u16);
@@ -414,7 +417,8 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // A pending workload's queries go to its resolver as they are: no
     // connection of its is captured yet.
-    if cgroup_id == cfg.proxy_cgroup_id || enrollment(cgroup_id).is_none_or(|e| e.flags & ENROLL_PENDING != 0) {
+    // NOT_ENROLLED has every bit set: not enrolled or pending, left alone.
+    if cgroup_id == cfg.proxy_cgroup_id || enrollment(cgroup_id) & ENROLL_PENDING != 0 {
         return Ok(());
     }
     let (addr, family) = destination(sa, v6);

@@ -55,10 +55,13 @@ pub fn generate(profile: &str, image: &str) -> Result<String> {
     Ok(documents(profile, image)?.join("---\n"))
 }
 
-/// One YAML document as JSON text (for comparing renderings).
-pub fn yaml_to_json(doc: &str) -> Result<String> {
-    let v: serde_yaml::Value = serde_yaml::from_str(doc)?;
-    Ok(serde_json::to_string(&v)?)
+/// The objects of a YAML stream (`---`-separated documents) as JSON, for
+/// comparing renderings and feeding an API.
+pub fn yaml_objects(text: &str) -> Result<Vec<serde_json::Value>> {
+    split(text)
+        .iter()
+        .map(|d| Ok(serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(d)?)?))
+        .collect()
 }
 
 fn split(text: &str) -> Vec<String> {

@@ -48,6 +48,33 @@ fn pod<'a>(pods: &'a [PodInfo], ns: &str, prefix: &str) -> Option<&'a PodInfo> {
     pods.iter().find(|p| p.namespace == ns && p.name.starts_with(prefix))
 }
 
+/// The agent's config source on node-a, as the agent runs it.
+struct Source {
+    handle: MeshHandle,
+    warnings: Vec<String>,
+    status: std::sync::Arc<std::sync::Mutex<redirector::kubernetes::SourceStatus>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Source {
+    /// Prepare (discovery, access review) and watch, as the agent does;
+    /// returns once the first config is applied.
+    async fn start(api: &KubeApi) -> Source {
+        let (client, watched, warnings) = prepare(&access(api), "node-a").await.expect("prepare");
+        let handle = MeshHandle::default();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (task, status) = spawn(client, watched, warnings.clone(), handle.clone(), stop_rx);
+        until("the first config from the cluster is applied", || handle.version() > 1).await;
+        Source { handle, warnings, status, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+    }
+}
+
 fn new_pod(name: &str, ns: &str, node: &str, ip: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
@@ -60,12 +87,9 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let dir = scratch("follow");
     let api = KubeApi::start(&dir).unwrap();
     api.load_recorded(&fixture()).unwrap();
-    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.expect("prepare");
-    assert!(warnings.is_empty(), "{warnings:?}");
-    let handle = MeshHandle::default();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
-    until("the first config from the cluster is applied", || handle.version() > 1).await;
+    let source = Source::start(&api).await;
+    assert!(source.warnings.is_empty(), "{:?}", source.warnings);
+    let (handle, status) = (source.handle.clone(), source.status.clone());
 
     let m = handle.current();
     let enrolled = |ns: &str, prefix: &str| pod(&m.pods, ns, prefix).unwrap_or_else(|| panic!("{ns}/{prefix} missing")).enrolled;
@@ -120,8 +144,7 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     api.apply(new_pod("late", "ambient-demo", "node-a", "198.18.1.21")).unwrap();
     until("a pod created after the restart is seen", || pod(&handle.current().pods, "ambient-demo", "late").is_some()).await;
 
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -135,22 +158,19 @@ async fn without_istio_crds_routing_is_off_with_a_warning_and_pods_still_enroll(
     let recorded = dir.join("core.json");
     std::fs::write(&recorded, list.to_string()).unwrap();
     api.load_recorded(&recorded).unwrap();
-    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.expect("prepare without CRDs");
+    let (_, watched, _) = prepare(&access(&api), "node-a").await.expect("prepare without CRDs");
+    assert!(!watched.iter().any(|w| w.resource.group.contains("istio")));
+    let source = Source::start(&api).await;
+    let warnings = &source.warnings;
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(warnings[0].contains("the Istio CRDs of networking.istio.io are not installed"), "{warnings:?}");
     assert!(warnings[0].contains("capture and mTLS still work"), "{warnings:?}");
-    assert!(!watched.iter().any(|w| w.resource.group.contains("istio")));
-    let handle = MeshHandle::default();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
-    until("the config is applied", || handle.version() > 1).await;
-    let m = handle.current();
+    let m = source.handle.current();
     assert!(pod(&m.pods, "bookinfo", "productpage").unwrap().enrolled);
     assert!(m.service_by_host("reviews.bookinfo.svc.cluster.local").is_some());
     assert!(m.http_routes.is_empty());
-    assert_eq!(status.lock().unwrap().warnings.len(), 2);
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    assert_eq!(source.status.lock().unwrap().warnings.len(), 2);
+    source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -333,21 +353,18 @@ async fn status_verify_and_version_read_every_node_agent() {
     let api = KubeApi::start(&dir).unwrap();
     api.load_recorded(&fixture()).unwrap();
     // node-a's agent: the real config source, synced with the cluster.
-    let (client, watched, warnings) = prepare(&access(&api), "node-a").await.unwrap();
-    let handle = MeshHandle::default();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (task, status) = spawn(client, watched, warnings, handle.clone(), stop_rx);
-    until("node-a's source is synced", || handle.version() > 1).await;
-    let source = serde_json::to_value(&*status.lock().unwrap()).unwrap();
+    let source = Source::start(&api).await;
+    let (handle, status) = (source.handle.clone(), source.status.clone());
+    let synced = serde_json::to_value(&*status.lock().unwrap()).unwrap();
     let node = |name: &str, source: serde_json::Value| {
         json!({"node": name, "version": "0.1.0", "mode": "ebpf", "configSource": "kubernetes", "configVersion": 3,
                "kernel": {"release": "6.1.0-41-amd64", "tier": "ebpf+sockmap", "missing": []},
                "kubernetes": source, "pods": ["bookinfo/productpage-v1-6c8f9d7b5-x2k4p"],
                "podProblems": {"ambient-demo/sleep-5b8d7f9c4-t7w2n": "no process runs in the pod's containers yet, so its network namespace is unknown"}})
     };
-    api.add_agent("redirector-a1b2c", "node-a", Some(node("node-a", source.clone())));
+    api.add_agent("redirector-a1b2c", "node-a", Some(node("node-a", synced.clone())));
     // node-b's agent applied an older config.
-    let mut old = source.clone();
+    let mut old = synced.clone();
     old["digest"] = json!("0123456789abcdef");
     api.add_agent("redirector-d3e4f", "node-b", Some(node("node-b", old)));
 
@@ -380,8 +397,7 @@ async fn status_verify_and_version_read_every_node_agent() {
     assert_eq!(err.trim(), "redirector: error: the cluster is not ready for the mesh: see the FAIL lines above");
     assert!(out.contains("node node-a") && out.contains("kernel 6.1.0-41-amd64, capture ebpf (kernel supports ebpf+sockmap)"), "{out}");
     assert!(out.contains("ok   istio CRDs") && out.contains("present"), "{out}");
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -408,24 +424,6 @@ fn line_of(out: &str, prefix: &str) -> String {
     out.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string()
 }
 
-/// YAML documents (a `---` stream) as JSON objects.
-fn yaml_objects(yaml: &str) -> Vec<serde_json::Value> {
-    let mut docs = vec![String::new()];
-    for line in yaml.lines() {
-        if line == "---" {
-            docs.push(String::new());
-        } else {
-            let d = docs.last_mut().unwrap();
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs.iter()
-        .filter(|d| !d.trim().is_empty())
-        .map(|d| serde_json::from_str(&redirector::manifest::yaml_to_json(d).unwrap()).unwrap())
-        .collect()
-}
-
 /// Two node agents run with `--kubernetes` against the test API server
 /// (reached inside each node's namespace): pods described only by the API
 /// (UID, nodeName) are found, enrolled and carried over HBONE; a namespace
@@ -445,7 +443,7 @@ fn agents_read_the_cluster_from_the_api_server() {
         kubeconfigs.push(k);
     }
     c.kubeconfigs = Some(kubeconfigs);
-    for o in yaml_objects(&c.mesh_yaml()) {
+    for o in redirector::manifest::yaml_objects(&c.mesh_yaml()).unwrap() {
         api.apply(o).unwrap();
     }
     c.start().unwrap();

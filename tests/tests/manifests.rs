@@ -99,21 +99,7 @@ fn kustomize_renders_what_manifest_generate_prints() {
         let out = Command::new("kubectl").arg("kustomize").arg(deploy.join(dir)).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let parse = |text: &str| -> Vec<serde_json::Value> {
-            let mut docs = vec![String::new()];
-            for line in text.lines() {
-                if line == "---" {
-                    docs.push(String::new());
-                } else {
-                    let d = docs.last_mut().unwrap();
-                    d.push_str(line);
-                    d.push('\n');
-                }
-            }
-            let mut v: Vec<serde_json::Value> = docs
-                .iter()
-                .filter_map(|d| serde_json::to_value(redirector_yaml(d)).ok())
-                .filter(|v: &serde_json::Value| !v.is_null())
-                .collect();
+            let mut v = redirector::manifest::yaml_objects(text).unwrap();
             v.sort_by_key(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]));
             v
         };
@@ -121,14 +107,4 @@ fn kustomize_renders_what_manifest_generate_prints() {
         let generated = parse(&redirector::manifest::generate(profile, redirector::manifest::DEFAULT_IMAGE).unwrap());
         assert_eq!(rendered, generated, "{profile}");
     }
-}
-
-fn redirector_yaml(doc: &str) -> serde_json::Value {
-    let v: serde_json::Value = serde_json::from_str(&yaml_to_json(doc)).unwrap_or(serde_json::Value::Null);
-    v
-}
-
-/// YAML → JSON text through the agent's own YAML reader.
-fn yaml_to_json(doc: &str) -> String {
-    redirector::manifest::yaml_to_json(doc).unwrap_or_else(|_| "null".into())
 }
