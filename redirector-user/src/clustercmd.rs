@@ -234,7 +234,7 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"latest": latest, "agents": rows}))?);
         return Ok(());
     }
-    println!("{:<20} {:<28} {:<10} {:<12} {:<8} {}", "NODE", "AGENT", "MODE", "CONFIG", "VERSION", "PODS");
+    println!("{:<20} {:<28} {:<10} {:<12} {:<8} PODS", "NODE", "AGENT", "MODE", "CONFIG", "VERSION");
     for r in &rows {
         println!(
             "{:<20} {:<28} {:<10} {:<12} {:<8} {}",

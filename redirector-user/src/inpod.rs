@@ -352,7 +352,7 @@ impl InPod {
                         warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %msg, "cannot serve this pod yet; retrying on the next change");
                     }
                     problems.insert(key.clone(), msg);
-                    if !pending.contains_key(&key) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(key) {
                         let cgroups: Vec<PathBuf> =
                             pod_cgroups(&self.mount, &self.search, p).into_iter().filter(|c| c.join("cgroup.procs").exists()).collect();
                         if cgroups.is_empty() {
@@ -361,7 +361,7 @@ impl InPod {
                         match server.hold(p, &cgroups) {
                             Ok(h) => {
                                 info!(pod = %format!("{}/{}", p.namespace, p.name), until_ready = ?p.until_ready, "pod held until its proxy is ready: nothing it sends goes around the mesh");
-                                pending.insert(key, Served { pod: p.clone(), _handle: h });
+                                slot.insert(Served { pod: p.clone(), _handle: h });
                             }
                             Err(e) => warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served"),
                         }
