@@ -209,6 +209,9 @@ struct Status {
     handshakes_in_flight: usize,
     cgroups: Vec<CgroupStatus>,
     proxy: Option<StatsSnapshot>,
+    /// The running agent's node: pods served, held, not enrolled (why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -419,6 +422,11 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         shortcut_totals: view.totals,
         accelerated_sockets: view.accelerated,
         proxy,
+        node: if running {
+            crate::admin::fetch(state.admin, "/node").ok().and_then(|t| serde_json::from_str(&t).ok())
+        } else {
+            None
+        },
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -459,6 +467,17 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
             p.bytes_up,
             p.bytes_down
         );
+    }
+    if let Some(n) = &st.node {
+        let list = |k: &str| -> Vec<String> { n[k].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect() };
+        let (served, held) = (list("pods"), list("held"));
+        if !served.is_empty() || !held.is_empty() || n["podProblems"].as_object().is_some_and(|m| !m.is_empty()) {
+            println!("pods       {} served ({}), config from {} (version {})", served.len(), served.join(", "), n["configSource"].as_str().unwrap_or("?"), n["configVersion"]);
+            for (p, why) in n["podProblems"].as_object().into_iter().flatten() {
+                let state = if held.contains(p) { "HELD" } else { "NOT ENROLLED" };
+                println!("           {state} {p}: {}", why.as_str().unwrap_or_default());
+            }
+        }
     }
     println!();
     // Enrolled cgroups, the proxy's, and any with a capture decision get a

@@ -268,6 +268,10 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
         "{}",
         logs(&c)
     );
+    // `redirector status` on the node reports it.
+    let status = c.output(c.in_node(0, redirector_tests::redirector_bin().to_str().unwrap(), &["--state-dir", c.nodes[0].state.to_str().unwrap(), "status"]));
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("pods       1 served (default/a1)") && status.contains("HELD default/a2: no process runs in the pod's containers yet"), "{status}");
     // A process of a2 the agent cannot serve (it runs in the node's
     // network namespace, where b1 is reachable directly).
     std::fs::create_dir_all(&a2).unwrap();
