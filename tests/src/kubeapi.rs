@@ -2,8 +2,8 @@
 //! kube-rs client talks HTTP/1.1 to it on loopback, as to a real one. It
 //! answers lists, watches (chunked streams of watch events), API group
 //! discovery and SelfSubjectAccessReviews in the API server's wire format,
-//! from objects a test loads from recorded responses (`tests/fixtures/kube`)
-//! and changes while the agent watches. A test can withhold a permission,
+//! from objects a test loads from a List in the API's own form
+//! (`tests/fixtures/kube`) and changes while the agent watches. A test can withhold a permission,
 //! leave Istio's CRDs out, or end every watch stream at once as an API
 //! server restart does, and count the lists and watches it was sent.
 
@@ -156,10 +156,10 @@ fn write_kubeconfig(path: &Path, port: u16) -> Result<()> {
 }
 
 impl KubeApi {
-
-    /// Load the items of a recorded List response (`kind: List` or a typed
-    /// list), as if created before the agent started.
-    pub fn load_recorded(&self, file: &Path) -> Result<()> {
+    /// Load the items of a List response as the API server sends it
+    /// (`kind: List` or a typed list), as if created before the agent
+    /// started.
+    pub fn load_list(&self, file: &Path) -> Result<()> {
         let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
         let list: Value = serde_json::from_str(&text).with_context(|| file.display().to_string())?;
         for item in list["items"].as_array().cloned().unwrap_or_default() {

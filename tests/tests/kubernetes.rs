@@ -1,8 +1,9 @@
 //! Kubernetes without a cluster.
 //!
 //! - The config source: the agent's kube-rs watchers against a test API
-//!   server (tests/src/kubeapi.rs) loaded with recorded API objects
-//!   (tests/fixtures/kube/cluster.json), changed while the agent watches.
+//!   server (tests/src/kubeapi.rs) loaded with API objects in the form the
+//!   API server returns them (tests/fixtures/kube/cluster.json), changed
+//!   while the agent watches.
 //!   No root needed: nothing is attached.
 //! - Pods laid out as a kubelet does (cgroups under kubepods for the
 //!   systemd and cgroupfs drivers, a process in each pod's network
@@ -86,7 +87,7 @@ fn new_pod(name: &str, ns: &str, node: &str, ip: &str) -> serde_json::Value {
 async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let dir = scratch("follow");
     let api = KubeApi::start(&dir).unwrap();
-    api.load_recorded(&fixture()).unwrap();
+    api.load_list(&fixture()).unwrap();
     let source = Source::start(&api).await;
     assert!(source.warnings.is_empty(), "{:?}", source.warnings);
     let (handle, status) = (source.handle.clone(), source.status.clone());
@@ -157,7 +158,7 @@ async fn without_istio_crds_routing_is_off_with_a_warning_and_pods_still_enroll(
     list["items"].as_array_mut().unwrap().retain(|o| !o["apiVersion"].as_str().unwrap().contains("istio.io"));
     let recorded = dir.join("core.json");
     std::fs::write(&recorded, list.to_string()).unwrap();
-    api.load_recorded(&recorded).unwrap();
+    api.load_list(&recorded).unwrap();
     let (_, watched, _) = prepare(&access(&api), "node-a").await.expect("prepare without CRDs");
     assert!(!watched.iter().any(|w| w.resource.group.contains("istio")));
     let source = Source::start(&api).await;
@@ -355,7 +356,7 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
 async fn status_verify_and_version_read_every_node_agent() {
     let dir = scratch("status");
     let api = KubeApi::start(&dir).unwrap();
-    api.load_recorded(&fixture()).unwrap();
+    api.load_list(&fixture()).unwrap();
     // node-a's agent: the real config source, synced with the cluster.
     let source = Source::start(&api).await;
     let (handle, status) = (source.handle.clone(), source.status.clone());
