@@ -210,7 +210,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
 
-    let (mode, socket_storage, reason) = match choose_mode(&cfg) {
+    // The kernel is asked once: for the capture mode, and for `/node`.
+    let probed = crate::features::probe();
+    let cilium = crate::features::cilium_socket_lb();
+    let (mode, socket_storage, reason) = match choose_mode(&cfg, &probed) {
         Ok(m) => m,
         Err(e) => {
             undo_move();
@@ -234,7 +237,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     info!(mode = mode.name(), reason = %reason, "capture mode chosen");
-    if crate::features::cilium_socket_lb() {
+    if cilium {
         warn!(advice = crate::features::CILIUM_ADVICE, "another program uses the connect hooks");
     }
     if let Installed::Ebpf(c) = &capture {
@@ -390,12 +393,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         cfg.drain_timeout,
     ));
     let node = {
-        let features = crate::features::probe();
         let kernel = serde_json::json!({
             "release": crate::system::kernel_release(),
-            "tier": crate::features::tier(&features).name(),
-            "missing": crate::features::missing_for(&features, crate::features::Tier::Ebpf),
-            "ciliumSocketLb": crate::features::cilium_socket_lb(),
+            "tier": crate::features::tier(&probed).name(),
+            "missing": crate::features::missing_for(&probed, crate::features::Tier::Ebpf),
+            "ciliumSocketLb": cilium,
         });
         let pods = pods.clone();
         let mesh = mesh.clone();
@@ -535,48 +537,40 @@ fn release_leftover_holds(state_dir: &std::path::Path, bpffs_dir: &std::path::Pa
     }
 }
 
-impl AgentPods {
-    fn record_held(&self) {
-        let held = self.held.lock().expect("held lock");
-        let text: String = held.iter().map(|p| format!("{}\n", p.display())).collect();
-        let _ = std::fs::write(self.state_dir.join(HELD_FILE), text);
-    }
+/// Record the frozen pod cgroups (one path a line) for the next agent.
+fn write_held(file: &std::path::Path, held: &std::collections::BTreeSet<PathBuf>) {
+    let text: String = held.iter().map(|p| format!("{}\n", p.display())).collect();
+    let _ = std::fs::write(file, text);
 }
 
 impl crate::inpod::PodServer for AgentPods {
     fn hold(&self, pod: &crate::mesh::model::PodInfo, cgroups: &[PathBuf]) -> Result<crate::inpod::PodHandle> {
         use crate::mesh::model::UntilReady;
-        let (stop, _) = watch::channel(false);
-        let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+        // Each undo step is in the handle before its action: a step that
+        // fails drops the handle, which undoes what was done.
+        let mut handle = crate::inpod::PodHandle { stop: watch::channel(false).0, undo: Vec::new() };
         // iptables capture has no per-cgroup refusal: a pending pod is held.
         let freeze = pod.until_ready == UntilReady::Hold || self.mode == CaptureMode::Iptables;
         if self.mode != CaptureMode::Iptables {
             let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
-            let mut ids = Vec::new();
-            for c in cgroups {
-                let id = cgroup::cgroup_id(c)?;
-                maps.enroll_with(id, redirector_common::ENROLL_PENDING)?;
-                ids.push(id);
-            }
-            let dir = self.bpffs_dir.clone();
-            undo.push(Box::new(move || {
+            let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
+            let (dir, pending) = (self.bpffs_dir.clone(), ids.clone());
+            handle.undo.push(Box::new(move || {
                 if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
-                    for id in ids {
+                    for id in pending {
                         let _ = maps.unenroll_if_pending(id);
                     }
                 }
             }));
+            for id in ids {
+                maps.enroll_with(id, redirector_common::ENROLL_PENDING)?;
+            }
         }
         if freeze {
-            for c in cgroups {
-                set_frozen(c, true).with_context(|| format!("freezing {}", c.display()))?;
-                self.held.lock().expect("held lock").insert(c.clone());
-            }
-            self.record_held();
-            let (cgroups, held, file) = (cgroups.to_vec(), self.held.clone(), self.state_dir.join(HELD_FILE));
-            undo.push(Box::new(move || {
+            let (frozen, held, file) = (cgroups.to_vec(), self.held.clone(), self.state_dir.join(HELD_FILE));
+            handle.undo.push(Box::new(move || {
                 let mut h = held.lock().expect("held lock");
-                for c in &cgroups {
+                for c in &frozen {
                     if let Err(e) = set_frozen(c, false) {
                         if c.exists() {
                             warn!(cgroup = %c.display(), error = %e, "thawing a held pod");
@@ -584,11 +578,16 @@ impl crate::inpod::PodServer for AgentPods {
                     }
                     h.remove(c);
                 }
-                let text: String = h.iter().map(|p| format!("{}\n", p.display())).collect();
-                let _ = std::fs::write(file, text);
+                write_held(&file, &h);
             }));
+            let mut held = self.held.lock().expect("held lock");
+            for c in cgroups {
+                held.insert(c.clone());
+                set_frozen(c, true).with_context(|| format!("freezing {}", c.display()))?;
+            }
+            write_held(&self.state_dir.join(HELD_FILE), &held);
         }
-        Ok(crate::inpod::PodHandle { stop, undo })
+        Ok(handle)
     }
 
     fn start(
@@ -605,9 +604,16 @@ impl crate::inpod::PodServer for AgentPods {
             .map(|ns| ns.run(|| std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, self.dns_port)))))
             .transpose()?
             .transpose()
-            .context("opening the DNS listener in the pod's network namespace")?;
+            .context("opening the DNS listener in the pod's network namespace")?
+            .map(|s| -> Result<tokio::net::UdpSocket> {
+                s.set_nonblocking(true)?;
+                Ok(tokio::net::UdpSocket::from_std(s)?)
+            })
+            .transpose()?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut undo: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+        // As in `hold`: a step that fails drops the handle, undoing the
+        // steps before it.
+        let mut handle = crate::inpod::PodHandle { stop, undo: Vec::new() };
         // The capture: the pod's cgroups enrolled (eBPF), or nat rules in
         // its namespace (iptables). Inbound steering to the plaintext
         // listener (so STRICT holds for clients that never went near our
@@ -631,11 +637,11 @@ impl crate::inpod::PodServer for AgentPods {
                 .steer(ns.as_fd(), ns.inode, &w.ips, listeners.inbound.as_fd(), ports)
                 .context("steering the pod's inbound connections (sk_lookup)")?;
             let (steering, inode, ips) = (steering.clone(), ns.inode, w.ips.clone());
-            undo.push(Box::new(move || steering.unsteer(inode, &ips)));
+            handle.undo.push(Box::new(move || steering.unsteer(inode, &ips)));
         } else {
             crate::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
                 .context("installing the pod's iptables rules")?;
-            undo.push(Box::new(move || {
+            handle.undo.push(Box::new(move || {
                 if let Err(e) = crate::iptables::remove_in_pod(&ns) {
                     warn!(error = %e, "removing a pod's iptables rules");
                 }
@@ -644,25 +650,27 @@ impl crate::inpod::PodServer for AgentPods {
         match self.mode {
             CaptureMode::Iptables => {}
             _ => {
+                // The last step that can fail: a pending pod's refusal is
+                // replaced only when everything else is in place.
                 let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
-                for c in &cgroups {
-                    maps.enroll(cgroup::cgroup_id(c)?)?;
-                }
-                let dir = self.bpffs_dir.clone();
-                let ids: Vec<u64> = cgroups.iter().filter_map(|c| cgroup::cgroup_id(c).ok()).collect();
-                undo.push(Box::new(move || {
+                let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
+                let (dir, enrolled) = (self.bpffs_dir.clone(), ids.clone());
+                handle.undo.push(Box::new(move || {
                     if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
-                        for id in ids {
+                        for id in enrolled {
                             let _ = maps.unenroll(id);
                         }
                     }
                 }));
+                for id in ids {
+                    maps.enroll(id)?;
+                }
             }
         }
         if let Some(pool) = &self.settings.hbone {
             let pool = pool.clone();
             let inode = w.netns.as_ref().map(|n| n.inode).unwrap_or(0);
-            undo.push(Box::new(move || pool.forget(inode)));
+            handle.undo.push(Box::new(move || pool.forget(inode)));
         }
         let mut settings = self.settings.clone();
         settings.workload = w.clone();
@@ -687,9 +695,8 @@ impl crate::inpod::PodServer for AgentPods {
         tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
         tokio::spawn(crate::mesh::hbone::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));
         if let Some(s) = dns {
-            s.set_nonblocking(true)?;
             tokio::spawn(crate::mesh::dns::serve(
-                tokio::net::UdpSocket::from_std(s)?,
+                s,
                 self.settings.mesh.clone(),
                 Arc::new(self.dns_upstreams.clone()),
                 self.cfg.proxy_mark,
@@ -697,7 +704,7 @@ impl crate::inpod::PodServer for AgentPods {
             ));
         }
         let _ = pod;
-        Ok(crate::inpod::PodHandle { stop, undo })
+        Ok(handle)
     }
 }
 
@@ -711,23 +718,22 @@ enum Installed {
 /// (never by version); `auto` then loads every program through the verifier
 /// and takes iptables if one is refused. A forced `ebpf` on a kernel that
 /// lacks a feature fails here, naming it.
-fn choose_mode(cfg: &AgentConfig) -> Result<(CaptureMode, bool, String)> {
+fn choose_mode(cfg: &AgentConfig, probed: &[crate::features::Feature]) -> Result<(CaptureMode, bool, String)> {
     use crate::config::Storage;
     use crate::features::{self, Tier};
     if cfg.mode == CaptureMode::Iptables {
         return Ok((CaptureMode::Iptables, true, "requested".into()));
     }
     let release = system::kernel_release();
-    let probed = features::probe();
-    let best = features::tier(&probed);
+    let best = features::tier(probed);
     let socket_storage = match cfg.storage {
         Storage::Socket => true,
         Storage::Map => false,
         Storage::Auto => best != Tier::EbpfKeyed,
     };
     let tier = if socket_storage { Tier::Ebpf } else { Tier::EbpfKeyed };
-    let lacking = features::missing_for(&probed, tier);
-    let shortcut_lacking = features::missing_for(&probed, Tier::EbpfSockmap);
+    let lacking = features::missing_for(probed, tier);
+    let shortcut_lacking = features::missing_for(probed, Tier::EbpfSockmap);
     let storage_note = if socket_storage {
         String::new()
     } else if cfg.storage == Storage::Map {
@@ -735,7 +741,7 @@ fn choose_mode(cfg: &AgentConfig) -> Result<(CaptureMode, bool, String)> {
     } else {
         format!(
             "; kernel {release} lacks {}: original destinations in a keyed map",
-            features::missing_for(&probed, Tier::Ebpf).join(", ")
+            features::missing_for(probed, Tier::Ebpf).join(", ")
         )
     };
     if cfg.accelerate && !socket_storage {

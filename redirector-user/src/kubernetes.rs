@@ -408,7 +408,9 @@ pub fn spawn(
     let task = {
         let status = status.clone();
         tokio::spawn(async move {
-            let mut last: Option<Vec<serde_json::Value>> = None;
+            // What the last compile saw, as a digest of every object (a
+            // copy of them all would double the source's memory).
+            let mut last: Option<String> = None;
             let mut announced = false;
             loop {
                 tokio::select! {
@@ -418,7 +420,7 @@ pub fn spawn(
                 // Let a burst of events (a relist, a kubectl apply of
                 // many objects) settle into one change.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let (docs, errors, content) = {
+                let (docs, errors, (content, count)) = {
                     let s = store.lock().expect("kubernetes store lock");
                     let mut st = status.lock().expect("kubernetes status lock");
                     st.objects = watched
@@ -430,7 +432,8 @@ pub fn spawn(
                         continue;
                     }
                     st.synced = true;
-                    let content: Vec<serde_json::Value> = s.objects.iter().flat_map(|m| m.values().cloned()).collect();
+                    let content = digest(s.objects.iter().flat_map(|m| m.values()));
+                    let count: usize = s.objects.iter().map(|m| m.len()).sum();
                     if last.as_ref() == Some(&content) {
                         continue;
                     }
@@ -443,10 +446,10 @@ pub fn spawn(
                             .flat_map(|(i, _)| s.objects[i].values()),
                     );
                     let (docs, errors) = documents(&s, &watched);
-                    (docs, errors, content)
+                    (docs, errors, (content, count))
                 };
                 if !announced {
-                    info!(objects = content.len(), "kubernetes config source synced: every kind listed");
+                    info!(objects = count, "kubernetes config source synced: every kind listed");
                     announced = true;
                 }
                 for e in &errors {
