@@ -791,7 +791,7 @@ fn choose_mode(cfg: &AgentConfig, probed: &[crate::features::Feature]) -> Result
                 if !socket_storage && cfg.storage == Storage::Auto {
                     warn!(
                         "kernel {release} lacks {} (per-socket storage); tier {} chosen instead",
-                        features::missing_for(&probed, Tier::Ebpf).join(", "),
+                        features::missing_for(probed, Tier::Ebpf).join(", "),
                         t.name()
                     );
                 }
