@@ -65,6 +65,27 @@ pub fn line_count(path: &Path) -> usize {
     fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
 }
 
+/// Lines of a server's access log once it has stopped growing: gunicorn
+/// writes a request's line after it has sent the response, so a client can
+/// see the response before the line is there. Waits until the count has not
+/// changed for 200 ms (at most 5 s).
+pub fn settled_line_count(path: &Path) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = line_count(path);
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(25));
+        let now = line_count(path);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= Duration::from_millis(200) {
+            break;
+        }
+    }
+    last
+}
+
 pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
