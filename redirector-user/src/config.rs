@@ -89,6 +89,7 @@ struct RawProxy {
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
+    concurrency: Option<usize>,
 }
 
 /// A destination prefix that is never captured.
@@ -242,6 +243,9 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Proxy worker threads (Istio's ProxyConfig `concurrency`); 0: one
+    /// per CPU the agent may run on.
+    pub concurrency: usize,
     /// This node's name: the agent serves the Pods whose spec.nodeName it
     /// is (`NODE_NAME` in the environment wins, as the downward API sets
     /// it; default: the host name).
@@ -263,6 +267,21 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Proxy worker threads unless `proxy.concurrency` says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 2;
+const MAX_CONCURRENCY: usize = 1024;
+
+impl AgentConfig {
+    /// The worker threads the proxy runs on: `proxy.concurrency`, or one
+    /// per CPU the agent may run on when it is 0.
+    pub fn worker_threads(&self) -> usize {
+        match self.concurrency {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirector";
@@ -370,6 +389,12 @@ impl AgentConfig {
         if max_connections == 0 {
             return Err(invalid("proxy.maxConnections", "must be at least 1".into()));
         }
+        if raw.proxy.concurrency.is_some_and(|n| n > MAX_CONCURRENCY) {
+            return Err(invalid(
+                "proxy.concurrency",
+                format!("at most {MAX_CONCURRENCY} worker threads; 0 means one per CPU"),
+            ));
+        }
         if raw.capture.exclude_ports.contains(&0) {
             return Err(invalid("capture.excludePorts", "port 0 is not a port".into()));
         }
@@ -418,6 +443,7 @@ impl AgentConfig {
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,
             drain_timeout: dur("proxy.drainTimeout", &raw.proxy.drain_timeout, Duration::from_secs(5))?,
+            concurrency: raw.proxy.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
             node_name: std::env::var(ENV_NODE_NAME)
                 .ok()
                 .filter(|s| !s.is_empty())

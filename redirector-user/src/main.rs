@@ -247,6 +247,7 @@ fn main() -> ExitCode {
                 }
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads())
                 .enable_all()
                 .build()?;
             let kubernetes = if a.kubernetes { Some(cli.kube.access()?) } else { None };

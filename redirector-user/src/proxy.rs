@@ -388,7 +388,7 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
 /// destination, or an HBONE tunnel to it.
 enum Upstream {
     Plain(TcpStream),
-    Hbone(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    Hbone(crate::mesh::h2stream::H2Stream),
 }
 
 impl AsyncRead for Upstream {

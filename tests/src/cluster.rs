@@ -59,6 +59,8 @@ pub struct Cluster {
     pub mode: &'static str,
     /// Extra lines for the `mesh:` section of every agent's settings.
     pub mesh_settings: String,
+    /// Extra lines for the `proxy:` section of every agent's settings.
+    pub proxy_settings: String,
     /// Extra YAML documents in every node's mesh configuration.
     pub extra_yaml: String,
     /// Pods laid out as a kubelet does (see [`Cluster::kubernetes`]).
@@ -107,6 +109,7 @@ impl Cluster {
             pods: Vec::new(),
             mode,
             mesh_settings: String::new(),
+            proxy_settings: String::new(),
             extra_yaml: String::new(),
             name: name.clone(),
             kubernetes_layout,
@@ -311,7 +314,8 @@ impl Cluster {
         fs::write(
             &cfg,
             format!(
-                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\nmesh:\n  caDir: {}\n{}",
+                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n{}mesh:\n  caDir: {}\n{}",
+                self.proxy_settings,
                 self.ca_dir.display(),
                 self.mesh_settings
             ),

@@ -17,24 +17,21 @@
 //! pod's own address.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
+use h2::client::SendRequest;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::identity::{CertStore, Identity};
 use crate::inpod::WorkloadNet;
+use crate::mesh::h2stream::H2Stream;
 
 pub const HBONE_PORT: u16 = 15008;
 /// A TLS handshake that has not finished by then is dropped (default of
@@ -237,95 +234,130 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
         return;
     };
     debug!(%peer, peer_identity = %peer_id, "HBONE connection");
-    let svc = {
-        let ctx = ctx.clone();
-        let peer_id = peer_id.clone();
-        hyper::service::service_fn(move |req| {
-            let ctx = ctx.clone();
-            let peer_id = peer_id.clone();
-            async move { Ok::<_, Infallible>(tunnel_inbound(req, peer, peer_id, ctx).await) }
-        })
-    };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = h2::server::Builder::new();
     builder
-        .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME_SIZE)
         // An HTTP/2 flood (streams opened and reset faster than served)
         // ends the connection with GOAWAY, others unaffected.
         .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(Some(100))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-        // A peer that breaks HTTP/2's rules (a flood of streams opened and
-        // reset, bad frames) loses its connection; other connections and
-        // the pod's other peers are untouched.
-        let h2_error = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<h2::Error>())
-            .is_some_and(|h| h.is_library() || h.reason().is_some_and(|r| r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL));
-        if h2_error || e.is_parse() {
-            ctx.metrics.hbone_refused("h2_protocol_error").inc();
-            warn!(%peer, peer_identity = %peer_id, workload = %ctx.workload.describe(), error = %e, "HBONE connection closed on an HTTP/2 protocol error");
-        } else {
-            debug!(%peer, error = %e, "HBONE connection ended");
+        .max_local_error_reset_streams(Some(100));
+    let mut conn = match tokio::time::timeout(ctx.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return h2_failed(&ctx, peer, &peer_id, &e),
+        Err(_) => {
+            ctx.metrics.hbone_refused("handshake_timeout").inc();
+            warn!(%peer, peer_identity = %peer_id, "HBONE peer sent no HTTP/2 preface in time; closed (mesh.handshakeTimeout)");
+            return;
         }
+    };
+    let dead = Arc::new(tokio::sync::Notify::new());
+    let pinger = conn.ping_pong().map(|p| tokio::spawn(super::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone())));
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = dead.notified() => {
+                debug!(%peer, "HBONE peer stopped answering pings; closed");
+                break;
+            }
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                let ctx = ctx.clone();
+                let peer_id = peer_id.clone();
+                tokio::spawn(async move { tunnel_inbound(req, respond, peer, peer_id, ctx).await });
+            }
+            Some(Err(e)) => {
+                h2_failed(&ctx, peer, &peer_id, &e);
+                break;
+            }
+            None => {
+                // GOAWAY: finish what is in flight.
+                let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+                break;
+            }
+        }
+    }
+    if let Some(p) = pinger {
+        p.abort();
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
+/// How often an idle HBONE connection is pinged, and how long the peer
+/// has to answer.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HBONE connection ended on an error: a peer that breaks HTTP/2's
+/// rules (a flood of streams opened and reset, bad frames) is logged and
+/// counted; other connections and the pod's other peers are untouched.
+fn h2_failed(ctx: &Inbound, peer: SocketAddr, peer_id: &Identity, e: &h2::Error) {
+    let protocol = e.is_library() || e.reason().is_some_and(|r| r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL);
+    if protocol && !e.is_io() {
+        ctx.metrics.hbone_refused("h2_protocol_error").inc();
+        warn!(%peer, peer_identity = %peer_id, workload = %ctx.workload.describe(), error = %e, "HBONE connection closed on an HTTP/2 protocol error");
+    } else {
+        debug!(%peer, error = %e, "HBONE connection ended");
+    }
 }
 
-async fn tunnel_inbound(mut req: Request<Incoming>, peer: SocketAddr, peer_id: Identity, ctx: Arc<Inbound>) -> Response<Empty<Bytes>> {
+/// Answer a CONNECT that is not carried out.
+fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: StatusCode) {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    let _ = respond.send_response(r, true);
+}
+
+async fn tunnel_inbound(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_id: Identity,
+    ctx: Arc<Inbound>,
+) {
     if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
         warn!(%peer, peer_identity = %peer_id, uri = %req.uri(), "HBONE CONNECT without an ip:port authority; refused");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     // Only this pod's own addresses: the proxy must not be an open relay.
     if !ctx.workload.ips.contains(&dst.ip()) {
         ctx.stats.refused_not_local.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.hbone_refused("not_local").inc();
         warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     }
     if let Err(why) = ctx.authorize(Some(&peer_id), peer, dst) {
         ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.denied(&ctx.workload, Some(&peer_id)).inc();
         info!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");
-        return status(StatusCode::UNAUTHORIZED);
+        return refuse(respond, StatusCode::UNAUTHORIZED);
     }
     let upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(%peer, peer_identity = %peer_id, %dst, error = %e, "HBONE: the workload refused the connection");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(_) => {
             info!(%peer, peer_identity = %peer_id, %dst, "HBONE: connect to the workload timed out");
-            return status(StatusCode::GATEWAY_TIMEOUT);
+            return refuse(respond, StatusCode::GATEWAY_TIMEOUT);
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "HBONE stream closed before it opened");
+            return;
         }
     };
     ctx.stats.inbound_streams.fetch_add(1, Ordering::Relaxed);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let tunnel = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                debug!(error = %e, "HBONE stream closed before it opened");
-                return;
-            }
-        };
-        ctx.deliver(TokioIo::new(tunnel), upstream, peer, Some(&peer_id), dst).await;
-    });
-    status(StatusCode::OK)
+    let tunnel = super::h2stream::H2Stream::new(send, req.into_body());
+    ctx.deliver(tunnel, upstream, peer, Some(&peer_id), dst).await;
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -342,11 +374,25 @@ pub struct Pool {
     certs: Arc<CertStore>,
     mark: u32,
     connect_timeout: Duration,
-    conns: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    conns: Mutex<HashMap<PoolKey, Pooled>>,
     /// One dial at a time per key, so a burst of new connections shares
     /// one TLS handshake.
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     pub stats: Arc<HboneStats>,
+}
+
+/// One pooled HBONE connection: the handle that opens streams on it, and
+/// whether its task has ended.
+#[derive(Clone)]
+struct Pooled {
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Pooled {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
 /// Why a tunnel could not be opened.
@@ -380,7 +426,7 @@ impl Pool {
         &self.certs
     }
 
-    async fn dial(&self, from: &WorkloadNet, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn dial(&self, from: &WorkloadNet, key: &PoolKey) -> Result<Pooled, TunnelError> {
         let peer = key.peer;
         let tcp = match tokio::time::timeout(self.connect_timeout, from.connect(peer, self.mark)).await {
             Ok(Ok(s)) => s,
@@ -396,28 +442,38 @@ impl Pool {
         .await
         .map_err(|_| TunnelError::Tls { peer, source: std::io::ErrorKind::TimedOut.into() })?
         .map_err(|e| TunnelError::Tls { peer, source: e })?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME_SIZE)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let dead = Arc::new(tokio::sync::Notify::new());
+        let pinger = conn
+            .ping_pong()
+            .map(|p| tokio::spawn(super::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone())));
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "HBONE connection ended");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(%peer, error = %e, "HBONE connection ended");
+                },
+                _ = dead.notified() => debug!(%peer, "HBONE peer stopped answering pings; closed"),
+            }
+            ended.store(true, Ordering::Relaxed);
+            if let Some(p) = pinger {
+                p.abort();
             }
         });
         self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
         info!(%peer, source = %key.source, peer_identity = %key.peer_identity, "HBONE connection opened");
-        Ok(send)
+        Ok(Pooled { send, closed })
     }
 
-    async fn sender(&self, from: &WorkloadNet, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let live = |m: &mut HashMap<PoolKey, SendRequest<Empty<Bytes>>>| match m.get(key) {
+    async fn sender(&self, from: &WorkloadNet, key: &PoolKey) -> Result<Pooled, TunnelError> {
+        let live = |m: &mut HashMap<PoolKey, Pooled>| match m.get(key) {
             Some(s) if !s.is_closed() => Some(s.clone()),
             Some(_) => {
                 m.remove(key);
@@ -446,7 +502,7 @@ impl Pool {
         peer: SocketAddr,
         peer_identity: Identity,
         authority: SocketAddr,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+    ) -> Result<H2Stream, TunnelError> {
         let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
         let key = PoolKey {
             netns: from.netns.as_ref().map(|n| n.inode).unwrap_or(0),
@@ -459,18 +515,19 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut send = self.sender(from, &key).await?;
+            let pooled = self.sender(from, &key).await?;
             let req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority.to_string())
-                .body(Empty::new())
+                .body(())
                 .expect("a CONNECT request");
             let sent = async {
-                send.ready().await?;
-                send.send_request(req).await
+                let mut send = pooled.send.ready().await?;
+                let (response, stream) = send.send_request(req, false)?;
+                Ok::<_, h2::Error>((response.await?, stream))
             }
             .await;
-            let resp = match sent {
+            let (resp, stream) = match sent {
                 Ok(r) => r,
                 Err(e) if attempt == 1 => {
                     debug!(%peer, error = %e, "pooled HBONE connection failed; dialling again");
@@ -482,11 +539,8 @@ impl Pool {
             if resp.status() != StatusCode::OK {
                 return Err(TunnelError::Refused { peer, authority, status: resp.status() });
             }
-            let up = hyper::upgrade::on(resp)
-                .await
-                .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
             self.stats.outbound_streams.fetch_add(1, Ordering::Relaxed);
-            return Ok(TokioIo::new(up));
+            return Ok(H2Stream::new(stream, resp.into_body()));
         }
     }
 

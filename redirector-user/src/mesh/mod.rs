@@ -5,6 +5,7 @@
 pub mod config;
 pub mod dns;
 pub mod gateway;
+pub mod h2stream;
 pub mod hbone;
 pub mod http;
 pub mod metrics;

@@ -62,6 +62,8 @@ struct Args {
     modes: Vec<&'static str>,
     scenarios: Vec<&'static str>,
     suites: Vec<&'static str>,
+    /// Extra `proxy:` settings for the cross-node agents (`key: value` lines).
+    proxy_settings: String,
 }
 
 /// Parse a comma-separated subset of `all`.
@@ -88,6 +90,7 @@ fn parse_args() -> Result<Args> {
         modes: ALL_MODES.to_vec(),
         scenarios: SCENARIOS.to_vec(),
         suites: SUITES.to_vec(),
+        proxy_settings: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -106,8 +109,13 @@ fn parse_args() -> Result<Args> {
             "--scenarios" => {
                 a.scenarios = subset("--scenarios", &it.next().context("--scenarios LIST")?, &SCENARIOS)?
             }
+            "--proxy-setting" => {
+                let kv = it.next().context("--proxy-setting KEY=VALUE")?;
+                let (k, v) = kv.split_once('=').context("--proxy-setting takes KEY=VALUE, e.g. concurrency=1")?;
+                a.proxy_settings.push_str(&format!("  {k}: {v}\n"));
+            }
             "-h" | "--help" => {
-                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR] [--suite local,cross-node] [--modes direct,iptables,ebpf,ebpf+sockmap,ebpf+l7,hbone,hbone-iptables] [--scenarios standard,max-rps,conn-rate,bulk]");
+                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR] [--suite local,cross-node] [--modes direct,iptables,ebpf,ebpf+sockmap,ebpf+l7,hbone,hbone-iptables] [--scenarios standard,max-rps,conn-rate,bulk] [--proxy-setting KEY=VALUE (cross-node agents' proxy settings, e.g. concurrency=1)]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument `{other}`; see --help"),
@@ -377,6 +385,7 @@ fn run_local(args: &Args, modes: &[&str], progress: &mut Progress) -> Result<Vec
 fn run_cross_node(args: &Args, modes: &[&str], progress: &mut Progress) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     let mut c = Cluster::new("ebpf")?;
+    c.proxy_settings = args.proxy_settings.clone();
     for pod in [XNODE_CLIENT, XNODE_SERVER] {
         c.tune_for_many_connections(pod)?;
     }
