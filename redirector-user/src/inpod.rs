@@ -158,6 +158,8 @@ impl WorkloadNet {
         let s = self.socket(socket2::Domain::for_address(addr))?;
         s.set_reuse_address(true)?;
         s.set_nonblocking(true)?;
+        // Accepted connections inherit it (no Nagle delay on replies).
+        s.set_nodelay(true)?;
         if addr.ip().is_unspecified() {
             // Accept connections to any address (the pod's, and the
             // original destinations of redirected connections).
