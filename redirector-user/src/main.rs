@@ -203,6 +203,23 @@ fn init_logging(json: bool) {
     }
 }
 
+/// glibc gives each thread that meets contention an arena of its own,
+/// which keeps freed memory per thread; with as many arenas as proxy
+/// workers the agent held 14.6 instead of 16.0 MiB under a bulk stream (one
+/// worker, 2 vCPUs) at the same throughput. `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+fn limit_malloc_arenas(workers: usize) {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let n = i32::try_from(workers).unwrap_or(i32::MAX).max(1);
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // the runtime's threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, n);
+        }
+    }
+}
+
 /// Run a command that talks to the cluster.
 fn in_cluster<F, Fut>(kube: &KubeArgs, f: F) -> anyhow::Result<()>
 where
@@ -246,8 +263,10 @@ fn main() -> ExitCode {
                     );
                 }
             }
+            let workers = config.worker_threads();
+            limit_malloc_arenas(workers);
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.worker_threads())
+                .worker_threads(workers)
                 .enable_all()
                 .build()?;
             let kubernetes = if a.kubernetes { Some(cli.kube.access()?) } else { None };
