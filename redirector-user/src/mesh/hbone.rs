@@ -44,6 +44,8 @@ pub const MAX_STREAMS: u32 = 100;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const FRAME_SIZE: u32 = 1024 * 1024;
+/// Largest header block accepted on an HBONE connection.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Counters of the HBONE path, shown on /metrics.
 #[derive(Default, Debug)]
@@ -242,7 +244,10 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
         // An HTTP/2 flood (streams opened and reset faster than served)
         // ends the connection with GOAWAY, others unaffected.
         .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(Some(100));
+        .max_local_error_reset_streams(Some(100))
+        // A CONNECT is a few dozen bytes of headers; h2's own limit is
+        // 16 MiB (hyper's, used before, 16 KiB).
+        .max_header_list_size(MAX_HEADER_LIST);
     let mut conn = match tokio::time::timeout(ctx.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return h2_failed(&ctx, peer, &peer_id, &e),
@@ -445,6 +450,7 @@ impl Pool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
