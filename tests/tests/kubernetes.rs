@@ -471,13 +471,20 @@ fn agents_read_the_cluster_from_the_api_server() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!((c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len()), (enrolled, left), "{}", logs(&c));
 
-    // The namespace label removed through the API: the pods leave the mesh.
+    // The namespace label removed through the API: the pods leave the mesh
+    // on both nodes.
+    let b1_lines = |c: &Cluster, prefix: &str| c.logged(1, prefix).iter().filter(|l| l["fields"]["pod"] == "default/b1").count();
+    let (enrolled_b, left_b) = (b1_lines(&c, "pod enrolled"), b1_lines(&c, "pod left the mesh"));
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {}}})).unwrap();
     assert!(eventually(Duration::from_secs(10), || c.logged(0, "pod left the mesh").len() >= left + 2), "{}", logs(&c));
-    // And put back: enrolled again, no restart of anything.
+    assert!(eventually(Duration::from_secs(10), || b1_lines(&c, "pod left the mesh") > left_b), "{}", logs(&c));
+    // And put back: enrolled again, no restart of anything. The request
+    // below needs a2 served on node-a and b1 on node-b (b1's 15008 is
+    // opened in its own namespace), so both agents are waited for.
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"istio-injection": "enabled"}}}))
         .unwrap();
     assert!(eventually(Duration::from_secs(10), || c.logged(0, "pod enrolled").len() >= enrolled + 2), "{}", logs(&c));
+    assert!(eventually(Duration::from_secs(10), || b1_lines(&c, "pod enrolled") > enrolled_b), "{}", logs(&c));
     let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
 }
