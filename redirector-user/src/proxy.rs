@@ -391,51 +391,38 @@ enum Upstream {
     Hbone(crate::mesh::h2stream::H2Stream),
 }
 
-impl AsyncRead for Upstream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Upstream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 /// Connect to `target`: over HBONE when it is an enrolled pod and this
 /// workload has an identity, else plain TCP from the workload's namespace.
-async fn connect_upstream(target: SocketAddr, settings: &ProxySettings, mesh: &crate::mesh::Mesh) -> io::Result<(Upstream, Option<crate::identity::Identity>)> {
+/// Over HBONE, what the client has already sent (`client`'s first bytes,
+/// read without waiting) goes out with the CONNECT, in the same TLS
+/// record, instead of one round trip later; those bytes are returned for
+/// the byte counts.
+async fn connect_upstream(
+    target: SocketAddr,
+    settings: &ProxySettings,
+    mesh: &crate::mesh::Mesh,
+    client: &TcpStream,
+) -> io::Result<(Upstream, Option<crate::identity::Identity>, u64)> {
     if let (Some(pool), Some(_)) = (&settings.hbone, &settings.workload.identity) {
         if let Some(pod) = mesh.pod_at(target.ip()).filter(|p| p.enrolled) {
             let peer_id = crate::identity::Identity::new(pool.certs().trust_domain(), &pod.namespace, &pod.service_account);
             let peer = SocketAddr::new(target.ip(), crate::mesh::hbone::HBONE_PORT);
-            return match pool.tunnel(&settings.workload, peer, peer_id.clone(), target).await {
-                Ok(t) => Ok((Upstream::Hbone(t), Some(peer_id))),
+            let mut first = bytes::BytesMut::with_capacity(SMALL_BUFFER);
+            // Nothing there yet (or a server-first protocol): the tunnel
+            // opens without it; the copy carries everything after.
+            let early = match client.try_read_buf(&mut first) {
+                Ok(n) if n > 0 => first.freeze(),
+                _ => bytes::Bytes::new(),
+            };
+            let sent = early.len() as u64;
+            return match pool.tunnel(&settings.workload, peer, peer_id.clone(), target, early).await {
+                Ok(t) => Ok((Upstream::Hbone(t), Some(peer_id), sent)),
                 Err(e) => Err(io::Error::other(e.to_string())),
             };
         }
     }
     match tokio::time::timeout(settings.connect_timeout, settings.workload.connect(target, settings.mark)).await {
-        Ok(r) => r.map(|s| (Upstream::Plain(s), None)),
+        Ok(r) => r.map(|s| (Upstream::Plain(s), None, 0)),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
     }
 }
@@ -630,9 +617,9 @@ async fn handle(
             }
         }
     }
-    let connected = connect_upstream(target, settings, &mesh).await;
+    let connected = connect_upstream(target, settings, &mesh, &client_stream).await;
     drop(mesh);
-    let (upstream, peer_identity) = match connected {
+    let (upstream, peer_identity, early) = match connected {
         Ok(s) => s,
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -657,48 +644,49 @@ async fn handle(
         e.upstream_local = upstream_local;
     }
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    settings.metrics.tcp_opened.get_or_create(&labels).inc();
+    let series = settings.metrics.tcp_series(labels);
+    series.opened.inc();
     debug!(%client, original_dst = %dst, "connected upstream");
 
     let activity = Arc::new(AtomicU64::new(0));
-    let up_bytes = Arc::new(AtomicU64::new(0));
+    let up_bytes = Arc::new(AtomicU64::new(early));
     let down_bytes = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let (client_read, client_write) = client_stream.split();
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let client_read = Tracked::new(client_read, activity.clone(), epoch, up_bytes.clone());
     let idle = settings.idle_timeout;
-    let copy = async {
-        tokio::try_join!(
-            copy_one_way(
-                Tracked::new(client_read, activity.clone(), epoch, up_bytes.clone()),
-                Tracked::new(upstream_write, activity.clone(), epoch, Arc::default()),
-            ),
-            copy_one_way(
-                Tracked::new(upstream_read, activity.clone(), epoch, down_bytes.clone()),
-                Tracked::new(client_write, activity.clone(), epoch, Arc::default()),
-            ),
-        )
-    };
-    tokio::pin!(copy);
-    let outcome = loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let idle_left = idle.saturating_sub(epoch.elapsed().saturating_sub(last));
-        tokio::select! {
-            r = &mut copy => break r.map(Some),
-            _ = tokio::time::sleep(idle_left) => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if epoch.elapsed().saturating_sub(last) >= idle {
-                    break Ok(None);
-                }
-            }
+    let outcome = match upstream {
+        Upstream::Plain(mut upstream) => {
+            let (upstream_read, upstream_write) = upstream.split();
+            let copy = async {
+                tokio::try_join!(
+                    copy_one_way(client_read, Tracked::new(upstream_write, activity.clone(), epoch, Arc::default())),
+                    copy_one_way(
+                        Tracked::new(upstream_read, activity.clone(), epoch, down_bytes.clone()),
+                        Tracked::new(client_write, activity.clone(), epoch, Arc::default()),
+                    ),
+                )
+            };
+            until_idle(copy, &activity, epoch, idle).await
+        }
+        Upstream::Hbone(tunnel) => {
+            // Both directions straight between the socket and h2's frames.
+            let (mut from_peer, mut to_peer) = tunnel.into_split();
+            let copy = async {
+                tokio::try_join!(
+                    crate::mesh::h2stream::copy_into(client_read, &mut to_peer),
+                    crate::mesh::h2stream::copy_out(&mut from_peer, Tracked::counting_writes(client_write, activity.clone(), epoch, down_bytes.clone())),
+                )
+            };
+            until_idle(copy, &activity, epoch, idle).await
         }
     };
     let (up, down) = (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed));
     stats.bytes_up.fetch_add(up, Ordering::Relaxed);
     stats.bytes_down.fetch_add(down, Ordering::Relaxed);
-    settings.metrics.tcp_sent.get_or_create(&labels).inc_by(up);
-    settings.metrics.tcp_received.get_or_create(&labels).inc_by(down);
-    settings.metrics.tcp_closed.get_or_create(&labels).inc();
+    series.sent.inc_by(up);
+    series.received.inc_by(down);
+    series.closed.inc();
     let duration_ms = started.elapsed().as_millis() as u64;
     match outcome {
         Ok(Some(_)) => info!(
@@ -720,13 +708,35 @@ async fn handle(
     }
 }
 
+/// Run `copy` until it ends, or until nothing has moved for `idle` (by
+/// `activity`, milliseconds since `epoch`): `Ok(None)`.
+async fn until_idle<F, T>(copy: F, activity: &AtomicU64, epoch: Instant, idle: Duration) -> io::Result<Option<T>>
+where
+    F: std::future::Future<Output = io::Result<T>>,
+{
+    tokio::pin!(copy);
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let idle_left = idle.saturating_sub(epoch.elapsed().saturating_sub(last));
+        tokio::select! {
+            r = &mut copy => return r.map(Some),
+            _ = tokio::time::sleep(idle_left) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if epoch.elapsed().saturating_sub(last) >= idle {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
 /// A connection starts with small copy buffers (most carry requests and
 /// responses); one that keeps filling them, a bulk transfer, gets large
 /// ones, so it crosses the proxy in fewer, larger reads and writes.
-const SMALL_BUFFER: usize = 16 * 1024;
-const LARGE_BUFFER: usize = 256 * 1024;
+pub(crate) const SMALL_BUFFER: usize = 16 * 1024;
+pub(crate) const LARGE_BUFFER: usize = 256 * 1024;
 /// Consecutive reads that fill the small buffer before it grows.
-const FULL_READS_TO_GROW: u32 = 4;
+pub(crate) const FULL_READS_TO_GROW: u32 = 4;
 
 /// Copy until `from` ends, then half-close `to` (the other direction may
 /// go on). Returns the bytes copied.
@@ -736,21 +746,23 @@ where
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; SMALL_BUFFER];
+    // Read into the buffer's spare capacity: nothing is zeroed first.
+    let mut buf = Vec::with_capacity(SMALL_BUFFER);
     let mut full_reads = 0;
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             to.shutdown().await?;
             return Ok(total);
         }
         to.write_all(&buf[..n]).await?;
         total += n as u64;
-        if n == buf.len() && buf.len() < LARGE_BUFFER {
+        if n == buf.capacity() && buf.capacity() < LARGE_BUFFER {
             full_reads += 1;
             if full_reads >= FULL_READS_TO_GROW {
-                buf.resize(LARGE_BUFFER, 0);
+                buf.reserve_exact(LARGE_BUFFER - buf.len());
             }
         } else {
             full_reads = 0;
@@ -759,12 +771,14 @@ where
 }
 
 /// One half of a stream that records the time of its last read or write,
-/// for the idle timeout, and counts what it read.
+/// for the idle timeout, and counts what it read (or, made with
+/// `counting_writes`, what was written to it).
 struct Tracked<T> {
     inner: T,
     activity: Arc<AtomicU64>,
     epoch: Instant,
     read_bytes: Arc<AtomicU64>,
+    written_bytes: Option<Arc<AtomicU64>>,
     /// Set while waiting to retry a write the kernel refused with ENOMEM.
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -781,8 +795,12 @@ impl<T> Tracked<T> {
             activity,
             epoch,
             read_bytes,
+            written_bytes: None,
             retry: None,
         }
+    }
+    fn counting_writes(inner: T, activity: Arc<AtomicU64>, epoch: Instant, written: Arc<AtomicU64>) -> Self {
+        Tracked { written_bytes: Some(written), ..Tracked::new(inner, activity, epoch, Arc::default()) }
     }
     fn touch(&self) {
         self.activity
@@ -830,6 +848,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
                     self.retry = Some(Box::pin(tokio::time::sleep(Duration::from_millis(1))));
                 }
                 Poll::Ready(Ok(n)) if n > 0 => {
+                    if let Some(w) = &self.written_bytes {
+                        w.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     self.touch();
                     return Poll::Ready(Ok(n));
                 }

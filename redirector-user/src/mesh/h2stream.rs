@@ -4,29 +4,43 @@
 //! thousands of new connections a second.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+
+use crate::proxy::{LARGE_BUFFER, SMALL_BUFFER, FULL_READS_TO_GROW};
 
 /// Both halves of a CONNECT stream.
 pub struct H2Stream {
-    send: SendStream<Bytes>,
+    reader: H2Reader,
+    writer: H2Writer,
+}
+
+/// What the peer sends on a stream.
+pub struct H2Reader {
     recv: RecvStream,
-    /// Received and not yet read.
-    pending: Bytes,
+}
+
+/// What we send on a stream.
+pub struct H2Writer {
+    send: SendStream<Bytes>,
     /// END_STREAM sent.
     shut: bool,
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv, pending: Bytes::new(), shut: false }
+        H2Stream { reader: H2Reader { recv }, writer: H2Writer { send, shut: false } }
+    }
+
+    /// The two directions, to be driven at once.
+    pub fn into_split(self) -> (H2Reader, H2Writer) {
+        (self.reader, self.writer)
     }
 }
 
@@ -38,36 +52,31 @@ fn to_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+impl H2Reader {
+    /// The next DATA the peer sent; `None` once it has ended its side.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            return Poll::Ready(match ready!(self.recv.poll_data(cx)) {
                 // END_STREAM: the peer's side is done.
-                None => return Poll::Ready(Ok(())),
+                None => Ok(None),
+                Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
                     // The window opens again as soon as the bytes are ours:
-                    // the copy's buffer, not h2's, bounds what is held.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
+                    // what the copy holds, not h2, bounds what is buffered.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    Ok(Some(data))
                 }
-                Some(Err(e)) => {
-                    return Poll::Ready(match e.reason() {
-                        // A peer that cancels or ends cleanly ends the stream.
-                        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(()),
-                        _ => Err(to_io(e)),
-                    })
-                }
-            }
+                Some(Err(e)) => match e.reason() {
+                    // A peer that cancels or ends cleanly ends the stream.
+                    Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(None),
+                    _ => Err(to_io(e)),
+                },
+            });
         }
-        let n = buf.remaining().min(this.pending.len());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        Poll::Ready(Ok(()))
     }
 }
 
-impl H2Stream {
+impl H2Writer {
     /// The error for a stream that can no longer send.
     fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
@@ -76,54 +85,89 @@ impl H2Stream {
             Err(e) => to_io(e),
         })
     }
-}
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        // Ask for room for the whole write; take what the peer's window
-        // gives now.
-        this.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(this.send.poll_capacity(cx)) {
+    /// Send all of `data` as the peer's window allows, without copying it:
+    /// what has been handed to h2 is split off the front of `data`, so a
+    /// pending call resumes where it stopped.
+    fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        while !data.is_empty() {
+            // Ask for room for all of it; take what the window gives now.
+            self.send.reserve_capacity(data.len());
+            match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(0)) => continue,
                 Some(Ok(room)) => {
-                    let n = room.min(buf.len());
-                    return match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
-                        Ok(()) => Poll::Ready(Ok(n)),
-                        Err(_) => this.poll_send_error(cx).map(Err),
-                    };
+                    let part = data.split_to(room.min(data.len()));
+                    if self.send.send_data(part, false).is_err() {
+                        return self.poll_send_error(cx).map(Err);
+                    }
                 }
-                None | Some(Err(_)) => return this.poll_send_error(cx).map(Err),
+                None | Some(Err(_)) => return self.poll_send_error(cx).map(Err),
             }
         }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2 writes frames as the connection task gets to them.
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.shut {
+    /// End our side (END_STREAM).
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.shut {
             return Poll::Ready(Ok(()));
         }
-        match this.send.send_data(Bytes::new(), true) {
+        match self.send.send_data(Bytes::new(), true) {
             Ok(()) => {
-                this.shut = true;
+                self.shut = true;
                 Poll::Ready(Ok(()))
             }
-            Err(_) => match ready!(this.send.poll_reset(cx)) {
+            Err(_) => match ready!(self.send.poll_reset(cx)) {
                 Ok(Reason::NO_ERROR) => Poll::Ready(Ok(())),
                 Ok(_) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
                 Err(e) => Poll::Ready(Err(to_io(e))),
             },
         }
     }
+}
+
+/// Copy `from` into the stream until `from` ends, then end the stream.
+/// Bytes are read straight into buffers h2 sends from (no copy into
+/// frames); buffers start small and grow for a bulk transfer, as the
+/// proxy's other copies do. Returns the bytes copied.
+pub async fn copy_into<R: AsyncRead + Unpin>(mut from: R, to: &mut H2Writer) -> io::Result<u64> {
+    let mut size = SMALL_BUFFER;
+    let mut buf = BytesMut::new();
+    let mut full_reads = 0;
+    let mut total = 0u64;
+    loop {
+        // Reuses the allocation once h2 has written what was read into it.
+        buf.reserve(size);
+        let room = buf.capacity();
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            return std::future::poll_fn(|cx| to.poll_end(cx)).await.map(|()| total);
+        }
+        let mut chunk = buf.split().freeze();
+        std::future::poll_fn(|cx| to.poll_send(cx, &mut chunk)).await?;
+        total += n as u64;
+        if n == room && size < LARGE_BUFFER {
+            full_reads += 1;
+            if full_reads >= FULL_READS_TO_GROW {
+                size = LARGE_BUFFER;
+            }
+        } else {
+            full_reads = 0;
+        }
+    }
+}
+
+/// Copy the stream into `to` until the peer ends it, then half-close
+/// `to`. Each DATA frame is written as h2 received it (no copy through a
+/// buffer of ours). Returns the bytes copied.
+pub async fn copy_out<W: AsyncWrite + Unpin>(from: &mut H2Reader, mut to: W) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(data) = std::future::poll_fn(|cx| from.poll_chunk(cx)).await? {
+        to.write_all(&data).await?;
+        total += data.len() as u64;
+    }
+    to.shutdown().await?;
+    Ok(total)
 }
 
 /// HTTP/2 keep-alive: a PING every `interval`; a connection whose peer

@@ -75,24 +75,33 @@ impl Inbound {
     /// HBONE stream from `peer_id`) to the app, with the proxy's copy
     /// buffers (small, grown for bulk transfers); count it and write its
     /// access-log line.
-    async fn deliver<C>(&self, client: C, upstream: tokio::net::TcpStream, peer: SocketAddr, peer_id: Option<&Identity>, dst: SocketAddr)
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn deliver(&self, client: Delivered, mut upstream: tokio::net::TcpStream, peer: SocketAddr, peer_id: Option<&Identity>, dst: SocketAddr) {
         let (security, kind) = if peer_id.is_some() { ("mutual_tls", "HBONE") } else { ("none", "plaintext") };
-        let labels = self.metrics.inbound_labels(&self.workload, peer_id, security);
-        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        let series = self.metrics.tcp_series(self.metrics.inbound_labels(&self.workload, peer_id, security));
+        series.opened.inc();
         let started = Instant::now();
-        let (client_read, client_write) = tokio::io::split(client);
-        let (upstream_read, upstream_write) = upstream.into_split();
-        let r = tokio::try_join!(
-            crate::proxy::copy_one_way(client_read, upstream_write),
-            crate::proxy::copy_one_way(upstream_read, client_write),
-        );
+        let (upstream_read, upstream_write) = upstream.split();
+        let r = match client {
+            Delivered::Plain(mut client) => {
+                let (client_read, client_write) = client.split();
+                tokio::try_join!(
+                    crate::proxy::copy_one_way(client_read, upstream_write),
+                    crate::proxy::copy_one_way(upstream_read, client_write),
+                )
+            }
+            // Straight between h2's frames and the app's socket.
+            Delivered::Hbone(tunnel) => {
+                let (mut from_peer, mut to_peer) = tunnel.into_split();
+                tokio::try_join!(
+                    super::h2stream::copy_out(&mut from_peer, upstream_write),
+                    super::h2stream::copy_into(upstream_read, &mut to_peer),
+                )
+            }
+        };
         let (received, sent) = r.unwrap_or((0, 0));
-        self.metrics.tcp_received.get_or_create(&labels).inc_by(received);
-        self.metrics.tcp_sent.get_or_create(&labels).inc_by(sent);
-        self.metrics.tcp_closed.get_or_create(&labels).inc();
+        series.received.inc_by(received);
+        series.sent.inc_by(sent);
+        series.closed.inc();
         info!(
             target: "access",
             direction = "inbound",
@@ -125,6 +134,12 @@ impl Inbound {
             .find(|p| p.namespace == self.workload.namespace && p.name == self.workload.name)
             .is_none_or(|pod| mesh.security.mtls_mode(pod, port).accepts_plaintext())
     }
+}
+
+/// What an admitted inbound connection arrived as.
+enum Delivered {
+    Plain(tokio::net::TcpStream),
+    Hbone(H2Stream),
 }
 
 /// Serve the pod's plaintext inbound listener (15006): connections from
@@ -195,7 +210,7 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
             return;
         }
     };
-    ctx.deliver(client, upstream, peer, None, dst).await;
+    ctx.deliver(Delivered::Plain(client), upstream, peer, None, dst).await;
 }
 
 /// Serve HBONE on `listener` until `stop` turns true; then every tunnel
@@ -360,8 +375,8 @@ async fn tunnel_inbound(
         }
     };
     ctx.stats.inbound_streams.fetch_add(1, Ordering::Relaxed);
-    let tunnel = super::h2stream::H2Stream::new(send, req.into_body());
-    ctx.deliver(tunnel, upstream, peer, Some(&peer_id), dst).await;
+    let tunnel = H2Stream::new(send, req.into_body());
+    ctx.deliver(Delivered::Hbone(tunnel), upstream, peer, Some(&peer_id), dst).await;
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -500,13 +515,21 @@ impl Pool {
     }
 
     /// A tunnel from `from` to `authority` through the HBONE listener at
-    /// `peer`, which must present `peer_identity`.
+    /// `peer`, which must present `peer_identity`. `early`, the client's
+    /// first bytes when it has sent some already, follows the CONNECT
+    /// without waiting for its answer: both leave in one TLS record, and
+    /// the peer delivers them once it has connected. This is the
+    /// "optimistic data" of the IETF's CONNECT-TCP draft: over HTTP/2 a
+    /// client may send stream content before the response, within the
+    /// proxy's initial window (ours sends at most 16 KiB; the window is
+    /// 1 MiB), and a refusal discards it with the stream.
     pub async fn tunnel(
         &self,
         from: &WorkloadNet,
         peer: SocketAddr,
         peer_identity: Identity,
         authority: SocketAddr,
+        early: Bytes,
     ) -> Result<H2Stream, TunnelError> {
         let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
         let key = PoolKey {
@@ -528,7 +551,10 @@ impl Pool {
                 .expect("a CONNECT request");
             let sent = async {
                 let mut send = pooled.send.ready().await?;
-                let (response, stream) = send.send_request(req, false)?;
+                let (response, mut stream) = send.send_request(req, false)?;
+                if !early.is_empty() {
+                    stream.send_data(early.clone(), false)?;
+                }
                 Ok::<_, h2::Error>((response.await?, stream))
             }
             .await;

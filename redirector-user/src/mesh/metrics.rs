@@ -81,6 +81,17 @@ pub struct RequestSeries {
     pub response_bytes: Histogram,
 }
 
+/// The handles of one TCP series (Istio's four `istio_tcp_*` metrics),
+/// kept per label set so a connection hashes its labels once, not four
+/// times.
+#[derive(Clone)]
+pub struct TcpSeries {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<Labels, Counter>,
@@ -98,6 +109,7 @@ pub struct Metrics {
     pub denied_total: Family<DeniedLabels, Counter>,
     encode_lock: Mutex<()>,
     series: Mutex<std::collections::HashMap<RequestKey, RequestSeries>>,
+    tcp: Mutex<std::collections::HashMap<Labels, TcpSeries>>,
 }
 
 fn duration_buckets() -> Histogram {
@@ -149,6 +161,7 @@ impl Default for Metrics {
             denied_total,
             encode_lock: Mutex::new(()),
             series: Mutex::new(std::collections::HashMap::new()),
+            tcp: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -211,6 +224,22 @@ impl Metrics {
             response_bytes: self.response_bytes.get_or_create(&l).clone(),
         };
         series.insert(key, s.clone());
+        s
+    }
+
+    /// The handles of the TCP series with `labels`.
+    pub fn tcp_series(&self, labels: Labels) -> TcpSeries {
+        let mut tcp = self.tcp.lock().expect("metrics lock");
+        if let Some(s) = tcp.get(&labels) {
+            return s.clone();
+        }
+        let s = TcpSeries {
+            opened: self.tcp_opened.get_or_create(&labels).clone(),
+            closed: self.tcp_closed.get_or_create(&labels).clone(),
+            sent: self.tcp_sent.get_or_create(&labels).clone(),
+            received: self.tcp_received.get_or_create(&labels).clone(),
+        };
+        tcp.insert(labels, s.clone());
         s
     }
 
