@@ -245,6 +245,7 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Proxy worker threads (Istio's ProxyConfig `concurrency`); 0: one
     /// per CPU the agent may run on; unset: half of those, at least one.
+    /// One worker is a single-threaded runtime.
     pub concurrency: Option<usize>,
     /// This node's name: the agent serves the Pods whose spec.nodeName it
     /// is (`NODE_NAME` in the environment wins, as the downward API sets
