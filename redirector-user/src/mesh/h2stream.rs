@@ -56,7 +56,7 @@ impl H2Reader {
     /// The next DATA the peer sent; `None` once it has ended its side.
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
-            return Poll::Ready(match ready!(self.recv.poll_data(cx)) {
+            let next = match ready!(self.recv.poll_data(cx)) {
                 // END_STREAM: the peer's side is done.
                 None => Ok(None),
                 Some(Ok(data)) if data.is_empty() => continue,
@@ -71,7 +71,8 @@ impl H2Reader {
                     Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(None),
                     _ => Err(to_io(e)),
                 },
-            });
+            };
+            return Poll::Ready(next);
         }
     }
 }

@@ -212,35 +212,25 @@ impl Metrics {
     /// The handles of a request series; `labels` builds its label set the
     /// first time.
     pub fn request_series(&self, key: RequestKey, labels: impl FnOnce() -> Labels) -> RequestSeries {
-        let mut series = self.series.lock().expect("metrics lock");
-        if let Some(s) = series.get(&key) {
-            return s.clone();
-        }
-        let l = labels();
-        let s = RequestSeries {
-            requests: self.requests.get_or_create(&l).clone(),
-            duration_ms: self.duration_ms.get_or_create(&l).clone(),
-            request_bytes: self.request_bytes.get_or_create(&l).clone(),
-            response_bytes: self.response_bytes.get_or_create(&l).clone(),
-        };
-        series.insert(key, s.clone());
-        s
+        cached(&self.series, key, |_| {
+            let l = labels();
+            RequestSeries {
+                requests: self.requests.get_or_create(&l).clone(),
+                duration_ms: self.duration_ms.get_or_create(&l).clone(),
+                request_bytes: self.request_bytes.get_or_create(&l).clone(),
+                response_bytes: self.response_bytes.get_or_create(&l).clone(),
+            }
+        })
     }
 
     /// The handles of the TCP series with `labels`.
     pub fn tcp_series(&self, labels: Labels) -> TcpSeries {
-        let mut tcp = self.tcp.lock().expect("metrics lock");
-        if let Some(s) = tcp.get(&labels) {
-            return s.clone();
-        }
-        let s = TcpSeries {
-            opened: self.tcp_opened.get_or_create(&labels).clone(),
-            closed: self.tcp_closed.get_or_create(&labels).clone(),
-            sent: self.tcp_sent.get_or_create(&labels).clone(),
-            received: self.tcp_received.get_or_create(&labels).clone(),
-        };
-        tcp.insert(labels, s.clone());
-        s
+        cached(&self.tcp, labels, |l| TcpSeries {
+            opened: self.tcp_opened.get_or_create(l).clone(),
+            closed: self.tcp_closed.get_or_create(l).clone(),
+            sent: self.tcp_sent.get_or_create(l).clone(),
+            received: self.tcp_received.get_or_create(l).clone(),
+        })
     }
 
     /// The Prometheus text exposition.
@@ -250,6 +240,17 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
+}
+
+/// The value cached under `key`, made by `make` the first time.
+fn cached<K: std::hash::Hash + Eq, V: Clone>(map: &Mutex<std::collections::HashMap<K, V>>, key: K, make: impl FnOnce(&K) -> V) -> V {
+    let mut map = map.lock().expect("metrics lock");
+    if let Some(v) = map.get(&key) {
+        return v.clone();
+    }
+    let v = make(&key);
+    map.insert(key, v.clone());
+    v
 }
 
 #[cfg(test)]
