@@ -224,8 +224,8 @@ fn limit_malloc_arenas(workers: usize) {
 /// single-threaded runtime: the agent's own tasks and the proxy share the
 /// thread, with none of the work-stealing scheduler's cross-thread
 /// bookkeeping; on 2 vCPUs it carried 0.47x instead of 0.38x direct's
-/// keepalive requests and 0.35x instead of 0.27x its new connections, at
-/// 0.064 instead of 0.071 vCPU per 1k req/s (cross-node bench, alternating
+/// keepalive requests and 0.35x instead of 0.28x its new connections, at
+/// 0.064 instead of 0.072 vCPU per 1k req/s (cross-node bench, alternating
 /// runs of the same build).
 fn proxy_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers == 1 {
