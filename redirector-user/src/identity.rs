@@ -74,6 +74,19 @@ impl Identity {
     }
 }
 
+/// An optional identity as a log field: its SPIFFE ID, or nothing (written
+/// straight into the log line, no string allocated per connection).
+pub struct Principal<'a>(pub Option<&'a Identity>);
+
+impl fmt::Display for Principal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(i) => fmt::Display::fmt(i, f),
+            None => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -242,12 +242,14 @@ pub fn source_workload(
     mesh.workload_at(client.ip())
 }
 
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination the client dialled. `peer` is the client's address as
+/// accept() returned it: its family is the socket's, which picks the
+/// option's level (no getsockname per connection).
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
-    let local = stream.local_addr()?;
     // SAFETY: the buffers are sized for the structures the kernel writes.
     unsafe {
-        if local.is_ipv4() {
+        if peer.is_ipv4() {
             let mut sa: libc::sockaddr_in = std::mem::zeroed();
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             let rc = libc::getsockopt(
@@ -401,7 +403,7 @@ async fn connect_upstream(
     target: SocketAddr,
     settings: &ProxySettings,
     mesh: &crate::mesh::Mesh,
-    client: &TcpStream,
+    client: &mut TcpStream,
 ) -> io::Result<(Upstream, Option<crate::identity::Identity>, u64)> {
     if let (Some(pool), Some(_)) = (&settings.hbone, &settings.workload.identity) {
         if let Some(pod) = mesh.pod_at(target.ip()).filter(|p| p.enrolled) {
@@ -409,9 +411,14 @@ async fn connect_upstream(
             let peer = SocketAddr::new(target.ip(), crate::mesh::hbone::HBONE_PORT);
             let mut first = bytes::BytesMut::with_capacity(SMALL_BUFFER);
             // Nothing there yet (or a server-first protocol): the tunnel
-            // opens without it; the copy carries everything after.
-            let early = match client.try_read_buf(&mut first) {
-                Ok(n) if n > 0 => first.freeze(),
+            // opens without it; the copy carries everything after. One
+            // poll of the socket's read: a partial read tells tokio the
+            // socket is drained, so the copy that follows waits for the
+            // next bytes instead of first asking the kernel again.
+            use futures_util::FutureExt;
+            use tokio::io::AsyncReadExt;
+            let early = match client.read_buf(&mut first).now_or_never() {
+                Some(Ok(n)) if n > 0 => first.freeze(),
                 _ => bytes::Bytes::new(),
             };
             let sent = early.len() as u64;
@@ -502,7 +509,7 @@ async fn handle(
     listeners: &[SocketAddr],
 ) {
     let started = Instant::now();
-    let dst = match original_dst(&client_stream) {
+    let dst = match original_dst(&client_stream, client) {
         Ok(d) => d,
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -617,7 +624,7 @@ async fn handle(
             }
         }
     }
-    let connected = connect_upstream(target, settings, &mesh, &client_stream).await;
+    let connected = connect_upstream(target, settings, &mesh, &mut client_stream).await;
     drop(mesh);
     let (upstream, peer_identity, early) = match connected {
         Ok(s) => s,
@@ -692,8 +699,8 @@ async fn handle(
         Ok(Some(_)) => info!(
             %client, original_dst = %dst,
             upstream_local = ?upstream_local,
-            source_principal = %settings.workload.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-            destination_principal = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            source_principal = %crate::identity::Principal(settings.workload.identity.as_ref()),
+            destination_principal = %crate::identity::Principal(peer_identity.as_ref()),
             bytes_up = up, bytes_down = down, duration_ms,
             "connection closed"
         ),
@@ -884,7 +891,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let _c = TcpStream::connect(addr).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        assert!(original_dst(&s).is_err());
+        let (s, peer) = l.accept().await.unwrap();
+        assert!(original_dst(&s, peer).is_err());
     }
 }

@@ -106,9 +106,9 @@ impl Inbound {
             target: "access",
             direction = "inbound",
             src = %peer,
-            source_principal = %peer_id.map(|i| i.to_string()).unwrap_or_default(),
+            source_principal = %crate::identity::Principal(peer_id),
             dst = %dst,
-            destination_workload = %self.workload.describe(),
+            destination_workload = %format_args!("{}/{}", self.workload.namespace, self.workload.name),
             bytes_received = received,
             bytes_sent = sent,
             duration_ms = started.elapsed().as_millis() as u64,
@@ -180,7 +180,7 @@ where
 }
 
 async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Inbound>) {
-    let dst = match crate::proxy::original_dst(&client) {
+    let dst = match crate::proxy::original_dst(&client, peer) {
         Ok(d) => d,
         Err(_) => match client.local_addr() {
             Ok(d) => d,
