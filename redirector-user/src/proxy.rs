@@ -551,14 +551,9 @@ async fn handle(
     let in_pod = settings.workload.netns.is_some();
     let mut target = dst;
     let mut _slot = None;
-    let mut labels = crate::mesh::metrics::Labels::passthrough(dst);
-    let set_source = |l: &mut crate::mesh::metrics::Labels| {
-        if let Some((name, ns)) = &source {
-            l.source_workload = name.clone();
-            l.source_workload_namespace = ns.clone();
-        }
-    };
-    set_source(&mut labels);
+    // A service's label set when the destination is one, else Istio's
+    // PassthroughCluster's (built once, below).
+    let mut service_labels = None;
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
             Protocol::Sniff => sniff(&client_stream).await,
@@ -589,20 +584,15 @@ async fn handle(
             Some((t, tsvc, subset, tport)) => {
                 target = t;
                 let s = &mesh.services[tsvc];
-                let ep_labels = s
-                    .endpoints
-                    .iter()
-                    .find(|e| e.address == Address::Ip(t.ip()))
-                    .map(|e| e.labels.clone())
-                    .unwrap_or_default();
-                labels = crate::mesh::metrics::Labels::to_service(
+                let endpoint = s.endpoints.iter().find(|e| e.address == Address::Ip(t.ip()));
+                let ep_label = |k: &str| endpoint.and_then(|e| e.labels.get(k)).map(String::as_str).unwrap_or("unknown");
+                service_labels = Some(crate::mesh::metrics::Labels::to_service(
                     &s.hostname,
                     &s.namespace,
-                    ep_labels.get("app").map(String::as_str).unwrap_or("unknown"),
-                    ep_labels.get("version").map(String::as_str).unwrap_or("unknown"),
+                    ep_label("app"),
+                    ep_label("version"),
                     "tcp",
-                );
-                set_source(&mut labels);
+                ));
                 // tcp.maxConnections: over the limit, the connection is
                 // refused (Envoy's UO).
                 let cluster = mesh.cluster(tsvc, subset.as_deref(), tport);
@@ -634,13 +624,18 @@ async fn handle(
             return;
         }
     };
+    let mut labels = service_labels.unwrap_or_else(|| crate::mesh::metrics::Labels::passthrough(dst));
+    if let Some((name, ns)) = &source {
+        labels.source_workload = crate::mesh::metrics::label(name);
+        labels.source_workload_namespace = crate::mesh::metrics::label(ns);
+    }
     if let Some(id) = &settings.workload.identity {
         if peer_identity.is_some() {
-            labels.source_principal = id.to_string();
+            labels.source_principal = id.to_string().into();
         }
     }
     if let Some(p) = &peer_identity {
-        labels.destination_principal = p.to_string();
+        labels.destination_principal = p.to_string().into();
         labels.connection_security_policy = "mutual_tls".into();
     }
     let upstream_local = match &upstream {

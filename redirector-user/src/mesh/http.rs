@@ -311,11 +311,11 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         ),
         || {
             let mut l = super::metrics::Labels::to_service(svc_host, svc_ns, workload, version, "http");
-            l.response_code = status.to_string();
-            l.response_flags = out.flags.to_string();
+            l.response_code = status.to_string().into();
+            l.response_flags = super::metrics::label(out.flags);
             if let Some((name, ns)) = source {
-                l.source_workload = name.clone();
-                l.source_workload_namespace = ns.clone();
+                l.source_workload = super::metrics::label(name);
+                l.source_workload_namespace = super::metrics::label(ns);
             }
             l
         },

@@ -2,6 +2,7 @@
 //! (`/stats/prometheus`, as Istio's merged endpoint, and `/metrics`), so
 //! existing dashboards and alerts work unchanged.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,56 +11,80 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// One label value: Istio's fixed values ("unknown", "tcp", "-", ...) are
+/// borrowed, so a connection's label set allocates only for what is its own
+/// (workload names, principals, addresses).
+pub type Label = Cow<'static, str>;
+
+/// A label value from text: a fixed value stays borrowed.
+pub fn label(s: &str) -> Label {
+    const FIXED: [&str; 8] = ["unknown", "tcp", "http", "grpc", "-", "0", "none", "mutual_tls"];
+    match FIXED.iter().find(|f| **f == s) {
+        Some(f) => Cow::Borrowed(f),
+        None => Cow::Owned(s.to_owned()),
+    }
+}
+
 /// The labels of Istio's standard metrics. What the proxy cannot know yet
 /// (the source workload's identity before issue-5's mTLS) is "unknown", as
 /// Istio reports it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Labels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub destination_principal: String,
-    pub request_protocol: String,
-    pub response_code: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
+    pub reporter: Label,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_version: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub destination_principal: Label,
+    pub request_protocol: Label,
+    pub response_code: Label,
+    pub response_flags: Label,
+    pub connection_security_policy: Label,
 }
+
+const UNKNOWN: Label = Cow::Borrowed("unknown");
 
 impl Labels {
     /// Labels for traffic to `service` (FQDN or ServiceEntry host).
     pub fn to_service(service: &str, namespace: &str, workload: &str, version: &str, protocol: &str) -> Labels {
         let name = service.split('.').next().unwrap_or(service);
+        let namespace = label(namespace);
         Labels {
-            reporter: "source".into(),
-            source_workload: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
-            source_principal: "unknown".into(),
-            destination_workload: workload.into(),
-            destination_workload_namespace: namespace.into(),
-            destination_version: version.into(),
-            destination_service: service.into(),
-            destination_service_name: name.into(),
-            destination_service_namespace: namespace.into(),
-            destination_principal: "unknown".into(),
-            request_protocol: protocol.into(),
-            response_code: "0".into(),
-            response_flags: "-".into(),
-            connection_security_policy: "none".into(),
+            reporter: Cow::Borrowed("source"),
+            source_workload: UNKNOWN,
+            source_workload_namespace: UNKNOWN,
+            source_principal: UNKNOWN,
+            destination_workload: label(workload),
+            destination_workload_namespace: namespace.clone(),
+            destination_version: label(version),
+            destination_service: label(service),
+            destination_service_name: label(name),
+            destination_service_namespace: namespace,
+            destination_principal: UNKNOWN,
+            request_protocol: label(protocol),
+            response_code: Cow::Borrowed("0"),
+            response_flags: Cow::Borrowed("-"),
+            connection_security_policy: Cow::Borrowed("none"),
         }
     }
 
     /// A connection to no mesh service (Istio's PassthroughCluster).
     pub fn passthrough(dst: std::net::SocketAddr) -> Labels {
-        let mut l = Labels::to_service(&dst.ip().to_string(), "unknown", "unknown", "unknown", "tcp");
-        l.destination_service_name = "PassthroughCluster".into();
-        l
+        Labels {
+            destination_workload: UNKNOWN,
+            destination_workload_namespace: UNKNOWN,
+            destination_version: UNKNOWN,
+            destination_service: Cow::Owned(dst.ip().to_string()),
+            destination_service_name: Cow::Borrowed("PassthroughCluster"),
+            destination_service_namespace: UNKNOWN,
+            request_protocol: Cow::Borrowed("tcp"),
+            ..Labels::to_service("unknown", "unknown", "unknown", "unknown", "tcp")
+        }
     }
 }
 
@@ -194,20 +219,25 @@ impl Metrics {
     }
 
     /// Labels of a connection a workload received (reporter destination).
-    pub fn inbound_labels(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>, security: &str) -> Labels {
-        let mut l = Labels::to_service(&w.name, &w.namespace, &w.name, "unknown", "tcp");
-        l.reporter = "destination".into();
-        l.destination_service = "unknown".into();
-        l.destination_service_name = "unknown".into();
-        if let Some(p) = peer {
-            l.source_principal = p.to_string();
-            l.source_workload_namespace = p.namespace.clone();
+    pub fn inbound_labels(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>, security: &'static str) -> Labels {
+        let namespace = label(&w.namespace);
+        Labels {
+            reporter: Cow::Borrowed("destination"),
+            source_workload: UNKNOWN,
+            source_workload_namespace: peer.map(|p| label(&p.namespace)).unwrap_or(UNKNOWN),
+            source_principal: peer.map(|p| Cow::Owned(p.to_string())).unwrap_or(UNKNOWN),
+            destination_workload: label(&w.name),
+            destination_workload_namespace: namespace.clone(),
+            destination_version: UNKNOWN,
+            destination_service: UNKNOWN,
+            destination_service_name: UNKNOWN,
+            destination_service_namespace: namespace,
+            destination_principal: w.identity.as_ref().map(|id| Cow::Owned(id.to_string())).unwrap_or(UNKNOWN),
+            request_protocol: Cow::Borrowed("tcp"),
+            response_code: Cow::Borrowed("0"),
+            response_flags: Cow::Borrowed("-"),
+            connection_security_policy: Cow::Borrowed(security),
         }
-        if let Some(id) = &w.identity {
-            l.destination_principal = id.to_string();
-        }
-        l.connection_security_policy = security.into();
-        l
     }
     /// The handles of a request series; `labels` builds its label set the
     /// first time.
