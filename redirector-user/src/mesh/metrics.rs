@@ -76,13 +76,8 @@ impl Labels {
     /// A connection to no mesh service (Istio's PassthroughCluster).
     pub fn passthrough(dst: std::net::SocketAddr) -> Labels {
         Labels {
-            destination_workload: UNKNOWN,
-            destination_workload_namespace: UNKNOWN,
-            destination_version: UNKNOWN,
             destination_service: Cow::Owned(dst.ip().to_string()),
             destination_service_name: Cow::Borrowed("PassthroughCluster"),
-            destination_service_namespace: UNKNOWN,
-            request_protocol: Cow::Borrowed("tcp"),
             ..Labels::to_service("unknown", "unknown", "unknown", "unknown", "tcp")
         }
     }
