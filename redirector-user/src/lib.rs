@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod features;
 pub mod identity;
 pub mod inpod;
+pub mod logtime;
 pub mod iptables;
 pub mod kubernetes;
 pub mod manifest;
