@@ -333,7 +333,7 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A workload's current certificate and key.

@@ -69,7 +69,7 @@ impl ServerCertVerifier for AnyServer {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -89,7 +89,7 @@ pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// mTLS (TLS 1.3, ALPN h2) over `tcp`, presenting `cert`.
 pub async fn tls(tcp: std::net::TcpStream, cert: Arc<CertifiedKey>) -> std::io::Result<Tls> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")
