@@ -37,18 +37,7 @@ fn write_time(w: &mut impl fmt::Write, at: SystemTime) -> fmt::Result {
         if cached.0 != secs {
             cached.1.clear();
             match time::OffsetDateTime::from_unix_timestamp(secs as i64) {
-                Ok(t) if t.year() <= 9999 => {
-                    let _ = write!(
-                        cached.1,
-                        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-                        t.year(),
-                        u8::from(t.month()),
-                        t.day(),
-                        t.hour(),
-                        t.minute(),
-                        t.second()
-                    );
-                }
+                Ok(t) if t.year() <= 9999 => write_second(&mut cached.1, t)?,
                 _ => return write!(w, "{}", tracing_time(at)),
             }
             cached.0 = secs;
@@ -64,19 +53,27 @@ fn write_time(w: &mut impl fmt::Write, at: SystemTime) -> fmt::Result {
     })
 }
 
-/// The same format without the cache, for the instants it does not cover.
-fn tracing_time(at: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(at);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+/// `YYYY-MM-DDTHH:MM:SS` of `t`.
+fn write_second(w: &mut impl fmt::Write, t: time::OffsetDateTime) -> fmt::Result {
+    write!(
+        w,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
         t.year(),
         u8::from(t.month()),
         t.day(),
         t.hour(),
         t.minute(),
-        t.second(),
-        t.microsecond()
+        t.second()
     )
+}
+
+/// The same format without the cache, for the instants it does not cover.
+fn tracing_time(at: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(at);
+    let mut s = String::new();
+    let _ = write_second(&mut s, t);
+    let _ = write!(s, ".{:06}Z", t.microsecond());
+    s
 }
 
 #[cfg(test)]
