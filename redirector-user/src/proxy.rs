@@ -690,8 +690,12 @@ async fn handle(
     series.received.inc_by(down);
     series.closed.inc();
     let duration_ms = started.elapsed().as_millis() as u64;
+    // The access log's target (`access`), as the destination's line and
+    // ztunnel's: one filter (`REDIRECTOR_LOG=...,access=off`) governs both.
     match outcome {
         Ok(Some(_)) => info!(
+            target: "access",
+            direction = "outbound",
             %client, original_dst = %dst,
             upstream_local = ?upstream_local,
             source_principal = %crate::identity::Principal(settings.workload.identity.as_ref()),
@@ -700,10 +704,14 @@ async fn handle(
             "connection closed"
         ),
         Ok(None) => info!(
+            target: "access",
+            direction = "outbound",
             %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
             "idle timeout: connection closed"
         ),
         Err(e) => info!(
+            target: "access",
+            direction = "outbound",
             %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
             error = %e, "connection ended with an error"
         ),
