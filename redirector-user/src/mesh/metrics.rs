@@ -49,27 +49,41 @@ pub struct Labels {
 
 const UNKNOWN: Label = Cow::Borrowed("unknown");
 
+/// What Istio reports where nothing is known: a TCP connection from and to
+/// unknown workloads, without mTLS. Every value borrowed; the label sets
+/// below fill in what they know.
+const NOTHING_KNOWN: Labels = Labels {
+    reporter: Cow::Borrowed("source"),
+    source_workload: UNKNOWN,
+    source_workload_namespace: UNKNOWN,
+    source_principal: UNKNOWN,
+    destination_workload: UNKNOWN,
+    destination_workload_namespace: UNKNOWN,
+    destination_version: UNKNOWN,
+    destination_service: UNKNOWN,
+    destination_service_name: UNKNOWN,
+    destination_service_namespace: UNKNOWN,
+    destination_principal: UNKNOWN,
+    request_protocol: Cow::Borrowed("tcp"),
+    response_code: Cow::Borrowed("0"),
+    response_flags: Cow::Borrowed("-"),
+    connection_security_policy: Cow::Borrowed("none"),
+};
+
 impl Labels {
     /// Labels for traffic to `service` (FQDN or ServiceEntry host).
     pub fn to_service(service: &str, namespace: &str, workload: &str, version: &str, protocol: &str) -> Labels {
         let name = service.split('.').next().unwrap_or(service);
         let namespace = label(namespace);
         Labels {
-            reporter: Cow::Borrowed("source"),
-            source_workload: UNKNOWN,
-            source_workload_namespace: UNKNOWN,
-            source_principal: UNKNOWN,
             destination_workload: label(workload),
             destination_workload_namespace: namespace.clone(),
             destination_version: label(version),
             destination_service: label(service),
             destination_service_name: label(name),
             destination_service_namespace: namespace,
-            destination_principal: UNKNOWN,
             request_protocol: label(protocol),
-            response_code: Cow::Borrowed("0"),
-            response_flags: Cow::Borrowed("-"),
-            connection_security_policy: Cow::Borrowed("none"),
+            ..NOTHING_KNOWN
         }
     }
 
@@ -78,7 +92,7 @@ impl Labels {
         Labels {
             destination_service: Cow::Owned(dst.ip().to_string()),
             destination_service_name: Cow::Borrowed("PassthroughCluster"),
-            ..Labels::to_service("unknown", "unknown", "unknown", "unknown", "tcp")
+            ..NOTHING_KNOWN
         }
     }
 }
@@ -218,20 +232,14 @@ impl Metrics {
         let namespace = label(&w.namespace);
         Labels {
             reporter: Cow::Borrowed("destination"),
-            source_workload: UNKNOWN,
             source_workload_namespace: peer.map(|p| label(&p.namespace)).unwrap_or(UNKNOWN),
             source_principal: peer.map(|p| Cow::Owned(p.to_string())).unwrap_or(UNKNOWN),
             destination_workload: label(&w.name),
             destination_workload_namespace: namespace.clone(),
-            destination_version: UNKNOWN,
-            destination_service: UNKNOWN,
-            destination_service_name: UNKNOWN,
             destination_service_namespace: namespace,
             destination_principal: w.identity.as_ref().map(|id| Cow::Owned(id.to_string())).unwrap_or(UNKNOWN),
-            request_protocol: Cow::Borrowed("tcp"),
-            response_code: Cow::Borrowed("0"),
-            response_flags: Cow::Borrowed("-"),
             connection_security_policy: Cow::Borrowed(security),
+            ..NOTHING_KNOWN
         }
     }
     /// The handles of a request series; `labels` builds its label set the
