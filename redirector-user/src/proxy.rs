@@ -556,6 +556,10 @@ async fn handle(
     let mut service_labels = None;
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
+            // In a pod the protocol decides nothing (below): no wait for
+            // the client's first bytes, which a server-first protocol
+            // never sends.
+            Protocol::Sniff if in_pod => Protocol::Tcp,
             Protocol::Sniff => sniff(&client_stream).await,
             p => p,
         };

@@ -27,6 +27,7 @@ in_both_modes!(
     strict_refuses_plaintext_and_permissive_accepts_it,
     authorization_policies_deny_and_allow,
     pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down,
+    a_server_first_protocol_to_a_service_is_not_held_for_sniffing,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -441,4 +442,39 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
 
     let (code, err) = c.curl("a1", &format!("http://{b1_app}/"));
     assert_eq!(code, 200, "{err}");
+}
+
+/// A server-first protocol (SMTP, MySQL: the server speaks first) to a
+/// Service port that declares no protocol. In a pod the node proxy is L4,
+/// so it does not wait for the client's first bytes to guess the protocol
+/// (as it does where it may route HTTP itself: up to 100 ms): the greeting
+/// comes through at once, the client having sent nothing.
+fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    let b1 = c.pod("b1").ip.clone();
+    let vip = "198.18.3.10";
+    // No port name, no appProtocol: the protocol is left to sniffing.
+    c.extra_yaml = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: greeter, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 7070}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: greeter, namespace: default}}\nsubsets:\n- addresses: [{{ip: {b1}}}]\n  ports: [{{port: 7070}}]\n"
+    );
+    c.start().unwrap();
+    let server = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{b1}', 7070))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.sendall(b'220 greeter ready\\r\\n')\n    c.close()\n"
+    );
+    c.in_pod("b1", "python3", &["-c", &server]).spawn().expect("python3");
+    c.wait_listening("b1", 7070).unwrap();
+    // The first connection also opens the pooled HBONE connection; the
+    // second is timed.
+    let client = format!(
+        "import socket, time\nfor i in range(2):\n    s = socket.create_connection(('{vip}', 7070), timeout=5)\n    t = time.monotonic()\n    g = s.recv(64)\n    ms = (time.monotonic() - t) * 1000\n    s.close()\nprint(g.decode().strip(), round(ms, 1))\n"
+    );
+    let out = c.output(c.in_pod("a1", "python3", &["-c", &client]));
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "client failed: {said} {}", String::from_utf8_lossy(&out.stderr));
+    let (greeting, ms) = said.rsplit_once(' ').expect("greeting and time");
+    assert_eq!(greeting, "220 greeter ready");
+    let ms: f64 = ms.parse().unwrap();
+    assert!(ms < 80.0, "the greeting took {ms} ms: the proxy waited for the client to speak first");
+    // It went over HBONE to b1's identity.
+    assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
 }
