@@ -694,6 +694,7 @@ impl crate::inpod::PodServer for AgentPods {
             stats: self.settings.hbone.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
             metrics: self.metrics.clone(),
             mesh: self.settings.mesh.clone(),
+            access_log: self.settings.access_log,
         });
         tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
         tokio::spawn(crate::mesh::hbone::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));

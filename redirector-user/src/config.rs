@@ -237,7 +237,9 @@ pub struct AgentConfig {
     pub dns_upstreams: Vec<SocketAddr>,
     /// Send enrolled workloads' DNS queries (UDP/53) to the DNS server.
     pub dns_capture: bool,
-    /// One log line per HTTP request (Envoy's access log).
+    /// The access log: one line per HTTP request (Envoy's) and one per
+    /// TCP connection on each side (ztunnel's). Off: none of them, as
+    /// Istio's empty `accessLogFile` turns off HTTP and TCP entries alike.
     pub access_log: bool,
     pub max_connections: usize,
     pub connect_timeout: Duration,

@@ -693,6 +693,9 @@ async fn handle(
     series.sent.inc_by(up);
     series.received.inc_by(down);
     series.closed.inc();
+    if !settings.access_log {
+        return;
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     // The access log's target (`access`), as the destination's line and
     // ztunnel's: one filter (`REDIRECTOR_LOG=...,access=off`) governs both.

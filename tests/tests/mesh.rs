@@ -478,3 +478,33 @@ fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static 
     // It went over HBONE to b1's identity.
     assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
 }
+
+/// `proxy.accessLog: false` turns off the per-connection access lines on
+/// both sides, as Istio's empty `accessLogFile` turns off TCP entries too;
+/// the connection works and the metrics count it all the same. (The
+/// capture mode plays no part: eBPF only.)
+#[test]
+fn access_log_off_silences_connection_lines() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.proxy_settings = "  accessLog: false\n".into();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let ip = c.pod("b1").ip.clone();
+    for _ in 0..2 {
+        assert_eq!(c.curl("a1", &format!("http://{ip}:8080/")).0, 200);
+    }
+    let closed = |node: usize, reporter: &str| {
+        c.metrics(node)
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.contains(&format!("reporter=\"{reporter}\"")))
+            .is_some_and(|l| l.ends_with(" 2"))
+    };
+    assert!(eventually(Duration::from_secs(5), || closed(0, "source") && closed(1, "destination")), "metrics: {}", c.metrics(1));
+    for node in 0..2 {
+        let access: Vec<_> = c.log_lines(node).into_iter().filter(|l| l["target"] == "access").collect();
+        assert!(access.is_empty(), "node {node} wrote access lines with accessLog off: {access:?}");
+    }
+}

@@ -68,6 +68,8 @@ pub struct Inbound {
     pub stats: Arc<HboneStats>,
     pub metrics: Arc<crate::mesh::metrics::Metrics>,
     pub mesh: crate::mesh::MeshHandle,
+    /// `proxy.accessLog`: one access-log line per connection.
+    pub access_log: bool,
 }
 
 impl Inbound {
@@ -102,6 +104,9 @@ impl Inbound {
         series.received.inc_by(received);
         series.sent.inc_by(sent);
         series.closed.inc();
+        if !self.access_log {
+            return;
+        }
         info!(
             target: "access",
             direction = "inbound",
