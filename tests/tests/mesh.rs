@@ -461,7 +461,8 @@ fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static 
     let server = format!(
         "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{b1}', 7070))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.sendall(b'220 greeter ready\\r\\n')\n    c.close()\n"
     );
-    c.in_pod("b1", "python3", &["-c", &server]).spawn().expect("python3");
+    // Ended with the pod's cgroup when the cluster goes, also on a failure.
+    let mut server = c.in_pod("b1", "python3", &["-c", &server]).spawn().expect("python3");
     c.wait_listening("b1", 7070).unwrap();
     // The first connection also opens the pooled HBONE connection; the
     // second is timed.
@@ -477,6 +478,8 @@ fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static 
     assert!(ms < 80.0, "the greeting took {ms} ms: the proxy waited for the client to speak first");
     // It went over HBONE to b1's identity.
     assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 /// `proxy.accessLog: false` turns off the per-connection access lines on
