@@ -476,7 +476,7 @@ fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static 
     assert_eq!(greeting, "220 greeter ready");
     let ms: f64 = ms.parse().unwrap();
     assert!(ms < 80.0, "the greeting took {ms} ms: the proxy waited for the client to speak first");
-    // It went over HBONE to b1's identity.
+    // Carried over HBONE to b1.
     assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
     let _ = server.kill();
     let _ = server.wait();
