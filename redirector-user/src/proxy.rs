@@ -556,16 +556,15 @@ async fn handle(
     let mut service_labels = None;
     if let Some((svc, port)) = mesh.service_at(dst) {
         let protocol = match port.protocol {
-            // In a pod the protocol decides nothing (below): no wait for
-            // the client's first bytes, which a server-first protocol
-            // never sends.
-            Protocol::Sniff if in_pod => Protocol::Tcp,
+            // In a pod's namespace the node proxy is L4, as ztunnel is:
+            // every port is carried over HBONE as TCP, and nothing is
+            // sniffed (a server-first protocol would wait for bytes the
+            // client never sends).
+            _ if in_pod => Protocol::Tcp,
             Protocol::Sniff => sniff(&client_stream).await,
             p => p,
         };
-        // In a pod's namespace the node proxy is L4, as ztunnel is: HTTP
-        // is carried over HBONE like any TCP.
-        if matches!(protocol, Protocol::Http | Protocol::Http2) && !in_pod {
+        if matches!(protocol, Protocol::Http | Protocol::Http2) {
             stats.forwarded.fetch_add(1, Ordering::Relaxed);
             let ctx = l7::ConnContext {
                 mesh: settings.mesh.clone(),

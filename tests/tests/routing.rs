@@ -192,6 +192,9 @@ spec:
     rewrite: {uri: /}
     fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
     route: [{destination: {host: httpbin, subset: v1}}]
+  - match: [{uri: {prefix: /forbidden/}}]
+    fault: {abort: {httpStatus: 403, percentage: {value: 100}}}
+    route: [{destination: {host: httpbin, subset: v1}}]
   - match: [{uri: {exact: /slow}}]
     rewrite: {uri: /get}
     fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
@@ -214,6 +217,22 @@ spec:
     assert_eq!(aborted + ok, 400, "{r}");
     assert!((140..=260).contains(&aborted), "{aborted} of 400 aborted");
     assert_eq!(served(&m.v1) as u64, ok);
+
+    // An abort answers before the request body is read. A plain client
+    // that sends a 512 KiB body without waiting for 100-continue still
+    // gets the 403 (a connection closed with unread bytes is reset, and
+    // the reset can take the response with it).
+    let script = format!(
+        "exec 3<>/dev/tcp/{SVC_IP}/{SVC_PORT}; \
+         {{ printf 'POST /forbidden/post HTTP/1.1\\r\\nHost: httpbin\\r\\nContent-Length: 524288\\r\\n\\r\\n'; \
+            head -c 524288 /dev/zero; }} >&3; \
+         timeout 5 cat <&3 | head -1"
+    );
+    for _ in 0..3 {
+        let out = m.t.exec_workload("uploader", &script);
+        let line = String::from_utf8_lossy(&out.stdout);
+        assert!(line.starts_with("HTTP/1.1 403"), "{out:?}");
+    }
 
     // A fixed delay of 400 ms on every request.
     let r = requests(&m, "/slow", "--count 3");

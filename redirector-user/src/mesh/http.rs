@@ -31,6 +31,11 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 60 * 1024;
 
+/// After the proxy ends a client connection, how long and how much it keeps
+/// reading (and discarding) before it closes: see `linger`.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Request bodies up to this size are kept so a retry can send them again.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
 
@@ -118,7 +123,8 @@ pub async fn serve<S>(stream: S, ctx: ConnContext)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(stream);
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let io = TokioIo::new(Returned { io: Some(stream), back: Some(back) });
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
@@ -131,6 +137,94 @@ where
     builder.http1().max_buf_size(MAX_HEAD);
     if let Err(e) = builder.serve_connection(io, svc).await {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+    if let Ok(stream) = returned.await {
+        linger(stream).await;
+    }
+}
+
+/// Close a client connection as nginx's lingering close does: send FIN,
+/// then read and discard what the client still sends until it closes, for
+/// at most `LINGER_TIME` and `LINGER_BYTES`, and only then close the
+/// socket. A socket closed with unread bytes in its receive queue sends a
+/// reset instead of FIN, and a reset can destroy the last response before
+/// the client reads it: the 400 or 431 for a request hyper stopped reading
+/// half-way, or a response sent before a request body was read. When the
+/// client closed first (the usual end) the first read returns end of file
+/// and this costs one `shutdown` and one `read`.
+async fn linger<S>(mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // hyper may have shut the write side already; a second shutdown's
+    // error changes nothing here.
+    let _ = stream.shutdown().await;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
+/// The client stream as hyper sees it. When hyper drops it (the connection
+/// is over), the stream is sent back to `serve` instead of being closed, so
+/// `linger` can close it without losing the last response.
+struct Returned<S> {
+    io: Option<S>,
+    back: Option<tokio::sync::oneshot::Sender<S>>,
+}
+
+impl<S> Returned<S> {
+    fn io(&mut self) -> Pin<&mut S>
+    where
+        S: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("the stream is only taken on drop"))
+    }
+}
+
+impl<S> Drop for Returned<S> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Returned<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Returned<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_shutdown(cx)
     }
 }
 
