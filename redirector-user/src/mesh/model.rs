@@ -1202,7 +1202,7 @@ impl Mesh {
                 }
                 ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("SIMPLE") == "SIMPLE" => {
                     if t.credential_name.is_some() && t.server_certificate.is_none() {
-                        ctx.error(&g.origin, format!("{field}.tls.credentialName"), "Kubernetes secrets need the cluster config source; in files, name serverCertificate and privateKey");
+                        ctx.error(&g.origin, format!("{field}.tls.credentialName"), "reading the certificate from a Kubernetes Secret is not supported yet; mount the Secret and name its files in serverCertificate and privateKey");
                         continue;
                     }
                     let cert = t.server_certificate.clone().unwrap_or_default();
