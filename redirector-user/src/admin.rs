@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::mesh::metrics::Metrics;
+use crate::telemetry::Metrics;
 use crate::mesh::MeshHandle;
 use crate::proxy::{ProxyStats, StatsSnapshot};
 

@@ -10,6 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::mesh::resources::{AGENT_CONFIG_API, AGENT_CONFIG_KIND};
+use crate::net::Cidr;
+
 /// The settings `cargo xtask run` starts the agent with.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
 
@@ -92,68 +95,7 @@ struct RawProxy {
     concurrency: Option<usize>,
 }
 
-/// A destination prefix that is never captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
 
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/8)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match l {
-            Some(l) => l
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix_len })
-    }
-
-    /// Whether `ip` falls inside this prefix. (The kernel answers the same
-    /// question with an LPM trie; this is for user space and tests.)
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        fn masked(bytes: &[u8], len: u8) -> Vec<u8> {
-            bytes
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    let bits = (len as i32 - (i as i32) * 8).clamp(0, 8);
-                    if bits == 0 {
-                        0
-                    } else {
-                        b & (0xffu8 << (8 - bits))
-                    }
-                })
-                .collect()
-        }
-        match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
-                masked(&a.octets(), self.prefix_len) == masked(&b.octets(), self.prefix_len)
-            }
-            (IpAddr::V6(a), IpAddr::V6(b)) => {
-                masked(&a.octets(), self.prefix_len) == masked(&b.octets(), self.prefix_len)
-            }
-            (IpAddr::V4(_), IpAddr::V6(b)) => match b.to_ipv4_mapped() {
-                Some(b4) => self.contains(IpAddr::V4(b4)),
-                None => false,
-            },
-            (IpAddr::V6(_), IpAddr::V4(_)) => false,
-        }
-    }
-}
 
 /// How connections are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,8 +235,11 @@ impl AgentConfig {
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirector";
 /// The agent settings' Kubernetes-style type.
-pub const AGENT_CONFIG_API: &str = "redirector.dev/v1alpha1";
-pub const AGENT_CONFIG_KIND: &str = "AgentConfig";
+/// The HBONE port of every pod (Istio's).
+pub const HBONE_PORT: u16 = 15008;
+/// A TLS handshake that has not finished by then is dropped (default of
+/// `mesh.handshakeTimeout`).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl AgentConfig {
     /// The embedded default settings.
@@ -479,7 +424,7 @@ impl AgentConfig {
                 p => p,
             },
             handshake_timeout: {
-                let d = dur("mesh.handshakeTimeout", &raw.mesh.handshake_timeout, crate::mesh::hbone::HANDSHAKE_TIMEOUT)?;
+                let d = dur("mesh.handshakeTimeout", &raw.mesh.handshake_timeout, HANDSHAKE_TIMEOUT)?;
                 if d.is_zero() {
                     return Err(invalid("mesh.handshakeTimeout", "must be more than 0s".into()));
                 }

@@ -10,7 +10,7 @@
 //! new one, established connections keep going on the old session.
 //!
 //! It does not decide who may talk to whom (that is policy) or carry bytes
-//! (that is [`crate::mesh::hbone`]).
+//! (that is [`crate::proxy::inbound`]).
 
 use std::collections::HashMap;
 use std::fmt;

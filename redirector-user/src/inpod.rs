@@ -9,178 +9,22 @@
 //! for life: a thread switches into the pod's namespace, creates the socket
 //! and switches back, with no await in between. This module owns that and
 //! the set of pods served; what is done with the connections is
-//! [`crate::proxy`] and [`crate::mesh::hbone`].
+//! [`crate::proxy`] and [`crate::proxy::inbound`].
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 
+pub mod cgroups;
+
 use crate::identity::Identity;
-use crate::mesh::model::PodInfo;
-
-/// The agent's own network namespace, opened before any thread switches.
-static HOME: OnceLock<OwnedFd> = OnceLock::new();
-
-/// Remember the agent's own network namespace. Call once at start, from
-/// the main thread.
-pub fn init_home() -> io::Result<()> {
-    if HOME.get().is_none() {
-        let f = std::fs::File::open("/proc/thread-self/ns/net")?;
-        let _ = HOME.set(f.into());
-    }
-    Ok(())
-}
-
-/// A pod's network namespace.
-#[derive(Debug)]
-pub struct Netns {
-    fd: OwnedFd,
-    pub path: PathBuf,
-    /// The namespace's inode: the same namespace under two paths is one.
-    pub inode: u64,
-}
-
-fn setns(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: a valid namespace descriptor; only this thread changes.
-    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl Netns {
-    pub fn open(path: &Path) -> io::Result<Netns> {
-        use std::os::unix::fs::MetadataExt;
-        let f = std::fs::File::open(path)?;
-        let inode = f.metadata()?.ino();
-        Ok(Netns {
-            fd: f.into(),
-            path: path.to_path_buf(),
-            inode,
-        })
-    }
-
-    /// The namespace's descriptor.
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.fd.as_fd()
-    }
-
-    /// Run `f` on this thread inside the namespace, then come back.
-    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = HOME
-            .get()
-            .ok_or_else(|| io::Error::other("the agent's own network namespace was not recorded at start"))?;
-        setns(&self.fd)?;
-        let r = f();
-        // A thread left in a pod's namespace would put the next socket
-        // it makes there: not recoverable.
-        setns(home).expect("returning to the agent's network namespace");
-        Ok(r)
-    }
-}
-
-/// Where a workload's sockets live and who it is.
-#[derive(Debug)]
-pub struct WorkloadNet {
-    /// `None`: the agent's own namespace (the host's on a dev box).
-    pub netns: Option<Arc<Netns>>,
-    pub name: String,
-    pub namespace: String,
-    pub identity: Option<Identity>,
-    pub ips: Vec<IpAddr>,
-    /// Outbound sockets made ahead in the workload's namespace (IPv4,
-    /// IPv6), with the mark they carry: entering a namespace costs two
-    /// setns calls, so they are made a batch at a time.
-    spare: Mutex<[Vec<(u32, socket2::Socket)>; 2]>,
-}
-
-/// Outbound sockets made per visit to a pod's namespace.
-const SPARE_BATCH: usize = 16;
-
-impl WorkloadNet {
-    /// A pod's workload: its namespace, who it is, its addresses.
-    pub fn pod(netns: Arc<Netns>, name: String, namespace: String, identity: Option<Identity>, ips: Vec<IpAddr>) -> WorkloadNet {
-        WorkloadNet { netns: Some(netns), name, namespace, identity, ips, spare: Mutex::default() }
-    }
-
-    /// The agent's own namespace, as one more workload.
-    pub fn host(identity: Option<Identity>) -> WorkloadNet {
-        WorkloadNet {
-            netns: None,
-            name: "host".into(),
-            namespace: "default".into(),
-            identity,
-            ips: Vec::new(),
-            spare: Mutex::default(),
-        }
-    }
-
-    /// A new TCP socket in this workload's namespace.
-    pub fn socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket> {
-        let make = || socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP));
-        match &self.netns {
-            Some(ns) => ns.run(make)?,
-            None => make(),
-        }
-    }
-
-    /// A non-blocking TCP socket for an outbound connection, with `mark`
-    /// and no Nagle delay: from the spares, made a batch at a time.
-    fn outbound_socket(&self, domain: socket2::Domain, mark: u32) -> io::Result<socket2::Socket> {
-        let make = || -> io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking().cloexec(), Some(socket2::Protocol::TCP))?;
-            s.set_mark(mark)?;
-            s.set_nodelay(true)?;
-            Ok(s)
-        };
-        let Some(ns) = &self.netns else { return make() };
-        let slot = usize::from(domain == socket2::Domain::IPV6);
-        let mut spare = self.spare.lock().expect("spare sockets lock");
-        while let Some((m, s)) = spare[slot].pop() {
-            if m == mark {
-                return Ok(s);
-            }
-        }
-        let mut batch = ns.run(|| (0..SPARE_BATCH).map(|_| make()).collect::<io::Result<Vec<_>>>())??;
-        let s = batch.pop().expect("a batch of sockets");
-        spare[slot].extend(batch.into_iter().map(|s| (mark, s)));
-        Ok(s)
-    }
-
-    /// A listener on `addr` in this workload's namespace.
-    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let s = self.socket(socket2::Domain::for_address(addr))?;
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        // Accepted connections inherit it (no Nagle delay on replies).
-        s.set_nodelay(true)?;
-        if addr.ip().is_unspecified() {
-            // Accept connections to any address (the pod's, and the
-            // original destinations of redirected connections).
-            s.set_ip_transparent(true).ok();
-        }
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        tokio::net::TcpListener::from_std(s.into())
-    }
-
-    /// Connect to `dst` from this workload's namespace on a socket with the
-    /// proxy's mark, so no capture takes it again.
-    pub async fn connect(&self, dst: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpStream> {
-        let s = self.outbound_socket(socket2::Domain::for_address(dst), mark)?;
-        tokio::net::TcpSocket::from_std_stream(s.into()).connect(dst).await
-    }
-
-    pub fn describe(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
+use crate::mesh::pods::PodInfo;
+use crate::sys::netns::Netns;
+use crate::transport::socket::WorkloadNet;
 
 /// The cgroups a pod's processes run in (the kernel programs key on the
 /// socket's own cgroup): its annotation (relative to the cgroup2 mount or
@@ -194,7 +38,7 @@ pub fn pod_cgroups(mount: &Path, search: &Path, pod: &PodInfo) -> Vec<PathBuf> {
         return vec![if p.is_absolute() && p.starts_with(mount) { p.to_path_buf() } else { mount.join(c.trim_start_matches('/')) }];
     }
     let Some(uid) = pod.uid.as_deref() else { return Vec::new() };
-    let found = crate::podcgroup::find_pod(search, uid).or_else(|| (search != mount).then(|| crate::podcgroup::find_pod(mount, uid)).flatten());
+    let found = crate::inpod::cgroups::find_pod(search, uid).or_else(|| (search != mount).then(|| crate::inpod::cgroups::find_pod(mount, uid)).flatten());
     // The pod's own cgroup: enrolling it covers every container the
     // runtime starts under it, from the container's first connect.
     found.map(|p| vec![p.pod]).unwrap_or_default()
@@ -224,14 +68,6 @@ pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
         }
     }
     anyhow::bail!("no process runs in the pod's containers yet, so its network namespace is unknown")
-}
-
-/// The agent's own network namespace's inode.
-fn home_inode() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let fd = HOME.get()?;
-    let f = std::fs::File::from(fd.try_clone().ok()?);
-    f.metadata().ok().map(|m| m.ino())
 }
 
 /// The listeners the proxy opens in a pod's namespace.
@@ -393,14 +229,14 @@ impl InPod {
                     !cgroups.is_empty(),
                     "no cgroup found for pod UID {} (searched the kubepods tree for the systemd and cgroupfs drivers); set the {} annotation if the runtime puts pods elsewhere",
                     p.uid.as_deref().unwrap_or_default(),
-                    crate::mesh::model::CGROUP_ANNOTATION
+                    crate::mesh::pods::CGROUP_ANNOTATION
                 );
                 netns_of_cgroups(&cgroups)?
             }
         };
         // A pod sharing the node's namespace (hostNetwork) is never
         // captured: its listeners would be the node's.
-        anyhow::ensure!(Some(netns.inode) != home_inode(), "the pod runs in the node's network namespace (hostNetwork); not captured");
+        anyhow::ensure!(Some(netns.inode) != crate::sys::netns::home_inode(), "the pod runs in the node's network namespace (hostNetwork); not captured");
         let path = netns.path.display().to_string();
         let path = path.as_str();
         let w = Arc::new(WorkloadNet::pod(

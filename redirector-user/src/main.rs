@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use redirector::commands;
+use redirector::cmd;
 use redirector::config::AgentConfig;
 use redirector::state::{DEFAULT_STATE_DIR, ENV_STATE_DIR};
 
@@ -72,7 +72,7 @@ enum Command {
         #[arg(long, default_value = "minimal")]
         profile: String,
         /// The agent image.
-        #[arg(long, default_value = redirector::manifest::DEFAULT_IMAGE)]
+        #[arg(long, default_value = redirector::cmd::manifest::DEFAULT_IMAGE)]
         image: String,
     },
     /// Install a profile into the cluster (server-side apply), create the
@@ -80,7 +80,7 @@ enum Command {
     Install {
         #[arg(long, default_value = "minimal")]
         profile: String,
-        #[arg(long, default_value = redirector::manifest::DEFAULT_IMAGE)]
+        #[arg(long, default_value = redirector::cmd::manifest::DEFAULT_IMAGE)]
         image: String,
         /// How long to wait for the DaemonSet, in seconds.
         #[arg(long, default_value_t = 300)]
@@ -174,11 +174,11 @@ struct KubeArgs {
 }
 
 impl KubeArgs {
-    fn access(&self) -> anyhow::Result<redirector::kubernetes::Access> {
+    fn access(&self) -> anyhow::Result<redirector::mesh::kubernetes::Access> {
         if let Some(p) = &self.kubeconfig {
-            redirector::kubernetes::check_kubeconfig(p)?;
+            redirector::mesh::kubernetes::check_kubeconfig(p)?;
         }
-        Ok(redirector::kubernetes::Access { kubeconfig: self.kubeconfig.clone(), context: self.context.clone() })
+        Ok(redirector::mesh::kubernetes::Access { kubeconfig: self.kubeconfig.clone(), context: self.context.clone() })
     }
 }
 
@@ -197,7 +197,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_timer(redirector::logtime::LogTime)
+        .with_timer(redirector::telemetry::logtime::LogTime)
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
@@ -241,7 +241,7 @@ fn proxy_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// Run a command that talks to the cluster.
 fn in_cluster<F, Fut>(kube: &KubeArgs, f: F) -> anyhow::Result<()>
 where
-    F: FnOnce(redirector::kubernetes::Access) -> Fut,
+    F: FnOnce(redirector::mesh::kubernetes::Access) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let access = kube.access()?;
@@ -285,7 +285,7 @@ fn main() -> ExitCode {
             limit_malloc_arenas(workers);
             let rt = proxy_runtime(workers)?;
             let kubernetes = if a.kubernetes { Some(cli.kube.access()?) } else { None };
-            rt.block_on(redirector::agent::run(redirector::agent::RunOptions {
+            rt.block_on(redirector::app::run(redirector::app::RunOptions {
                 config,
                 state_dir: cli.state_dir,
                 config_dir: a.config_dir.clone(),
@@ -293,27 +293,27 @@ fn main() -> ExitCode {
             }))
         })(),
         Command::Exec { workload, command } => {
-            commands::exec(&cli.state_dir, workload.as_deref(), &command).map(|code| {
+            cmd::exec(&cli.state_dir, workload.as_deref(), &command).map(|code| {
                 std::process::exit(code);
             })
         }
-        Command::Enroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, true),
-        Command::Unenroll(t) => commands::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
-        Command::Status { json, cluster: false } => commands::status(&cli.state_dir, json),
-        Command::Status { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::status(&a, json).await }),
-        Command::Verify { json, cluster: false } => commands::verify(json),
-        Command::Verify { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::verify(&a, json).await }),
-        Command::Manifest { profile, image, .. } => redirector::manifest::generate(&profile, &image).map(|y| print!("{y}")),
+        Command::Enroll(t) => cmd::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, true),
+        Command::Unenroll(t) => cmd::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
+        Command::Status { json, cluster: false } => cmd::status(&cli.state_dir, json),
+        Command::Status { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::status(&a, json).await }),
+        Command::Verify { json, cluster: false } => cmd::verify(json),
+        Command::Verify { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::verify(&a, json).await }),
+        Command::Manifest { profile, image, .. } => redirector::cmd::manifest::generate(&profile, &image).map(|y| print!("{y}")),
         Command::Install { profile, image, timeout } => (|| {
             // Check the profile before reaching for the cluster.
-            redirector::manifest::documents(&profile, &image)?;
+            redirector::cmd::manifest::documents(&profile, &image)?;
             in_cluster(&cli.kube, |a| async move {
-                redirector::clustercmd::install(&a, &profile, &image, std::time::Duration::from_secs(timeout)).await
+                redirector::cmd::cluster::install(&a, &profile, &image, std::time::Duration::from_secs(timeout)).await
             })
         })(),
-        Command::Accelerate { state } => commands::accelerate(&cli.state_dir, state == "on"),
-        Command::Analyze { dir } => commands::analyze(&dir),
-        Command::ProxyConfig { what, json } => commands::proxy_config(&cli.state_dir, &what, json),
+        Command::Accelerate { state } => cmd::accelerate(&cli.state_dir, state == "on"),
+        Command::Analyze { dir } => cmd::analyze(&dir),
+        Command::ProxyConfig { what, json } => cmd::proxy_config(&cli.state_dir, &what, json),
         Command::Ca { dir, trust_domain, .. } => (|| {
             if dir.join(redirector::identity::CA_KEY_FILE).exists() {
                 anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
@@ -326,8 +326,8 @@ fn main() -> ExitCode {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Version { cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::clustercmd::version(&a).await }),
-        Command::Uninstall => commands::uninstall(&cli.state_dir),
+        Command::Version { cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::version(&a).await }),
+        Command::Uninstall => cmd::uninstall(&cli.state_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -496,7 +496,7 @@ impl Cluster {
                     .arg("uninstall")
                     .output();
             }
-            redirector::ebpf::remove_pins(&n.bpffs);
+            redirector::capture::ebpf::remove_pins(&n.bpffs);
         }
     }
 

@@ -119,7 +119,7 @@ pub fn redirector_bin() -> PathBuf {
 }
 
 pub(crate) fn cgroup2_mount() -> PathBuf {
-    redirector::cgroup::cgroup2_mount().expect("cgroup v2 mount")
+    redirector::sys::cgroup::cgroup2_mount().expect("cgroup v2 mount")
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
@@ -169,7 +169,7 @@ pub fn clean_leftovers() {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(PREFIX) && !alive(&n) {
-                redirector::ebpf::remove_pins(&e.path());
+                redirector::capture::ebpf::remove_pins(&e.path());
             }
         }
     }
@@ -490,7 +490,7 @@ impl Drop for Topology {
             let _ = self.redirector().arg("uninstall").output();
         }
         self.kill_agent();
-        redirector::ebpf::remove_pins(&self.bpffs);
+        redirector::capture::ebpf::remove_pins(&self.bpffs);
         remove_cgroup_tree(&self.cgroup);
         let _ = ip(&["netns", "del", &self.client_ns]);
         let _ = ip(&["netns", "del", &self.server_ns]);

@@ -113,7 +113,7 @@ fn enrolling_a_missing_cgroup_or_a_gone_pid_is_refused() {
     one_line_error(&out, &[&pid.to_string(), "does not exist"]);
 
     // A cgroup outside the capture subtree would never be seen.
-    let outside = redirector::cgroup::cgroup2_mount().unwrap();
+    let outside = redirector::sys::cgroup::cgroup2_mount().unwrap();
     let out = t.redirector().arg("enroll").arg(&outside).output().unwrap();
     one_line_error(&out, &["outside the capture subtree"]);
     assert_eq!(t.status()["cgroups"].as_array().unwrap().iter().filter(|c| c["enrolled"] == true).count(), 0);

@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use redirector::kubernetes::{prepare, spawn, Access};
-use redirector::mesh::model::PodInfo;
+use redirector::mesh::kubernetes::{prepare, spawn, Access};
+use redirector::mesh::pods::PodInfo;
 use redirector::mesh::MeshHandle;
 use redirector_tests::cluster::Cluster;
 use redirector_tests::kubeapi::KubeApi;
@@ -53,7 +53,7 @@ fn pod<'a>(pods: &'a [PodInfo], ns: &str, prefix: &str) -> Option<&'a PodInfo> {
 struct Source {
     handle: MeshHandle,
     warnings: Vec<String>,
-    status: std::sync::Arc<std::sync::Mutex<redirector::kubernetes::SourceStatus>>,
+    status: std::sync::Arc<std::sync::Mutex<redirector::mesh::kubernetes::SourceStatus>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -448,7 +448,7 @@ fn agents_read_the_cluster_from_the_api_server() {
         kubeconfigs.push(k);
     }
     c.kubeconfigs = Some(kubeconfigs);
-    for o in redirector::manifest::yaml_objects(&c.mesh_yaml()).unwrap() {
+    for o in redirector::cmd::manifest::yaml_objects(&c.mesh_yaml()).unwrap() {
         api.apply(o).unwrap();
     }
     c.start().unwrap();

@@ -42,14 +42,14 @@ fn scratch() -> PathBuf {
 fn every_profile_and_deploy_file_passes_the_kubernetes_schemas() {
     let Some(tool) = validator() else { return };
     let dir = scratch();
-    for profile in redirector::manifest::PROFILES {
+    for profile in redirector::cmd::manifest::PROFILES {
         let out = Command::new(redirector_tests::redirector_bin()).args(["manifest", "generate", "--profile", profile]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let file = dir.join(format!("{profile}.yaml"));
         std::fs::write(&file, &out.stdout).unwrap();
         let (ok, report) = validate(&tool, &file);
         assert!(ok, "profile {profile}:\n{report}");
-        let objects = redirector::manifest::documents(profile, redirector::manifest::DEFAULT_IMAGE).unwrap().len();
+        let objects = redirector::cmd::manifest::documents(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap().len();
         assert_eq!(report.matches(" passed for resource ").count(), objects, "every object of {profile} was checked:\n{report}");
     }
     let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
@@ -70,7 +70,7 @@ fn every_profile_and_deploy_file_passes_the_kubernetes_schemas() {
 fn a_broken_manifest_is_caught() {
     let Some(tool) = validator() else { return };
     let dir = scratch();
-    let yaml = redirector::manifest::generate("minimal", redirector::manifest::DEFAULT_IMAGE).unwrap();
+    let yaml = redirector::cmd::manifest::generate("minimal", redirector::cmd::manifest::DEFAULT_IMAGE).unwrap();
     // A wrong type, as a hand edit might make it.
     let broken = yaml.replacen("containerPort: 15020", "containerPort: metrics", 1);
     let file = dir.join("broken.yaml");
@@ -99,12 +99,12 @@ fn kustomize_renders_what_manifest_generate_prints() {
         let out = Command::new("kubectl").arg("kustomize").arg(deploy.join(dir)).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let parse = |text: &str| -> Vec<serde_json::Value> {
-            let mut v = redirector::manifest::yaml_objects(text).unwrap();
+            let mut v = redirector::cmd::manifest::yaml_objects(text).unwrap();
             v.sort_by_key(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]));
             v
         };
         let rendered = parse(&String::from_utf8_lossy(&out.stdout));
-        let generated = parse(&redirector::manifest::generate(profile, redirector::manifest::DEFAULT_IMAGE).unwrap());
+        let generated = parse(&redirector::cmd::manifest::generate(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap());
         assert_eq!(rendered, generated, "{profile}");
     }
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod kernel_test;
+mod layering;
 
 /// bpf-linker release known to build against the machine's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -72,6 +73,10 @@ enum Task {
         #[arg(long)]
         scenarios: Option<String>,
     },
+    /// The lint CI runs: rustfmt --check, clippy with warnings denied, and
+    /// the module layering (no import cycle between files; see
+    /// ARCHITECTURE.md).
+    Lint,
     /// Boot other kernels under QEMU and run the capture checks inside them.
     KernelTest {
         /// Comma-separated kernel series: 5.10, 6.1, 6.12.
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
         Task::Build => setup(false).and_then(|_| build(true)),
         Task::Run { args } => setup(false).and_then(|_| run(&args)),
         Task::Test { args } => setup(false).and_then(|_| test(&args)),
+        Task::Lint => setup(false).and_then(|_| lint()),
         Task::KernelTest {
             kernels,
             json,
@@ -330,6 +336,19 @@ fn bench(
         c.args(["--suite", &s]);
     }
     sh(&mut c)
+}
+
+fn lint() -> Result<()> {
+    step(1, 3, "module layering");
+    let (files, edges) = layering::check(&root_dir().join("redirector-user/src"))?;
+    eprintln!("      {files} files, {edges} imports between them, no cycle, every import allowed");
+    step(2, 3, "rustfmt --check");
+    sh(cargo().args(["fmt", "--all", "--check"])).context("fix: cargo fmt --all")?;
+    step(3, 3, "clippy (warnings denied)");
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        .context("fix what clippy reports above")?;
+    eprintln!("lint: clean");
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+/// The agent's own settings document, which may sit in a mesh directory.
+pub const AGENT_CONFIG_API: &str = "redirector.dev/v1alpha1";
+pub const AGENT_CONFIG_KIND: &str = "AgentConfig";
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {

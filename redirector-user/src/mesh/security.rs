@@ -14,9 +14,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::config::{Documents, Problem};
-use super::model::PodInfo;
-use crate::config::Cidr;
+use super::source_dir::{Documents, Problem};
+use super::pods::PodInfo;
+use crate::net::Cidr;
 use crate::identity::Identity;
 
 /// Istio's root namespace: policies there without a selector are mesh-wide.
@@ -208,7 +208,7 @@ impl Security {
     /// AuthorizationPolicies; bad values are errors naming the field.
     pub fn compile(docs: &Documents, errors: &mut Vec<Problem>) -> Security {
         let mut sec = Security::default();
-        let err = |errors: &mut Vec<Problem>, origin: &super::config::Origin, field: String, reason: String| {
+        let err = |errors: &mut Vec<Problem>, origin: &super::source_dir::Origin, field: String, reason: String| {
             errors.push(Problem { origin: origin.clone(), field, reason })
         };
         for d in &docs.peer_authentications {
@@ -323,7 +323,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("p.yaml"), yaml).unwrap();
-        let docs = crate::mesh::config::load_dir(&dir).unwrap();
+        let docs = crate::mesh::source_dir::load_dir(&dir).unwrap();
         let mut errors = Vec::new();
         let s = Security::compile(&docs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");

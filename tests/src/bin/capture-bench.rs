@@ -39,7 +39,7 @@ fn main() -> Result<()> {
     t.start_nginx(NGINX_PORT)?;
     t.start_agent(&format!("  excludePorts: [22, {EXCLUDED_PORT}]\n"))?;
 
-    let mount = redirector::cgroup::cgroup2_mount()?;
+    let mount = redirector::sys::cgroup::cgroup2_mount()?;
     // Outside the attach point: no program runs at all.
     let bare = mount.join(format!("{}-bare", t.name));
     std::fs::create_dir_all(&bare)?;
@@ -77,7 +77,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir(&bare);
 
     println!("\n## Capture path figures\n");
-    println!("kernel {}, {} CPUs, {ROUNDS} interleaved rounds of {CONNECTS} connect()+close() each to an excluded port that refuses (median of rounds)\n", redirector::system::kernel_release(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("kernel {}, {} CPUs, {ROUNDS} interleaved rounds of {CONNECTS} connect()+close() each to an excluded port that refuses (median of rounds)\n", redirector::sys::machine::kernel_release(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
     println!("| cgroup | connect()+close() | vs no program |");
     println!("|---|---:|---:|");
     let base = median(&hook[0]);

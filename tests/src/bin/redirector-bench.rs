@@ -275,7 +275,7 @@ fn run() -> Result<()> {
         Suite { medians, ratios, samples: cross }
     });
     let report = Report {
-        kernel: redirector::system::kernel_release(),
+        kernel: redirector::sys::machine::kernel_release(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         rounds: args.rounds,
         seconds_per_scenario: args.seconds,

@@ -2,6 +2,8 @@
 //! (`/stats/prometheus`, as Istio's merged endpoint, and `/metrics`), so
 //! existing dashboards and alerts work unchanged.
 
+pub mod logtime;
+
 use std::borrow::Cow;
 use std::sync::Mutex;
 
@@ -126,6 +128,14 @@ pub struct TcpSeries {
     pub received: Counter,
 }
 
+/// The workload a series is about, as the labels name it.
+#[derive(Clone, Copy)]
+pub struct Workload<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub identity: Option<&'a crate::identity::Identity>,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<Labels, Counter>,
@@ -217,27 +227,27 @@ impl Metrics {
         self.hbone_refused_total.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
     }
 
-    pub fn denied(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>) -> Counter {
+    pub fn denied(&self, w: Workload<'_>, peer: Option<&crate::identity::Identity>) -> Counter {
         self.denied_total
             .get_or_create(&DeniedLabels {
-                destination_workload: w.name.clone(),
-                destination_workload_namespace: w.namespace.clone(),
+                destination_workload: w.name.to_string(),
+                destination_workload_namespace: w.namespace.to_string(),
                 source_principal: peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()),
             })
             .clone()
     }
 
     /// Labels of a connection a workload received (reporter destination).
-    pub fn inbound_labels(&self, w: &crate::inpod::WorkloadNet, peer: Option<&crate::identity::Identity>, security: &'static str) -> Labels {
-        let namespace = label(&w.namespace);
+    pub fn inbound_labels(&self, w: Workload<'_>, peer: Option<&crate::identity::Identity>, security: &'static str) -> Labels {
+        let namespace = label(w.namespace);
         Labels {
             reporter: Cow::Borrowed("destination"),
             source_workload_namespace: peer.map(|p| label(&p.namespace)).unwrap_or(UNKNOWN),
             source_principal: peer.map(|p| Cow::Owned(p.to_string())).unwrap_or(UNKNOWN),
-            destination_workload: label(&w.name),
+            destination_workload: label(w.name),
             destination_workload_namespace: namespace.clone(),
             destination_service_namespace: namespace,
-            destination_principal: w.identity.as_ref().map(|id| Cow::Owned(id.to_string())).unwrap_or(UNKNOWN),
+            destination_principal: w.identity.map(|id| Cow::Owned(id.to_string())).unwrap_or(UNKNOWN),
             connection_security_policy: Cow::Borrowed(security),
             ..NOTHING_KNOWN
         }

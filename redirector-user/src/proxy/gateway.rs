@@ -14,10 +14,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
-use super::http::{self as l7, Upstreams};
-use super::metrics::Metrics;
-use super::model::Protocol;
-use super::MeshHandle;
+use crate::mesh::model::Protocol;
+use crate::mesh::MeshHandle;
+use crate::route::http as l7;
+use crate::telemetry::Metrics;
+use crate::transport::http_client::Upstreams;
 
 type Tls = Option<(PathBuf, PathBuf)>;
 

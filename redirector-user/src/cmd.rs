@@ -3,6 +3,9 @@
 //! its state record and work on the pinned maps directly, so enrollment
 //! works (and is kept) across agent restarts.
 
+pub mod cluster;
+pub mod manifest;
+
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
@@ -14,12 +17,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use redirector_common::Decision;
 use serde::Serialize;
 
-use crate::cgroup;
-use crate::ebpf::{self, PinnedMaps};
-use crate::iptables;
+use crate::sys::cgroup;
+use crate::capture::ebpf::{self, PinnedMaps};
+use crate::capture::iptables;
 use crate::proxy::StatsSnapshot;
 use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
-use crate::system::{self, Check};
+use crate::sys::machine::{self, Check};
 
 /// Enrollment through whichever capture the agent runs: the eBPF map, or a
 /// rule per workload in iptables mode.
@@ -66,7 +69,7 @@ fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn Enroller>)> {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    let missing = system::missing_capabilities();
+    let missing = machine::missing_capabilities();
     if !missing.is_empty() {
         bail!(
             "redirector {what} needs root or the capabilities {}: run it with sudo",
@@ -615,7 +618,7 @@ pub fn analyze(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         bail!("{}: not a directory; pass the directory holding your YAML", dir.display());
     }
-    let docs = match crate::mesh::config::load_dir(dir) {
+    let docs = match crate::mesh::source_dir::load_dir(dir) {
         Ok(d) => d,
         Err(problems) => return report_problems(&[], &problems),
     };
@@ -651,11 +654,11 @@ fn report_problems(warnings: &[crate::mesh::Problem], errors: &[crate::mesh::Pro
 
 /// `redirector verify`.
 pub fn verify(json: bool) -> Result<()> {
-    let mut checks = vec![Check::new("kernel", true, system::kernel_release())];
+    let mut checks = vec![Check::new("kernel", true, machine::kernel_release())];
     checks.push(Check::new(
         "btf",
         true,
-        if system::has_btf() {
+        if machine::has_btf() {
             "/sys/kernel/btf/vmlinux".to_string()
         } else {
             "no /sys/kernel/btf/vmlinux (not needed: the programs use no CO-RE relocations)".to_string()
@@ -666,7 +669,7 @@ pub fn verify(json: bool) -> Result<()> {
         Ok(m) => Check::new("cgroup v2", true, m.display().to_string()),
         Err(e) => Check::new("cgroup v2", false, e.to_string()),
     });
-    let missing = system::missing_capabilities();
+    let missing = machine::missing_capabilities();
     checks.push(Check::new(
         "capabilities",
         missing.is_empty(),
@@ -676,8 +679,8 @@ pub fn verify(json: bool) -> Result<()> {
             format!("missing {}: run as root", missing.join(", "))
         },
     ));
-    if crate::features::cilium_socket_lb() {
-        checks.push(Check::new("cilium socket-LB", true, crate::features::CILIUM_ADVICE.to_string()));
+    if crate::capture::features::cilium_socket_lb() {
+        checks.push(Check::new("cilium socket-LB", true, crate::capture::features::CILIUM_ADVICE.to_string()));
     }
     let bpffs = Path::new("/sys/fs/bpf");
     let bpffs_ok = ebpf::is_bpffs(bpffs);
@@ -695,24 +698,24 @@ pub fn verify(json: bool) -> Result<()> {
     // What the kernel offers, feature by feature, and the tier it allows;
     // then the programs through the verifier, as that tier loads them.
     let features = if missing.is_empty() {
-        crate::features::probe()
+        crate::capture::features::probe()
     } else {
         Vec::new()
     };
     let tier = if features.is_empty() {
         None
     } else {
-        Some(crate::features::tier(&features))
+        Some(crate::capture::features::tier(&features))
     };
     let mut programs = Vec::new();
     if missing.is_empty() {
-        let socket_storage = tier != Some(crate::features::Tier::EbpfKeyed);
+        let socket_storage = tier != Some(crate::capture::features::Tier::EbpfKeyed);
         match ebpf::check_programs(socket_storage) {
             Ok(progs) => {
                 for p in &progs {
                     // The shortcut's program is optional below its tier.
                     let optional = p.program == redirector_common::programs::SK_MSG
-                        && tier != Some(crate::features::Tier::EbpfSockmap);
+                        && tier != Some(crate::capture::features::Tier::EbpfSockmap);
                     checks.push(Check::new(
                         format!("program {}", p.program),
                         p.ok || optional,
@@ -768,14 +771,14 @@ pub fn verify(json: bool) -> Result<()> {
                 );
             }
             println!();
-            let lacking = crate::features::missing_for(&features, crate::features::Tier::EbpfSockmap);
+            let lacking = crate::capture::features::missing_for(&features, crate::capture::features::Tier::EbpfSockmap);
             if lacking.is_empty() {
                 println!("tier: {} (every feature present)", t.name());
             } else {
                 println!(
                     "tier: {} (kernel {} lacks: {})",
                     t.name(),
-                    system::kernel_release(),
+                    machine::kernel_release(),
                     lacking.join(", ")
                 );
             }

@@ -15,7 +15,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
-use super::{Mesh, MeshHandle};
+use crate::mesh::{Mesh, MeshHandle};
 
 /// TTL of mesh answers: short, so changes reach clients soon.
 const TTL: u32 = 30;
@@ -164,7 +164,7 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::config::{load_text, Documents};
+    use crate::mesh::source_dir::{load_text, Documents};
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
 

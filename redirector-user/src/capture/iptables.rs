@@ -354,7 +354,7 @@ impl IptablesCapture {
             info!(rules = stale, "removed iptables rules a previous run left");
         }
         // Keep only workloads whose cgroup still exists.
-        let mount = crate::cgroup::cgroup2_mount().ok();
+        let mount = crate::sys::cgroup::cgroup2_mount().ok();
         enrolled.retain(|e| {
             mount
                 .as_ref()
@@ -467,7 +467,7 @@ pub const POD_CHAIN_OUTPUT: &str = "REDIRECTOR_POD_OUTPUT";
 pub const POD_CHAIN_INBOUND: &str = "REDIRECTOR_POD_INBOUND";
 
 /// Run an iptables tool inside a pod's network namespace.
-fn run_in_pod(ns: &crate::inpod::Netns, tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+fn run_in_pod(ns: &crate::sys::netns::Netns, tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
     let mut cmd = Command::new("nsenter");
     // The descriptor the agent holds: the namespace stays reachable even
     // when the path it was found under (a process's) is gone.
@@ -535,7 +535,7 @@ pub fn pod_ruleset(cfg: &AgentConfig, family: Family, outbound: bool) -> String 
 
 /// Install a pod's rules in its namespace (replacing what a crashed run
 /// left there).
-pub fn install_in_pod(ns: &crate::inpod::Netns, cfg: &AgentConfig, outbound: bool) -> Result<(), IptablesError> {
+pub fn install_in_pod(ns: &crate::sys::netns::Netns, cfg: &AgentConfig, outbound: bool) -> Result<(), IptablesError> {
     remove_in_pod(ns)?;
     for family in Family::ALL {
         if let Err(e) = run_in_pod(ns, family.restore(), &["--noflush"], Some(&pod_ruleset(cfg, family, outbound))) {
@@ -547,7 +547,7 @@ pub fn install_in_pod(ns: &crate::inpod::Netns, cfg: &AgentConfig, outbound: boo
 }
 
 /// Remove exactly the pod's rules from its namespace.
-pub fn remove_in_pod(ns: &crate::inpod::Netns) -> Result<(), IptablesError> {
+pub fn remove_in_pod(ns: &crate::sys::netns::Netns) -> Result<(), IptablesError> {
     for family in Family::ALL {
         let saved = run_in_pod(ns, family.save(), &["-t", "nat"], None)?;
         let mut r = String::from("*nat\n");

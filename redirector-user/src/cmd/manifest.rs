@@ -7,19 +7,19 @@ use anyhow::{bail, Result};
 
 /// The base (minimal profile), in its kustomization's order.
 const BASE: [(&str, &str); 5] = [
-    ("namespace.yaml", include_str!("../../deploy/kubernetes/base/namespace.yaml")),
-    ("serviceaccount.yaml", include_str!("../../deploy/kubernetes/base/serviceaccount.yaml")),
-    ("rbac.yaml", include_str!("../../deploy/kubernetes/base/rbac.yaml")),
-    ("configmap.yaml", include_str!("../../deploy/kubernetes/base/configmap.yaml")),
-    ("daemonset.yaml", include_str!("../../deploy/kubernetes/base/daemonset.yaml")),
+    ("namespace.yaml", include_str!("../../../deploy/kubernetes/base/namespace.yaml")),
+    ("serviceaccount.yaml", include_str!("../../../deploy/kubernetes/base/serviceaccount.yaml")),
+    ("rbac.yaml", include_str!("../../../deploy/kubernetes/base/rbac.yaml")),
+    ("configmap.yaml", include_str!("../../../deploy/kubernetes/base/configmap.yaml")),
+    ("daemonset.yaml", include_str!("../../../deploy/kubernetes/base/daemonset.yaml")),
 ];
 
 /// The demo overlay's resources, and its patch (a whole ConfigMap).
 const DEMO: [(&str, &str); 2] = [
-    ("ingressgateway.yaml", include_str!("../../deploy/kubernetes/demo/ingressgateway.yaml")),
-    ("metrics.yaml", include_str!("../../deploy/kubernetes/demo/metrics.yaml")),
+    ("ingressgateway.yaml", include_str!("../../../deploy/kubernetes/demo/ingressgateway.yaml")),
+    ("metrics.yaml", include_str!("../../../deploy/kubernetes/demo/metrics.yaml")),
 ];
-const DEMO_CONFIGMAP: &str = include_str!("../../deploy/kubernetes/demo/configmap.yaml");
+const DEMO_CONFIGMAP: &str = include_str!("../../../deploy/kubernetes/demo/configmap.yaml");
 
 pub const PROFILES: [&str; 2] = ["minimal", "demo"];
 pub const DEFAULT_IMAGE: &str = "ghcr.io/redirector-mesh/redirector:0.1.0";

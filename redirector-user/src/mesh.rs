@@ -2,16 +2,12 @@
 //! YAML, compiled into routes the proxy applies per connection and per
 //! request, reloaded live.
 
-pub mod config;
-pub mod dns;
-pub mod gateway;
-pub mod h2stream;
-pub mod hbone;
-pub mod http;
-pub mod metrics;
+pub mod kubernetes;
 pub mod model;
+pub mod pods;
 pub mod resources;
 pub mod security;
+pub mod source_dir;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -19,12 +15,12 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-pub use config::Problem;
+pub use source_dir::Problem;
 pub use model::Mesh;
 
 /// Load and compile a directory. Errors: every problem that rejects it.
 pub fn load(dir: &Path) -> Result<Mesh, Vec<Problem>> {
-    let docs = config::load_dir(dir)?;
+    let docs = source_dir::load_dir(dir)?;
     Mesh::compile(&docs)
 }
 

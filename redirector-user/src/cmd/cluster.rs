@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
 
-use crate::kubernetes::{client, explain, Access};
-use crate::manifest::{DAEMONSET, NAMESPACE};
+use crate::mesh::kubernetes::{client, explain, Access};
+use crate::cmd::manifest::{DAEMONSET, NAMESPACE};
 
 /// The Istio plug-in CA Secret the agents mount.
 pub const CA_SECRET: &str = "cacerts";
@@ -40,7 +40,7 @@ fn resource_of(doc: &Value) -> Result<(ApiResource, bool)> {
 /// the mesh CA Secret if there is none, and wait until the DaemonSet is
 /// ready on every node, printing progress.
 pub async fn install(access: &Access, profile: &str, image: &str, timeout: Duration) -> Result<()> {
-    let docs = crate::manifest::documents(profile, image)?;
+    let docs = crate::cmd::manifest::documents(profile, image)?;
     let client = client(access).await?;
     let params = PatchParams::apply("redirector").force();
     let total = docs.len();
@@ -177,8 +177,8 @@ pub async fn agents(client: &kube::Client) -> Result<Vec<Agent>> {
 /// The digest of the config the cluster holds now, computed as each agent
 /// computes the one it applied.
 pub async fn cluster_digest(client: &kube::Client) -> Result<String> {
-    let (istio, _) = crate::kubernetes::istio_kinds(client).await?;
-    let mut watched = crate::kubernetes::core_kinds("");
+    let (istio, _) = crate::mesh::kubernetes::istio_kinds(client).await?;
+    let mut watched = crate::mesh::kubernetes::core_kinds("");
     watched.extend(istio);
     let mut objects = Vec::new();
     for w in watched.iter().filter(|w| w.field_selector.is_none()) {
@@ -187,13 +187,13 @@ pub async fn cluster_digest(client: &kube::Client) -> Result<String> {
         let mut m = BTreeMap::new();
         for o in list.items {
             let key = (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
-            if let Some(v) = crate::kubernetes::normalise(o, &w.resource) {
+            if let Some(v) = crate::mesh::kubernetes::normalise(o, &w.resource) {
                 m.insert(key, v);
             }
         }
         objects.push(m);
     }
-    Ok(crate::kubernetes::digest(objects.iter().flat_map(|m| m.values())))
+    Ok(crate::mesh::kubernetes::digest(objects.iter().flat_map(|m| m.values())))
 }
 
 /// `redirector status --cluster`: each node agent's config against the
@@ -310,13 +310,13 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
                         i["kernel"]["release"].as_str().unwrap_or("?"),
                         i["mode"].as_str().unwrap_or("?"),
                         if missing.is_empty() { String::new() } else { format!("; eBPF needs {}", missing.join(", ")) }
-                    ) + if i["kernel"]["ciliumSocketLb"].as_bool().unwrap_or(false) { format!("; {}", crate::features::CILIUM_ADVICE) } else { String::new() }.as_str(),
+                    ) + if i["kernel"]["ciliumSocketLb"].as_bool().unwrap_or(false) { format!("; {}", crate::capture::features::CILIUM_ADVICE) } else { String::new() }.as_str(),
                 ));
             }
             Err(e) => checks.push((name, false, e.clone())),
         }
     }
-    let (_, warnings) = crate::kubernetes::istio_kinds(&client).await?;
+    let (_, warnings) = crate::mesh::kubernetes::istio_kinds(&client).await?;
     checks.push((
         "istio CRDs".into(),
         true,

@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{AgentConfig, CaptureMode};
-use crate::ebpf::EbpfCapture;
-use crate::iptables::IptablesCapture;
+use crate::capture::ebpf::EbpfCapture;
+use crate::capture::iptables::IptablesCapture;
 use crate::proxy::{ProxySettings, ProxyStats};
 use crate::state::{AgentState, PROXY_CGROUP};
-use crate::{admin, cgroup, proxy, system};
+use crate::sys::{cgroup, machine};
+use crate::{admin, proxy};
 
 pub struct RunOptions {
     pub config: AgentConfig,
@@ -27,7 +28,7 @@ pub struct RunOptions {
     pub config_dir: Option<PathBuf>,
     /// Read the mesh config from the Kubernetes API instead (the
     /// DaemonSet).
-    pub kubernetes: Option<crate::kubernetes::Access>,
+    pub kubernetes: Option<crate::mesh::kubernetes::Access>,
 }
 
 fn bind_error(port: u16, field: &str, e: io::Error) -> anyhow::Error {
@@ -98,7 +99,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // start fails here, before anything is bound or attached.
     let kube = match &opts.kubernetes {
         Some(access) => {
-            let (client, watched, warnings) = crate::kubernetes::prepare(access, &cfg.node_name).await?;
+            let (client, watched, warnings) = crate::mesh::kubernetes::prepare(access, &cfg.node_name).await?;
             info!(node = %cfg.node_name, kinds = watched.len(), "kubernetes API reachable; watching the cluster");
             Some((client, watched, warnings))
         }
@@ -106,14 +107,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
 
     let signals = catch_signals()?;
-    let missing = system::missing_capabilities();
+    let missing = machine::missing_capabilities();
     if !missing.is_empty() {
         bail!(
             "redirector run needs root or the capabilities {}: run it with sudo",
             missing.join(", ")
         );
     }
-    crate::inpod::init_home().context("recording the agent's network namespace")?;
+    crate::sys::netns::init_home().context("recording the agent's network namespace")?;
 
     // The mesh CA: a file that does not parse or a key that does not match
     // fails the start here, before anything is bound or attached.
@@ -124,7 +125,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     .map_err(|e| anyhow!("mesh CA: {e}"))?;
     let ca_origin = ca.origin.clone();
     let certs = crate::identity::CertStore::new(ca, cfg.cert_lifetime);
-    let hbone_pool = crate::mesh::hbone::Pool::new(certs.clone(), cfg.proxy_mark, cfg.connect_timeout);
+    let hbone_pool = crate::transport::hbone::Pool::new(certs.clone(), cfg.proxy_mark, cfg.connect_timeout);
     let mount = cgroup::cgroup2_mount()?;
     let root = match &cfg.cgroup_root {
         Some(p) => cgroup::resolve(&mount, p).map_err(|e| anyhow!("capture.cgroupRoot: {e}"))?,
@@ -193,12 +194,25 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     // The ingress gateway's listeners (Gateways selecting
     // istio: ingressgateway): like the others, before anything is attached.
-    let metrics = Arc::new(crate::mesh::metrics::Metrics::default());
-    let upstreams = crate::mesh::http::Upstreams::new(crate::mesh::http::Connector {
+    let metrics = Arc::new(crate::telemetry::Metrics::default());
+    let transport = crate::transport::Transport {
         mark: cfg.proxy_mark,
         connect_timeout: cfg.connect_timeout,
+        hbone: Some(hbone_pool.clone()),
+    };
+    // The agent's own namespace is one more workload: the default service
+    // account of the default namespace.
+    let host_workload = Arc::new(crate::transport::socket::WorkloadNet::host(Some(crate::identity::Identity::new(
+        &cfg.trust_domain,
+        "default",
+        "default",
+    ))));
+    let upstreams = crate::transport::http_client::Upstreams::new(crate::transport::http_client::Connector {
+        transport: transport.clone(),
+        from: host_workload.clone(),
+        mesh: mesh.clone(),
     });
-    let gateways = match crate::mesh::gateway::Gateways::start(crate::mesh::gateway::GatewayContext {
+    let gateways = match crate::proxy::gateway::Gateways::start(crate::proxy::gateway::GatewayContext {
         mesh: mesh.clone(),
         upstreams: upstreams.clone(),
         metrics: metrics.clone(),
@@ -214,8 +228,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
 
     // The kernel is asked once: for the capture mode, and for `/node`.
-    let probed = crate::features::probe();
-    let cilium = crate::features::cilium_socket_lb();
+    let probed = crate::capture::features::probe();
+    let cilium = crate::capture::features::cilium_socket_lb();
     let (mode, socket_storage, reason) = match choose_mode(&cfg, &probed) {
         Ok(m) => m,
         Err(e) => {
@@ -224,7 +238,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     let installed = match mode {
-        CaptureMode::Iptables => crate::iptables::relative(&mount, &proxy_cgroup)
+        CaptureMode::Iptables => crate::capture::iptables::relative(&mount, &proxy_cgroup)
             .and_then(|rel| IptablesCapture::install(&cfg, rel))
             .map(Installed::Iptables)
             .map_err(anyhow::Error::from),
@@ -241,7 +255,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     info!(mode = mode.name(), reason = %reason, "capture mode chosen");
     if cilium {
-        warn!(advice = crate::features::CILIUM_ADVICE, "another program uses the connect hooks");
+        warn!(advice = crate::capture::features::CILIUM_ADVICE, "another program uses the connect hooks");
     }
     if let Installed::Ebpf(c) = &capture {
         if c.adopted {
@@ -284,22 +298,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (tx_holder, rx_holder) = watch::channel(false);
     let settings = ProxySettings {
         max_connections: cfg.max_connections,
-        connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
-        mark: cfg.proxy_mark,
+        transport,
         mesh: mesh.clone(),
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
         access_log: cfg.access_log,
-        workloads: Arc::new(crate::proxy::Workloads::new(mount.clone())),
-        // The agent's own namespace is one more workload: the default
-        // service account of the default namespace.
-        workload: Arc::new(crate::inpod::WorkloadNet::host(Some(crate::identity::Identity::new(
-            &cfg.trust_domain,
-            "default",
-            "default",
-        )))),
-        hbone: Some(hbone_pool.clone()),
+        workloads: Arc::new(crate::proxy::source::Workloads::new(mount.clone())),
+        workload: host_workload,
         close_on_stop: false,
     };
     let pods = Arc::new(crate::inpod::InPod::new(cfg.node_name.clone(), mount.clone(), root.clone()));
@@ -314,7 +320,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         inbound_port: cfg.inbound_port,
         hbone_port: cfg.hbone_port,
         dns_port: cfg.dns_port,
-        dns_upstreams: if cfg.dns_upstreams.is_empty() { crate::mesh::dns::system_resolvers() } else { cfg.dns_upstreams.clone() },
+        dns_upstreams: if cfg.dns_upstreams.is_empty() { crate::proxy::dns::system_resolvers() } else { cfg.dns_upstreams.clone() },
         drain_timeout: cfg.drain_timeout,
         cfg: cfg.clone(),
         steering: match &capture {
@@ -366,14 +372,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (tx, rx) = (tx_holder, rx_holder);
     let gateway_task = gateways.run(rx.clone());
     let dns_upstreams = Arc::new(if cfg.dns_upstreams.is_empty() {
-        crate::mesh::dns::system_resolvers()
+        crate::proxy::dns::system_resolvers()
     } else {
         cfg.dns_upstreams.clone()
     });
     let mut dns_tasks = Vec::new();
     for s in dns_sockets {
         s.set_nonblocking(true)?;
-        dns_tasks.push(crate::mesh::dns::serve(
+        dns_tasks.push(crate::proxy::dns::serve(
             tokio::net::UdpSocket::from_std(s)?,
             mesh.clone(),
             dns_upstreams.clone(),
@@ -385,10 +391,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .config_dir
         .clone()
         .map(|dir| crate::mesh::watch(dir, mesh.clone(), rx.clone()));
-    let kube_source = kube.map(|(client, watched, warnings)| crate::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone()));
+    let kube_source = kube.map(|(client, watched, warnings)| crate::mesh::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone()));
     let mut listeners = outbound;
     listeners.extend(inbound);
-    let proxy_task = tokio::spawn(proxy::run_outbound(
+    let proxy_task = tokio::spawn(proxy::outbound::run(
         listeners,
         settings,
         stats.clone(),
@@ -397,9 +403,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     ));
     let node = {
         let kernel = serde_json::json!({
-            "release": crate::system::kernel_release(),
-            "tier": crate::features::tier(&probed).name(),
-            "missing": crate::features::missing_for(&probed, crate::features::Tier::Ebpf),
+            "release": crate::sys::machine::kernel_release(),
+            "tier": crate::capture::features::tier(&probed).name(),
+            "missing": crate::capture::features::missing_for(&probed, crate::capture::features::Tier::Ebpf),
             "ciliumSocketLb": cilium,
         });
         let pods = pods.clone();
@@ -494,7 +500,7 @@ struct AgentPods {
     settings: ProxySettings,
     stats: Arc<ProxyStats>,
     certs: Arc<crate::identity::CertStore>,
-    metrics: Arc<crate::mesh::metrics::Metrics>,
+    metrics: Arc<crate::telemetry::Metrics>,
     mode: CaptureMode,
     bpffs_dir: PathBuf,
     outbound_port: u16,
@@ -505,7 +511,7 @@ struct AgentPods {
     drain_timeout: std::time::Duration,
     cfg: AgentConfig,
     /// eBPF inbound steering (sk_lookup), when the kernel has it.
-    steering: Option<Arc<crate::ebpf::PodSteering>>,
+    steering: Option<Arc<crate::capture::ebpf::PodSteering>>,
     state_dir: PathBuf,
     /// Pod cgroups frozen until their proxy is ready.
     held: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
@@ -530,7 +536,7 @@ fn release_leftover_holds(state_dir: &std::path::Path, bpffs_dir: &std::path::Pa
         let _ = std::fs::remove_file(&file);
     }
     if ebpf {
-        if let Ok(maps) = crate::ebpf::PinnedMaps::open(bpffs_dir) {
+        if let Ok(maps) = crate::capture::ebpf::PinnedMaps::open(bpffs_dir) {
             if let Ok(n) = maps.clear_pending() {
                 if n > 0 {
                     info!(cgroups = n, "lifted the refusals a previous agent left on pending pods");
@@ -547,19 +553,19 @@ fn write_held(file: &std::path::Path, held: &std::collections::BTreeSet<PathBuf>
 }
 
 impl crate::inpod::PodServer for AgentPods {
-    fn hold(&self, pod: &crate::mesh::model::PodInfo, cgroups: &[PathBuf]) -> Result<crate::inpod::PodHandle> {
-        use crate::mesh::model::UntilReady;
+    fn hold(&self, pod: &crate::mesh::pods::PodInfo, cgroups: &[PathBuf]) -> Result<crate::inpod::PodHandle> {
+        use crate::mesh::pods::UntilReady;
         // Each undo step is in the handle before its action: a step that
         // fails drops the handle, which undoes what was done.
         let mut handle = crate::inpod::PodHandle { stop: watch::channel(false).0, undo: Vec::new() };
         // iptables capture has no per-cgroup refusal: a pending pod is held.
         let freeze = pod.until_ready == UntilReady::Hold || self.mode == CaptureMode::Iptables;
         if self.mode != CaptureMode::Iptables {
-            let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
+            let maps = crate::capture::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
             let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
             let (dir, pending) = (self.bpffs_dir.clone(), ids.clone());
             handle.undo.push(Box::new(move || {
-                if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
+                if let Ok(maps) = crate::capture::ebpf::PinnedMaps::open(&dir) {
                     for id in pending {
                         let _ = maps.unenroll_if_pending(id);
                     }
@@ -595,8 +601,8 @@ impl crate::inpod::PodServer for AgentPods {
 
     fn start(
         &self,
-        pod: &crate::mesh::model::PodInfo,
-        w: Arc<crate::inpod::WorkloadNet>,
+        pod: &crate::mesh::pods::PodInfo,
+        w: Arc<crate::transport::socket::WorkloadNet>,
         cgroups: Vec<PathBuf>,
     ) -> Result<crate::inpod::PodHandle> {
         let listeners = crate::inpod::open_listeners(&w, self.outbound_port, self.inbound_port, self.hbone_port)
@@ -628,7 +634,7 @@ impl crate::inpod::PodServer for AgentPods {
         let steering = self.steering.as_ref().filter(|_| w.ips.iter().all(|ip| ip.is_ipv4()) && !w.ips.is_empty());
         if let Some(steering) = steering {
             // Rules an iptables-mode agent left in this namespace go first.
-            let _ = crate::iptables::remove_in_pod(&ns);
+            let _ = crate::capture::iptables::remove_in_pod(&ns);
             let ports = redirector_common::PodInbound {
                 hbone_port: self.hbone_port.into(),
                 inbound_port: self.inbound_port.into(),
@@ -642,10 +648,10 @@ impl crate::inpod::PodServer for AgentPods {
             let (steering, inode, ips) = (steering.clone(), ns.inode, w.ips.clone());
             handle.undo.push(Box::new(move || steering.unsteer(inode, &ips)));
         } else {
-            crate::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
+            crate::capture::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
                 .context("installing the pod's iptables rules")?;
             handle.undo.push(Box::new(move || {
-                if let Err(e) = crate::iptables::remove_in_pod(&ns) {
+                if let Err(e) = crate::capture::iptables::remove_in_pod(&ns) {
                     warn!(error = %e, "removing a pod's iptables rules");
                 }
             }));
@@ -655,11 +661,11 @@ impl crate::inpod::PodServer for AgentPods {
             _ => {
                 // The last step that can fail: a pending pod's refusal is
                 // replaced only when everything else is in place.
-                let maps = crate::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
+                let maps = crate::capture::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
                 let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
                 let (dir, enrolled) = (self.bpffs_dir.clone(), ids.clone());
                 handle.undo.push(Box::new(move || {
-                    if let Ok(maps) = crate::ebpf::PinnedMaps::open(&dir) {
+                    if let Ok(maps) = crate::capture::ebpf::PinnedMaps::open(&dir) {
                         for id in enrolled {
                             let _ = maps.unenroll(id);
                         }
@@ -670,7 +676,7 @@ impl crate::inpod::PodServer for AgentPods {
                 }
             }
         }
-        if let Some(pool) = &self.settings.hbone {
+        if let Some(pool) = &self.settings.transport.hbone {
             let pool = pool.clone();
             let inode = w.netns.as_ref().map(|n| n.inode).unwrap_or(0);
             handle.undo.push(Box::new(move || pool.forget(inode)));
@@ -678,28 +684,27 @@ impl crate::inpod::PodServer for AgentPods {
         let mut settings = self.settings.clone();
         settings.workload = w.clone();
         settings.close_on_stop = true;
-        tokio::spawn(proxy::run_outbound(
+        tokio::spawn(proxy::outbound::run(
             vec![listeners.outbound],
             settings,
             self.stats.clone(),
             stop_rx.clone(),
             self.drain_timeout,
         ));
-        let inbound = Arc::new(crate::mesh::hbone::Inbound {
+        let inbound = Arc::new(crate::proxy::inbound::Inbound {
             workload: w.clone(),
             certs: self.certs.clone(),
             mark: self.cfg.proxy_mark,
             connect_timeout: self.cfg.connect_timeout,
             handshake_timeout: self.cfg.handshake_timeout,
-            stats: self.settings.hbone.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
             metrics: self.metrics.clone(),
             mesh: self.settings.mesh.clone(),
             access_log: self.settings.access_log,
         });
-        tokio::spawn(crate::mesh::hbone::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
-        tokio::spawn(crate::mesh::hbone::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));
+        tokio::spawn(crate::proxy::inbound::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
+        tokio::spawn(crate::proxy::inbound::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));
         if let Some(s) = dns {
-            tokio::spawn(crate::mesh::dns::serve(
+            tokio::spawn(crate::proxy::dns::serve(
                 s,
                 self.settings.mesh.clone(),
                 Arc::new(self.dns_upstreams.clone()),
@@ -722,13 +727,13 @@ enum Installed {
 /// (never by version); `auto` then loads every program through the verifier
 /// and takes iptables if one is refused. A forced `ebpf` on a kernel that
 /// lacks a feature fails here, naming it.
-fn choose_mode(cfg: &AgentConfig, probed: &[crate::features::Feature]) -> Result<(CaptureMode, bool, String)> {
+fn choose_mode(cfg: &AgentConfig, probed: &[crate::capture::features::Feature]) -> Result<(CaptureMode, bool, String)> {
     use crate::config::Storage;
-    use crate::features::{self, Tier};
+    use crate::capture::features::{self, Tier};
     if cfg.mode == CaptureMode::Iptables {
         return Ok((CaptureMode::Iptables, true, "requested".into()));
     }
-    let release = system::kernel_release();
+    let release = machine::kernel_release();
     let best = features::tier(probed);
     let socket_storage = match cfg.storage {
         Storage::Socket => true,
@@ -778,7 +783,7 @@ fn choose_mode(cfg: &AgentConfig, probed: &[crate::features::Feature]) -> Result
         warn!("{reason}");
         return Ok((CaptureMode::Iptables, true, reason));
     }
-    match crate::ebpf::check_programs(socket_storage) {
+    match crate::capture::ebpf::check_programs(socket_storage) {
         // The shortcut's sk_msg program is optional: without it the kernel
         // still gets eBPF capture.
         Ok(checks) => match checks

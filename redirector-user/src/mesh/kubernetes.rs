@@ -32,7 +32,7 @@ use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
 use tracing::{error, info, warn};
 
-use crate::mesh::config::{load_value, Documents, Origin, Problem};
+use crate::mesh::source_dir::{load_value, Documents, Origin, Problem};
 use crate::mesh::{Mesh, MeshHandle};
 
 /// How to reach the cluster: a kubeconfig (and context), else the usual

@@ -27,7 +27,8 @@ use redirector_common::{
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::config::{AgentConfig, Cidr};
+use crate::config::AgentConfig;
+use crate::net::Cidr;
 
 /// The kernel object, built from redirector-ebpf by the build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector.bpf.o"));

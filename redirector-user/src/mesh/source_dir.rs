@@ -263,7 +263,7 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
             take!(authorization_policies, AuthorizationPolicySpec, Some("spec"))
         }
-        (crate::config::AGENT_CONFIG_API, crate::config::AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
+        (AGENT_CONFIG_API, AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
             origin,
             field: String::new(),
             reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored".into(),

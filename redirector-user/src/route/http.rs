@@ -6,27 +6,24 @@
 //! access log line is written with Envoy's response flags.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tracing::info;
 
-use super::model::{Action, Address, HttpRouteRule, Mesh, Protocol, Result5xx, StringMatcher};
-use super::resources::{HeaderOperations, Headers};
-use super::MeshHandle;
+use crate::mesh::model::{Action, Address, HttpRouteRule, Mesh, Protocol, Result5xx, StringMatcher};
+use crate::mesh::resources::{HeaderOperations, Headers};
+use crate::mesh::MeshHandle;
+use crate::transport::http_client::{Body, Upstreams};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 60 * 1024;
@@ -38,65 +35,6 @@ const LINGER_BYTES: usize = 1024 * 1024;
 
 /// Request bodies up to this size are kept so a retry can send them again.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
-
-/// Opens upstream connections for the HTTP clients: the proxy's mark on
-/// every socket (never captured again), names resolved at connect time.
-#[derive(Clone)]
-pub struct Connector {
-    pub mark: u32,
-    pub connect_timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mark = self.mark;
-        let timeout = self.connect_timeout;
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default().trim_matches(|c| c == '[' || c == ']').to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let addr = match host.parse() {
-                Ok(ip) => SocketAddr::new(ip, port),
-                Err(_) => tokio::net::lookup_host((host.as_str(), port))
-                    .await?
-                    .next()
-                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address")))?,
-            };
-            let s = tokio::time::timeout(timeout, crate::proxy::connect_marked(addr, mark))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
-            Ok(TokioIo::new(s))
-        })
-    }
-}
-
-/// The upstream HTTP clients (connection pools per endpoint), shared by
-/// every connection.
-#[derive(Clone)]
-pub struct Upstreams {
-    http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
-}
-
-impl Upstreams {
-    pub fn new(connector: Connector) -> Upstreams {
-        let mut b1 = Client::builder(TokioExecutor::new());
-        b1.pool_idle_timeout(Duration::from_secs(30));
-        let mut b2 = Client::builder(TokioExecutor::new());
-        b2.http2_only(true);
-        Upstreams {
-            http1: b1.build(connector.clone()),
-            http2: b2.build(connector),
-        }
-    }
-}
 
 /// What one connection carries into each request.
 #[derive(Clone)]
@@ -111,7 +49,7 @@ pub struct ConnContext {
     /// bound to the Gateways on this port.
     pub gateway_port: Option<u16>,
     pub protocol: Protocol,
-    pub metrics: std::sync::Arc<super::metrics::Metrics>,
+    pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// Write the per-request access log line.
     pub access_log: bool,
     /// The source workload (name, namespace), where known.
@@ -404,12 +342,12 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
             out.flags,
         ),
         || {
-            let mut l = super::metrics::Labels::to_service(svc_host, svc_ns, workload, version, "http");
+            let mut l = crate::telemetry::Labels::to_service(svc_host, svc_ns, workload, version, "http");
             l.response_code = status.to_string().into();
-            l.response_flags = super::metrics::label(out.flags);
+            l.response_flags = crate::telemetry::label(out.flags);
             if let Some((name, ns)) = source {
-                l.source_workload = super::metrics::label(name);
-                l.source_workload_namespace = super::metrics::label(ns);
+                l.source_workload = crate::telemetry::label(name);
+                l.source_workload_namespace = crate::telemetry::label(ns);
             }
             l
         },
@@ -487,7 +425,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         default_rule = HttpRouteRule {
             source: "default".into(),
             matches: Vec::new(),
-            action: Action::Route(vec![super::model::WeightedDestination {
+            action: Action::Route(vec![crate::mesh::model::WeightedDestination {
                 service,
                 subset: None,
                 port: None,
@@ -659,7 +597,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         .or_else(|| svc.ports.first().map(|p| p.port))
         .unwrap_or(port);
     let protocol = svc.port(svc_port).map(|p| p.protocol).unwrap_or(ctx.protocol);
-    let retry = rule.retries.clone().unwrap_or(super::model::Retry {
+    let retry = rule.retries.clone().unwrap_or(crate::mesh::model::Retry {
         attempts: 2,
         per_try_timeout: None,
         retry_on: vec!["connect-failure".into(), "refused-stream".into(), "unavailable".into(), "cancelled".into(), "retriable-status-codes".into(), "503".into()],
@@ -721,13 +659,13 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     let hash_key = {
         use std::hash::{Hash, Hasher};
         let key: Option<String> = match mesh.policy(dest.service, dest.subset.as_deref(), svc_port).map(|p| &p.lb) {
-            Some(super::model::LbPolicy::HashHeader(h)) => {
+            Some(crate::mesh::model::LbPolicy::HashHeader(h)) => {
                 parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string)
             }
-            Some(super::model::LbPolicy::HashQueryParameter(q)) => {
+            Some(crate::mesh::model::LbPolicy::HashQueryParameter(q)) => {
                 url_query(&parts.uri).into_iter().find(|(k, _)| k == q).map(|(_, v)| v)
             }
-            Some(super::model::LbPolicy::HashSourceIp) => Some(ctx.client.ip().to_string()),
+            Some(crate::mesh::model::LbPolicy::HashSourceIp) => Some(ctx.client.ip().to_string()),
             _ => None,
         };
         key.map(|k| {
@@ -934,24 +872,9 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     })
 }
 
-/// Whether the first bytes a client sent look like HTTP/1.x or the HTTP/2
-/// preface.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
-    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn http_is_recognised_by_its_first_bytes() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
-        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
-    }
 
     #[test]
     fn query_parameters_are_split() {

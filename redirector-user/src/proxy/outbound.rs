@@ -1,0 +1,360 @@
+//! The outbound listener (15001): a captured connection read forward.
+//! [`proxy_to`] is the whole path as a pipeline of calls: original
+//! destination → source → route → transport → copy → record. Each step
+//! lives in its own module; this file only strings them together and says
+//! what happened.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::{debug, info, warn};
+
+use super::{source, ProxySettings, ProxyStats};
+use crate::capture::orig_dst::original_dst;
+use crate::copy::{copy_one_way, until_idle, Tracked};
+use crate::identity::{Identity, Principal};
+use crate::mesh::model::{Address, Mesh, Protocol};
+use crate::route::http::{self as l7};
+use crate::telemetry::{label, Labels};
+use crate::transport::{Connected, Mtls, Upstream};
+
+/// Serve the outbound listeners until `shutdown` turns true, then wait up to
+/// `drain` for open connections to finish.
+pub(crate) async fn run(
+    listeners: Vec<TcpListener>,
+    settings: ProxySettings,
+    stats: Arc<ProxyStats>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let own: Arc<[SocketAddr]> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let (max, close_on_stop) = (settings.max_connections, settings.close_on_stop);
+    let settings = Arc::new(settings);
+    let handler_stats = stats.clone();
+    super::serve(listeners, max, close_on_stop, stats, shutdown, drain, move |stream, client| {
+        let (settings, stats, own) = (settings.clone(), handler_stats.clone(), own.clone());
+        async move {
+            let Some(dst) = destination(&stream, client, &own, &stats) else { return };
+            proxy_to(stream, client, dst, &settings, &stats).await;
+        }
+    })
+    .await
+}
+
+/// The original destination of an accepted connection, unless it has none
+/// (not captured) or it is one of the proxy's own listeners (a loop).
+fn destination(stream: &TcpStream, client: SocketAddr, own: &[SocketAddr], stats: &ProxyStats) -> Option<SocketAddr> {
+    let dst = match original_dst(stream, client) {
+        Ok(d) => d,
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(%client, error = %e, "no original destination for this connection (was it captured?); closing");
+            return None;
+        }
+    };
+    if is_self(dst, own) {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        warn!(%client, %dst, "original destination is the proxy itself; closing to avoid a loop");
+        return None;
+    }
+    Some(dst)
+}
+
+/// Whether `dst` is one of the proxy's own listeners: forwarding there would
+/// loop.
+fn is_self(dst: SocketAddr, listeners: &[SocketAddr]) -> bool {
+    listeners.iter().any(|l| l.port() == dst.port() && (dst.ip().is_loopback() || l.ip() == dst.ip()))
+}
+
+/// Where the L4 path sends a connection: the target and what the metrics
+/// say about it, with the destination's connection slot held for its life.
+struct TcpDecision {
+    target: SocketAddr,
+    labels: Option<Labels>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What the route step decided for one connection.
+enum Decision {
+    /// HTTP to a mesh service: routed per request.
+    Http { service: usize, protocol: Protocol },
+    Tcp(TcpDecision),
+    /// Refused, with Envoy's response flag and the reason for the log.
+    Refused { flags: &'static str, reason: &'static str, service: Option<String> },
+}
+
+/// Carry one captured connection to `dst`: name the source, route, connect,
+/// copy both ways, record.
+pub(crate) async fn proxy_to(mut client_stream: TcpStream, client: SocketAddr, dst: SocketAddr, settings: &ProxySettings, stats: &ProxyStats) {
+    let started = Instant::now();
+    let open = stats.open(client, dst, started);
+    let mesh = settings.mesh.current();
+    let source = source_of(&client_stream, client, settings, &mesh);
+    let tcp = match decide(&mesh, &client_stream, dst, settings).await {
+        Decision::Http { service, protocol } => {
+            stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            let ctx = l7::ConnContext {
+                mesh: settings.mesh.clone(),
+                upstreams: settings.upstreams.clone(),
+                client,
+                original_dst: dst,
+                service: Some(service),
+                gateway_port: None,
+                protocol,
+                metrics: settings.metrics.clone(),
+                access_log: settings.access_log,
+                source,
+            };
+            drop(mesh);
+            l7::serve(client_stream, ctx).await;
+            info!(%client, original_dst = %dst, duration_ms = started.elapsed().as_millis() as u64, "HTTP connection closed");
+            return;
+        }
+        Decision::Refused { flags, reason, service } => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            info!(%client, original_dst = %dst, service = service.as_deref().unwrap_or("-"), response_flags = flags, "{reason}; closing");
+            return;
+        }
+        Decision::Tcp(d) => d,
+    };
+    let connected = settings
+        .transport
+        .connect(&mesh, tcp.target, &settings.workload, Mtls::WhenEnrolled, Some(&mut client_stream))
+        .await;
+    drop(mesh);
+    let connected = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            info!(%client, original_dst = %dst, target = %tcp.target, error = %e, "upstream connect failed");
+            return;
+        }
+    };
+    let upstream_local = match &connected.upstream {
+        Upstream::Plain(s) => s.local_addr().ok(),
+        Upstream::Hbone(_) => None,
+    };
+    open.set_upstream_local(upstream_local);
+    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    let labels = tcp_labels(tcp.labels.clone(), dst, source.as_ref(), settings.workload.identity.as_ref(), connected.peer_identity.as_ref());
+    let record = OutboundRecord { client, dst, upstream_local, peer_identity: connected.peer_identity.clone(), started };
+    let series = settings.metrics.tcp_series(labels);
+    series.opened.inc();
+    debug!(%client, original_dst = %dst, "connected upstream");
+    let copied = copy(client_stream, connected, settings.idle_timeout).await;
+    stats.bytes_up.fetch_add(copied.up, Ordering::Relaxed);
+    stats.bytes_down.fetch_add(copied.down, Ordering::Relaxed);
+    series.sent.inc_by(copied.up);
+    series.received.inc_by(copied.down);
+    series.closed.inc();
+    if settings.access_log {
+        record.log(settings.workload.identity.as_ref(), &copied);
+    }
+    drop(tcp);
+}
+
+/// Who the connection is from: in a pod's namespace, the pod; else the
+/// client's cgroup (eBPF capture) or address.
+fn source_of(stream: &TcpStream, client: SocketAddr, settings: &ProxySettings, mesh: &Mesh) -> Option<(String, String)> {
+    match settings.workload.netns {
+        Some(_) => settings
+            .workload
+            .ips
+            .first()
+            .and_then(|ip| mesh.workload_at(*ip))
+            .or_else(|| Some((settings.workload.name.clone(), settings.workload.namespace.clone()))),
+        None => source::source_workload(stream, client, &settings.workloads, mesh),
+    }
+}
+
+/// The route step: a mesh service's HTTP port is routed per request; its
+/// TCP goes to the service's endpoints (or its TCP route); anything else
+/// goes where the client was going.
+async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &ProxySettings) -> Decision {
+    let Some((svc, port)) = mesh.service_at(dst) else {
+        return Decision::Tcp(TcpDecision { target: dst, labels: None, _slot: None });
+    };
+    let protocol = match port.protocol {
+        // In a pod's namespace the node proxy is L4, as ztunnel is: every
+        // port is carried over HBONE as TCP, and nothing is sniffed (a
+        // server-first protocol would wait for bytes the client never
+        // sends).
+        _ if settings.workload.netns.is_some() => Protocol::Tcp,
+        Protocol::Sniff => crate::route::sniff::sniff(stream).await,
+        p => p,
+    };
+    if matches!(protocol, Protocol::Http | Protocol::Http2) {
+        return Decision::Http { service: svc, protocol };
+    }
+    let Some((target, tsvc, subset, tport)) = crate::route::tcp_target(mesh, svc, dst).await else {
+        return Decision::Refused {
+            flags: "UH",
+            reason: "no endpoint for this service",
+            service: Some(mesh.services[svc].hostname.clone()),
+        };
+    };
+    let s = &mesh.services[tsvc];
+    let endpoint = s.endpoints.iter().find(|e| e.address == Address::Ip(target.ip()));
+    let ep_label = |k: &str| endpoint.and_then(|e| e.labels.get(k)).map(String::as_str).unwrap_or("unknown");
+    let labels = Labels::to_service(&s.hostname, &s.namespace, ep_label("app"), ep_label("version"), "tcp");
+    // tcp.maxConnections: over the limit, the connection is refused
+    // (Envoy's UO).
+    let cluster = mesh.cluster(tsvc, subset.as_deref(), tport);
+    let slot = match &cluster.connections {
+        Some(sem) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Decision::Refused {
+                    flags: "UO",
+                    reason: "connection limit of the destination reached",
+                    service: Some(s.hostname.clone()),
+                }
+            }
+        },
+        None => None,
+    };
+    Decision::Tcp(TcpDecision { target, labels: Some(labels), _slot: slot })
+}
+
+/// Istio's TCP labels of an outbound connection: the service's (or the
+/// PassthroughCluster's), the source workload, and both principals when
+/// the connection went over mTLS.
+fn tcp_labels(
+    service: Option<Labels>,
+    dst: SocketAddr,
+    source: Option<&(String, String)>,
+    own: Option<&Identity>,
+    peer: Option<&Identity>,
+) -> Labels {
+    let mut labels = service.unwrap_or_else(|| Labels::passthrough(dst));
+    if let Some((name, ns)) = source {
+        labels.source_workload = label(name);
+        labels.source_workload_namespace = label(ns);
+    }
+    if let Some(p) = peer {
+        if let Some(id) = own {
+            labels.source_principal = id.to_string().into();
+        }
+        labels.destination_principal = p.to_string().into();
+        labels.connection_security_policy = "mutual_tls".into();
+    }
+    labels
+}
+
+/// How a copy ended and what it moved.
+struct Copied {
+    up: u64,
+    down: u64,
+    /// `Ok(false)`: closed by the idle timeout.
+    outcome: std::io::Result<bool>,
+}
+
+/// Copy both ways until both sides end, an error, or `idle` with nothing
+/// moving.
+async fn copy(mut client_stream: TcpStream, connected: Connected, idle: Duration) -> Copied {
+    let activity = Arc::new(AtomicU64::new(0));
+    let up_bytes = Arc::new(AtomicU64::new(connected.early_bytes));
+    let down_bytes = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let (client_read, client_write) = client_stream.split();
+    let client_read = Tracked::new(client_read, activity.clone(), epoch, up_bytes.clone());
+    let outcome = match connected.upstream {
+        Upstream::Plain(mut upstream) => {
+            let (upstream_read, upstream_write) = upstream.split();
+            let copy = async {
+                tokio::try_join!(
+                    copy_one_way(client_read, Tracked::new(upstream_write, activity.clone(), epoch, Arc::default())),
+                    copy_one_way(
+                        Tracked::new(upstream_read, activity.clone(), epoch, down_bytes.clone()),
+                        Tracked::new(client_write, activity.clone(), epoch, Arc::default()),
+                    ),
+                )
+            };
+            until_idle(copy, &activity, epoch, idle).await.map(|r| r.is_some())
+        }
+        Upstream::Hbone(tunnel) => {
+            // Both directions straight between the socket and h2's frames.
+            let (mut from_peer, mut to_peer) = tunnel.into_split();
+            let copy = async {
+                tokio::try_join!(
+                    crate::transport::h2stream::copy_into(client_read, &mut to_peer),
+                    crate::transport::h2stream::copy_out(
+                        &mut from_peer,
+                        Tracked::counting_writes(client_write, activity.clone(), epoch, down_bytes.clone())
+                    ),
+                )
+            };
+            until_idle(copy, &activity, epoch, idle).await.map(|r| r.is_some())
+        }
+    };
+    Copied { up: up_bytes.load(Ordering::Relaxed), down: down_bytes.load(Ordering::Relaxed), outcome }
+}
+
+/// What the access-log line of an outbound connection says.
+struct OutboundRecord {
+    client: SocketAddr,
+    dst: SocketAddr,
+    upstream_local: Option<SocketAddr>,
+    peer_identity: Option<Identity>,
+    started: Instant,
+}
+
+impl OutboundRecord {
+    /// The access log's target (`access`), as the destination's line and
+    /// ztunnel's: one filter (`REDIRECTOR_LOG=...,access=off`) governs both.
+    fn log(&self, own: Option<&Identity>, copied: &Copied) {
+        let (client, dst, up, down) = (self.client, self.dst, copied.up, copied.down);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        match &copied.outcome {
+            Ok(true) => info!(
+                target: "access",
+                direction = "outbound",
+                %client, original_dst = %dst,
+                upstream_local = ?self.upstream_local,
+                source_principal = %Principal(own),
+                destination_principal = %Principal(self.peer_identity.as_ref()),
+                bytes_up = up, bytes_down = down, duration_ms,
+                "connection closed"
+            ),
+            Ok(false) => info!(
+                target: "access",
+                direction = "outbound",
+                %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
+                "idle timeout: connection closed"
+            ),
+            Err(e) => info!(
+                target: "access",
+                direction = "outbound",
+                %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
+                error = %e, "connection ended with an error"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_on_the_proxy_port_of_loopback_is_the_proxy() {
+        let l: Vec<SocketAddr> = vec!["127.0.0.1:15001".parse().unwrap()];
+        assert!(is_self("127.0.0.1:15001".parse().unwrap(), &l));
+        assert!(is_self("127.0.0.2:15001".parse().unwrap(), &l));
+        assert!(!is_self("198.18.0.1:15001".parse().unwrap(), &l));
+        assert!(!is_self("127.0.0.1:8080".parse().unwrap(), &l));
+    }
+
+    #[tokio::test]
+    async fn an_uncaptured_connection_has_no_original_destination() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        assert!(original_dst(&s, peer).is_err());
+    }
+}
