@@ -28,6 +28,7 @@ use crate::proxy::{ProxyStats, StatsSnapshot};
 pub struct Sources {
     pub stats: Arc<ProxyStats>,
     pub mesh: MeshHandle,
+    pub(crate) balancer: Arc<crate::endpoint::Balancer>,
     pub metrics: Arc<Metrics>,
     /// This node's agent: version, capture, config version, pods served.
     pub node: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
@@ -69,7 +70,7 @@ fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Res
         (_, "/healthz/ready") => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
         (Role::Admin, "/stats") => json(serde_json::to_vec(&src.stats.snapshot()).expect("serializable")),
         (Role::Admin, "/config_dump") => {
-            let mut dump = src.mesh.current().dump();
+            let mut dump = src.mesh.current().dump(&|host, ip| src.balancer.is_ejected(host, ip));
             dump["version"] = serde_json::json!(src.mesh.version());
             json(serde_json::to_vec_pretty(&dump).expect("serializable"))
         }

@@ -207,6 +207,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "default",
         "default",
     ))));
+    // Load-balancing state: one for the node, kept across config reloads.
+    let balancer = Arc::new(crate::endpoint::Balancer::default());
     let upstreams = crate::transport::http_client::Upstreams::new(crate::transport::http_client::Connector {
         transport: transport.clone(),
         from: host_workload.clone(),
@@ -215,6 +217,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let gateways = match crate::proxy::gateway::Gateways::start(crate::proxy::gateway::GatewayContext {
         mesh: mesh.clone(),
         upstreams: upstreams.clone(),
+        balancer: balancer.clone(),
         metrics: metrics.clone(),
         access_log: cfg.access_log,
     })
@@ -303,6 +306,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         mesh: mesh.clone(),
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
+        balancer: balancer.clone(),
         access_log: cfg.access_log,
         workloads: Arc::new(crate::proxy::source::Workloads::new(mount.clone())),
         workload: host_workload,
@@ -444,6 +448,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let sources = admin::Sources {
         stats: stats.clone(),
         mesh: mesh.clone(),
+        balancer: balancer.clone(),
         metrics: metrics.clone(),
         node,
     };

@@ -38,6 +38,7 @@
 pub mod capture;
 pub mod proxy;
 pub mod route;
+pub mod endpoint;
 pub mod transport;
 pub mod copy;
 pub mod telemetry;

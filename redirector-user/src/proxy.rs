@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
+use crate::endpoint::Balancer;
 use crate::mesh::MeshHandle;
 use crate::telemetry::Metrics;
 use crate::transport::http_client::Upstreams;
@@ -45,6 +46,8 @@ pub struct ProxySettings {
     pub(crate) mesh: MeshHandle,
     /// HTTP clients for L7 routing.
     pub(crate) upstreams: Upstreams,
+    /// Load-balancing state, kept across config reloads.
+    pub(crate) balancer: Arc<Balancer>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) access_log: bool,
     /// Source workload names by cgroup.

@@ -9,11 +9,12 @@ pub(crate) mod sniff;
 
 use std::net::SocketAddr;
 
+use crate::endpoint::Balancer;
 use crate::mesh::model::{Address, Mesh};
 
 /// Where a TCP connection to a mesh service goes: its TCP route (weighted)
 /// or the service's endpoints. `None`: the service has no endpoint.
-pub(crate) async fn tcp_target(mesh: &Mesh, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>, u16)> {
+pub(crate) async fn tcp_target(mesh: &Mesh, balancer: &Balancer, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>, u16)> {
     let service = &mesh.services[svc];
     if service.passthrough {
         return Some((dst, svc, None, dst.port()));
@@ -39,7 +40,7 @@ pub(crate) async fn tcp_target(mesh: &Mesh, svc: usize, dst: SocketAddr) -> Opti
         }
         None => (svc, None, dst.port()),
     };
-    let (addr, port) = mesh.pick_endpoint(target_svc, subset.as_deref(), port)?;
+    let (addr, port) = balancer.pick_endpoint(mesh, target_svc, subset.as_deref(), port)?;
     let a = match addr {
         Address::Ip(ip) => SocketAddr::new(ip, port),
         Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?,

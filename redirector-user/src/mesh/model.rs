@@ -8,10 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use regex::Regex;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::Semaphore;
 
 use super::source_dir::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 use super::pods::{pods, PodInfo};
@@ -189,7 +185,7 @@ pub enum LbPolicy {
 }
 
 /// connectionPool, as Envoy's circuit breakers apply it per destination.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolLimits {
     /// tcp.maxConnections: connections (for HTTP/1.1: requests in flight)
     /// to the destination.
@@ -231,41 +227,6 @@ pub struct Policy {
     pub ports: BTreeMap<(Option<String>, u16), EffectivePolicy>,
 }
 
-/// Circuit-breaker state of one destination (service and subset).
-#[derive(Debug)]
-pub struct Cluster {
-    pub connections: Option<Arc<Semaphore>>,
-    pub requests: Option<Arc<Semaphore>>,
-    pub pending: AtomicUsize,
-    pub limits: PoolLimits,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Health {
-    consecutive_5xx: u32,
-    consecutive_gateway: u32,
-    ejected_until: Option<Instant>,
-    ejections: u32,
-}
-
-/// A chosen endpoint.
-#[derive(Debug, Clone)]
-pub struct Picked {
-    pub address: Address,
-    pub port: u16,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// How a request to an endpoint ended, for outlier detection.
-#[derive(Debug, Clone, Copy)]
-pub enum Result5xx {
-    /// A response with this status.
-    Status(u16),
-    /// No response: connect failure, reset, timeout (counted as a
-    /// gateway error, as Envoy does for locally originated failures).
-    Failed,
-}
-
 /// A Gateway server the agent listens for (it acts as the ingress
 /// gateway the Gateway's selector names).
 #[derive(Debug, Clone)]
@@ -291,10 +252,9 @@ pub struct GatewayRoutes {
 /// (Istio's default ingress gateway labels).
 pub const GATEWAY_LABELS: [(&str, &str); 2] = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")];
 
-/// A destination: service index, subset and port (0: any).
-type ClusterKey = (usize, Option<String>, u16);
-
-/// The compiled mesh. Immutable; a change builds a new one.
+/// The compiled mesh. Immutable; a change builds a new one. Runtime state
+/// that must outlive a change (balancer cursors, ejections, pool slots) is
+/// kept by the data path, keyed by what it describes.
 #[derive(Debug, Default)]
 pub struct Mesh {
     pub services: Vec<Service>,
@@ -314,12 +274,6 @@ pub struct Mesh {
     pub security: super::security::Security,
     pods_by_ip: HashMap<IpAddr, usize>,
     pub warnings: Vec<Problem>,
-    /// Round-robin positions per (service, subset).
-    cursors: std::sync::Mutex<HashMap<(usize, Option<String>), usize>>,
-    /// Requests in flight per endpoint, for LEAST_REQUEST.
-    pub in_flight: std::sync::Mutex<HashMap<SocketAddr, usize>>,
-    clusters: std::sync::Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
-    health: std::sync::Mutex<HashMap<(usize, SocketAddr), Health>>,
 }
 
 /// Istio's duration strings: `1s`, `500ms`, `1.5s`, `2m`, `1h`.
@@ -1222,177 +1176,23 @@ impl Mesh {
         }
     }
 
-    /// The circuit-breaker state of a destination, made on first use.
-    pub fn cluster(&self, svc: usize, subset: Option<&str>, port: u16) -> Arc<Cluster> {
-        let key = (svc, subset.map(str::to_string), port);
-        let mut clusters = self.clusters.lock().expect("cluster lock");
-        clusters
-            .entry(key)
-            .or_insert_with(|| {
-                let limits = self.policy(svc, subset, port).map(|p| p.pool.clone()).unwrap_or_default();
-                Arc::new(Cluster {
-                    connections: limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
-                    requests: limits.max_requests.map(|n| Arc::new(Semaphore::new(n))),
-                    pending: AtomicUsize::new(0),
-                    limits,
-                })
-            })
-            .clone()
-    }
-
-    /// Choose an endpoint of `svc` (restricted to `subset`) for `port` (the
-    /// service port), skipping ejected ones. Returns the address to connect
-    /// to.
-    pub fn pick_endpoint(&self, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
-        self.pick(svc, subset, port, None).map(|e| (e.address, e.port))
-    }
-
-    /// [`Mesh::pick_endpoint`] with the endpoint's labels. `hash`: the
-    /// request's consistent-hash key, where the policy hashes.
-    pub fn pick(&self, svc: usize, subset: Option<&str>, port: u16, hash: Option<u64>) -> Option<Picked> {
-        let service = &self.services[svc];
-        let port_def = service.port(port).or_else(|| service.ports.first())?;
-        let policy = self.policy(svc, subset, port_def.port);
-        if subset.is_some() && policy.is_none() {
-            return None;
-        }
-        let labels = policy.and_then(|p| p.labels.as_ref());
-        let lb = policy.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin);
-        let port_of = |e: &Endpoint| {
-            e.ports
-                .get(&port_def.name)
-                .copied()
-                .or(port_def.target_port)
-                .unwrap_or(port_def.port)
-        };
-        let all: Vec<&Endpoint> = service
-            .endpoints
-            .iter()
-            .filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels)))
-            .collect();
-        if all.is_empty() {
-            return None;
-        }
-        // Outlier detection: leave ejected endpoints out; if every one is
-        // ejected, use them all (Envoy's panic mode).
-        let now = Instant::now();
-        let health = self.health.lock().expect("health lock");
-        let ejected = |e: &Endpoint| match &e.address {
-            Address::Ip(ip) => health
-                .get(&(svc, SocketAddr::new(*ip, port_of(e))))
-                .and_then(|h| h.ejected_until)
-                .is_some_and(|t| t > now),
-            Address::Dns(_) => false,
-        };
-        let healthy: Vec<&Endpoint> = all.iter().copied().filter(|e| !ejected(e)).collect();
-        drop(health);
-        let candidates = if healthy.is_empty() { all } else { healthy };
-        let chosen = match lb {
-            LbPolicy::HashHeader(_) | LbPolicy::HashQueryParameter(_) | LbPolicy::HashSourceIp if hash.is_some() => {
-                use std::hash::{Hash, Hasher};
-                let key = hash.unwrap_or_default();
-                let score = |e: &Endpoint| {
-                    let mut h = std::hash::DefaultHasher::new();
-                    key.hash(&mut h);
-                    match &e.address {
-                        Address::Ip(ip) => ip.hash(&mut h),
-                        Address::Dns(n) => n.hash(&mut h),
-                    }
-                    port_of(e).hash(&mut h);
-                    h.finish()
-                };
-                candidates.iter().copied().max_by_key(|e| score(e)).expect("not empty")
-            }
-            LbPolicy::Random => candidates[self.random(candidates.len())],
-            LbPolicy::LeastRequest => {
-                let in_flight = self.in_flight.lock().expect("lb lock");
-                // Power of two choices, as Envoy does.
-                let a = candidates[self.random(candidates.len())];
-                let b = candidates[self.random(candidates.len())];
-                let load = |e: &Endpoint| match &e.address {
-                    Address::Ip(ip) => in_flight.get(&SocketAddr::new(*ip, port_of(e))).copied().unwrap_or(0),
-                    Address::Dns(_) => 0,
-                };
-                if load(b) < load(a) {
-                    b
-                } else {
-                    a
-                }
-            }
-            _ => {
-                let mut cursors = self.cursors.lock().expect("lb lock");
-                let c = cursors.entry((svc, subset.map(str::to_string))).or_insert(0);
-                let e = candidates[*c % candidates.len()];
-                *c = c.wrapping_add(1);
-                e
-            }
-        };
-        Some(Picked {
-            address: chosen.address.clone(),
-            port: port_of(chosen),
-            labels: chosen.labels.clone(),
-        })
-    }
-
-    /// Record how a request to `endpoint` of `svc` ended; eject the
-    /// endpoint when outlier detection says so. Returns true when this
-    /// result ejected it.
-    pub fn report(&self, svc: usize, subset: Option<&str>, port: u16, endpoint: SocketAddr, result: Result5xx) -> bool {
-        let Some(o) = self.policy(svc, subset, port).and_then(|p| p.outlier.clone()) else {
-            return false;
-        };
-        let total = self.services[svc].endpoints.len().max(1);
-        let mut health = self.health.lock().expect("health lock");
-        let now = Instant::now();
-        let ejected_now = health.values().filter(|h| h.ejected_until.is_some_and(|t| t > now)).count();
-        let h = health.entry((svc, endpoint)).or_default();
-        let (five, gateway) = match result {
-            Result5xx::Status(s) => (s >= 500, matches!(s, 502..=504)),
-            Result5xx::Failed => (true, true),
-        };
-        if !five {
-            h.consecutive_5xx = 0;
-            h.consecutive_gateway = 0;
-            return false;
-        }
-        h.consecutive_5xx += 1;
-        if gateway {
-            h.consecutive_gateway += 1;
-        } else {
-            h.consecutive_gateway = 0;
-        }
-        let trip = (o.consecutive_5xx > 0 && h.consecutive_5xx >= o.consecutive_5xx)
-            || (o.consecutive_gateway > 0 && h.consecutive_gateway >= o.consecutive_gateway);
-        let allowed = (ejected_now + 1) * 100 <= total * o.max_ejection_percent as usize;
-        if trip && allowed && h.ejected_until.is_none_or(|t| t <= now) {
-            h.ejections += 1;
-            h.ejected_until = Some(now + o.base_ejection * h.ejections);
-            h.consecutive_5xx = 0;
-            h.consecutive_gateway = 0;
-            return true;
-        }
-        false
-    }
-
     /// The effective configuration, as `/config_dump` shows it and
     /// `redirector proxy-config` reads it.
-    pub fn dump(&self) -> serde_json::Value {
+    /// `ejected(hostname, address)`: whether the balancer has ejected that
+    /// endpoint now.
+    pub fn dump(&self, ejected: &dyn Fn(&str, IpAddr) -> bool) -> serde_json::Value {
         use serde_json::json;
-        let now = Instant::now();
-        let health = self.health.lock().expect("health lock");
         let services: Vec<_> = self
             .services
             .iter()
             .enumerate()
-            .map(|(i, s)| {
+            .map(|(_, s)| {
                 let endpoints: Vec<_> = s
                     .endpoints
                     .iter()
                     .map(|e| {
                         let ejected = match &e.address {
-                            Address::Ip(ip) => health.iter().any(|((svc, a), h)| {
-                                *svc == i && a.ip() == *ip && h.ejected_until.is_some_and(|t| t > now)
-                            }),
+                            Address::Ip(ip) => ejected(&s.hostname, *ip),
                             Address::Dns(_) => false,
                         };
                         json!({

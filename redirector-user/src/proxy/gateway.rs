@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
 use crate::mesh::model::Protocol;
+use crate::endpoint::Balancer;
 use crate::mesh::MeshHandle;
 use crate::route::http as l7;
 use crate::telemetry::Metrics;
@@ -27,6 +28,7 @@ type Tls = Option<(PathBuf, PathBuf)>;
 pub struct GatewayContext {
     pub mesh: MeshHandle,
     pub upstreams: Upstreams,
+    pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
 }
@@ -72,6 +74,7 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
             let conn = l7::ConnContext {
                 mesh: ctx.mesh.clone(),
                 upstreams: ctx.upstreams.clone(),
+                balancer: ctx.balancer.clone(),
                 client,
                 original_dst: local,
                 service: None,

@@ -100,6 +100,7 @@ pub(crate) async fn proxy_to(mut client_stream: TcpStream, client: SocketAddr, d
             let ctx = l7::ConnContext {
                 mesh: settings.mesh.clone(),
                 upstreams: settings.upstreams.clone(),
+                balancer: settings.balancer.clone(),
                 client,
                 original_dst: dst,
                 service: Some(service),
@@ -190,7 +191,7 @@ async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &Pro
     if matches!(protocol, Protocol::Http | Protocol::Http2) {
         return Decision::Http { service: svc, protocol };
     }
-    let Some((target, tsvc, subset, tport)) = crate::route::tcp_target(mesh, svc, dst).await else {
+    let Some((target, tsvc, subset, tport)) = crate::route::tcp_target(mesh, &settings.balancer, svc, dst).await else {
         return Decision::Refused {
             flags: "UH",
             reason: "no endpoint for this service",
@@ -203,7 +204,7 @@ async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &Pro
     let labels = Labels::to_service(&s.hostname, &s.namespace, ep_label("app"), ep_label("version"), "tcp");
     // tcp.maxConnections: over the limit, the connection is refused
     // (Envoy's UO).
-    let cluster = mesh.cluster(tsvc, subset.as_deref(), tport);
+    let cluster = settings.balancer.cluster(mesh, tsvc, subset.as_deref(), tport);
     let slot = match &cluster.connections {
         Some(sem) => match sem.clone().try_acquire_owned() {
             Ok(p) => Some(p),

@@ -19,7 +19,8 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::info;
 
-use crate::mesh::model::{Action, Address, HttpRouteRule, Mesh, Protocol, Result5xx, StringMatcher};
+use crate::mesh::model::{Action, Address, HttpRouteRule, Mesh, Protocol, StringMatcher};
+use crate::endpoint::Result5xx;
 use crate::mesh::resources::{HeaderOperations, Headers};
 use crate::mesh::MeshHandle;
 use crate::transport::http_client::{Body, Upstreams};
@@ -41,6 +42,7 @@ const REPLAYABLE_BODY: u64 = 64 * 1024;
 pub struct ConnContext {
     pub mesh: MeshHandle,
     pub upstreams: Upstreams,
+    pub balancer: std::sync::Arc<crate::endpoint::Balancer>,
     pub client: SocketAddr,
     pub original_dst: SocketAddr,
     /// The service the connection was addressed to (none on a gateway).
@@ -607,7 +609,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
 
     // Circuit breakers (DestinationRule connectionPool): requests in
     // flight, then a connection slot per request, with a bounded queue.
-    let cluster = mesh.cluster(dest.service, dest.subset.as_deref(), svc_port);
+    let cluster = ctx.balancer.cluster(mesh, dest.service, dest.subset.as_deref(), svc_port);
     let overflow = |route: Option<String>| Outcome {
         response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"),
         flags: "UO",
@@ -627,7 +629,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     if let (Some((md, pct)), Some(body)) = (&rule.mirror, &replay) {
         if mesh.chance(*pct) {
             let shadow_port = md.port.or_else(|| mesh.services[md.service].ports.first().map(|p| p.port)).unwrap_or(port);
-            if let Some(p) = mesh.pick(md.service, md.subset.as_deref(), shadow_port, None) {
+            if let Some(p) = ctx.balancer.pick(mesh, md.service, md.subset.as_deref(), shadow_port, None) {
                 let host = match &p.address {
                     Address::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
                     Address::Ip(ip) => ip.to_string(),
@@ -679,7 +681,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         let picked = if svc.passthrough {
             Some((Address::Ip(ctx.original_dst.ip()), ctx.original_dst.port()))
         } else {
-            mesh.pick(dest.service, dest.subset.as_deref(), svc_port, hash_key).map(|p| {
+            ctx.balancer.pick(mesh, dest.service, dest.subset.as_deref(), svc_port, hash_key).map(|p| {
                 target.labels = p.labels;
                 (p.address, p.port)
             })
@@ -771,9 +773,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             Address::Ip(ip) => Some(SocketAddr::new(*ip, ep_port)),
             Address::Dns(_) => None,
         };
-        if let Some(k) = ep_key {
-            *mesh.in_flight.lock().expect("lb lock").entry(k).or_insert(0) += 1;
-        }
+        let in_flight = ep_key.map(|k| ctx.balancer.start_request(k));
         let per_try = retry.per_try_timeout;
         let limit = match (deadline, per_try) {
             (Some(d), Some(p)) => Some(d.saturating_duration_since(Instant::now()).min(p)),
@@ -786,11 +786,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             Some(l) => tokio::time::timeout(l, call).await.map_err(|_| ()),
             None => Ok(call.await),
         };
-        if let Some(k) = ep_key {
-            if let Some(n) = mesh.in_flight.lock().expect("lb lock").get_mut(&k) {
-                *n = n.saturating_sub(1);
-            }
-        }
+        drop(in_flight);
         let retryable_status = |s: u16| {
             retry.retry_on.iter().any(|r| match r.as_str() {
                 "5xx" => s >= 500,
@@ -806,7 +802,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 Ok(Ok(resp)) => Result5xx::Status(resp.status().as_u16()),
                 _ => Result5xx::Failed,
             };
-            if mesh.report(dest.service, dest.subset.as_deref(), svc_port, ep, r) {
+            if ctx.balancer.report(mesh, dest.service, dest.subset.as_deref(), svc_port, ep, r) {
                 tracing::warn!(endpoint = %ep, service = %svc.hostname, "outlier detection: endpoint ejected");
             }
         }
