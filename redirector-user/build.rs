@@ -32,10 +32,8 @@ fn main() -> Result<()> {
 
     // The kernel object gets its own target directory so this nested cargo
     // never waits on the lock the outer build holds.
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("bpf");
+    let target_dir =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("bpf");
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = match bpf_compiler() {
@@ -71,10 +69,7 @@ fn main() -> Result<()> {
         .arg("--target-dir")
         .arg(&target_dir)
         // BTF is needed for the socket storage map; debug info feeds it.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
-        )
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTFLAGS")
@@ -88,15 +83,12 @@ fn main() -> Result<()> {
     if matches!(bpf_compiler(), Some(Compiler::Nightly)) {
         cmd.args(["-Z", "build-std=core"]);
     }
-    let status = cmd
-        .status()
-        .context("running cargo for the kernel programs")?;
+    let status = cmd.status().context("running cargo for the kernel programs")?;
     if !status.success() {
         bail!("building the kernel programs (redirector-ebpf) failed; see the errors above");
     }
     let obj = target_dir.join(TARGET).join("release").join("redirector-ebpf");
-    std::fs::copy(&obj, out_dir.join("redirector.bpf.o"))
-        .with_context(|| format!("copying {}", obj.display()))?;
+    std::fs::copy(&obj, out_dir.join("redirector.bpf.o")).with_context(|| format!("copying {}", obj.display()))?;
     Ok(())
 }
 
@@ -125,9 +117,7 @@ fn bpf_compiler() -> Option<Compiler> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = env::var_os("CARGO_HOME") {
         dirs.push(PathBuf::from(home).join("bin"));
     }

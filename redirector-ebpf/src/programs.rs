@@ -12,17 +12,16 @@ use aya_ebpf::{
         bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash,
-    },
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
 use redirector_common::{
-    is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
-    OriginalDst, PodInbound, SockKey, AF_INET, AF_INET6, SO_REDIRECTOR_SOURCE_CGROUP, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS,
-    MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST, ENROLL_PENDING, MAX_CGROUP_DEPTH,
+    is_v4_mapped, map_v4, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment, OriginalDst,
+    PodInbound, SockKey, AF_INET, AF_INET6, ENROLL_PENDING, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK, MAX_CGROUP_DEPTH,
+    MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_PENDING, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    SO_REDIRECTOR_SOURCE_CGROUP,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -129,21 +128,13 @@ fn socket_dst_map() -> *mut c_void {
 
 #[inline(always)]
 fn count(cgroup_id: u64, decision: Decision) {
-    let key = CounterKey {
-        cgroup_id,
-        decision: decision as u32,
-        _pad: 0,
-    };
+    let key = CounterKey { cgroup_id, decision: decision as u32, _pad: 0 };
     match COUNTERS.get_ptr_mut(&key) {
         // Per-CPU value: no other CPU touches it.
         Some(v) => unsafe { *v += 1 },
         None => {
             if COUNTERS.insert(&key, &1, 0).is_err() {
-                let global = CounterKey {
-                    cgroup_id: 0,
-                    decision: Decision::ErrorMapFull as u32,
-                    _pad: 0,
-                };
+                let global = CounterKey { cgroup_id: 0, decision: Decision::ErrorMapFull as u32, _pad: 0 };
                 if let Some(v) = COUNTERS.get_ptr_mut(&global) {
                     unsafe { *v += 1 }
                 }
@@ -332,21 +323,10 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, refuse: &mut bool) -> Result<(),
         return Ok(());
     }
 
-    let mut dst = OriginalDst {
-        addr,
-        port,
-        family,
-        _pad: 0,
-        cgroup_id,
-    };
+    let mut dst = OriginalDst { addr, port, family, _pad: 0, cgroup_id };
     let stored = if socket_storage() {
         let stored = unsafe {
-            bpf_sk_storage_get(
-                socket_dst_map(),
-                sk.cast(),
-                ptr::from_mut(&mut dst).cast(),
-                BPF_SK_STORAGE_GET_F_CREATE,
-            )
+            bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::from_mut(&mut dst).cast(), BPF_SK_STORAGE_GET_F_CREATE)
         };
         if !stored.is_null() {
             // The entry may predate this connect() on a reused socket.
@@ -361,10 +341,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, refuse: &mut bool) -> Result<(),
         // Fail open: the connection goes where it was going, uncaptured,
         // and the counter says so.
         count(cgroup_id, Decision::ErrorMapFull);
-        warn!(
-            ctx,
-            "socket storage full: connection to port {} of cgroup {} not captured", port, cgroup_id
-        );
+        warn!(ctx, "socket storage full: connection to port {} of cgroup {} not captured", port, cgroup_id);
         return Ok(());
     }
 
@@ -422,13 +399,7 @@ fn dns_out(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
         return Ok(());
     }
     let (addr, family) = destination(sa, v6);
-    let dst = OriginalDst {
-        addr,
-        port: DNS_PORT,
-        family,
-        _pad: 0,
-        cgroup_id,
-    };
+    let dst = OriginalDst { addr, port: DNS_PORT, family, _pad: 0, cgroup_id };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if DNS_ORIG.insert(&cookie, &dst, 0).is_err() {
         count(cgroup_id, Decision::ErrorMapFull);
@@ -522,17 +493,8 @@ fn conn_key(ctx: &SockOpsContext, local: bool) -> ConnKey {
             )
         }
     };
-    let addr = if family == u32::from(AF_INET) {
-        map_v4(ip4)
-    } else {
-        ip6
-    };
-    ConnKey {
-        netns_cookie,
-        addr,
-        port,
-        _pad: 0,
-    }
+    let addr = if family == u32::from(AF_INET) { map_v4(ip4) } else { ip6 };
+    ConnKey { netns_cookie, addr, port, _pad: 0 }
 }
 
 /// Both ends of the socket, as the sockmap key.
@@ -643,12 +605,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         let mut dst = *dst;
         let stored = unsafe {
-            bpf_sk_storage_get(
-                socket_dst_map(),
-                sk.cast(),
-                ptr::from_mut(&mut dst).cast(),
-                BPF_SK_STORAGE_GET_F_CREATE,
-            )
+            bpf_sk_storage_get(socket_dst_map(), sk.cast(), ptr::from_mut(&mut dst).cast(), BPF_SK_STORAGE_GET_F_CREATE)
         };
         if stored.is_null() {
             count(0, Decision::ErrorMapFull);
@@ -692,11 +649,7 @@ pub fn redirector_getsockopt(ctx: SockoptContext) -> i32 {
 /// [`ConnKey`] sockops wrote for the workload's end.
 #[inline(always)]
 fn peer_key(ctx: &SockoptContext, sk: *mut bpf_sock) -> ConnKey {
-    let netns_cookie = if NETNS_COOKIE.load() != 0 {
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
-    } else {
-        0
-    };
+    let netns_cookie = if NETNS_COOKIE.load() != 0 { unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } } else { 0 };
     // Every field is read, unconditionally and with its own load: the
     // verifier refuses arithmetic on a socket pointer, which is what the
     // compiler makes of loads chosen by a branch.
@@ -716,12 +669,7 @@ fn peer_key(ctx: &SockoptContext, sk: *mut bpf_sock) -> ConnKey {
         )
     };
     let addr = if family == u32::from(AF_INET) { map_v4(ip4) } else { ip6 };
-    ConnKey {
-        netns_cookie,
-        addr,
-        port: u32::from(u16::from_be(raw as u16)),
-        _pad: 0,
-    }
+    ConnKey { netns_cookie, addr, port: u32::from(u16::from_be(raw as u16)), _pad: 0 }
 }
 
 #[repr(C)]
@@ -870,11 +818,8 @@ fn try_sk_msg(ctx: &SkMsgContext) {
             ],
         )
     };
-    let (local_addr, remote_addr) = if family == u32::from(AF_INET) {
-        (map_v4(lip4), map_v4(rip4))
-    } else {
-        (lip6, rip6)
-    };
+    let (local_addr, remote_addr) =
+        if family == u32::from(AF_INET) { (map_v4(lip4), map_v4(rip4)) } else { (lip6, rip6) };
     let key = SockKey {
         netns_cookie: netns_cookie(ctx.as_ptr()),
         local_addr,
@@ -887,9 +832,7 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     // flow control: when the receiver falls behind, the writer gets ENOMEM
     // instead of blocking. The proxy retries that; an unmodified app would
     // not, so its writes keep the TCP stack (and its flow control).
-    let on = CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & FLAG_ACCELERATE != 0 && lport == u32::from(c.outbound_port));
+    let on = CONFIG.get(0).is_some_and(|c| c.flags & FLAG_ACCELERATE != 0 && lport == u32::from(c.outbound_port));
     // A socket that ever sent through the TCP stack stays on it: the peer
     // reads the shortcut's queue before its TCP receive queue, so bytes sent
     // the other way later would overtake the earlier ones. This covers the

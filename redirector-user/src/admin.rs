@@ -19,9 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::telemetry::Metrics;
 use crate::mesh::MeshHandle;
 use crate::proxy::{ProxyStats, StatsSnapshot};
+use crate::telemetry::Metrics;
 
 /// What the endpoints read.
 #[derive(Clone)]
@@ -54,9 +54,7 @@ pub async fn serve(listener: TcpListener, role: Role, sources: Sources, mut shut
                 let sources = sources.clone();
                 async move { Ok::<_, Infallible>(route(&req, role, &sources)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 debug!(error = %e, "admin connection");
             }

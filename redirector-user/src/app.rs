@@ -13,9 +13,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{AgentConfig, CaptureMode};
 use crate::capture::ebpf::EbpfCapture;
 use crate::capture::iptables::IptablesCapture;
+use crate::config::{AgentConfig, CaptureMode};
 use crate::proxy::{ProxySettings, ProxyStats};
 use crate::state::{AgentState, PROXY_CGROUP};
 use crate::sys::{cgroup, machine};
@@ -42,11 +42,8 @@ fn bind_error(port: u16, field: &str, e: io::Error) -> anyhow::Error {
 }
 
 fn bind_std(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+    let s =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     if v6only {
         s.set_only_v6(true)?;
     }
@@ -62,8 +59,7 @@ fn bind_std(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListener>
 
 /// Bind 127.0.0.1:port and, where the namespace has IPv6, [::1]:port.
 fn bind_loopback(port: u16, field: &str) -> Result<Vec<TcpListener>> {
-    let v4 = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false)
-        .map_err(|e| bind_error(port, field, e))?;
+    let v4 = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false).map_err(|e| bind_error(port, field, e))?;
     let mut out = vec![TcpListener::from_std(v4)?];
     match bind_std(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), true) {
         Ok(v6) => out.push(TcpListener::from_std(v6)?),
@@ -109,10 +105,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let signals = catch_signals()?;
     let missing = machine::missing_capabilities();
     if !missing.is_empty() {
-        bail!(
-            "redirector run needs root or the capabilities {}: run it with sudo",
-            missing.join(", ")
-        );
+        bail!("redirector run needs root or the capabilities {}: run it with sudo", missing.join(", "));
     }
     crate::sys::netns::init_home().context("recording the agent's network namespace")?;
 
@@ -324,7 +317,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         inbound_port: cfg.inbound_port,
         hbone_port: cfg.hbone_port,
         dns_port: cfg.dns_port,
-        dns_upstreams: if cfg.dns_upstreams.is_empty() { crate::proxy::dns::system_resolvers() } else { cfg.dns_upstreams.clone() },
+        dns_upstreams: if cfg.dns_upstreams.is_empty() {
+            crate::proxy::dns::system_resolvers()
+        } else {
+            cfg.dns_upstreams.clone()
+        },
         drain_timeout: cfg.drain_timeout,
         cfg: cfg.clone(),
         steering: match &capture {
@@ -356,7 +353,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     let m = mesh.current();
                     certs.rotate_due(&|id| {
                         (id.namespace == "default" && id.service_account == "default")
-                            || m.pods.iter().any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
+                            || m.pods
+                                .iter()
+                                .any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
                     });
                 }
                 let v = mesh.version();
@@ -391,20 +390,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             rx.clone(),
         ));
     }
-    let watcher = opts
-        .config_dir
-        .clone()
-        .map(|dir| crate::mesh::watch(dir, mesh.clone(), rx.clone()));
-    let kube_source = kube.map(|(client, watched, warnings)| crate::mesh::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone()));
+    let watcher = opts.config_dir.clone().map(|dir| crate::mesh::watch(dir, mesh.clone(), rx.clone()));
+    let kube_source = kube.map(|(client, watched, warnings)| {
+        crate::mesh::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone())
+    });
     let mut listeners = outbound;
     listeners.extend(inbound);
-    let proxy_task = tokio::spawn(proxy::outbound::run(
-        listeners,
-        settings,
-        stats.clone(),
-        rx.clone(),
-        cfg.drain_timeout,
-    ));
+    let proxy_task =
+        tokio::spawn(proxy::outbound::run(listeners, settings, stats.clone(), rx.clone(), cfg.drain_timeout));
     let node = {
         let kernel = serde_json::json!({
             "release": crate::sys::machine::kernel_release(),
@@ -733,8 +726,8 @@ enum Installed {
 /// and takes iptables if one is refused. A forced `ebpf` on a kernel that
 /// lacks a feature fails here, naming it.
 fn choose_mode(cfg: &AgentConfig, probed: &[crate::capture::features::Feature]) -> Result<(CaptureMode, bool, String)> {
-    use crate::config::Storage;
     use crate::capture::features::{self, Tier};
+    use crate::config::Storage;
     if cfg.mode == CaptureMode::Iptables {
         return Ok((CaptureMode::Iptables, true, "requested".into()));
     }
@@ -781,27 +774,17 @@ fn choose_mode(cfg: &AgentConfig, probed: &[crate::capture::features::Feature]) 
     }
     // auto
     if !lacking.is_empty() {
-        let reason = format!(
-            "auto: kernel {release} lacks {}; tier iptables",
-            lacking.join(", ")
-        );
+        let reason = format!("auto: kernel {release} lacks {}; tier iptables", lacking.join(", "));
         warn!("{reason}");
         return Ok((CaptureMode::Iptables, true, reason));
     }
     match crate::capture::ebpf::check_programs(socket_storage) {
         // The shortcut's sk_msg program is optional: without it the kernel
         // still gets eBPF capture.
-        Ok(checks) => match checks
-            .iter()
-            .find(|c| !c.ok && c.program != redirector_common::programs::SK_MSG)
-        {
+        Ok(checks) => match checks.iter().find(|c| !c.ok && c.program != redirector_common::programs::SK_MSG) {
             None => {
                 let msg_ok = checks.iter().any(|c| c.ok && c.program == redirector_common::programs::SK_MSG);
-                let t = if socket_storage && shortcut_lacking.is_empty() && msg_ok {
-                    Tier::EbpfSockmap
-                } else {
-                    tier
-                };
+                let t = if socket_storage && shortcut_lacking.is_empty() && msg_ok { Tier::EbpfSockmap } else { tier };
                 if !socket_storage && cfg.storage == Storage::Auto {
                     warn!(
                         "kernel {release} lacks {} (per-socket storage); tier {} chosen instead",
@@ -825,11 +808,7 @@ fn choose_mode(cfg: &AgentConfig, probed: &[crate::capture::features::Feature]) 
                 Ok((CaptureMode::Iptables, true, reason))
             }
         },
-        Err(e) => Ok((
-            CaptureMode::Iptables,
-            true,
-            format!("auto: eBPF unavailable ({e}); tier iptables"),
-        )),
+        Err(e) => Ok((CaptureMode::Iptables, true, format!("auto: eBPF unavailable ({e}); tier iptables"))),
     }
 }
 

@@ -17,11 +17,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use redirector_common::Decision;
 use serde::Serialize;
 
-use crate::sys::cgroup;
 use crate::capture::ebpf::{self, PinnedMaps};
 use crate::capture::iptables;
 use crate::proxy::StatsSnapshot;
 use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
+use crate::sys::cgroup;
 use crate::sys::machine::{self, Check};
 
 /// Enrollment through whichever capture the agent runs: the eBPF map, or a
@@ -59,9 +59,7 @@ impl Enroller for IptablesEnroller {
 fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn Enroller>)> {
     let state = AgentState::load(state_dir)?;
     let e: Box<dyn Enroller> = if state.mode == "iptables" {
-        Box::new(IptablesEnroller {
-            mount: cgroup::cgroup2_mount()?,
-        })
+        Box::new(IptablesEnroller { mount: cgroup::cgroup2_mount()? })
     } else {
         Box::new(EbpfEnroller(PinnedMaps::open(&state.bpffs_dir)?))
     };
@@ -71,10 +69,7 @@ fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn Enroller>)> {
 fn require_root(what: &str) -> Result<()> {
     let missing = machine::missing_capabilities();
     if !missing.is_empty() {
-        bail!(
-            "redirector {what} needs root or the capabilities {}: run it with sudo",
-            missing.join(", ")
-        );
+        bail!("redirector {what} needs root or the capabilities {}: run it with sudo", missing.join(", "));
     }
     Ok(())
 }
@@ -105,8 +100,7 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
     cgroup::ensure(&cg)?;
     maps.enroll(&cg)?;
 
-    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes())
-        .context("cgroup path")?;
+    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes()).context("cgroup path")?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(&command[1..]);
     // SAFETY: only async-signal-safe calls (open, write, close) between fork
@@ -135,18 +129,14 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
     // Last one out turns off the light: the cgroup is unenrolled and goes
     // only when no other process of this workload is left in it (iptables
     // names the cgroup by path, so the rule goes before the directory).
-    let empty = std::fs::read_to_string(cg.join("cgroup.procs"))
-        .map(|p| p.trim().is_empty())
-        .unwrap_or(false);
+    let empty = std::fs::read_to_string(cg.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(false);
     if empty {
         let _ = maps.unenroll(&cg);
         cgroup::remove_if_empty(&cg);
     }
     let status = status.with_context(|| format!("cannot run `{program}`"))?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 /// `redirector enroll` / `unenroll`.
@@ -301,11 +291,7 @@ fn ebpf_view(state: &AgentState) -> Result<CaptureView> {
         .collect();
     let (msgs_redirected, bytes_redirected, msgs_passed) = maps.accel_totals()?;
     Ok(CaptureView {
-        totals: Some(ShortcutTotals {
-            msgs_redirected,
-            bytes_redirected,
-            msgs_passed,
-        }),
+        totals: Some(ShortcutTotals { msgs_redirected, bytes_redirected, msgs_passed }),
         accelerate: Some(maps.accelerate()?),
         accelerated,
         attached: maps.links(),
@@ -343,15 +329,10 @@ fn iptables_view() -> Result<CaptureView> {
     let attached = if counts.is_empty() {
         Vec::new()
     } else {
-        [
-            iptables::CHAIN_OUTPUT,
-            iptables::CHAIN_PREROUTING,
-            iptables::CHAIN_REDIRECT,
-            iptables::CHAIN_INBOUND,
-        ]
-        .iter()
-        .map(|c| format!("nat/{c}"))
-        .collect()
+        [iptables::CHAIN_OUTPUT, iptables::CHAIN_PREROUTING, iptables::CHAIN_REDIRECT, iptables::CHAIN_INBOUND]
+            .iter()
+            .map(|c| format!("nat/{c}"))
+            .collect()
     };
     Ok(CaptureView {
         totals: None,
@@ -360,10 +341,7 @@ fn iptables_view() -> Result<CaptureView> {
         attached,
         in_flight: 0,
         cgroups,
-        rules: counts
-            .into_iter()
-            .map(|(rule, packets)| RuleCount { rule, packets })
-            .collect(),
+        rules: counts.into_iter().map(|(rule, packets)| RuleCount { rule, packets }).collect(),
     })
 }
 
@@ -398,17 +376,9 @@ fn cgroup_paths(root: &Path, want: &[u64]) -> BTreeMap<u64, PathBuf> {
 /// `redirector status`.
 pub fn status(state_dir: &Path, json: bool) -> Result<()> {
     let state = AgentState::load(state_dir)?;
-    let view = if state.mode == "iptables" {
-        iptables_view()?
-    } else {
-        ebpf_view(&state)?
-    };
+    let view = if state.mode == "iptables" { iptables_view()? } else { ebpf_view(&state)? };
     let running = state.agent_running();
-    let proxy = if running {
-        crate::admin::fetch_stats(state.admin).ok()
-    } else {
-        None
-    };
+    let proxy = if running { crate::admin::fetch_stats(state.admin).ok() } else { None };
     let st = Status {
         agent_pid: state.pid,
         agent_running: running,
@@ -472,10 +442,18 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         );
     }
     if let Some(n) = &st.node {
-        let list = |k: &str| -> Vec<String> { n[k].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect() };
+        let list = |k: &str| -> Vec<String> {
+            n[k].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+        };
         let (served, held) = (list("pods"), list("held"));
         if !served.is_empty() || !held.is_empty() || n["podProblems"].as_object().is_some_and(|m| !m.is_empty()) {
-            println!("pods       {} served ({}), config from {} (version {})", served.len(), served.join(", "), n["configSource"].as_str().unwrap_or("?"), n["configVersion"]);
+            println!(
+                "pods       {} served ({}), config from {} (version {})",
+                served.len(),
+                served.join(", "),
+                n["configSource"].as_str().unwrap_or("?"),
+                n["configVersion"]
+            );
             for (p, why) in n["podProblems"].as_object().into_iter().flatten() {
                 let state = if held.contains(p) { "HELD" } else { "NOT ENROLLED" };
                 println!("           {state} {p}: {}", why.as_str().unwrap_or_default());
@@ -489,19 +467,14 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
     let cols: Vec<&str> = Decision::ALL.iter().map(|d| d.name()).collect();
     println!("{:<8} {:<44} {:>8}  {}", "ENROLLED", "CGROUP", "ID", cols.join("  "));
     let row = |enrolled: &str, path: &str, id: String, counters: &BTreeMap<&'static str, u64>| {
-        let vals: Vec<String> = Decision::ALL
-            .iter()
-            .map(|d| format!("{:>w$}", counters[d.name()], w = d.name().len()))
-            .collect();
+        let vals: Vec<String> =
+            Decision::ALL.iter().map(|d| format!("{:>w$}", counters[d.name()], w = d.name().len())).collect();
         println!("{enrolled:<8} {path:<44} {id:>8}  {}", vals.join("  "));
     };
     let mut others: BTreeMap<&'static str, u64> = named(None);
     let mut other_count = 0;
     for c in &st.cgroups {
-        let only_unenrolled = c
-            .counters
-            .iter()
-            .all(|(k, v)| *k == Decision::NotEnrolled.name() || *v == 0);
+        let only_unenrolled = c.counters.iter().all(|(k, v)| *k == Decision::NotEnrolled.name() || *v == 0);
         if !c.enrolled && only_unenrolled && c.cgroup_id != 0 {
             other_count += 1;
             for (k, v) in &c.counters {
@@ -535,10 +508,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
 }
 
 fn named(c: Option<&ebpf::DecisionCounts>) -> BTreeMap<&'static str, u64> {
-    Decision::ALL
-        .iter()
-        .map(|d| (d.name(), c.map(|c| c[*d as usize]).unwrap_or(0)))
-        .collect()
+    Decision::ALL.iter().map(|d| (d.name(), c.map(|c| c[*d as usize]).unwrap_or(0))).collect()
 }
 
 /// `redirector accelerate on|off`: the kill switch of the sockmap shortcut.
@@ -553,10 +523,7 @@ pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
     }
     let maps = PinnedMaps::open(&state.bpffs_dir)?;
     maps.set_accelerate(on)?;
-    println!(
-        "same-node acceleration {}",
-        if on { "on (new connections)" } else { "off (every connection, at once)" }
-    );
+    println!("same-node acceleration {}", if on { "on (new connections)" } else { "off (every connection, at once)" });
     Ok(())
 }
 
@@ -588,7 +555,10 @@ pub fn proxy_config(state_dir: &Path, what: &str, json: bool) -> Result<()> {
         }
     }
     if what == "clusters" || what == "all" {
-        println!("{:<44} {:<10} {:<12} {:>9} {:>9} {:>9}  OUTLIER", "SERVICE", "SUBSET", "LB", "MAXCONN", "PENDING", "MAXREQ");
+        println!(
+            "{:<44} {:<10} {:<12} {:>9} {:>9} {:>9}  OUTLIER",
+            "SERVICE", "SUBSET", "LB", "MAXCONN", "PENDING", "MAXREQ"
+        );
         for c in dump["clusters"].as_array().unwrap_or(&empty) {
             println!(
                 "{:<44} {:<10} {:<12} {:>9} {:>9} {:>9}  {}",
@@ -697,16 +667,8 @@ pub fn verify(json: bool) -> Result<()> {
     ));
     // What the kernel offers, feature by feature, and the tier it allows;
     // then the programs through the verifier, as that tier loads them.
-    let features = if missing.is_empty() {
-        crate::capture::features::probe()
-    } else {
-        Vec::new()
-    };
-    let tier = if features.is_empty() {
-        None
-    } else {
-        Some(crate::capture::features::tier(&features))
-    };
+    let features = if missing.is_empty() { crate::capture::features::probe() } else { Vec::new() };
+    let tier = if features.is_empty() { None } else { Some(crate::capture::features::tier(&features)) };
     let mut programs = Vec::new();
     if missing.is_empty() {
         let socket_storage = tier != Some(crate::capture::features::Tier::EbpfKeyed);
@@ -736,11 +698,7 @@ pub fn verify(json: bool) -> Result<()> {
             Err(e) => checks.push(Check::new("programs", false, e.to_string())),
         }
     } else {
-        checks.push(Check::new(
-            "programs",
-            false,
-            "not checked: loading programs needs root",
-        ));
+        checks.push(Check::new("programs", false, "not checked: loading programs needs root"));
     }
     let ok = checks.iter().all(|c| c.ok);
     if json {
@@ -775,22 +733,14 @@ pub fn verify(json: bool) -> Result<()> {
             if lacking.is_empty() {
                 println!("tier: {} (every feature present)", t.name());
             } else {
-                println!(
-                    "tier: {} (kernel {} lacks: {})",
-                    t.name(),
-                    machine::kernel_release(),
-                    lacking.join(", ")
-                );
+                println!("tier: {} (kernel {} lacks: {})", t.name(), machine::kernel_release(), lacking.join(", "));
             }
         }
     }
     if ok {
         Ok(())
     } else {
-        Err(anyhow!(
-            "{} check(s) failed; see the rows marked FAIL",
-            checks.iter().filter(|c| !c.ok).count()
-        ))
+        Err(anyhow!("{} check(s) failed; see the rows marked FAIL", checks.iter().filter(|c| !c.ok).count()))
     }
 }
 
@@ -802,10 +752,8 @@ pub fn uninstall(state_dir: &Path) -> Result<()> {
         Err(crate::state::StateError::Missing(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let bpffs_dir = state
-        .as_ref()
-        .map(|s| s.bpffs_dir.clone())
-        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_BPFFS_DIR));
+    let bpffs_dir =
+        state.as_ref().map(|s| s.bpffs_dir.clone()).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_BPFFS_DIR));
     if let Some(s) = &state {
         if s.agent_running() && s.pid != std::process::id() {
             println!("stopping the agent (pid {})", s.pid);

@@ -19,18 +19,11 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}; check the path and its permissions")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: {field}: {message}")]
-    Invalid {
-        path: String,
-        field: &'static str,
-        message: String,
-    },
+    Invalid { path: String, field: &'static str, message: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,8 +87,6 @@ struct RawProxy {
     drain_timeout: Option<String>,
     concurrency: Option<usize>,
 }
-
-
 
 /// How connections are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,10 +239,7 @@ impl AgentConfig {
     }
 
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::from_yaml(&path.display().to_string(), &text)
     }
 
@@ -260,10 +248,7 @@ impl AgentConfig {
     /// `spec`), the format of the mesh configuration, or as the bare
     /// `capture:` / `proxy:` sections.
     pub fn from_yaml(origin: &str, text: &str) -> Result<AgentConfig, ConfigError> {
-        let parse = |message: String| ConfigError::Parse {
-            path: origin.into(),
-            message,
-        };
+        let parse = |message: String| ConfigError::Parse { path: origin.into(), message };
         let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
         let body = match value.get("kind") {
             None => value,
@@ -284,11 +269,8 @@ impl AgentConfig {
     }
 
     fn validate(origin: &str, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
-        let invalid = |field: &'static str, message: String| ConfigError::Invalid {
-            path: origin.into(),
-            field,
-            message,
-        };
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { path: origin.into(), field, message };
         let exclude_cidrs = raw
             .capture
             .exclude_cidrs
@@ -311,9 +293,11 @@ impl AgentConfig {
             .dns_upstreams
             .iter()
             .map(|s| {
-                s.parse::<SocketAddr>()
-                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .map_err(|_| invalid("proxy.dnsUpstreams", format!("`{s}` is not an address (e.g. 10.0.0.2 or 10.0.0.2:53)")))
+                s.parse::<SocketAddr>().or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53))).map_err(
+                    |_| {
+                        invalid("proxy.dnsUpstreams", format!("`{s}` is not an address (e.g. 10.0.0.2 or 10.0.0.2:53)"))
+                    },
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ports = [
@@ -352,10 +336,7 @@ impl AgentConfig {
         }
         let proxy_mark = raw.capture.proxy_mark.unwrap_or(redirector_common::DEFAULT_PROXY_MARK);
         if proxy_mark == 0 {
-            return Err(invalid(
-                "capture.proxyMark",
-                "0 would mark nothing; choose a non-zero mark".into(),
-            ));
+            return Err(invalid("capture.proxyMark", "0 would mark nothing; choose a non-zero mark".into()));
         }
         let mode = CaptureMode::parse(raw.capture.mode.as_deref().unwrap_or("auto"))
             .map_err(|m| invalid("capture.mode", m))?;
@@ -368,20 +349,12 @@ impl AgentConfig {
             accelerate: raw.capture.accelerate,
             storage: Storage::parse(raw.capture.storage.as_deref().unwrap_or("auto"))
                 .map_err(|m| invalid("capture.storage", m))?,
-            cgroup_root: raw
-                .capture
-                .cgroup_root
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
+            cgroup_root: raw.capture.cgroup_root.filter(|s| !s.is_empty()).map(PathBuf::from),
             exclude_ports: raw.capture.exclude_ports,
             exclude_cidrs,
             capture_loopback: raw.capture.capture_loopback,
             proxy_mark,
-            bpffs_dir: raw
-                .capture
-                .bpffs_dir
-                .map(PathBuf::from)
-                .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+            bpffs_dir: raw.capture.bpffs_dir.map(PathBuf::from).unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
             outbound_port,
             inbound_port,
             admin_port,
@@ -404,7 +377,10 @@ impl AgentConfig {
             trust_domain: {
                 let td = raw.mesh.trust_domain.unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
                 if td.is_empty() || td.contains('/') {
-                    return Err(invalid("mesh.trustDomain", format!("`{td}` is not a trust domain (e.g. cluster.local)")));
+                    return Err(invalid(
+                        "mesh.trustDomain",
+                        format!("`{td}` is not a trust domain (e.g. cluster.local)"),
+                    ));
                 }
                 td
             },
@@ -538,9 +514,8 @@ mod tests {
 
     #[test]
     fn a_bad_cidr_names_the_field_and_the_value() {
-        let err = AgentConfig::from_yaml("f.yaml", "capture:\n  excludeCidrs: [10.0.0.0/33]\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            AgentConfig::from_yaml("f.yaml", "capture:\n  excludeCidrs: [10.0.0.0/33]\n").unwrap_err().to_string();
         assert!(err.contains("capture.excludeCidrs") && err.contains("10.0.0.0/33"), "{err}");
     }
 
@@ -564,11 +539,8 @@ mod tests {
 
     #[test]
     fn exclusions_cover_loopback_ports_and_cidrs() {
-        let c = AgentConfig::from_yaml(
-            "f",
-            "capture:\n  excludePorts: [22]\n  excludeCidrs: [198.18.5.0/24]\n",
-        )
-        .unwrap();
+        let c =
+            AgentConfig::from_yaml("f", "capture:\n  excludePorts: [22]\n  excludeCidrs: [198.18.5.0/24]\n").unwrap();
         assert!(c.is_excluded("127.0.0.1:80".parse().unwrap()));
         assert!(c.is_excluded("[::1]:80".parse().unwrap()));
         assert!(c.is_excluded("198.18.0.1:22".parse().unwrap()));

@@ -15,7 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Run `copy` until it ends, or until nothing has moved for `idle` (by
 /// `activity`, milliseconds since `epoch`): `Ok(None)`.
-pub(crate) async fn until_idle<F, T>(copy: F, activity: &AtomicU64, epoch: Instant, idle: Duration) -> io::Result<Option<T>>
+pub(crate) async fn until_idle<F, T>(
+    copy: F,
+    activity: &AtomicU64,
+    epoch: Instant,
+    idle: Duration,
+) -> io::Result<Option<T>>
 where
     F: std::future::Future<Output = io::Result<T>>,
 {
@@ -89,36 +94,19 @@ pub(crate) struct Tracked<T> {
 }
 
 impl<T> Tracked<T> {
-    pub(crate) fn new(
-        inner: T,
-        activity: Arc<AtomicU64>,
-        epoch: Instant,
-        read_bytes: Arc<AtomicU64>,
-    ) -> Self {
-        Tracked {
-            inner,
-            activity,
-            epoch,
-            read_bytes,
-            written_bytes: None,
-            retry: None,
-        }
+    pub(crate) fn new(inner: T, activity: Arc<AtomicU64>, epoch: Instant, read_bytes: Arc<AtomicU64>) -> Self {
+        Tracked { inner, activity, epoch, read_bytes, written_bytes: None, retry: None }
     }
     pub(crate) fn counting_writes(inner: T, activity: Arc<AtomicU64>, epoch: Instant, written: Arc<AtomicU64>) -> Self {
         Tracked { written_bytes: Some(written), ..Tracked::new(inner, activity, epoch, Arc::default()) }
     }
     fn touch(&self) {
-        self.activity
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -131,11 +119,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             if let Some(sleep) = self.retry.as_mut() {
                 if sleep.as_mut().poll(cx).is_pending() {

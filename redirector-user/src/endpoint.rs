@@ -129,13 +129,26 @@ impl Balancer {
     /// Choose an endpoint of `svc` (restricted to `subset`) for `port` (the
     /// service port), skipping ejected ones. Returns the address to connect
     /// to.
-    pub(crate) fn pick_endpoint(&self, mesh: &Mesh, svc: usize, subset: Option<&str>, port: u16) -> Option<(Address, u16)> {
+    pub(crate) fn pick_endpoint(
+        &self,
+        mesh: &Mesh,
+        svc: usize,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Option<(Address, u16)> {
         self.pick(mesh, svc, subset, port, None).map(|e| (e.address, e.port))
     }
 
     /// [`Balancer::pick_endpoint`] with the endpoint's labels. `hash`: the
     /// request's consistent-hash key, where the policy hashes.
-    pub(crate) fn pick(&self, mesh: &Mesh, svc: usize, subset: Option<&str>, port: u16, hash: Option<u64>) -> Option<Picked> {
+    pub(crate) fn pick(
+        &self,
+        mesh: &Mesh,
+        svc: usize,
+        subset: Option<&str>,
+        port: u16,
+        hash: Option<u64>,
+    ) -> Option<Picked> {
         let service = &mesh.services[svc];
         let port_def = service.port(port).or_else(|| service.ports.first())?;
         let policy = mesh.policy(svc, subset, port_def.port);
@@ -144,18 +157,10 @@ impl Balancer {
         }
         let labels = policy.and_then(|p| p.labels.as_ref());
         let lb = policy.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin);
-        let port_of = |e: &Endpoint| {
-            e.ports
-                .get(&port_def.name)
-                .copied()
-                .or(port_def.target_port)
-                .unwrap_or(port_def.port)
-        };
-        let all: Vec<&Endpoint> = service
-            .endpoints
-            .iter()
-            .filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels)))
-            .collect();
+        let port_of =
+            |e: &Endpoint| e.ports.get(&port_def.name).copied().or(port_def.target_port).unwrap_or(port_def.port);
+        let all: Vec<&Endpoint> =
+            service.endpoints.iter().filter(|e| labels.is_none_or(|l| labels_match(l, &e.labels))).collect();
         if all.is_empty() {
             return None;
         }
@@ -213,17 +218,21 @@ impl Balancer {
                 e
             }
         };
-        Some(Picked {
-            address: chosen.address.clone(),
-            port: port_of(chosen),
-            labels: chosen.labels.clone(),
-        })
+        Some(Picked { address: chosen.address.clone(), port: port_of(chosen), labels: chosen.labels.clone() })
     }
 
     /// Record how a request to `endpoint` of `svc` ended; eject the
     /// endpoint when outlier detection says so. Returns true when this
     /// result ejected it.
-    pub(crate) fn report(&self, mesh: &Mesh, svc: usize, subset: Option<&str>, port: u16, endpoint: SocketAddr, result: Result5xx) -> bool {
+    pub(crate) fn report(
+        &self,
+        mesh: &Mesh,
+        svc: usize,
+        subset: Option<&str>,
+        port: u16,
+        endpoint: SocketAddr,
+        result: Result5xx,
+    ) -> bool {
         let Some(o) = mesh.policy(svc, subset, port).and_then(|p| p.outlier.clone()) else {
             return false;
         };
@@ -305,7 +314,11 @@ mod tests {
         assert!(balancer.is_ejected("web.default.svc.cluster.local", bad.ip()));
         for _ in 0..10 {
             let p = balancer.pick(&after, web(&after), None, 80, None).expect("an endpoint");
-            assert_eq!(p.address, Address::Ip("198.18.0.3".parse().unwrap()), "the ejected endpoint is skipped after the reload");
+            assert_eq!(
+                p.address,
+                Address::Ip("198.18.0.3".parse().unwrap()),
+                "the ejected endpoint is skipped after the reload"
+            );
         }
     }
 
@@ -313,7 +326,8 @@ mod tests {
     fn a_circuit_breaker_slot_held_before_a_reload_still_counts_after_it() {
         let balancer = Balancer::default();
         let before = mesh("");
-        let held = balancer.cluster(&before, web(&before), None, 80).connections.clone().unwrap().try_acquire_owned().unwrap();
+        let held =
+            balancer.cluster(&before, web(&before), None, 80).connections.clone().unwrap().try_acquire_owned().unwrap();
         let after = mesh("---\napiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {clusterIP: 10.96.0.4, ports: [{name: http, port: 81}]}\n");
         let cluster = balancer.cluster(&after, web(&after), None, 80);
         assert!(cluster.connections.clone().unwrap().try_acquire_owned().is_err(), "maxConnections 1 is still taken");
@@ -325,7 +339,8 @@ mod tests {
     fn changed_pool_limits_start_a_new_breaker() {
         let balancer = Balancer::default();
         let before = mesh("");
-        let _held = balancer.cluster(&before, web(&before), None, 80).connections.clone().unwrap().try_acquire_owned().unwrap();
+        let _held =
+            balancer.cluster(&before, web(&before), None, 80).connections.clone().unwrap().try_acquire_owned().unwrap();
         let after = compile(
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}]}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web}\nspec:\n  host: web\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 2}}\n",

@@ -20,8 +20,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
@@ -45,7 +45,9 @@ pub const GENERATED_CA_DIR: &str = "ca";
 pub enum IdentityError {
     #[error("CA file {path}: {message}; {fix}")]
     CaFile { path: PathBuf, message: String, fix: &'static str },
-    #[error("CA key {key} does not match the certificate {cert}; put the key that belongs to that certificate in {key}")]
+    #[error(
+        "CA key {key} does not match the certificate {cert}; put the key that belongs to that certificate in {key}"
+    )]
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("cannot write the mesh CA into {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
@@ -89,11 +91,7 @@ impl fmt::Display for Principal<'_> {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -187,19 +185,19 @@ impl MeshCa {
         let key_path = dir.join(CA_KEY_FILE);
         let root_path = dir.join(ROOT_CERT_FILE);
         let chain_path = dir.join(CERT_CHAIN_FILE);
-        let cert_pem = read_file(&cert_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
-        let key_pem = read_file(&key_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
-        let root_pem = read_file(&root_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
+        let cert_pem =
+            read_file(&cert_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
+        let key_pem =
+            read_file(&key_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
+        let root_pem =
+            read_file(&root_path, "the plug-in CA needs ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem")?;
         let ca_cert = parse_certs(&cert_path, &cert_pem)?.remove(0);
         let roots_der = parse_certs(&root_path, &root_pem)?;
         // cert-chain.pem is the CA certificate followed by its intermediates
         // (Istio's layout); a missing one means a CA signed by the root.
         let chain = if chain_path.exists() {
             let text = read_file(&chain_path, "it must hold PEM certificates")?;
-            parse_certs(&chain_path, &text)?
-                .into_iter()
-                .filter(|c| !roots_der.contains(c))
-                .collect()
+            parse_certs(&chain_path, &text)?.into_iter().filter(|c| !roots_der.contains(c)).collect()
         } else {
             vec![ca_cert.clone()]
         };
@@ -261,7 +259,12 @@ impl MeshCa {
     }
 
     /// A certificate for `id` valid from `not_before` to `not_after`.
-    pub fn issue_between(&self, id: &Identity, not_before: SystemTime, not_after: SystemTime) -> Result<WorkloadCert, IdentityError> {
+    pub fn issue_between(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
         let err = |m: String| IdentityError::Issue { identity: id.to_string(), message: m };
         let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
         let mut params = CertificateParams::default();
@@ -278,10 +281,7 @@ impl MeshCa {
         chain.extend(self.chain.iter().cloned());
         let provider = provider();
         let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = provider
-            .key_provider
-            .load_private_key(private)
-            .map_err(|e| err(e.to_string()))?;
+        let signing = provider.key_provider.load_private_key(private).map_err(|e| err(e.to_string()))?;
         Ok(WorkloadCert {
             key: Arc::new(CertifiedKey::new(chain, signing)),
             issued: SystemTime::now(),
@@ -293,7 +293,8 @@ impl MeshCa {
 /// A self-signed mesh root, used directly as the signing CA: (certificate
 /// PEM, key PEM).
 pub fn self_signed_ca_pem(trust_domain: &str) -> Result<(String, String), IdentityError> {
-    let key = KeyPair::generate().map_err(|e| IdentityError::Issue { identity: "the mesh CA".into(), message: e.to_string() })?;
+    let key = KeyPair::generate()
+        .map_err(|e| IdentityError::Issue { identity: "the mesh CA".into(), message: e.to_string() })?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::OrganizationName, trust_domain);
     params.distinguished_name.push(DnType::CommonName, "redirector mesh root CA");
@@ -363,12 +364,7 @@ pub struct CertStore {
 
 impl CertStore {
     pub fn new(ca: MeshCa, lifetime: Duration) -> Arc<CertStore> {
-        Arc::new(CertStore {
-            ca,
-            lifetime,
-            certs: RwLock::new(HashMap::new()),
-            rotations: Default::default(),
-        })
+        Arc::new(CertStore { ca, lifetime, certs: RwLock::new(HashMap::new()), rotations: Default::default() })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -424,13 +420,8 @@ impl CertStore {
 
     /// When each identity's certificate expires (status, tests).
     pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
-        let mut v: Vec<_> = self
-            .certs
-            .read()
-            .expect("cert store lock")
-            .iter()
-            .map(|(i, c)| (i.clone(), c.expires))
-            .collect();
+        let mut v: Vec<_> =
+            self.certs.read().expect("cert store lock").iter().map(|(i, c)| (i.clone(), c.expires)).collect();
         v.sort();
         v
     }

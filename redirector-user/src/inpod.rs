@@ -35,10 +35,15 @@ use crate::transport::socket::WorkloadNet;
 pub fn pod_cgroups(mount: &Path, search: &Path, pod: &PodInfo) -> Vec<PathBuf> {
     if let Some(c) = &pod.cgroup {
         let p = Path::new(c);
-        return vec![if p.is_absolute() && p.starts_with(mount) { p.to_path_buf() } else { mount.join(c.trim_start_matches('/')) }];
+        return vec![if p.is_absolute() && p.starts_with(mount) {
+            p.to_path_buf()
+        } else {
+            mount.join(c.trim_start_matches('/'))
+        }];
     }
     let Some(uid) = pod.uid.as_deref() else { return Vec::new() };
-    let found = crate::inpod::cgroups::find_pod(search, uid).or_else(|| (search != mount).then(|| crate::inpod::cgroups::find_pod(mount, uid)).flatten());
+    let found = crate::inpod::cgroups::find_pod(search, uid)
+        .or_else(|| (search != mount).then(|| crate::inpod::cgroups::find_pod(mount, uid)).flatten());
     // The pod's own cgroup: enrolling it covers every container the
     // runtime starts under it, from the container's first connect.
     found.map(|p| vec![p.pod]).unwrap_or_default()
@@ -53,7 +58,8 @@ pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
     for c in cgroups {
         dirs.push(c.clone());
         if let Ok(rd) = std::fs::read_dir(c) {
-            let mut sub: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect();
+            let mut sub: Vec<PathBuf> =
+                rd.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect();
             sub.sort();
             dirs.extend(sub);
         }
@@ -149,7 +155,11 @@ impl InPod {
     /// (its cgroups, then one of its processes).
     fn wanted<'a>(&self, pods: &'a [PodInfo]) -> Vec<&'a PodInfo> {
         pods.iter()
-            .filter(|p| p.enrolled && p.node_name.as_deref() == Some(self.node.as_str()) && (p.netns.is_some() || p.uid.is_some()))
+            .filter(|p| {
+                p.enrolled
+                    && p.node_name.as_deref() == Some(self.node.as_str())
+                    && (p.netns.is_some() || p.uid.is_some())
+            })
             .collect()
     }
 
@@ -191,8 +201,10 @@ impl InPod {
                     }
                     problems.insert(key.clone(), msg);
                     if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(key) {
-                        let cgroups: Vec<PathBuf> =
-                            pod_cgroups(&self.mount, &self.search, p).into_iter().filter(|c| c.join("cgroup.procs").exists()).collect();
+                        let cgroups: Vec<PathBuf> = pod_cgroups(&self.mount, &self.search, p)
+                            .into_iter()
+                            .filter(|c| c.join("cgroup.procs").exists())
+                            .collect();
                         if cgroups.is_empty() {
                             continue;
                         }
@@ -201,7 +213,9 @@ impl InPod {
                                 info!(pod = %format!("{}/{}", p.namespace, p.name), until_ready = ?p.until_ready, "pod held until its proxy is ready: nothing it sends goes around the mesh");
                                 slot.insert(Served { pod: p.clone(), _handle: h });
                             }
-                            Err(e) => warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served"),
+                            Err(e) => {
+                                warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served")
+                            }
                         }
                     }
                 }
@@ -236,7 +250,10 @@ impl InPod {
         };
         // A pod sharing the node's namespace (hostNetwork) is never
         // captured: its listeners would be the node's.
-        anyhow::ensure!(Some(netns.inode) != crate::sys::netns::home_inode(), "the pod runs in the node's network namespace (hostNetwork); not captured");
+        anyhow::ensure!(
+            Some(netns.inode) != crate::sys::netns::home_inode(),
+            "the pod runs in the node's network namespace (hostNetwork); not captured"
+        );
         let path = netns.path.display().to_string();
         let path = path.as_str();
         let w = Arc::new(WorkloadNet::pod(

@@ -36,24 +36,24 @@
 
 // The data path.
 pub mod capture;
+pub mod copy;
+pub mod endpoint;
 pub mod proxy;
 pub mod route;
-pub mod endpoint;
-pub mod transport;
-pub mod copy;
 pub mod telemetry;
+pub mod transport;
 
 // The control plane.
 pub mod config;
-pub mod net;
-pub mod mesh;
 pub mod identity;
+pub mod mesh;
+pub mod net;
 pub mod tls;
 
 // The node.
-pub mod inpod;
-pub mod sys;
-pub mod state;
 pub mod admin;
 pub mod app;
 pub mod cmd;
+pub mod inpod;
+pub mod state;
+pub mod sys;

@@ -9,11 +9,7 @@ use redirector::config::AgentConfig;
 use redirector::state::{DEFAULT_STATE_DIR, ENV_STATE_DIR};
 
 #[derive(Parser)]
-#[command(
-    name = "redirector",
-    version,
-    about = "Sidecarless service-mesh data plane: eBPF capture and a node proxy"
-)]
+#[command(name = "redirector", version, about = "Sidecarless service-mesh data plane: eBPF capture and a node proxy")]
 struct Cli {
     /// Where the agent records its runtime state (pins, cgroups, admin address).
     #[arg(long, global = true, env = ENV_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
@@ -95,9 +91,7 @@ enum Command {
     /// Validate a directory of Istio / Kubernetes YAML offline, like
     /// `istioctl analyze`: every error and warning with file, document and
     /// field; non-zero exit on errors.
-    Analyze {
-        dir: PathBuf,
-    },
+    Analyze { dir: PathBuf },
     /// Show the running agent's effective routing (from its /config_dump),
     /// like `istioctl proxy-config`.
     ProxyConfig {
@@ -275,10 +269,7 @@ fn main() -> ExitCode {
             }
             if let Some(d) = &a.config_dir {
                 if !d.is_dir() {
-                    anyhow::bail!(
-                        "--config-dir {}: not a readable directory; create it or fix the path",
-                        d.display()
-                    );
+                    anyhow::bail!("--config-dir {}: not a readable directory; create it or fix the path", d.display());
                 }
             }
             let workers = config.worker_threads();
@@ -292,18 +283,22 @@ fn main() -> ExitCode {
                 kubernetes,
             }))
         })(),
-        Command::Exec { workload, command } => {
-            cmd::exec(&cli.state_dir, workload.as_deref(), &command).map(|code| {
-                std::process::exit(code);
-            })
-        }
+        Command::Exec { workload, command } => cmd::exec(&cli.state_dir, workload.as_deref(), &command).map(|code| {
+            std::process::exit(code);
+        }),
         Command::Enroll(t) => cmd::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, true),
         Command::Unenroll(t) => cmd::enroll(&cli.state_dir, t.cgroup.as_deref(), t.pid, false),
         Command::Status { json, cluster: false } => cmd::status(&cli.state_dir, json),
-        Command::Status { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::status(&a, json).await }),
+        Command::Status { json, cluster: true } => {
+            in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::status(&a, json).await })
+        }
         Command::Verify { json, cluster: false } => cmd::verify(json),
-        Command::Verify { json, cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::verify(&a, json).await }),
-        Command::Manifest { profile, image, .. } => redirector::cmd::manifest::generate(&profile, &image).map(|y| print!("{y}")),
+        Command::Verify { json, cluster: true } => {
+            in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::verify(&a, json).await })
+        }
+        Command::Manifest { profile, image, .. } => {
+            redirector::cmd::manifest::generate(&profile, &image).map(|y| print!("{y}"))
+        }
         Command::Install { profile, image, timeout } => (|| {
             // Check the profile before reaching for the cluster.
             redirector::cmd::manifest::documents(&profile, &image)?;
@@ -319,14 +314,19 @@ fn main() -> ExitCode {
                 anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
             }
             redirector::identity::write_self_signed_ca(&dir, &trust_domain)?;
-            println!("mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node", dir.display());
+            println!(
+                "mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node",
+                dir.display()
+            );
             Ok(())
         })(),
         Command::Version { cluster: false } => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Version { cluster: true } => in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::version(&a).await }),
+        Command::Version { cluster: true } => {
+            in_cluster(&cli.kube, |a| async move { redirector::cmd::cluster::version(&a).await })
+        }
         Command::Uninstall => cmd::uninstall(&cli.state_dir),
     };
     match result {

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-pub use source_dir::Problem;
 pub use model::Mesh;
+pub use source_dir::Problem;
 
 /// Load and compile a directory. Errors: every problem that rejects it.
 pub fn load(dir: &Path) -> Result<Mesh, Vec<Problem>> {
@@ -89,7 +89,11 @@ pub fn log_warnings(mesh: &Mesh) {
 
 /// Watch `dir` and apply each good change; a bad one is logged with its
 /// file, document, field and reason, and the last good mesh stays.
-pub fn watch(dir: PathBuf, handle: MeshHandle, mut stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn watch(
+    dir: PathBuf,
+    handle: MeshHandle,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = fingerprint(&dir);
         let mut tick = tokio::time::interval(Duration::from_millis(500));

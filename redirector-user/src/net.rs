@@ -16,10 +16,8 @@ impl Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/8)"))?;
+        let addr: IpAddr =
+            a.trim().parse().map_err(|_| format!("`{s}` is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/8)"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match l {
             Some(l) => l

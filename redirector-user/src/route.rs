@@ -14,15 +14,18 @@ use crate::mesh::model::{Address, Mesh};
 
 /// Where a TCP connection to a mesh service goes: its TCP route (weighted)
 /// or the service's endpoints. `None`: the service has no endpoint.
-pub(crate) async fn tcp_target(mesh: &Mesh, balancer: &Balancer, svc: usize, dst: SocketAddr) -> Option<(SocketAddr, usize, Option<String>, u16)> {
+pub(crate) async fn tcp_target(
+    mesh: &Mesh,
+    balancer: &Balancer,
+    svc: usize,
+    dst: SocketAddr,
+) -> Option<(SocketAddr, usize, Option<String>, u16)> {
     let service = &mesh.services[svc];
     if service.passthrough {
         return Some((dst, svc, None, dst.port()));
     }
-    let rule = mesh
-        .tcp_routes
-        .get(&svc)
-        .and_then(|rules| rules.iter().find(|r| r.port.is_none_or(|p| p == dst.port())));
+    let rule =
+        mesh.tcp_routes.get(&svc).and_then(|rules| rules.iter().find(|r| r.port.is_none_or(|p| p == dst.port())));
     let (target_svc, subset, port) = match rule {
         Some(r) => {
             let total: u32 = r.route.iter().map(|d| d.weight).sum();

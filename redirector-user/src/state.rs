@@ -61,29 +61,17 @@ impl AgentState {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing(dir.into())),
-            Err(e) => {
-                return Err(StateError::Read {
-                    path,
-                    message: e.to_string(),
-                })
-            }
+            Err(e) => return Err(StateError::Read { path, message: e.to_string() }),
         };
-        serde_json::from_str(&text).map_err(|e| StateError::Read {
-            path,
-            message: e.to_string(),
-        })
+        serde_json::from_str(&text).map_err(|e| StateError::Read { path, message: e.to_string() })
     }
 
     pub fn store(&self, dir: &Path) -> Result<(), StateError> {
         let path = Self::path(dir);
-        let werr = |source| StateError::Write {
-            path: path.clone(),
-            source,
-        };
+        let werr = |source| StateError::Write { path: path.clone(), source };
         std::fs::create_dir_all(dir).map_err(werr)?;
         let tmp = dir.join(format!("{FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializable"))
-            .map_err(werr)?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializable")).map_err(werr)?;
         std::fs::rename(&tmp, &path).map_err(werr)
     }
 

@@ -189,8 +189,16 @@ impl Default for Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         let hbone_refused_total = Family::<ReasonLabel, Counter>::default();
         let denied_total = Family::<DeniedLabels, Counter>::default();
-        registry.register("redirector_hbone_refused", "HBONE connections refused before a stream opened", hbone_refused_total.clone());
-        registry.register("redirector_policy_denied", "Connections denied by PeerAuthentication or AuthorizationPolicy", denied_total.clone());
+        registry.register(
+            "redirector_hbone_refused",
+            "HBONE connections refused before a stream opened",
+            hbone_refused_total.clone(),
+        );
+        registry.register(
+            "redirector_policy_denied",
+            "Connections denied by PeerAuthentication or AuthorizationPolicy",
+            denied_total.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -238,7 +246,12 @@ impl Metrics {
     }
 
     /// Labels of a connection a workload received (reporter destination).
-    pub fn inbound_labels(&self, w: Workload<'_>, peer: Option<&crate::identity::Identity>, security: &'static str) -> Labels {
+    pub fn inbound_labels(
+        &self,
+        w: Workload<'_>,
+        peer: Option<&crate::identity::Identity>,
+        security: &'static str,
+    ) -> Labels {
         let namespace = label(w.namespace);
         Labels {
             reporter: Cow::Borrowed("destination"),
@@ -286,7 +299,11 @@ impl Metrics {
 }
 
 /// The value cached under `key`, made by `make` the first time.
-fn cached<K: std::hash::Hash + Eq, V: Clone>(map: &Mutex<std::collections::HashMap<K, V>>, key: K, make: impl FnOnce(&K) -> V) -> V {
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    map: &Mutex<std::collections::HashMap<K, V>>,
+    key: K,
+    make: impl FnOnce(&K) -> V,
+) -> V {
     let mut map = map.lock().expect("metrics lock");
     if let Some(v) = map.get(&key) {
         return v.clone();

@@ -70,31 +70,26 @@ pub fn server_config(store: &Arc<CertStore>, identity: &Identity) -> Result<Arc<
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(Presents {
-            store: store.clone(),
-            identity: identity.clone(),
-        }));
+        .with_cert_resolver(Arc::new(Presents { store: store.clone(), identity: identity.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(cfg))
 }
 
 /// The client side of HBONE: presents `source`, accepts only a server
 /// certificate chained to the mesh root that carries one of `expected`.
-pub fn client_config(store: &Arc<CertStore>, source: &Identity, expected: Vec<Identity>) -> Result<Arc<ClientConfig>, Error> {
+pub fn client_config(
+    store: &Arc<CertStore>,
+    source: &Identity,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, Error> {
     let provider = crate::identity::provider();
-    let verifier = Arc::new(ExpectIdentity {
-        roots: store.roots(),
-        expected,
-        algs: provider.signature_verification_algorithms,
-    });
+    let verifier =
+        Arc::new(ExpectIdentity { roots: store.roots(), expected, algs: provider.signature_verification_algorithms });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Presents {
-            store: store.clone(),
-            identity: source.clone(),
-        }));
+        .with_client_cert_resolver(Arc::new(Presents { store: store.clone(), identity: source.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
@@ -124,7 +119,13 @@ impl ServerCertVerifier for ExpectIdentity {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let presented = identities_in(end_entity);
         if presented.iter().any(|p| self.expected.contains(p)) {
             Ok(ServerCertVerified::assertion())
@@ -193,11 +194,10 @@ mod tests {
             let _ = tls.read(&mut b).await;
             id
         });
-        let ccfg = client_config(client_store, &Identity::new("cluster.local", "a", "client"), vec![expected.clone()]).unwrap();
+        let ccfg = client_config(client_store, &Identity::new("cluster.local", "a", "client"), vec![expected.clone()])
+            .unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let r = tokio_rustls::TlsConnector::from(ccfg)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await;
+        let r = tokio_rustls::TlsConnector::from(ccfg).connect(ServerName::IpAddress(addr.ip().into()), tcp).await;
         match r {
             Ok(mut tls) => {
                 tls.write_all(b"x").await.unwrap();

@@ -104,7 +104,11 @@ impl Transport {
             let early_bytes = early.len() as u64;
             let peer = SocketAddr::new(target.ip(), HBONE_PORT);
             let tunnel = pool.tunnel(from, peer, peer_identity.clone(), target, early).await?;
-            return Ok(Connected { upstream: Upstream::Hbone(tunnel), peer_identity: Some(peer_identity), early_bytes });
+            return Ok(Connected {
+                upstream: Upstream::Hbone(tunnel),
+                peer_identity: Some(peer_identity),
+                early_bytes,
+            });
         }
         match tokio::time::timeout(self.connect_timeout, from.connect(target, self.mark)).await {
             Ok(Ok(s)) => Ok(Connected { upstream: Upstream::Plain(s), peer_identity: None, early_bytes: 0 }),
@@ -115,7 +119,13 @@ impl Transport {
 
     /// The pool and the identity the peer must prove, when this connection
     /// goes over HBONE.
-    fn tunnel_to(&self, mesh: &Mesh, target: SocketAddr, from: &WorkloadNet, mtls: Mtls) -> Option<(&Arc<Pool>, Identity)> {
+    fn tunnel_to(
+        &self,
+        mesh: &Mesh,
+        target: SocketAddr,
+        from: &WorkloadNet,
+        mtls: Mtls,
+    ) -> Option<(&Arc<Pool>, Identity)> {
         if mtls == Mtls::Never || from.identity.is_none() {
             return None;
         }

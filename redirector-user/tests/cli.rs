@@ -21,10 +21,7 @@ fn one_line_error(out: &Output, must_contain: &[&str]) {
 fn version_prints_the_crate_version() {
     let out = redirector().arg("version").output().unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("redirector {}", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("redirector {}", env!("CARGO_PKG_VERSION")));
 }
 
 #[test]
@@ -39,21 +36,13 @@ fn every_command_is_listed_in_help() {
 #[test]
 fn status_without_an_agent_says_how_to_start_one() {
     let dir = std::env::temp_dir().join(format!("redirector-cli-{}", std::process::id()));
-    let out = redirector()
-        .arg("--state-dir")
-        .arg(&dir)
-        .args(["status"])
-        .output()
-        .unwrap();
+    let out = redirector().arg("--state-dir").arg(&dir).args(["status"]).output().unwrap();
     one_line_error(&out, &["no agent state", "redirector run"]);
 }
 
 #[test]
 fn an_unreadable_config_is_named() {
-    let out = redirector()
-        .args(["run", "--config", "/nonexistent/agent.yaml"])
-        .output()
-        .unwrap();
+    let out = redirector().args(["run", "--config", "/nonexistent/agent.yaml"]).output().unwrap();
     one_line_error(&out, &["cannot read config", "/nonexistent/agent.yaml"]);
 }
 
@@ -99,7 +88,11 @@ fn analyze_accepts_a_good_directory_and_names_fields_it_does_not_act_on() {
     let out = redirector().arg("analyze").arg(&d).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(text.contains("warning: ") && text.contains("vs.yml, document 1 (VirtualService bookinfo/reviews), field spec.http[0].corsPolicy"), "{text}");
+    assert!(
+        text.contains("warning: ")
+            && text.contains("vs.yml, document 1 (VirtualService bookinfo/reviews), field spec.http[0].corsPolicy"),
+        "{text}"
+    );
     assert!(text.contains("ok: 1 services, 1 HTTP route rules, 1 destination rules"), "{text}");
 }
 

@@ -136,7 +136,17 @@ impl Cluster {
             c.nodes.push(node);
         }
         ip(&[
-            "link", "add", "link0", "netns", &c.nodes[0].ns, "type", "veth", "peer", "name", "link0", "netns",
+            "link",
+            "add",
+            "link0",
+            "netns",
+            &c.nodes[0].ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "link0",
+            "netns",
             &c.nodes[1].ns,
         ])?;
         for (i, n) in c.nodes.iter().enumerate() {
@@ -148,7 +158,11 @@ impl Cluster {
         for (k, (p, node)) in POD_NAMES.iter().enumerate() {
             let base = 4 * (k % 2);
             let subnet = node + 1;
-            let uid = format!("{:08x}-5e1f-4c2a-9b3d-{:012x}", std::process::id(), k * 7919 + SEQ.load(std::sync::atomic::Ordering::SeqCst));
+            let uid = format!(
+                "{:08x}-5e1f-4c2a-9b3d-{:012x}",
+                std::process::id(),
+                k * 7919 + SEQ.load(std::sync::atomic::Ordering::SeqCst)
+            );
             let container = format!("{:0>64}", format!("{:x}", 0xc0ffee00u64 + k as u64));
             let cgroup = match (kubernetes_layout, node) {
                 (false, _) => c.nodes[*node].cgroup.join(format!("pod-{p}")),
@@ -173,7 +187,17 @@ impl Cluster {
             ip(&["-n", &pod.ns, "link", "set", "lo", "up"])?;
             let host_side = format!("veth-{p}");
             ip(&[
-                "link", "add", "eth0", "netns", &pod.ns, "type", "veth", "peer", "name", &host_side, "netns",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &pod.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &host_side,
+                "netns",
                 &c.nodes[*node].ns,
             ])?;
             ip(&["-n", &pod.ns, "addr", "add", &format!("{}/30", pod.ip), "dev", "eth0"])?;
@@ -350,7 +374,11 @@ impl Cluster {
                 return Ok(());
             }
             if let Some(status) = self.nodes[i].agent.as_mut().unwrap().try_wait()? {
-                bail!("agent of {} exited with {status}: {}", self.nodes[i].name, fs::read_to_string(&self.nodes[i].log)?);
+                bail!(
+                    "agent of {} exited with {status}: {}",
+                    self.nodes[i].name,
+                    fs::read_to_string(&self.nodes[i].log)?
+                );
             }
             if Instant::now() > deadline {
                 bail!("agent of {} not ready after 20 s", self.nodes[i].name);
@@ -452,7 +480,11 @@ impl Cluster {
 
     /// The node agent's Prometheus text.
     pub fn metrics(&self, node: usize) -> String {
-        let out = self.output(self.in_node(node, "curl", &["-s", "--max-time", "5", "http://127.0.0.1:15020/stats/prometheus"]));
+        let out = self.output(self.in_node(
+            node,
+            "curl",
+            &["-s", "--max-time", "5", "http://127.0.0.1:15020/stats/prometheus"],
+        ));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -479,7 +511,6 @@ impl Cluster {
             let _ = c.wait();
         }
     }
-
 
     /// Stop both agents and remove whatever they left (pins, rules), so
     /// the cluster is back to plain routing (or ready for another start).
@@ -523,7 +554,9 @@ impl Cluster {
     pub fn tune_for_many_connections(&self, pod: &str) -> Result<()> {
         for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=15100 65000"] {
             let p = self.pod(pod);
-            run(Command::new("nsenter").arg(format!("--net={}", ns_path(&p.ns).display())).args(["sysctl", "-qw", kv]))?;
+            run(Command::new("nsenter")
+                .arg(format!("--net={}", ns_path(&p.ns).display()))
+                .args(["sysctl", "-qw", kv]))?;
         }
         Ok(())
     }

@@ -42,7 +42,13 @@ pub fn connect_from(netns: &Path, to: SocketAddr) -> Result<std::net::TcpStream>
 
 /// A certificate for `id` from the CA in `ca_dir` (Istio's plug-in
 /// layout), valid between the two times.
-pub fn certificate(ca_dir: &Path, trust_domain: &str, id: &Identity, not_before: SystemTime, not_after: SystemTime) -> Result<Arc<CertifiedKey>> {
+pub fn certificate(
+    ca_dir: &Path,
+    trust_domain: &str,
+    id: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<Arc<CertifiedKey>> {
     let ca = MeshCa::load_plugin(ca_dir, trust_domain)?;
     Ok(ca.issue_between(id, not_before, not_after)?.key)
 }
@@ -62,10 +68,20 @@ impl ServerCertVerifier for AnyServer {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -99,9 +115,7 @@ pub async fn tls(tcp: std::net::TcpStream, cert: Arc<CertifiedKey>) -> std::io::
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let peer = tcp.peer_addr()?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::IpAddress(peer.ip().into()), tcp)
-        .await
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(peer.ip().into()), tcp).await
 }
 
 /// Whether the server ended the session (an alert or a close) within
@@ -126,10 +140,7 @@ pub async fn h2(tls: Tls) -> Result<h2::client::SendRequest<bytes::Bytes>> {
 /// CONNECT `authority` on an HTTP/2 connection; the response status.
 pub async fn connect(send: &mut h2::client::SendRequest<bytes::Bytes>, authority: SocketAddr) -> Result<u16> {
     let mut send = send.clone().ready().await?;
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority.to_string())
-        .body(())?;
+    let req = http::Request::builder().method(http::Method::CONNECT).uri(authority.to_string()).body(())?;
     let (resp, _stream) = send.send_request(req, false)?;
     let resp = tokio::time::timeout(Duration::from_secs(5), resp).await??;
     Ok(resp.status().as_u16())

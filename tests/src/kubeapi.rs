@@ -29,8 +29,18 @@ const COLLECTIONS: [(&str, &str, &str, &str); 11] = [
     ("/apis/networking.istio.io/v1/gateways", "networking.istio.io/v1", "Gateway", "gateways"),
     ("/apis/networking.istio.io/v1/serviceentries", "networking.istio.io/v1", "ServiceEntry", "serviceentries"),
     ("/apis/networking.istio.io/v1/workloadentries", "networking.istio.io/v1", "WorkloadEntry", "workloadentries"),
-    ("/apis/security.istio.io/v1/peerauthentications", "security.istio.io/v1", "PeerAuthentication", "peerauthentications"),
-    ("/apis/security.istio.io/v1/authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies"),
+    (
+        "/apis/security.istio.io/v1/peerauthentications",
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
+    (
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
 ];
 
 #[derive(Default)]
@@ -88,7 +98,8 @@ impl KubeApi {
     pub fn start(dir: &Path) -> Result<KubeApi> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
-        let inner = Arc::new((Mutex::new(Inner { istio: true, rv: 1000, nodes: 2, ..Default::default() }), Condvar::new()));
+        let inner =
+            Arc::new((Mutex::new(Inner { istio: true, rv: 1000, nodes: 2, ..Default::default() }), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {
             let (inner, stop) = (inner.clone(), stop.clone());
@@ -282,7 +293,11 @@ fn respond(w: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
         404 => "Not Found",
         _ => "Error",
     };
-    write!(w, "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}", text.len())
+    write!(
+        w,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )
 }
 
 fn not_found(path: &str) -> Value {
@@ -332,10 +347,8 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
         let mut body = vec![0; length];
         r.read_exact(&mut body)?;
         let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
-        let q: HashMap<String, String> = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v))))
-            .collect();
+        let q: HashMap<String, String> =
+            query.split('&').filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v)))).collect();
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -359,7 +372,9 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             continue;
         }
         // API group discovery for Istio's groups.
-        if let Some(gv) = path.strip_prefix("/apis/").filter(|p| p.contains(".istio.io/") && p.matches('/').count() == 1) {
+        if let Some(gv) =
+            path.strip_prefix("/apis/").filter(|p| p.contains(".istio.io/") && p.matches('/').count() == 1)
+        {
             let istio = inner.0.lock().unwrap().istio;
             let resources: Vec<Value> = COLLECTIONS
                 .iter()
@@ -369,7 +384,11 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             if !istio || resources.is_empty() {
                 respond(&mut w, 404, &not_found(path))?;
             } else {
-                respond(&mut w, 200, &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))?;
+                respond(
+                    &mut w,
+                    200,
+                    &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+                )?;
             }
             continue;
         }
@@ -394,7 +413,11 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             let rv = s.rv;
             drop(s);
             inner.0.lock().unwrap().lists.entry(coll.into()).and_modify(|n| *n += 1).or_insert(1);
-            respond(&mut w, 200, &json!({"apiVersion": api, "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv.to_string()}, "items": items}))?;
+            respond(
+                &mut w,
+                200,
+                &json!({"apiVersion": api, "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+            )?;
             continue;
         }
         // A watch: every change after the given version, then new ones as
@@ -446,7 +469,13 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
 /// server-side apply, the CA Secret, the DaemonSet's rollout, the agent
 /// pods and their `/node` through the pod proxy, the server version.
 /// `Some(true)`: answered.
-fn serve_install(w: &mut TcpStream, method: &str, path: &str, body: &[u8], inner: &Arc<(Mutex<Inner>, Condvar)>) -> Result<Option<bool>> {
+fn serve_install(
+    w: &mut TcpStream,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    inner: &Arc<(Mutex<Inner>, Condvar)>,
+) -> Result<Option<bool>> {
     const NS: &str = "/api/v1/namespaces/redirector-system";
     const DS: &str = "/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector";
     let mut s = inner.0.lock().unwrap();
@@ -499,13 +528,19 @@ fn serve_install(w: &mut TcpStream, method: &str, path: &str, body: &[u8], inner
         let items: Vec<Value> = s
             .agents
             .iter()
-            .map(|(pod, node, _)| json!({"apiVersion": "v1", "kind": "Pod",
+            .map(|(pod, node, _)| {
+                json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod, "namespace": "redirector-system", "labels": {"app": "redirector"}},
                 "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "redirector"}]},
-                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}))
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+            })
             .collect();
         drop(s);
-        respond(w, 200, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}))?;
+        respond(
+            w,
+            200,
+            &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}),
+        )?;
         return Ok(Some(true));
     }
     if let Some(rest) = path.strip_prefix(&format!("{NS}/pods/")) {
@@ -514,8 +549,12 @@ fn serve_install(w: &mut TcpStream, method: &str, path: &str, body: &[u8], inner
             drop(s);
             match answer {
                 Some(v) => respond(w, 200, &v)?,
-                None => respond(w, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": format!("error trying to reach service: dial tcp 198.18.10.9:15020: connect: connection refused"), "reason": "ServiceUnavailable", "code": 503}))?,
+                None => respond(
+                    w,
+                    503,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("error trying to reach service: dial tcp 198.18.10.9:15020: connect: connection refused"), "reason": "ServiceUnavailable", "code": 503}),
+                )?,
             }
             return Ok(Some(true));
         }

@@ -105,11 +105,7 @@ pub fn redirector_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test> -> target/<profile>/redirector
     let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("redirector"))
-        .expect("target directory");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("redirector")).expect("target directory");
     assert!(
         bin.exists(),
         "{} does not exist: build it first with `cargo build -p redirector-user` (cargo xtask test does)",
@@ -125,11 +121,7 @@ pub(crate) fn cgroup2_mount() -> PathBuf {
 pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(out)
 }
@@ -255,13 +247,22 @@ impl Topology {
         ip(&["netns", "add", &t.client_ns])?;
         ip(&["netns", "add", &t.server_ns])?;
         ip(&[
-            "link", "add", "veth-c", "netns", &t.client_ns, "type", "veth", "peer", "name", "veth-s",
-            "netns", &t.server_ns,
+            "link",
+            "add",
+            "veth-c",
+            "netns",
+            &t.client_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth-s",
+            "netns",
+            &t.server_ns,
         ])?;
-        for (ns, dev, v4, v6) in [
-            (&t.client_ns, "veth-c", CLIENT_V4, CLIENT_V6),
-            (&t.server_ns, "veth-s", SERVER_V4, SERVER_V6),
-        ] {
+        for (ns, dev, v4, v6) in
+            [(&t.client_ns, "veth-c", CLIENT_V4, CLIENT_V6), (&t.server_ns, "veth-s", SERVER_V4, SERVER_V6)]
+        {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
@@ -346,12 +347,7 @@ impl Topology {
     }
 
     fn start_agent_with(&mut self, config: PathBuf) -> Result<()> {
-        let ready = |t: &Topology| {
-            t.log_lines()
-                .iter()
-                .filter(|l| l["fields"]["message"] == "agent ready")
-                .count()
-        };
+        let ready = |t: &Topology| t.log_lines().iter().filter(|l| l["fields"]["message"] == "agent ready").count();
         let ready_before = ready(self);
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = self
@@ -413,11 +409,7 @@ impl Topology {
 
     /// The agent's JSON log lines so far.
     pub fn log_lines(&self) -> Vec<Value> {
-        fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        fs::read_to_string(&self.log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Upstream local addresses of the connections the proxy closed, from
@@ -465,8 +457,7 @@ impl Topology {
         fs::create_dir_all(cg).unwrap();
         let procs = cg.join("cgroup.procs");
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
-            .args(["bash", "-c", script]);
+        c.arg(format!("--net={}", Self::ns_path(&self.client_ns).display())).args(["bash", "-c", script]);
         // SAFETY: test helper; writes this child's pid into the cgroup.
         unsafe {
             c.pre_exec(move || fs::write(&procs, "0"));
@@ -578,8 +569,17 @@ impl Topology {
             name,
             gunicorn.to_str().unwrap(),
             &[
-                "-b", &bind, "-w", "2", "--threads", "8", "--access-logfile", log.to_str().unwrap(),
-                "--access-logformat", "%(m)s %(U)s %(s)s", "httpbin:app",
+                "-b",
+                &bind,
+                "-w",
+                "2",
+                "--threads",
+                "8",
+                "--access-logfile",
+                log.to_str().unwrap(),
+                "--access-logformat",
+                "%(m)s %(U)s %(s)s",
+                "httpbin:app",
             ],
         )?;
         self.wait_for_server_at(ip, port, Duration::from_secs(30))?;
@@ -650,11 +650,7 @@ fn serve(stream: TcpStream, peers: Arc<Mutex<Vec<SocketAddr>>>) {
             line.clear();
         }
         let body = format!("peer={peer}\n");
-        let _ = write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
         return;
     }
     let _ = writeln!(w, "peer={peer}");
@@ -717,10 +713,7 @@ print("ok", len(got), peer.decode().strip())
 
 /// A status counter summed over every cgroup row.
 pub fn counter_sum(status: &Value, name: &str) -> u64 {
-    status["cgroups"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|c| c["counters"][name].as_u64()).sum())
-        .unwrap_or(0)
+    status["cgroups"].as_array().map(|a| a.iter().filter_map(|c| c["counters"][name].as_u64()).sum()).unwrap_or(0)
 }
 
 impl Topology {

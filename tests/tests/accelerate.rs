@@ -26,21 +26,14 @@ fn a_large_transfer_with_half_close_arrives_whole_through_the_shortcut() {
     t.server(&format!("{SERVER_V4}:8080"));
     t.start_agent("  accelerate: true\n").unwrap();
     let script = echo_transfer_script(16, true);
-    let out = t
-        .redirector()
-        .args(["exec", "--workload", "py", "--", "python3", "-c", &script])
-        .output()
-        .unwrap();
+    let out = t.redirector().args(["exec", "--workload", "py", "--", "python3", "-c", &script]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok 16777216 peer="));
     let (msgs, bytes, _) = totals(&t);
     // The way back (the proxy's writes) crossed the shortcut.
     assert!(bytes >= 16 * 1024 * 1024, "redirected {bytes} B in {msgs} messages");
     // The sockets left the shortcut with their connection.
-    assert!(eventually(Duration::from_secs(5), || t.status()["accelerated_sockets"]
-        .as_array()
-        .unwrap()
-        .is_empty()));
+    assert!(eventually(Duration::from_secs(5), || t.status()["accelerated_sockets"].as_array().unwrap().is_empty()));
 }
 
 #[test]
@@ -124,8 +117,5 @@ print("ok")
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert!(totals(&t).0 > after_on_again.0, "the new connection did not use the shortcut");
-    assert!(eventually(Duration::from_secs(5), || t.status()["accelerated_sockets"]
-        .as_array()
-        .unwrap()
-        .is_empty()));
+    assert!(eventually(Duration::from_secs(5), || t.status()["accelerated_sockets"].as_array().unwrap().is_empty()));
 }

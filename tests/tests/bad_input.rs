@@ -65,15 +65,8 @@ fn a_missing_capture_cgroup_is_named() {
     }
     let t = Topology::new().unwrap();
     let missing = t.cgroup.join("does-not-exist");
-    let out = t
-        .redirector()
-        .arg("run")
-        .arg("--cgroup")
-        .arg(&missing)
-        .arg("--bpffs-dir")
-        .arg(&t.bpffs)
-        .output()
-        .unwrap();
+    let out =
+        t.redirector().arg("run").arg("--cgroup").arg(&missing).arg("--bpffs-dir").arg(&t.bpffs).output().unwrap();
     one_line_error(&out, &["does-not-exist", "does not exist"]);
     nothing_installed(&t);
 }
@@ -174,7 +167,10 @@ fn a_broken_mesh_ca_is_named_and_nothing_starts() {
         let out = std::process::Command::new(redirector_bin()).arg("ca").arg("create").arg(d).output().unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let cfg = t.write_config_full("", &format!("  drainTimeout: 1s\n  connectTimeout: 3s\nmesh:\n  caDir: {}\n", ca.display()));
+    let cfg = t.write_config_full(
+        "",
+        &format!("  drainTimeout: 1s\n  connectTimeout: 3s\nmesh:\n  caDir: {}\n", ca.display()),
+    );
     let good_cert = std::fs::read(ca.join("ca-cert.pem")).unwrap();
 
     std::fs::write(ca.join("ca-cert.pem"), "this is not a certificate\n").unwrap();

@@ -22,7 +22,9 @@ fn the_bench_harness_produces_a_well_formed_report() {
         if std::env::var_os("CI").is_some() {
             panic!("the bench smoke test needs {missing:?}; .ci/run installs them");
         }
-        eprintln!("SKIPPED: the bench smoke test needs {missing:?} (apt-get install nginx-light iperf3; cargo install oha)");
+        eprintln!(
+            "SKIPPED: the bench smoke test needs {missing:?} (apt-get install nginx-light iperf3; cargo install oha)"
+        );
         return;
     }
     let dir = std::env::temp_dir().join(format!("redirector-bench-smoke-{}", std::process::id()));

@@ -39,12 +39,13 @@ macro_rules! in_every_mode {
 const CGROUP_PROGRAMS: usize = 8;
 
 fn upstream_locals_contain(t: &Topology, peer: std::net::SocketAddr) -> bool {
-    eventually(Duration::from_secs(5), || {
-        t.proxied_upstream_locals().contains(&peer.to_string())
-    })
+    eventually(Duration::from_secs(5), || t.proxied_upstream_locals().contains(&peer.to_string()))
 }
 
-in_every_mode!(enrolled_client_reaches_its_server_through_the_proxy_in, enrolled_client_reaches_its_server_through_the_proxy);
+in_every_mode!(
+    enrolled_client_reaches_its_server_through_the_proxy_in,
+    enrolled_client_reaches_its_server_through_the_proxy
+);
 
 fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -81,7 +82,10 @@ fn enrolled_client_reaches_its_server_through_the_proxy(mode: &'static str) {
     assert!(proxy["original_dst_answered"].as_u64().unwrap() >= 2, "{s}");
 }
 
-in_every_mode!(a_process_outside_enrolled_cgroups_is_not_captured_in, a_process_outside_enrolled_cgroups_is_not_captured);
+in_every_mode!(
+    a_process_outside_enrolled_cgroups_is_not_captured_in,
+    a_process_outside_enrolled_cgroups_is_not_captured
+);
 
 fn a_process_outside_enrolled_cgroups_is_not_captured(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -110,13 +114,10 @@ fn excluded_ports_and_cidrs_pass_untouched(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
     let p9090 = t.server(&format!("{SERVER_V4}:9090"));
     let pcidr = t.server(&format!("{SERVER_V4_B}:8080"));
-    t.start_agent(&format!("  excludePorts: [22, 9090]\n  excludeCidrs: [{SERVER_V4_B}/32]\n"))
-        .unwrap();
+    t.start_agent(&format!("  excludePorts: [22, 9090]\n  excludeCidrs: [{SERVER_V4_B}/32]\n")).unwrap();
 
-    let out = t.exec_workload(
-        "app",
-        &format!("{} && {}", bash_connect(SERVER_V4, 9090), bash_connect(SERVER_V4_B, 8080)),
-    );
+    let out =
+        t.exec_workload("app", &format!("{} && {}", bash_connect(SERVER_V4, 9090), bash_connect(SERVER_V4_B, 8080)));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(p9090.lock().unwrap().len(), 1);
     assert_eq!(pcidr.lock().unwrap().len(), 1);
@@ -182,7 +183,10 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured(mode: &'static str) {
     assert_eq!(peers4.lock().unwrap().len(), 1);
 }
 
-in_every_mode!(two_thousand_short_connections_leave_no_per_connection_state_in, two_thousand_short_connections_leave_no_per_connection_state);
+in_every_mode!(
+    two_thousand_short_connections_leave_no_per_connection_state_in,
+    two_thousand_short_connections_leave_no_per_connection_state
+);
 
 fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -208,7 +212,10 @@ fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static s
     assert_eq!(s["proxy"]["failed"], 0, "{s}");
 }
 
-in_every_mode!(a_restarted_agent_adopts_the_capture_and_keeps_capturing_in, a_restarted_agent_adopts_the_capture_and_keeps_capturing);
+in_every_mode!(
+    a_restarted_agent_adopts_the_capture_and_keeps_capturing_in,
+    a_restarted_agent_adopts_the_capture_and_keeps_capturing
+);
 
 fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -226,9 +233,7 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) 
     t.kill_agent();
     t.start_agent("").unwrap();
     if mode.starts_with("ebpf") {
-        assert!(t.log_lines().iter().any(|l| l["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("adopted"))));
+        assert!(t.log_lines().iter().any(|l| l["fields"]["message"].as_str().is_some_and(|m| m.contains("adopted"))));
         let s = t.status();
         assert_eq!(s["programs_attached"].as_array().unwrap().len(), CGROUP_PROGRAMS, "{s}");
         // One link per program on the cgroup: the old ones were replaced.
@@ -248,7 +253,10 @@ fn a_restarted_agent_adopts_the_capture_and_keeps_capturing(mode: &'static str) 
     assert_eq!(peers.lock().unwrap().len(), 2);
 }
 
-in_every_mode!(uninstall_leaves_nothing_attached_pinned_or_installed_in, uninstall_leaves_no_program_attached_and_nothing_pinned);
+in_every_mode!(
+    uninstall_leaves_nothing_attached_pinned_or_installed_in,
+    uninstall_leaves_no_program_attached_and_nothing_pinned
+);
 
 fn uninstall_leaves_no_program_attached_and_nothing_pinned(mode: &'static str) {
     let mut t = Topology::with_mode(mode).unwrap();
@@ -314,10 +322,7 @@ fn verify_probes_the_kernel_and_names_the_tier() {
     if !privileged() {
         return;
     }
-    let out = std::process::Command::new(redirector_bin())
-        .args(["verify", "--json"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(redirector_bin()).args(["verify", "--json"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let features = v["features"].as_array().unwrap();
@@ -359,7 +364,9 @@ fn auto_takes_the_keyed_tier_on_a_kernel_without_per_socket_storage_and_captures
     // One line names the kernel, the missing feature's consequence and the tier.
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert!(t.log_lines().iter().any(|l| l["level"] == "WARN"
-        && l["fields"]["message"].as_str().is_some_and(|m| m.contains(release.trim()) && m.contains("tier ebpf-keyed"))));
+        && l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(release.trim()) && m.contains("tier ebpf-keyed"))));
 
     let out = t.exec_workload("app", &bash_connect(SERVER_V4, 8080));
     assert!(out.status.success(), "{out:?}");

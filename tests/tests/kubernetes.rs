@@ -93,7 +93,8 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let (handle, status) = (source.handle.clone(), source.status.clone());
 
     let m = handle.current();
-    let enrolled = |ns: &str, prefix: &str| pod(&m.pods, ns, prefix).unwrap_or_else(|| panic!("{ns}/{prefix} missing")).enrolled;
+    let enrolled =
+        |ns: &str, prefix: &str| pod(&m.pods, ns, prefix).unwrap_or_else(|| panic!("{ns}/{prefix} missing")).enrolled;
     // Users' labels: istio-injection=enabled and istio.io/dataplane-mode=ambient
     // namespaces are in; the opt-outs and hostNetwork are not.
     assert!(enrolled("bookinfo", "productpage"));
@@ -119,15 +120,23 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     {
         let st = status.lock().unwrap();
         assert!(st.synced);
-        assert_eq!(st.objects["pods on this node"], 6, "the field selector keeps other nodes' pods out: {:?}", st.objects);
+        assert_eq!(
+            st.objects["pods on this node"], 6,
+            "the field selector keeps other nodes' pods out: {:?}",
+            st.objects
+        );
     }
 
     // Live: a new pod, a namespace joining the mesh, a pod leaving.
     api.apply(new_pod("curl", "bookinfo", "node-a", "198.18.1.20")).unwrap();
-    until("the new pod is in the mesh", || pod(&handle.current().pods, "bookinfo", "curl").is_some_and(|p| p.enrolled)).await;
+    until("the new pod is in the mesh", || pod(&handle.current().pods, "bookinfo", "curl").is_some_and(|p| p.enrolled))
+        .await;
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy", "labels": {"istio-injection": "enabled"}}}))
         .unwrap();
-    until("the labelled namespace's pods are enrolled", || pod(&handle.current().pods, "legacy", "legacy-app").is_some_and(|p| p.enrolled)).await;
+    until("the labelled namespace's pods are enrolled", || {
+        pod(&handle.current().pods, "legacy", "legacy-app").is_some_and(|p| p.enrolled)
+    })
+    .await;
     api.delete("v1", "Pod", "bookinfo", "curl").unwrap();
     until("the deleted pod is gone", || pod(&handle.current().pods, "bookinfo", "curl").is_none()).await;
 
@@ -143,7 +152,8 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     assert_eq!(handle.version(), version, "a restart with no change re-applied the config");
     // And changes after the restart still arrive.
     api.apply(new_pod("late", "ambient-demo", "node-a", "198.18.1.21")).unwrap();
-    until("a pod created after the restart is seen", || pod(&handle.current().pods, "ambient-demo", "late").is_some()).await;
+    until("a pod created after the restart is seen", || pod(&handle.current().pods, "ambient-demo", "late").is_some())
+        .await;
 
     source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -210,7 +220,11 @@ async fn an_unreachable_api_server_is_one_clear_line() {
         .to_string();
     assert!(e.starts_with("cannot reach the Kubernetes API to discover the networking.istio.io API group"), "{e}");
     assert!(e.contains("check that the API server is up"), "{e}");
-    let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a").await.err().unwrap().to_string();
+    let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.starts_with("kubeconfig "), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -236,7 +250,13 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let b1 = c.pod("b1").ip.clone();
-    let logs = |c: &Cluster| format!("node-a: {}\nnode-b: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap(), std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    let logs = |c: &Cluster| {
+        format!(
+            "node-a: {}\nnode-b: {}",
+            std::fs::read_to_string(&c.nodes[0].log).unwrap(),
+            std::fs::read_to_string(&c.nodes[1].log).unwrap()
+        )
+    };
     // Pods already running when the agents started are enrolled: the
     // cgroup found from the UID (systemd driver on node-a, cgroupfs on
     // node-b), the network namespace from the pod's process.
@@ -255,7 +275,8 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
         eventually(Duration::from_secs(5), || c
             .logged(0, "cannot serve this pod yet")
             .iter()
-            .any(|l| l["fields"]["pod"] == "default/a2" && l["fields"]["error"].as_str().unwrap_or_default().contains("no cgroup found for pod UID"))),
+            .any(|l| l["fields"]["pod"] == "default/a2"
+                && l["fields"]["error"].as_str().unwrap_or_default().contains("no cgroup found for pod UID"))),
         "{}",
         logs(&c)
     );
@@ -265,14 +286,25 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
     let pod_cgroup = a2.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&pod_cgroup).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || c.logged(0, "pod held until its proxy is ready").iter().any(|l| l["fields"]["pod"] == "default/a2")),
+        eventually(Duration::from_secs(5), || c
+            .logged(0, "pod held until its proxy is ready")
+            .iter()
+            .any(|l| l["fields"]["pod"] == "default/a2")),
         "{}",
         logs(&c)
     );
     // `redirector status` on the node reports it.
-    let status = c.output(c.in_node(0, redirector_tests::redirector_bin().to_str().unwrap(), &["--state-dir", c.nodes[0].state.to_str().unwrap(), "status"]));
+    let status = c.output(c.in_node(
+        0,
+        redirector_tests::redirector_bin().to_str().unwrap(),
+        &["--state-dir", c.nodes[0].state.to_str().unwrap(), "status"],
+    ));
     let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains("pods       1 served (default/a1)") && status.contains("HELD default/a2: no process runs in the pod's containers yet"), "{status}");
+    assert!(
+        status.contains("pods       1 served (default/a1)")
+            && status.contains("HELD default/a2: no process runs in the pod's containers yet"),
+        "{status}"
+    );
     // A process of a2 the agent cannot serve (it runs in the node's
     // network namespace, where b1 is reachable directly).
     std::fs::create_dir_all(&a2).unwrap();
@@ -285,13 +317,20 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
     if mode == "ebpf" {
         // eBPF capture refuses its connects (EPERM).
         let out = direct.output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "000", "a pending pod reached b1 around the mesh: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "000",
+            "a pending pod reached b1 around the mesh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(!out.status.success());
     } else {
         // iptables capture has no per-cgroup refusal: the pod is frozen.
         let mut child = direct.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         let events = pod_cgroup.join("cgroup.events");
-        assert!(eventually(Duration::from_secs(3), || std::fs::read_to_string(&events).unwrap_or_default().contains("frozen 1")));
+        assert!(eventually(Duration::from_secs(3), || std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains("frozen 1")));
         std::thread::sleep(Duration::from_millis(500));
         assert!(child.try_wait().unwrap().is_none(), "a held pod's process ran");
         child.kill().unwrap();
@@ -301,7 +340,10 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
     // retry, released, and its connections go through the mesh.
     c.start_pod_process("a2").unwrap();
     assert!(eventually(Duration::from_secs(10), || c.served(0) == 2), "{}", logs(&c));
-    assert!(!std::fs::read_to_string(pod_cgroup.join("cgroup.events")).unwrap().contains("frozen 1"), "a served pod stays frozen");
+    assert!(
+        !std::fs::read_to_string(pod_cgroup.join("cgroup.events")).unwrap().contains("frozen 1"),
+        "a served pod stays frozen"
+    );
     let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
     assert!(eventually(Duration::from_secs(5), || c
@@ -318,23 +360,31 @@ fn cli(api: &KubeApi, args: &[&str]) -> (bool, String, String) {
         .args(args)
         .output()
         .expect("running redirector");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     let dir = scratch("install");
     let api = KubeApi::start(&dir).unwrap();
-    let (ok, out, err) = cli(&api, &["install", "--profile", "demo", "--image", "registry.example/redirector:test", "--timeout", "60"]);
+    let (ok, out, err) =
+        cli(&api, &["install", "--profile", "demo", "--image", "registry.example/redirector:test", "--timeout", "60"]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("[1/8] applied Namespace redirector-system"), "{out}");
     assert!(out.contains("[8/8] applied Service redirector-metrics"), "{out}");
     assert!(out.contains("mesh CA: generated into Secret redirector-system/cacerts"), "{out}");
     assert!(out.contains("0/2 nodes ready") && out.contains("2/2 nodes ready, 2 updated"), "progress is shown: {out}");
     assert!(out.contains("redirector (demo profile) is ready on 2 node(s)"), "{out}");
-    let ds = api.applied("/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector").expect("the DaemonSet was applied");
+    let ds = api
+        .applied("/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector")
+        .expect("the DaemonSet was applied");
     assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/redirector:test");
-    let secret = api.applied("/api/v1/namespaces/redirector-system/secrets/cacerts").expect("the CA Secret was created");
+    let secret =
+        api.applied("/api/v1/namespaces/redirector-system/secrets/cacerts").expect("the CA Secret was created");
     for f in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
         assert!(secret["stringData"][f].as_str().unwrap().starts_with("-----BEGIN CERTIFICATE-----"), "{f}");
     }
@@ -375,7 +425,8 @@ async fn status_verify_and_version_read_every_node_agent() {
 
     let (ok, out, err) = cli(&api, &["status", "--cluster"]);
     assert!(ok, "{out}\n{err}");
-    let line = |n: &str| out.lines().find(|l| l.starts_with(n)).unwrap_or_else(|| panic!("no {n} line: {out}")).to_string();
+    let line =
+        |n: &str| out.lines().find(|l| l.starts_with(n)).unwrap_or_else(|| panic!("no {n} line: {out}")).to_string();
     assert!(line("node-a").contains("SYNCED") && line("node-a").contains("redirector-a1b2c"), "{out}");
     assert!(line("node-b").contains("STALE"), "{out}");
     assert!(out.contains("enrolled bookinfo/productpage-v1-6c8f9d7b5-x2k4p"), "{out}");
@@ -400,7 +451,11 @@ async fn status_verify_and_version_read_every_node_agent() {
     assert!(!ok, "{out}");
     assert!(out.contains("FAIL daemonset") && out.contains("run `redirector install --profile minimal`"), "{out}");
     assert_eq!(err.trim(), "redirector: error: the cluster is not ready for the mesh: see the FAIL lines above");
-    assert!(out.contains("node node-a") && out.contains("kernel 6.1.0-41-amd64, capture ebpf (kernel supports ebpf+sockmap)"), "{out}");
+    assert!(
+        out.contains("node node-a")
+            && out.contains("kernel 6.1.0-41-amd64, capture ebpf (kernel supports ebpf+sockmap)"),
+        "{out}"
+    );
     assert!(out.contains("ok   istio CRDs") && out.contains("present"), "{out}");
     source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -452,7 +507,13 @@ fn agents_read_the_cluster_from_the_api_server() {
         api.apply(o).unwrap();
     }
     c.start().unwrap();
-    let logs = |c: &Cluster| format!("node-a: {}\nnode-b: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap(), std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    let logs = |c: &Cluster| {
+        format!(
+            "node-a: {}\nnode-b: {}",
+            std::fs::read_to_string(&c.nodes[0].log).unwrap(),
+            std::fs::read_to_string(&c.nodes[1].log).unwrap()
+        )
+    };
     assert!(!c.logged(0, "kubernetes config source synced").is_empty(), "{}", logs(&c));
     c.start_nginx("b1", 8080).unwrap();
     let b1 = c.pod("b1").ip.clone();
@@ -467,13 +528,22 @@ fn agents_read_the_cluster_from_the_api_server() {
     let (enrolled, left) = (c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len());
     let watches = api.requests("/api/v1/pods").1;
     api.restart();
-    assert!(eventually(Duration::from_secs(10), || api.requests("/api/v1/pods").1 >= watches + 4), "both agents' pod watches resume");
+    assert!(
+        eventually(Duration::from_secs(10), || api.requests("/api/v1/pods").1 >= watches + 4),
+        "both agents' pod watches resume"
+    );
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!((c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len()), (enrolled, left), "{}", logs(&c));
+    assert_eq!(
+        (c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len()),
+        (enrolled, left),
+        "{}",
+        logs(&c)
+    );
 
     // The namespace label removed through the API: the pods leave the mesh
     // on both nodes.
-    let b1_lines = |c: &Cluster, prefix: &str| c.logged(1, prefix).iter().filter(|l| l["fields"]["pod"] == "default/b1").count();
+    let b1_lines =
+        |c: &Cluster, prefix: &str| c.logged(1, prefix).iter().filter(|l| l["fields"]["pod"] == "default/b1").count();
     let (enrolled_b, left_b) = (b1_lines(&c, "pod enrolled"), b1_lines(&c, "pod left the mesh"));
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {}}})).unwrap();
     assert!(eventually(Duration::from_secs(10), || c.logged(0, "pod left the mesh").len() >= left + 2), "{}", logs(&c));

@@ -28,7 +28,11 @@ fn validator() -> Option<PathBuf> {
 
 /// (passed, output) of validating `file`.
 fn validate(tool: &Path, file: &Path) -> (bool, String) {
-    let out = Command::new(tool).args(["--strict", "-k", KUBERNETES]).arg(file).output().expect("running kubernetes-validate");
+    let out = Command::new(tool)
+        .args(["--strict", "-k", KUBERNETES])
+        .arg(file)
+        .output()
+        .expect("running kubernetes-validate");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -43,14 +47,22 @@ fn every_profile_and_deploy_file_passes_the_kubernetes_schemas() {
     let Some(tool) = validator() else { return };
     let dir = scratch();
     for profile in redirector::cmd::manifest::PROFILES {
-        let out = Command::new(redirector_tests::redirector_bin()).args(["manifest", "generate", "--profile", profile]).output().unwrap();
+        let out = Command::new(redirector_tests::redirector_bin())
+            .args(["manifest", "generate", "--profile", profile])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let file = dir.join(format!("{profile}.yaml"));
         std::fs::write(&file, &out.stdout).unwrap();
         let (ok, report) = validate(&tool, &file);
         assert!(ok, "profile {profile}:\n{report}");
-        let objects = redirector::cmd::manifest::documents(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap().len();
-        assert_eq!(report.matches(" passed for resource ").count(), objects, "every object of {profile} was checked:\n{report}");
+        let objects =
+            redirector::cmd::manifest::documents(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap().len();
+        assert_eq!(
+            report.matches(" passed for resource ").count(),
+            objects,
+            "every object of {profile} was checked:\n{report}"
+        );
     }
     let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
     for sub in ["base", "demo"] {
@@ -77,7 +89,11 @@ fn a_broken_manifest_is_caught() {
     std::fs::write(&file, broken).unwrap();
     let (ok, report) = validate(&tool, &file);
     assert!(!ok, "the validator accepted a broken DaemonSet:\n{report}");
-    assert!(report.contains("did not validate for resource daemonset/redirector") && report.contains("containerPort: 'metrics' is not of type 'integer'"), "{report}");
+    assert!(
+        report.contains("did not validate for resource daemonset/redirector")
+            && report.contains("containerPort: 'metrics' is not of type 'integer'"),
+        "{report}"
+    );
     // A misspelt field: strict mode rejects what Kubernetes would drop.
     std::fs::write(&file, yaml.replacen("hostNetwork: true", "hostNetwrk: true", 1)).unwrap();
     let (ok, report) = validate(&tool, &file);
@@ -104,7 +120,8 @@ fn kustomize_renders_what_manifest_generate_prints() {
             v
         };
         let rendered = parse(&String::from_utf8_lossy(&out.stdout));
-        let generated = parse(&redirector::cmd::manifest::generate(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap());
+        let generated =
+            parse(&redirector::cmd::manifest::generate(profile, redirector::cmd::manifest::DEFAULT_IMAGE).unwrap());
         assert_eq!(rendered, generated, "{profile}");
     }
 }

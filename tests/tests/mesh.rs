@@ -36,7 +36,13 @@ fn cross_node_request_goes_through_hbone(mode: &'static str) {
     c.start_nginx("b1", 8080).unwrap();
     let b1 = c.pod("b1").ip.clone();
     let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
-    assert_eq!(code, 200, "curl from a1 to b1 failed: {err}\nnode-a: {}\nnode-b: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap(), std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    assert_eq!(
+        code,
+        200,
+        "curl from a1 to b1 failed: {err}\nnode-a: {}\nnode-b: {}",
+        std::fs::read_to_string(&c.nodes[0].log).unwrap(),
+        std::fs::read_to_string(&c.nodes[1].log).unwrap()
+    );
     // node-a carried it over HBONE, node-b received it from a1's identity.
     assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
     let inbound = &c.logged(1, "HBONE connection closed")[0];
@@ -51,7 +57,11 @@ fn link_carries_only_tls(mode: &'static str) {
     c.start_nginx("b1", 8080).unwrap();
     let pcap = c.dir.join("link0.pcap");
     let mut dump = c
-        .in_node(0, "tcpdump", &["--immediate-mode", "-Z", "root", "-i", "link0", "-U", "-s", "0", "-w", pcap.to_str().unwrap(), "tcp"])
+        .in_node(
+            0,
+            "tcpdump",
+            &["--immediate-mode", "-Z", "root", "-i", "link0", "-U", "-s", "0", "-w", pcap.to_str().unwrap(), "tcp"],
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -100,7 +110,10 @@ fn a_peer_with_the_wrong_identity_is_refused(mode: &'static str) {
     let b1 = c.pods.iter().find(|p| p.name == "b1").unwrap();
     yaml = yaml.replace(&c.pod_yaml(b1, "sa-b1"), &c.pod_yaml(b1, "impostor"));
     c.write_mesh(1, &yaml);
-    assert!(eventually(Duration::from_secs(10), || c.logged(1, "pod enrolled").len() >= 3), "node-b did not re-enroll b1");
+    assert!(
+        eventually(Duration::from_secs(10), || c.logged(1, "pod enrolled").len() >= 3),
+        "node-b did not re-enroll b1"
+    );
     let ip = c.pod("b1").ip.clone();
     let (code, _) = c.curl("a1", &format!("http://{ip}:8080/"));
     assert_ne!(code, 200, "a request reached a peer presenting the wrong identity");
@@ -176,7 +189,9 @@ fn certificate_rotation_keeps_long_lived_connections(mode: &'static str) {
         .unwrap();
     let mut to = client.stdin.take().unwrap();
     let mut from = BufReader::new(client.stdout.take().unwrap());
-    let rotated = |c: &Cluster| c.logged(0, "workload certificate rotated").len() + c.logged(1, "workload certificate rotated").len();
+    let rotated = |c: &Cluster| {
+        c.logged(0, "workload certificate rotated").len() + c.logged(1, "workload certificate rotated").len()
+    };
     let started = std::time::Instant::now();
     let mut n = 0;
     while started.elapsed() < Duration::from_secs(9) {
@@ -206,7 +221,8 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
     c.start_nginx("b1", 8080).unwrap();
     let url = format!("http://{}:8080/", c.pod("b1").ip);
     let outside = |c: &Cluster| {
-        let out = c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &url]));
+        let out =
+            c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &url]));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(outside(&c), "200", "PERMISSIVE must accept a plaintext client");
@@ -220,7 +236,10 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
     let denied = c.logged(1, "connection denied by policy");
     assert!(denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("STRICT")), "{denied:?}");
     assert_eq!(c.curl("a1", &url).0, 200, "a mesh client must still get through under STRICT");
-    assert!(c.metrics(1).lines().any(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"unknown\"")));
+    assert!(c
+        .metrics(1)
+        .lines()
+        .any(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"unknown\"")));
 }
 
 /// DENY blocks the principal it names; ALLOW admits only its principals.
@@ -238,13 +257,22 @@ fn authorization_policies_deny_and_allow(mode: &'static str) {
     assert_eq!(c.curl("a1", &b2).0, 200, "ALLOW admits sa-a1");
     assert_ne!(c.curl("a2", &b2).0, 200, "ALLOW admits nobody else");
     let denied = c.logged(1, "connection denied by policy");
-    assert!(denied.iter().any(|l| l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/default/sa/sa-a2"
-        && l["fields"]["reason"].as_str().unwrap_or_default().contains("deny-a2")), "{denied:?}");
-    assert!(denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("allow-a1")), "{denied:?}");
+    assert!(
+        denied.iter().any(|l| l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/default/sa/sa-a2"
+            && l["fields"]["reason"].as_str().unwrap_or_default().contains("deny-a2")),
+        "{denied:?}"
+    );
+    assert!(
+        denied.iter().any(|l| l["fields"]["reason"].as_str().unwrap_or_default().contains("allow-a1")),
+        "{denied:?}"
+    );
     let m = c.metrics(1);
     let line = m
         .lines()
-        .find(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a2\""))
+        .find(|l| {
+            l.starts_with("redirector_policy_denied_total{")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a2\"")
+        })
         .unwrap_or_else(|| panic!("{m}"));
     assert!(line.ends_with(" 1"), "{line}");
 }
@@ -261,7 +289,8 @@ fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'stati
     c.start_nginx("b1", 8080).unwrap();
     let url = format!("http://{}:8080/", c.pod("b1").ip);
     let outside = |c: &Cluster| {
-        let out = c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", &url]));
+        let out =
+            c.output(c.in_node(1, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", &url]));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let b1_ns = redirector_tests::cluster::ns_path(&c.pod("b1").ns);
@@ -276,18 +305,28 @@ fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'stati
         .unwrap_or_default();
     if mode == "ebpf" {
         assert!(!nat.contains("REDIRECTOR"), "eBPF mode must not need netfilter in the pod:\n{nat}");
-        assert_eq!(links.iter().filter(|l| l.starts_with("pod-inbound-")).count(), 2, "one sk_lookup link per pod of node-b: {links:?}");
+        assert_eq!(
+            links.iter().filter(|l| l.starts_with("pod-inbound-")).count(),
+            2,
+            "one sk_lookup link per pod of node-b: {links:?}"
+        );
     } else {
         assert!(nat.contains("REDIRECTOR_POD_INBOUND"), "{nat}");
     }
     assert_eq!(outside(&c), "200", "PERMISSIVE lets a plaintext client in, through the proxy");
-    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "plaintext connection closed").is_empty()), "the plaintext client must have gone through the proxy");
+    assert!(
+        eventually(Duration::from_secs(3), || !c.logged(1, "plaintext connection closed").is_empty()),
+        "the plaintext client must have gone through the proxy"
+    );
 
     c.kill_agent(1);
     assert_ne!(outside(&c), "200", "with the agent down, a plaintext client must not reach the app directly");
 
     c.start_agent(1).unwrap();
-    assert!(eventually(Duration::from_secs(15), || outside(&c) == "200"), "a restarted agent takes the pod's inbound over again");
+    assert!(
+        eventually(Duration::from_secs(15), || outside(&c) == "200"),
+        "a restarted agent takes the pod's inbound over again"
+    );
 }
 
 // Bad input at the HBONE listener. What the listener does does not depend
@@ -334,10 +373,12 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
         }
     });
     assert!(refused, "an expired client certificate must be refused");
-    assert!(eventually(Duration::from_secs(3), || c
-        .logged(1, "HBONE handshake refused")
-        .iter()
-        .any(|l| l["fields"]["error"].as_str().unwrap_or_default().to_lowercase().contains("expired"))));
+    assert!(eventually(Duration::from_secs(3), || c.logged(1, "HBONE handshake refused").iter().any(|l| l["fields"]
+        ["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase()
+        .contains("expired"))));
 
     // Foreign: a valid certificate from a CA the mesh does not trust.
     let foreign_ca = c.dir.join("foreign-ca");
@@ -366,7 +407,11 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     let t = Instant::now();
     let mut b = [0u8; 16];
     let n = std::io::Read::read(&mut stalled, &mut b);
-    assert!(matches!(n, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(6), "the server must close a stalled handshake: {n:?} after {:?}", t.elapsed());
+    assert!(
+        matches!(n, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(6),
+        "the server must close a stalled handshake: {n:?} after {:?}",
+        t.elapsed()
+    );
     assert!(t.elapsed() >= Duration::from_millis(800), "closed before the timeout: {:?}", t.elapsed());
     assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE handshake did not complete").is_empty()));
     assert!(refusals(&c, 1, "handshake_timeout") >= 1, "{}", c.metrics(1));
@@ -413,7 +458,9 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
     });
     assert_eq!(relay, 400, "CONNECT to another pod's address must be refused");
     assert_eq!(own, 200, "CONNECT to the pod's own address must work");
-    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE CONNECT to an address that is not this workload's").is_empty()));
+    assert!(eventually(Duration::from_secs(3), || !c
+        .logged(1, "HBONE CONNECT to an address that is not this workload's")
+        .is_empty()));
     assert!(refusals(&c, 1, "not_local") >= 1, "{}", c.metrics(1));
 
     // The flood: streams opened and reset as fast as the client can.
@@ -437,7 +484,13 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
         (sent, closed)
     });
     assert!(closed, "the flooding connection must be closed by the server (sent {sent} resets)");
-    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE connection closed on an HTTP/2 protocol error").is_empty()), "{}", std::fs::read_to_string(&c.nodes[1].log).unwrap());
+    assert!(
+        eventually(Duration::from_secs(3), || !c
+            .logged(1, "HBONE connection closed on an HTTP/2 protocol error")
+            .is_empty()),
+        "{}",
+        std::fs::read_to_string(&c.nodes[1].log).unwrap()
+    );
     assert!(refusals(&c, 1, "h2_protocol_error") >= 1, "{}", c.metrics(1));
 
     let (code, err) = c.curl("a1", &format!("http://{b1_app}/"));
@@ -502,10 +555,16 @@ fn access_log_off_silences_connection_lines() {
     let closed = |node: usize, reporter: &str| {
         c.metrics(node)
             .lines()
-            .find(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.contains(&format!("reporter=\"{reporter}\"")))
+            .find(|l| {
+                l.starts_with("istio_tcp_connections_closed_total{") && l.contains(&format!("reporter=\"{reporter}\""))
+            })
             .is_some_and(|l| l.ends_with(" 2"))
     };
-    assert!(eventually(Duration::from_secs(5), || closed(0, "source") && closed(1, "destination")), "metrics: {}", c.metrics(1));
+    assert!(
+        eventually(Duration::from_secs(5), || closed(0, "source") && closed(1, "destination")),
+        "metrics: {}",
+        c.metrics(1)
+    );
     for node in 0..2 {
         let access: Vec<_> = c.log_lines(node).into_iter().filter(|l| l["target"] == "access").collect();
         assert!(access.is_empty(), "node {node} wrote access lines with accessLog off: {access:?}");

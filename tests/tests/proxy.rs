@@ -8,10 +8,7 @@ use std::time::Duration;
 use redirector_tests::*;
 
 fn python(t: &Topology, script: &str) -> std::process::Output {
-    t.redirector()
-        .args(["exec", "--workload", "py", "--", "python3", "-c", script])
-        .output()
-        .expect("python3 workload")
+    t.redirector().args(["exec", "--workload", "py", "--", "python3", "-c", script]).output().expect("python3 workload")
 }
 
 #[test]
@@ -88,10 +85,7 @@ print("closed", repr(r), round(time.time() - t0))
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("closed b'' "), "{text}");
-    assert!(t
-        .log_lines()
-        .iter()
-        .any(|l| l["fields"]["message"] == "idle timeout: connection closed"));
+    assert!(t.log_lines().iter().any(|l| l["fields"]["message"] == "idle timeout: connection closed"));
 }
 
 #[test]
@@ -167,9 +161,5 @@ fn short_connections_leave_no_file_descriptors_behind() {
         &format!("for i in $(seq 500); do exec 3<>/dev/tcp/{SERVER_V4}/8080 || exit 1; echo x >&3; read -r l <&3 || exit 2; exec 3<&-; done"),
     );
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        eventually(Duration::from_secs(10), || fds() <= before),
-        "agent had {before} fds before, {} after",
-        fds()
-    );
+    assert!(eventually(Duration::from_secs(10), || fds() <= before), "agent had {before} fds before, {} after", fds());
 }

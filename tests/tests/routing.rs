@@ -258,15 +258,14 @@ fn a_config_change_under_steady_load_fails_no_request_and_a_bad_one_is_rejected(
         )
     };
     let Some(m) = mesh("ebpf", &to("v1")) else { return };
-    let child = m
-        .t
-        .redirector()
-        .args(["exec", "--workload", "load", "--", "python3"])
-        .arg(client_script())
-        .args([SVC_IP, &SVC_PORT.to_string(), "/get", "--seconds", "6"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        m.t.redirector()
+            .args(["exec", "--workload", "load", "--", "python3"])
+            .arg(client_script())
+            .args([SVC_IP, &SVC_PORT.to_string(), "/get", "--seconds", "6"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // Under load the logs never settle: plain counts here.
     assert!(line_count(&m.v1) > 0 && line_count(&m.v2) == 0);
@@ -318,7 +317,11 @@ fn a_tcp_service_is_routed_to_its_endpoints() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(peers.lock().unwrap().len(), 3);
     let log = std::fs::read_to_string(&t.log).unwrap();
-    assert_eq!(log.matches("\"original_dst\":\"198.19.0.20:7001\",\"method\":\"GET\"").count(), 1, "one HTTP request line");
+    assert_eq!(
+        log.matches("\"original_dst\":\"198.19.0.20:7001\",\"method\":\"GET\"").count(),
+        1,
+        "one HTTP request line"
+    );
     let series = "destination_service=\"echo.default.svc.cluster.local\"";
     assert!(eventually(Duration::from_secs(5), || {
         let text = local_get(&t, "http://127.0.0.1:15020/metrics");
@@ -420,7 +423,10 @@ spec:
     let r = requests_on(&t, "/get", "--count 20");
     assert_eq!(count(&r, "200"), 20, "{r}");
     let log = std::fs::read_to_string(&t.log).unwrap();
-    assert!(log.contains("outlier detection: endpoint ejected") && log.contains(&format!("{SERVER_V4_B}:8080")), "no ejection logged");
+    assert!(
+        log.contains("outlier detection: endpoint ejected") && log.contains(&format!("{SERVER_V4_B}:8080")),
+        "no ejection logged"
+    );
     let v2 = t.start_httpbin("httpbin-v2", SERVER_V4_B, 8080).unwrap();
     let ejected_at = std::time::Instant::now();
     let r = requests_on(&t, "/get", "--count 10");
@@ -632,9 +638,15 @@ fn resolves_mesh_names_and_forwards_the_rest(mode: &'static str) {
         "dnsmasq",
         "dnsmasq",
         &[
-            "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53",
-            &format!("--listen-address={SERVER_V4}"), "--address=/outside.example/198.18.0.99",
-            &format!("--pid-file={}/pid", dnsmasq_dir.display()), "--user=root",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--port=53",
+            &format!("--listen-address={SERVER_V4}"),
+            "--address=/outside.example/198.18.0.99",
+            &format!("--pid-file={}/pid", dnsmasq_dir.display()),
+            "--user=root",
         ],
     )
     .unwrap();
@@ -722,9 +734,8 @@ spec:
     // Malformed and oversized requests: 400 and 431, the connection
     // closed, the next client served.
     let raw = |payload: &str| -> String {
-        let script = format!(
-            "exec 3<>/dev/tcp/{SVC_IP}/{SVC_PORT}; printf '{payload}' >&3; timeout 5 cat <&3 | head -1"
-        );
+        let script =
+            format!("exec 3<>/dev/tcp/{SVC_IP}/{SVC_PORT}; printf '{payload}' >&3; timeout 5 cat <&3 | head -1");
         let out = m.t.exec_workload("raw", &script);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };

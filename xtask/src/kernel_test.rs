@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 const GUEST_INIT: &str = include_str!("../guest/init.sh");
-const GUEST_CONFIG: &str = "capture:\n  mode: ebpf\n  captureLoopback: true\n  excludePorts: []\nproxy:\n  drainTimeout: 1s\n";
+const GUEST_CONFIG: &str =
+    "capture:\n  mode: ebpf\n  captureLoopback: true\n  excludePorts: []\nproxy:\n  drainTimeout: 1s\n";
 /// isa-debug-exit turns the byte written as `v` into exit status `v << 1 | 1`.
 const EXIT_PASS: i32 = 3;
 
@@ -112,9 +113,11 @@ fn fetch_kernel(work: &Path, kernel: &str) -> Result<PathBuf> {
         .filter(|p| p.starts_with("linux-image-"))
         .with_context(|| format!("no linux-image package for kernel {kernel}"))?;
     let existing = |d: &Path| -> Option<PathBuf> {
-        std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().map(|n| n.to_string_lossy().starts_with(&format!("{pkg}_"))).unwrap_or(false)
-        })
+        std::fs::read_dir(d)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().map(|n| n.to_string_lossy().starts_with(&format!("{pkg}_"))).unwrap_or(false))
     };
     let deb = match existing(&kdir) {
         Some(d) => d,
@@ -129,11 +132,7 @@ fn fetch_kernel(work: &Path, kernel: &str) -> Result<PathBuf> {
     };
     let boot = kdir.join("boot");
     if !boot.exists() {
-        let tar = Command::new("dpkg-deb")
-            .arg("--fsys-tarfile")
-            .arg(&deb)
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let tar = Command::new("dpkg-deb").arg("--fsys-tarfile").arg(&deb).stdout(Stdio::piped()).spawn()?;
         let st = Command::new("tar")
             .args(["-x", "--wildcards", "./boot/vmlinuz-*"])
             .current_dir(&kdir)
@@ -178,11 +177,7 @@ fn build_initramfs(work: &Path, redirector: &Path) -> Result<PathBuf> {
     let img = work.join("initramfs.cpio.gz");
     let st = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
-            root.display(),
-            img.display()
-        ))
+        .arg(format!("cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > '{}'", root.display(), img.display()))
         .status()?;
     if !st.success() {
         bail!("building the initramfs failed (cpio and gzip are needed)");
@@ -359,10 +354,7 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
     }
     for r in &results {
         if let Some(e) = &r.error {
-            println!(
-                "kernel {}: {e} (serial console: target/kernel-test/linux-{}/console.log)",
-                r.kernel, r.kernel
-            );
+            println!("kernel {}: {e} (serial console: target/kernel-test/linux-{}/console.log)", r.kernel, r.kernel);
         }
     }
     let report = serde_json::to_string_pretty(&results)?;

@@ -53,7 +53,8 @@ pub fn check(src: &Path) -> Result<(usize, usize)> {
             problems.push(format!("import cycle between files: {}", scc.join(" -> ")));
         }
     }
-    let path_of = |m: &str| files.iter().find(|f| f.module == m).map(|f| f.path.display().to_string()).unwrap_or_default();
+    let path_of =
+        |m: &str| files.iter().find(|f| f.module == m).map(|f| f.path.display().to_string()).unwrap_or_default();
     for (from, tos) in &graph {
         for to in tos {
             if let Some(why) = forbidden(from, to) {
@@ -94,7 +95,10 @@ fn forbidden(from: &str, to: &str) -> Option<String> {
     }
     if let (Some(a), Some(b)) = (stage(from), stage(to)) {
         if b < a && !within(to, "capture::orig_dst") {
-            return Some(format!("the data path imports forward only ({} comes before {})", DATA_PATH[b], DATA_PATH[a]));
+            return Some(format!(
+                "the data path imports forward only ({} comes before {})",
+                DATA_PATH[b], DATA_PATH[a]
+            ));
         }
     }
     if stage(from).is_some() && ["inpod", "admin", "state"].contains(&top(to)) {
@@ -180,7 +184,9 @@ fn paths_after(code: &str, head: &str) -> Vec<String> {
         let start = from + i;
         from = start + head.len();
         // A whole path segment: not the tail of a longer identifier.
-        if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b':') {
+        if start > 0
+            && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b':')
+        {
             continue;
         }
         expand(&code[from..], "", &mut out);
@@ -266,7 +272,14 @@ fn strongly_connected(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<Str
             s.out.push(scc);
         }
     }
-    let mut s = State { graph, index: BTreeMap::new(), low: BTreeMap::new(), stack: Vec::new(), on_stack: BTreeSet::new(), out: Vec::new() };
+    let mut s = State {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        on_stack: BTreeSet::new(),
+        out: Vec::new(),
+    };
     for v in graph.keys() {
         if !s.index.contains_key(v.as_str()) {
             visit(&mut s, v);
@@ -282,7 +295,10 @@ mod tests {
     #[test]
     fn use_groups_expand_to_one_path_each() {
         let refs = references("proxy::outbound", "use crate::{copy::{a, b}, route::http::{self as l7}};\nuse super::ProxySettings;\nfn f() { crate::telemetry::label(\"x\"); }\n#[cfg(test)]\nuse crate::app;\n");
-        let want: BTreeSet<String> = ["copy::a", "copy::b", "route::http", "proxy::ProxySettings", "telemetry::label"].iter().map(|s| s.to_string()).collect();
+        let want: BTreeSet<String> = ["copy::a", "copy::b", "route::http", "proxy::ProxySettings", "telemetry::label"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(refs, want);
     }
 

@@ -18,12 +18,7 @@ mod layering;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM of Debian's rustc-web (the BPF-capable rustc with a precompiled core).
 const DEBIAN_LLVM: &str = "22";
-const DEBIAN_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-];
+const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(Parser)]
@@ -106,24 +101,14 @@ fn main() -> ExitCode {
         Task::Run { args } => setup(false).and_then(|_| run(&args)),
         Task::Test { args } => setup(false).and_then(|_| test(&args)),
         Task::Lint => setup(false).and_then(|_| lint()),
-        Task::KernelTest {
-            kernels,
-            json,
-            timeout,
-        } => setup(false).and_then(|_| {
+        Task::KernelTest { kernels, json, timeout } => setup(false).and_then(|_| {
             build(true)?;
             let ks: Vec<String> = kernels.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
             kernel_test::kernel_test(&root_dir(), &ks, json.as_deref(), std::time::Duration::from_secs(timeout))
         }),
-        Task::Bench {
-            quick,
-            json,
-            rounds,
-            seconds,
-            modes,
-            suite,
-            scenarios,
-        } => setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, suite, scenarios)),
+        Task::Bench { quick, json, rounds, seconds, modes, suite, scenarios } => {
+            setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, suite, scenarios))
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,17 +124,11 @@ fn root_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(h) = env::var_os("CARGO_HOME") {
         dirs.push(PathBuf::from(h).join("bin"));
     }
@@ -170,9 +149,7 @@ fn nightly_ready() -> bool {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| {
-            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-                .join("lib/rustlib/src/rust/library/core")
-                .exists()
+            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib/src/rust/library/core").exists()
         })
         .unwrap_or(false)
 }
@@ -278,11 +255,7 @@ fn run(args: &[String]) -> Result<()> {
     build(true)?;
     let bin = root_dir().join("target/release/redirector");
     if !is_root() {
-        bail!(
-            "the agent needs root to load eBPF programs; run: sudo {} run {}",
-            bin.display(),
-            args.join(" ")
-        );
+        bail!("the agent needs root to load eBPF programs; run: sudo {} run {}", bin.display(), args.join(" "));
     }
     eprintln!(
         "starting the agent; in another terminal try:\n  sudo {bin} exec -- curl -sI http://example.invalid/   # or any server you run\n  sudo {bin} status\nCtrl-C stops the agent; `sudo {bin} uninstall` removes the capture.",
@@ -311,9 +284,7 @@ fn bench(
     }
     let root = root_dir();
     let mut c = Command::new(root.join("target/release/redirector-bench"));
-    c.env("REDIRECTOR_BIN", root.join("target/release/redirector"))
-        .arg("--results")
-        .arg(root.join("results"));
+    c.env("REDIRECTOR_BIN", root.join("target/release/redirector")).arg("--results").arg(root.join("results"));
     if quick {
         c.arg("--quick");
     }
@@ -373,7 +344,9 @@ fn test(args: &[String]) -> Result<()> {
         Ok(())
     } else if which("qemu-system-x86_64").is_none() {
         if env::var_os("CI").is_some() {
-            Err(anyhow::anyhow!("the kernel matrix needs qemu-system-x86, busybox-static and cpio; .ci/run installs them"))
+            Err(anyhow::anyhow!(
+                "the kernel matrix needs qemu-system-x86, busybox-static and cpio; .ci/run installs them"
+            ))
         } else {
             eprintln!("SKIPPED: the kernel matrix (apt-get install --no-install-recommends qemu-system-x86 busybox-static cpio to run it)");
             Ok(())

@@ -401,10 +401,7 @@ mod tests {
         for (i, w) in mapped.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(
-            bytes,
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]
-        );
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]);
         assert!(is_v4_mapped(&mapped));
         assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
     }

@@ -21,8 +21,8 @@ use aya::programs::links::PinnedLink;
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
-    maps, programs, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment,
-    OriginalDst, PodInbound, SockKey, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK,
+    maps, programs, AccelCount, CaptureConfig, ConnKey, CounterKey, Decision, Enrollment, OriginalDst, PodInbound,
+    SockKey, FLAG_ACCELERATE, FLAG_CAPTURE_LOOPBACK,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -46,10 +46,7 @@ pub enum EbpfError {
     #[error("loading the kernel object failed: {0}; run `redirector verify` to see which kernel feature is missing")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {program}: {}; run `redirector verify` for the kernel's features (kernel 5.10+ with BTF and cgroup BPF is needed)", short_error(.source))]
-    Program {
-        program: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { program: &'static str, source: aya::programs::ProgramError },
     #[error("cannot attach program {program} to the cgroup: {source}; BPF links for cgroups need kernel 5.7+")]
     Attach {
         program: &'static str,
@@ -84,15 +81,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
         let src = CString::new("bpf").expect("no NUL");
         let target = CString::new("/sys/fs/bpf").expect("no NUL");
         // SAFETY: valid C strings, no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
             return Err(EbpfError::BpffsNotMounted(base.into(), io::Error::last_os_error()));
         }
@@ -163,10 +152,8 @@ impl EbpfCapture {
         pin_dir: &Path,
         socket_storage: bool,
     ) -> Result<EbpfCapture, EbpfError> {
-        let mut ebpf = loader(socket_storage)
-            .default_map_pin_directory(pin_dir)
-            .load(OBJECT)
-            .map_err(EbpfError::Load)?;
+        let mut ebpf =
+            loader(socket_storage).default_map_pin_directory(pin_dir).load(OBJECT).map_err(EbpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_forwarder(logger),
             Err(e) => warn!(error = %e, "kernel program logs are not available"),
@@ -174,10 +161,8 @@ impl EbpfCapture {
 
         write_settings(&mut ebpf, cfg, proxy_cgroup_id)?;
 
-        let cgroup = File::open(cgroup_root).map_err(|source| EbpfError::Cgroup {
-            path: cgroup_root.into(),
-            source,
-        })?;
+        let cgroup =
+            File::open(cgroup_root).map_err(|source| EbpfError::Cgroup { path: cgroup_root.into(), source })?;
         // The shortcut's program is optional: a kernel without sk_msg still
         // gets eBPF capture (the tier below), unless the shortcut was asked for.
         if socket_storage {
@@ -203,10 +188,9 @@ impl EbpfCapture {
             let path = links_dir.join(name);
             let old = if path.exists() {
                 match PinnedLink::from_pin(&path) {
-                    Ok(p) => Some(p.unpin().map_err(|e| EbpfError::Pin {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?),
+                    Ok(p) => {
+                        Some(p.unpin().map_err(|e| EbpfError::Pin { path: path.clone(), message: e.to_string() })?)
+                    }
                     Err(e) => {
                         warn!(path = %path.display(), error = %e, "removing an unreadable link pin");
                         let _ = fs::remove_file(&path);
@@ -216,10 +200,7 @@ impl EbpfCapture {
             } else {
                 None
             };
-            obj_pin(link.as_fd(), &path).map_err(|e| EbpfError::Pin {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            obj_pin(link.as_fd(), &path).map_err(|e| EbpfError::Pin { path: path.clone(), message: e.to_string() })?;
             drop(link); // the pin keeps the link
             if let Some(old) = old {
                 adopted = true;
@@ -242,12 +223,7 @@ impl EbpfCapture {
             pod_inbound = if steering.is_some() { "sk_lookup" } else { "iptables" },
             "kernel programs attached"
         );
-        Ok(EbpfCapture {
-            _ebpf: ebpf,
-            pin_dir: pin_dir.to_path_buf(),
-            adopted,
-            steering,
-        })
+        Ok(EbpfCapture { _ebpf: ebpf, pin_dir: pin_dir.to_path_buf(), adopted, steering })
     }
 }
 
@@ -280,12 +256,10 @@ fn loader(socket_storage: bool) -> EbpfLoader<'static> {
     // type information (several MiB of vmlinux BTF the agent would keep in
     // its heap for nothing). Map BTF comes from the object itself.
     l.btf(None);
-    let has_cookie =
-        |t: ProgramType| is_helper_supported(t, BpfHelper::BPF_FUNC_get_netns_cookie).unwrap_or(false);
+    let has_cookie = |t: ProgramType| is_helper_supported(t, BpfHelper::BPF_FUNC_get_netns_cookie).unwrap_or(false);
     // The keyed tier's getsockopt builds the same key as sockops: both
     // carry the cookie or neither does.
-    let cookie = has_cookie(ProgramType::SockOps)
-        && (socket_storage || has_cookie(ProgramType::CgroupSockopt));
+    let cookie = has_cookie(ProgramType::SockOps) && (socket_storage || has_cookie(ProgramType::CgroupSockopt));
     if !cookie {
         warn!("this kernel has no bpf_get_netns_cookie in sockops or getsockopt programs (5.15+): capture keys cannot tell network namespaces apart; run one workload namespace per node or upgrade the kernel");
         l.override_global(redirector_common::globals::NETNS_COOKIE, &NO, true);
@@ -301,24 +275,16 @@ fn loader(socket_storage: bool) -> EbpfLoader<'static> {
 /// restarted agent's program replaces it); no link to keep.
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     let name = programs::SK_MSG;
-    let perr = |source| EbpfError::Program {
-        program: name,
-        source,
-    };
+    let perr = |source| EbpfError::Program { program: name, source };
     let map_fd = {
-        let map = ebpf
-            .map(maps::SOCK_PAIRS)
-            .ok_or_else(|| EbpfError::NotInstalled(maps::SOCK_PAIRS.into()))?;
+        let map = ebpf.map(maps::SOCK_PAIRS).ok_or_else(|| EbpfError::NotInstalled(maps::SOCK_PAIRS.into()))?;
         let Map::SockHash(data) = map else {
             return Err(EbpfError::NotInstalled(maps::SOCK_PAIRS.into()));
         };
         data.fd().as_fd().as_raw_fd()
     };
     let Some(Program::SkMsg(p)) = ebpf.program_mut(name) else {
-        return Err(EbpfError::Program {
-            program: name,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        });
+        return Err(EbpfError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType });
     };
     p.load().map_err(perr)?;
     let prog_fd = p.fd().map_err(perr)?.as_fd().as_raw_fd();
@@ -328,10 +294,7 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
         attach_type: BPF_SK_MSG_VERDICT,
         ..Default::default()
     };
-    bpf_syscall(BPF_PROG_ATTACH, &mut attr).map_err(|e| EbpfError::Attach {
-        program: name,
-        source: e,
-    })?;
+    bpf_syscall(BPF_PROG_ATTACH, &mut attr).map_err(|e| EbpfError::Attach { program: name, source: e })?;
     Ok(())
 }
 
@@ -450,7 +413,14 @@ impl PodSteering {
 
     /// Steer TCP connections to `ips` in the namespace `netns` (its
     /// descriptor and inode) to `listener`, except those to `ports`' ports.
-    pub fn steer(&self, netns: BorrowedFd<'_>, netns_inode: u64, ips: &[IpAddr], listener: BorrowedFd<'_>, ports: PodInbound) -> Result<(), EbpfError> {
+    pub fn steer(
+        &self,
+        netns: BorrowedFd<'_>,
+        netns_inode: u64,
+        ips: &[IpAddr],
+        listener: BorrowedFd<'_>,
+        ports: PodInbound,
+    ) -> Result<(), EbpfError> {
         let (mut listeners, mut inbound) = self.maps()?;
         for ip in ips {
             let key = steering_key(*ip);
@@ -463,7 +433,8 @@ impl PodSteering {
             attach_type: BPF_SK_LOOKUP,
             ..Default::default()
         };
-        let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).map_err(|e| EbpfError::Attach { program: programs::SK_LOOKUP, source: e })?;
+        let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr)
+            .map_err(|e| EbpfError::Attach { program: programs::SK_LOOKUP, source: e })?;
         // SAFETY: the kernel returned a new file descriptor we now own.
         let link = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         // A link a crashed agent left on this namespace is replaced once
@@ -503,11 +474,7 @@ impl PodSteering {
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let mut attr = ObjPinAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
+    let mut attr = ObjPinAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
     bpf_syscall(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
@@ -517,14 +484,10 @@ fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 /// way keeps one code path. The link detaches when the returned fd closes,
 /// unless it was pinned.
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<OwnedFd, EbpfError> {
-    let perr = |source| EbpfError::Program {
-        program: name,
-        source,
-    };
-    let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
-        program: name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
+    let perr = |source| EbpfError::Program { program: name, source };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
     let attach_type = match program {
         Program::CgroupSockAddr(p) => {
             p.load().map_err(perr)?;
@@ -559,10 +522,7 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<OwnedFd,
         attach_type,
         ..Default::default()
     };
-    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).map_err(|e| EbpfError::Attach {
-        program: name,
-        source: e,
-    })?;
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).map_err(|e| EbpfError::Attach { program: name, source: e })?;
     // SAFETY: the kernel returned a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -576,9 +536,9 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     handle.spawn(async move {
         // SAFETY: the logger owns its ring buffer fd for as long as AsyncFd
         // holds the logger.
-        let Ok(mut fd) = (unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }) else {
+        let Ok(mut fd) =
+            (unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+        else {
             return;
         };
         loop {
@@ -592,11 +552,9 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 fn write_settings(ebpf: &mut Ebpf, cfg: &AgentConfig, proxy_cgroup_id: u64) -> Result<(), EbpfError> {
-    let mut config: Array<_, CaptureConfig> = Array::try_from(
-        ebpf.map_mut(maps::CONFIG)
-            .ok_or_else(|| EbpfError::NotInstalled(maps::CONFIG.into()))?,
-    )
-    .map_err(map_err(maps::CONFIG))?;
+    let mut config: Array<_, CaptureConfig> =
+        Array::try_from(ebpf.map_mut(maps::CONFIG).ok_or_else(|| EbpfError::NotInstalled(maps::CONFIG.into()))?)
+            .map_err(map_err(maps::CONFIG))?;
     config
         .set(
             0,
@@ -614,8 +572,7 @@ fn write_settings(ebpf: &mut Ebpf, cfg: &AgentConfig, proxy_cgroup_id: u64) -> R
         .map_err(map_err(maps::CONFIG))?;
 
     let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
-        ebpf.map_mut(maps::EXCLUDED_PORTS)
-            .ok_or_else(|| EbpfError::NotInstalled(maps::EXCLUDED_PORTS.into()))?,
+        ebpf.map_mut(maps::EXCLUDED_PORTS).ok_or_else(|| EbpfError::NotInstalled(maps::EXCLUDED_PORTS.into()))?,
     )
     .map_err(map_err(maps::EXCLUDED_PORTS))?;
     let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
@@ -632,10 +589,9 @@ fn write_settings(ebpf: &mut Ebpf, cfg: &AgentConfig, proxy_cgroup_id: u64) -> R
 }
 
 fn sync_cidrs<const N: usize>(ebpf: &mut Ebpf, name: &'static str, cidrs: &[Cidr]) -> Result<(), EbpfError> {
-    let mut trie: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(
-        ebpf.map_mut(name).ok_or_else(|| EbpfError::NotInstalled(name.into()))?,
-    )
-    .map_err(map_err(name))?;
+    let mut trie: LpmTrie<_, [u8; N], u8> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or_else(|| EbpfError::NotInstalled(name.into()))?)
+            .map_err(map_err(name))?;
     let stale: Vec<Key<[u8; N]>> = trie.keys().filter_map(Result::ok).collect();
     for k in stale {
         trie.remove(&k).map_err(map_err(name))?;
@@ -646,8 +602,7 @@ fn sync_cidrs<const N: usize>(ebpf: &mut Ebpf, name: &'static str, cidrs: &[Cidr
             IpAddr::V6(a) => a.octets().to_vec(),
         };
         if let Ok(data) = <[u8; N]>::try_from(bytes.as_slice()) {
-            trie.insert(&Key::new(u32::from(c.prefix_len), data), 1, 0)
-                .map_err(map_err(name))?;
+            trie.insert(&Key::new(u32::from(c.prefix_len), data), 1, 0).map_err(map_err(name))?;
         }
     }
     Ok(())
@@ -712,8 +667,7 @@ impl PinnedMaps {
     }
 
     fn enrolled_map(&self) -> Result<HashMap<MapData, u64, Enrollment>, EbpfError> {
-        HashMap::try_from(Map::HashMap(open_pinned(&self.dir, maps::ENROLLED)?))
-            .map_err(map_err(maps::ENROLLED))
+        HashMap::try_from(Map::HashMap(open_pinned(&self.dir, maps::ENROLLED)?)).map_err(map_err(maps::ENROLLED))
     }
 
     pub fn enroll(&self, cgroup_id: u64) -> Result<(), EbpfError> {
@@ -729,10 +683,7 @@ impl PinnedMaps {
                     return EbpfError::EnrolledFull(redirector_common::MAX_ENROLLED);
                 }
             }
-            EbpfError::Map {
-                name: maps::ENROLLED,
-                source: e,
-            }
+            EbpfError::Map { name: maps::ENROLLED, source: e }
         })
     }
 
@@ -742,15 +693,8 @@ impl PinnedMaps {
         match m.remove(&cgroup_id) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(aya::maps::MapError::SyscallError(s))
-                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(EbpfError::Map {
-                name: maps::ENROLLED,
-                source: e,
-            }),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(EbpfError::Map { name: maps::ENROLLED, source: e }),
         }
     }
 
@@ -806,8 +750,7 @@ impl PinnedMaps {
     /// Handshakes whose original destination is still in the shared map.
     pub fn pending(&self) -> Result<usize, EbpfError> {
         let m: HashMap<MapData, ConnKey, OriginalDst> =
-            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, maps::PENDING)?))
-                .map_err(map_err(maps::PENDING))?;
+            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, maps::PENDING)?)).map_err(map_err(maps::PENDING))?;
         Ok(m.keys().count())
     }
 
@@ -816,8 +759,7 @@ impl PinnedMaps {
     /// redirecting at once when switched off).
     pub fn set_accelerate(&self, on: bool) -> Result<(), EbpfError> {
         let mut cfg: Array<MapData, CaptureConfig> =
-            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?))
-                .map_err(map_err(maps::CONFIG))?;
+            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?)).map_err(map_err(maps::CONFIG))?;
         let mut c = cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?;
         if on {
             c.flags |= FLAG_ACCELERATE;
@@ -829,8 +771,7 @@ impl PinnedMaps {
 
     pub fn accelerate(&self) -> Result<bool, EbpfError> {
         let cfg: Array<MapData, CaptureConfig> =
-            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?))
-                .map_err(map_err(maps::CONFIG))?;
+            Array::try_from(Map::Array(open_pinned(&self.dir, maps::CONFIG)?)).map_err(map_err(maps::CONFIG))?;
         Ok(cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?.flags & FLAG_ACCELERATE != 0)
     }
 
@@ -848,20 +789,15 @@ impl PinnedMaps {
         let m: aya::maps::PerCpuArray<MapData, u64> =
             aya::maps::PerCpuArray::try_from(Map::PerCpuArray(open_pinned(&self.dir, maps::ACCEL_TOTALS)?))
                 .map_err(map_err(maps::ACCEL_TOTALS))?;
-        let sum = |i: u32| -> Result<u64, EbpfError> {
-            Ok(m.get(&i, 0).map_err(map_err(maps::ACCEL_TOTALS))?.iter().sum())
-        };
+        let sum =
+            |i: u32| -> Result<u64, EbpfError> { Ok(m.get(&i, 0).map_err(map_err(maps::ACCEL_TOTALS))?.iter().sum()) };
         Ok((sum(0)?, sum(1)?, sum(2)?))
     }
 
     /// Names of the pinned links (the attached programs).
     pub fn links(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.dir.join("links"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -888,14 +824,14 @@ pub fn check_programs(socket_storage: bool) -> Result<Vec<ProgramCheck>, EbpfErr
     let scratch = PathBuf::from(format!("/sys/fs/bpf/redirector-verify-{}", std::process::id()));
     ensure_bpffs(&scratch)?;
     let result = (|| {
-        let mut ebpf = loader(socket_storage)
-            .default_map_pin_directory(&scratch)
-            .load(OBJECT)
-            .map_err(EbpfError::Load)?;
+        let mut ebpf =
+            loader(socket_storage).default_map_pin_directory(&scratch).load(OBJECT).map_err(EbpfError::Load)?;
         let mut out = Vec::new();
         for name in programs::ALL.iter().copied().chain([programs::SK_MSG, programs::SK_LOOKUP]) {
             // (verifier-processed, own) instruction counts.
-            fn counts(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) -> (Option<u32>, Option<u32>) {
+            fn counts(
+                info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+            ) -> (Option<u32>, Option<u32>) {
                 match info {
                     Ok(i) => (i.verified_instruction_count(), i.size_translated().map(|b| b / 8)),
                     Err(_) => (None, None),
@@ -942,14 +878,10 @@ fn short_error(e: &aya::programs::ProgramError) -> String {
     let mut lines = full.lines();
     let first = lines.next().unwrap_or_default().to_string();
     let all: Vec<&str> = full.lines().collect();
-    let verdict = all
-        .iter()
-        .position(|l| l.starts_with("verification time"))
-        .and_then(|i| i.checked_sub(1))
-        .map(|i| all[i]);
+    let verdict =
+        all.iter().position(|l| l.starts_with("verification time")).and_then(|i| i.checked_sub(1)).map(|i| all[i]);
     match verdict {
         Some(v) => format!("{} (verifier: {v})", first.split(" Verifier output").next().unwrap_or(&first)),
         None => first,
     }
 }
-

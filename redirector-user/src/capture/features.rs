@@ -103,7 +103,13 @@ fn features() -> Vec<(String, Probe, &'static [Tier])> {
         map("sockhash", MapType::SockHash, ALL),
         helper("cgroup_sock_addr", P::CgroupSockAddr, "get_current_cgroup_id", H::BPF_FUNC_get_current_cgroup_id, ALL),
         // A pod's cgroup covers its containers' cgroups.
-        helper("cgroup_sock_addr", P::CgroupSockAddr, "get_current_ancestor_cgroup_id", H::BPF_FUNC_get_current_ancestor_cgroup_id, ALL),
+        helper(
+            "cgroup_sock_addr",
+            P::CgroupSockAddr,
+            "get_current_ancestor_cgroup_id",
+            H::BPF_FUNC_get_current_ancestor_cgroup_id,
+            ALL,
+        ),
         helper("cgroup_sockopt", P::CgroupSockopt, "get_current_cgroup_id", H::BPF_FUNC_get_current_cgroup_id, ALL),
         helper("cgroup_sock_addr", P::CgroupSockAddr, "sk_storage_get", H::BPF_FUNC_sk_storage_get, STORAGE),
         helper("sock_ops", P::SockOps, "sk_storage_get", H::BPF_FUNC_sk_storage_get, STORAGE),
@@ -148,13 +154,7 @@ pub fn probe() -> Vec<Feature> {
                 Ok(s) => (s, None),
                 Err(e) => (false, Some(e)),
             };
-            Feature {
-                name,
-                supported,
-                needed_by: tiers.to_vec(),
-                optional: tiers.is_empty(),
-                error,
-            }
+            Feature { name, supported, needed_by: tiers.to_vec(), optional: tiers.is_empty(), error }
         })
         .collect()
 }
@@ -180,10 +180,7 @@ pub fn has(features: &[Feature], name: &str) -> bool {
 
 /// The richest tier every needed feature allows.
 pub fn tier(features: &[Feature]) -> Tier {
-    EBPF_TIERS
-        .into_iter()
-        .find(|t| missing_for(features, *t).is_empty())
-        .unwrap_or(Tier::Iptables)
+    EBPF_TIERS.into_iter().find(|t| missing_for(features, *t).is_empty()).unwrap_or(Tier::Iptables)
 }
 
 /// The features tier `t` needs that the kernel lacks.

@@ -39,7 +39,8 @@ pub const CHAIN_INBOUND: &str = "REDIRECTOR_INBOUND";
 /// DNS capture: enrolled workloads' UDP/53 to the agent's DNS server.
 pub const CHAIN_DNS: &str = "REDIRECTOR_DNS";
 pub const CHAIN_DNS_REDIRECT: &str = "REDIRECTOR_DNS_REDIRECT";
-const CHAINS: [&str; 6] = [CHAIN_OUTPUT, CHAIN_PREROUTING, CHAIN_REDIRECT, CHAIN_INBOUND, CHAIN_DNS, CHAIN_DNS_REDIRECT];
+const CHAINS: [&str; 6] =
+    [CHAIN_OUTPUT, CHAIN_PREROUTING, CHAIN_REDIRECT, CHAIN_INBOUND, CHAIN_DNS, CHAIN_DNS_REDIRECT];
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
@@ -50,10 +51,7 @@ pub enum IptablesError {
     #[error("a conflicting rule is installed: `{0}`; remove it (is Istio's sidecar capture or another mesh active in this namespace?)")]
     Conflict(String),
     #[error("running {tool}: {source}")]
-    Run {
-        tool: &'static str,
-        source: std::io::Error,
-    },
+    Run { tool: &'static str, source: std::io::Error },
     #[error("cgroup {0} is not under the cgroup v2 mount")]
     NotUnderMount(PathBuf),
 }
@@ -147,22 +145,10 @@ pub fn ruleset(spec: &RuleSpec, family: Family) -> String {
     for c in CHAINS {
         r.push_str(&format!(":{c} - [0:0]\n"));
     }
-    r.push_str(&format!(
-        "-A {CHAIN_REDIRECT} -p tcp -j REDIRECT --to-ports {}\n",
-        spec.outbound_port
-    ));
-    r.push_str(&format!(
-        "-A {CHAIN_INBOUND} -p tcp -j REDIRECT --to-ports {}\n",
-        spec.inbound_port
-    ));
-    r.push_str(&format!(
-        "-A {CHAIN_OUTPUT} -m mark --mark {} -j RETURN\n",
-        spec.proxy_mark
-    ));
-    r.push_str(&format!(
-        "-A {CHAIN_OUTPUT} -m cgroup --path {} -j RETURN\n",
-        quote(&spec.proxy_cgroup)
-    ));
+    r.push_str(&format!("-A {CHAIN_REDIRECT} -p tcp -j REDIRECT --to-ports {}\n", spec.outbound_port));
+    r.push_str(&format!("-A {CHAIN_INBOUND} -p tcp -j REDIRECT --to-ports {}\n", spec.inbound_port));
+    r.push_str(&format!("-A {CHAIN_OUTPUT} -m mark --mark {} -j RETURN\n", spec.proxy_mark));
+    r.push_str(&format!("-A {CHAIN_OUTPUT} -m cgroup --path {} -j RETURN\n", quote(&spec.proxy_cgroup)));
     if !spec.capture_loopback {
         r.push_str(&format!("-A {CHAIN_OUTPUT} -d {} -j RETURN\n", family.loopback()));
     }
@@ -176,15 +162,10 @@ pub fn ruleset(spec: &RuleSpec, family: Family) -> String {
         }
     }
     for cg in &spec.enrolled {
-        r.push_str(&format!(
-            "-A {CHAIN_OUTPUT} -p tcp -m cgroup --path {} -j {CHAIN_REDIRECT}\n",
-            quote(cg)
-        ));
+        r.push_str(&format!("-A {CHAIN_OUTPUT} -p tcp -m cgroup --path {} -j {CHAIN_REDIRECT}\n", quote(cg)));
     }
     for p in &spec.inbound_ports {
-        r.push_str(&format!(
-            "-A {CHAIN_PREROUTING} -p tcp --dport {p} -j {CHAIN_INBOUND}\n"
-        ));
+        r.push_str(&format!("-A {CHAIN_PREROUTING} -p tcp --dport {p} -j {CHAIN_INBOUND}\n"));
     }
     if let Some(dns) = spec.dns_port {
         r.push_str(&format!("-A {CHAIN_DNS_REDIRECT} -p udp -j REDIRECT --to-ports {dns}\n"));
@@ -218,12 +199,9 @@ fn run_tool(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<St
     })?;
     if let Some(input) = stdin {
         let mut si = child.stdin.take().expect("piped stdin");
-        si.write_all(input.as_bytes())
-            .map_err(|source| IptablesError::Run { tool, source })?;
+        si.write_all(input.as_bytes()).map_err(|source| IptablesError::Run { tool, source })?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| IptablesError::Run { tool, source })?;
+    let out = child.wait_with_output().map_err(|source| IptablesError::Run { tool, source })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
         return Err(IptablesError::Refused {
@@ -260,7 +238,8 @@ pub fn our_rules_in(saved: &str) -> Vec<String> {
     saved
         .lines()
         .filter(|l| {
-            l.starts_with("-A ") && CHAINS.iter().any(|c| l.contains(&format!("-j {c}")) || l.starts_with(&format!("-A {c} ")))
+            l.starts_with("-A ")
+                && CHAINS.iter().any(|c| l.contains(&format!("-j {c}")) || l.starts_with(&format!("-A {c} ")))
         })
         .map(str::to_string)
         .collect()
@@ -322,9 +301,7 @@ pub fn remove_all() -> Result<usize, IptablesError> {
 
 /// The relative path iptables' cgroup match wants.
 pub fn relative(mount: &Path, cgroup: &Path) -> Result<String, IptablesError> {
-    let rel = cgroup
-        .strip_prefix(mount)
-        .map_err(|_| IptablesError::NotUnderMount(cgroup.into()))?;
+    let rel = cgroup.strip_prefix(mount).map_err(|_| IptablesError::NotUnderMount(cgroup.into()))?;
     Ok(format!("/{}", rel.display()))
 }
 
@@ -356,9 +333,7 @@ impl IptablesCapture {
         // Keep only workloads whose cgroup still exists.
         let mount = crate::sys::cgroup::cgroup2_mount().ok();
         enrolled.retain(|e| {
-            mount
-                .as_ref()
-                .is_some_and(|m| m.join(e.trim_start_matches('/')).join("cgroup.procs").exists())
+            mount.as_ref().is_some_and(|m| m.join(e.trim_start_matches('/')).join("cgroup.procs").exists())
         });
         let spec = RuleSpec::from_config(cfg, proxy_cgroup_rel, enrolled);
         let mut installed = Vec::new();
@@ -412,9 +387,13 @@ fn edit_enroll_rule(op: &str, cgroup_rel: &str) -> Result<bool, IptablesError> {
         // The workload's DNS rule, where DNS is captured.
         let saved = save(family)?;
         let dns_rule = format!("-A {CHAIN_DNS} -m cgroup --path {cgroup_rel} -j {CHAIN_DNS_REDIRECT}");
-        let has_dns = saved.lines().any(|l| l == dns_rule || l == format!("-A {CHAIN_DNS} -m cgroup --path {} -j {CHAIN_DNS_REDIRECT}", quote(cgroup_rel)));
+        let has_dns = saved.lines().any(|l| {
+            l == dns_rule
+                || l == format!("-A {CHAIN_DNS} -m cgroup --path {} -j {CHAIN_DNS_REDIRECT}", quote(cgroup_rel))
+        });
         if saved.contains(&format!(":{CHAIN_DNS} ")) && has_dns != (op == "-A") {
-            let args = ["-w", "-t", "nat", op, CHAIN_DNS, "-m", "cgroup", "--path", cgroup_rel, "-j", CHAIN_DNS_REDIRECT];
+            let args =
+                ["-w", "-t", "nat", op, CHAIN_DNS, "-m", "cgroup", "--path", cgroup_rel, "-j", CHAIN_DNS_REDIRECT];
             run_tool(rule_tool(family), &args, None)?;
         }
     }
@@ -467,7 +446,12 @@ pub const POD_CHAIN_OUTPUT: &str = "REDIRECTOR_POD_OUTPUT";
 pub const POD_CHAIN_INBOUND: &str = "REDIRECTOR_POD_INBOUND";
 
 /// Run an iptables tool inside a pod's network namespace.
-fn run_in_pod(ns: &crate::sys::netns::Netns, tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+fn run_in_pod(
+    ns: &crate::sys::netns::Netns,
+    tool: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, IptablesError> {
     let mut cmd = Command::new("nsenter");
     // The descriptor the agent holds: the namespace stays reachable even
     // when the path it was found under (a process's) is gone.
@@ -558,7 +542,9 @@ pub fn remove_in_pod(ns: &crate::sys::netns::Netns) -> Result<(), IptablesError>
             }
             any = true;
             for l in saved.lines() {
-                if (l.starts_with("-A OUTPUT ") || l.starts_with("-A PREROUTING ")) && l.ends_with(&format!("-j {chain}")) {
+                if (l.starts_with("-A OUTPUT ") || l.starts_with("-A PREROUTING "))
+                    && l.ends_with(&format!("-j {chain}"))
+                {
                     r.push_str(&l.replacen("-A ", "-D ", 1));
                     r.push('\n');
                 }

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
 
-use crate::mesh::kubernetes::{client, explain, Access};
 use crate::cmd::manifest::{DAEMONSET, NAMESPACE};
+use crate::mesh::kubernetes::{client, explain, Access};
 
 /// The Istio plug-in CA Secret the agents mount.
 pub const CA_SECRET: &str = "cacerts";
@@ -61,7 +61,10 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
             ensure_ca_secret(&client).await?;
         }
     }
-    println!("waiting for the DaemonSet {NAMESPACE}/{DAEMONSET} to be ready on every node (up to {} s)", timeout.as_secs());
+    println!(
+        "waiting for the DaemonSet {NAMESPACE}/{DAEMONSET} to be ready on every node (up to {} s)",
+        timeout.as_secs()
+    );
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
     let started = Instant::now();
     let mut last = String::new();
@@ -71,7 +74,9 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
         let generation = d.metadata.generation.unwrap_or(0);
         let line = format!(
             "  {}/{} nodes ready, {} updated",
-            st.number_ready, st.desired_number_scheduled, st.updated_number_scheduled.unwrap_or(0)
+            st.number_ready,
+            st.desired_number_scheduled,
+            st.updated_number_scheduled.unwrap_or(0)
         );
         if line != last {
             println!("{line}");
@@ -111,7 +116,8 @@ async fn ensure_ca_secret(client: &kube::Client) -> Result<()> {
         println!("      mesh CA: Secret {NAMESPACE}/{CA_SECRET} exists; kept");
         return Ok(());
     }
-    let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN).map_err(|e| anyhow!("mesh CA: {e}"))?;
+    let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN)
+        .map_err(|e| anyhow!("mesh CA: {e}"))?;
     let mut data = BTreeMap::new();
     for name in [crate::identity::CA_CERT_FILE, crate::identity::ROOT_CERT_FILE, crate::identity::CERT_CHAIN_FILE] {
         data.insert(name.to_string(), cert.clone());
@@ -183,7 +189,8 @@ pub async fn cluster_digest(client: &kube::Client) -> Result<String> {
     let mut objects = Vec::new();
     for w in watched.iter().filter(|w| w.field_selector.is_none()) {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &w.resource);
-        let list = api.list(&ListParams::default()).await.map_err(|e| explain(e, &format!("list {}", w.resource_name())))?;
+        let list =
+            api.list(&ListParams::default()).await.map_err(|e| explain(e, &format!("list {}", w.resource_name())))?;
         let mut m = BTreeMap::new();
         for o in list.items {
             let key = (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
@@ -289,11 +296,19 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
     checks.push(("kubernetes API".into(), true, server.git_version.clone()));
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
     match ds.get_opt(DAEMONSET).await.map_err(|e| explain(e, &format!("read DaemonSet {NAMESPACE}/{DAEMONSET}")))? {
-        None => checks.push(("daemonset".into(), false, format!("{NAMESPACE}/{DAEMONSET} not found: run `redirector install --profile minimal`"))),
+        None => checks.push((
+            "daemonset".into(),
+            false,
+            format!("{NAMESPACE}/{DAEMONSET} not found: run `redirector install --profile minimal`"),
+        )),
         Some(d) => {
             let st = d.status.unwrap_or_default();
             let ok = st.desired_number_scheduled > 0 && st.number_ready == st.desired_number_scheduled;
-            checks.push(("daemonset".into(), ok, format!("{}/{} nodes ready", st.number_ready, st.desired_number_scheduled)));
+            checks.push((
+                "daemonset".into(),
+                ok,
+                format!("{}/{} nodes ready", st.number_ready, st.desired_number_scheduled),
+            ));
         }
     }
     for a in agents(&client).await? {
@@ -301,7 +316,8 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
         match &a.info {
             Ok(i) => {
                 let tier = i["kernel"]["tier"].as_str().unwrap_or("?");
-                let missing: Vec<&str> = i["kernel"]["missing"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect();
+                let missing: Vec<&str> =
+                    i["kernel"]["missing"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect();
                 checks.push((
                     name,
                     true,
@@ -310,21 +326,23 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
                         i["kernel"]["release"].as_str().unwrap_or("?"),
                         i["mode"].as_str().unwrap_or("?"),
                         if missing.is_empty() { String::new() } else { format!("; eBPF needs {}", missing.join(", ")) }
-                    ) + if i["kernel"]["ciliumSocketLb"].as_bool().unwrap_or(false) { format!("; {}", crate::capture::features::CILIUM_ADVICE) } else { String::new() }.as_str(),
+                    ) + if i["kernel"]["ciliumSocketLb"].as_bool().unwrap_or(false) {
+                        format!("; {}", crate::capture::features::CILIUM_ADVICE)
+                    } else {
+                        String::new()
+                    }
+                    .as_str(),
                 ));
             }
             Err(e) => checks.push((name, false, e.clone())),
         }
     }
     let (_, warnings) = crate::mesh::kubernetes::istio_kinds(&client).await?;
-    checks.push((
-        "istio CRDs".into(),
-        true,
-        if warnings.is_empty() { "present".into() } else { warnings.join("; ") },
-    ));
+    checks.push(("istio CRDs".into(), true, if warnings.is_empty() { "present".into() } else { warnings.join("; ") }));
     let ok = checks.iter().all(|c| c.1);
     if json {
-        let v: Vec<Value> = checks.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
+        let v: Vec<Value> =
+            checks.iter().map(|(n, ok, d)| serde_json::json!({"check": n, "ok": ok, "detail": d})).collect();
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": v}))?);
     } else {
         for (n, good, d) in &checks {

@@ -58,10 +58,7 @@ pub fn generate(profile: &str, image: &str) -> Result<String> {
 /// The objects of a YAML stream (`---`-separated documents) as JSON, for
 /// comparing renderings and feeding an API.
 pub fn yaml_objects(text: &str) -> Result<Vec<serde_json::Value>> {
-    split(text)
-        .iter()
-        .map(|d| Ok(serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(d)?)?))
-        .collect()
+    split(text).iter().map(|d| Ok(serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(d)?)?)).collect()
 }
 
 fn split(text: &str) -> Vec<String> {
@@ -131,8 +128,13 @@ mod tests {
 
     #[test]
     fn bad_profile_and_image_are_named() {
-        assert!(documents("default", DEFAULT_IMAGE).unwrap_err().to_string().contains("unknown profile `default`: choose one of minimal, demo"));
+        assert!(documents("default", DEFAULT_IMAGE)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown profile `default`: choose one of minimal, demo"));
         assert!(documents("demo", "a b").is_err());
-        assert!(generate("minimal", "registry.local/redirector:dev").unwrap().contains("image: registry.local/redirector:dev"));
+        assert!(generate("minimal", "registry.local/redirector:dev")
+            .unwrap()
+            .contains("image: registry.local/redirector:dev"));
     }
 }

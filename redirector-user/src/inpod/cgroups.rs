@@ -99,14 +99,11 @@ pub fn find_pod(root: &Path, uid: &str) -> Option<PodCgroups> {
                 }
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(driver) = pod_dir(&name, uid) {
-                    return Some(PodCgroups {
-                        driver,
-                        containers: containers(&p),
-                        pod: p,
-                    });
+                    return Some(PodCgroups { driver, containers: containers(&p), pod: p });
                 }
                 // Only descend where pods can be.
-                if name.contains("kubepods") || name.ends_with(".slice") || name == "burstable" || name == "besteffort" {
+                if name.contains("kubepods") || name.ends_with(".slice") || name == "burstable" || name == "besteffort"
+                {
                     next.push(p);
                 }
             }
@@ -166,10 +163,8 @@ mod tests {
         let found = find_pod(&root, UID).unwrap_or_else(|| panic!("{name}: pod not found"));
         assert_eq!(found.driver, driver, "{name}");
         assert_eq!(found.pod, root.join(pod), "{name}");
-        let mut want: Vec<(String, Runtime)> = containers
-            .iter()
-            .filter_map(|(c, r)| container_of(c).map(|(_, id)| (id, *r)))
-            .collect();
+        let mut want: Vec<(String, Runtime)> =
+            containers.iter().filter_map(|(c, r)| container_of(c).map(|(_, id)| (id, *r))).collect();
         want.sort();
         let got: Vec<(String, Runtime)> = found.containers.iter().map(|c| (c.id.clone(), c.runtime)).collect();
         assert_eq!(got, want, "{name}");
@@ -183,8 +178,20 @@ mod tests {
         let c1 = format!("cri-containerd-{C1}.scope");
         let c2 = format!("cri-containerd-{C2}.scope");
         let cs = [(c1.as_str(), Runtime::Containerd), (c2.as_str(), Runtime::Containerd)];
-        check("sd-ctr-burstable", &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"), &cs, &["kubepods.slice/kubepods-besteffort.slice"], Driver::Systemd);
-        check("sd-ctr-besteffort", &format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"), &cs, &[], Driver::Systemd);
+        check(
+            "sd-ctr-burstable",
+            &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
+            &cs,
+            &["kubepods.slice/kubepods-besteffort.slice"],
+            Driver::Systemd,
+        );
+        check(
+            "sd-ctr-besteffort",
+            &format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"),
+            &cs,
+            &[],
+            Driver::Systemd,
+        );
         check("sd-ctr-guaranteed", &format!("kubepods.slice/kubepods-pod{u}.slice"), &cs, &[], Driver::Systemd);
         // kind: the kubepods tree under the node container's slice.
         check("sd-ctr-kind", &format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice"), &cs[..1], &[], Driver::Systemd);
@@ -206,10 +213,22 @@ mod tests {
 
     #[test]
     fn cgroupfs_driver_with_containerd_and_crio() {
-        check("fs-ctr", &format!("kubepods/burstable/pod{UID}"), &[(C1, Runtime::Unknown), (C2, Runtime::Unknown)], &["kubepods/besteffort"], Driver::Cgroupfs);
+        check(
+            "fs-ctr",
+            &format!("kubepods/burstable/pod{UID}"),
+            &[(C1, Runtime::Unknown), (C2, Runtime::Unknown)],
+            &["kubepods/besteffort"],
+            Driver::Cgroupfs,
+        );
         check("fs-ctr-guaranteed", &format!("kubepods/pod{UID}"), &[(C1, Runtime::Unknown)], &[], Driver::Cgroupfs);
         let c1 = format!("crio-{C1}");
-        check("fs-crio", &format!("kubepods/besteffort/pod{UID}"), &[(c1.as_str(), Runtime::CriO)], &[], Driver::Cgroupfs);
+        check(
+            "fs-crio",
+            &format!("kubepods/besteffort/pod{UID}"),
+            &[(c1.as_str(), Runtime::CriO)],
+            &[],
+            Driver::Cgroupfs,
+        );
     }
 
     #[test]

@@ -45,10 +45,7 @@ pub struct Access {
 
 /// A client for the cluster, or one line saying why there is none.
 pub async fn client(access: &Access) -> Result<kube::Client> {
-    let options = kube::config::KubeConfigOptions {
-        context: access.context.clone(),
-        ..Default::default()
-    };
+    let options = kube::config::KubeConfigOptions { context: access.context.clone(), ..Default::default() };
     let config = match &access.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -94,7 +91,14 @@ pub struct Watched {
 }
 
 impl Watched {
-    fn new(group: &str, version: &str, kind: &str, plural: &str, field_selector: Option<String>, role: &str) -> Watched {
+    fn new(
+        group: &str,
+        version: &str,
+        kind: &str,
+        plural: &str,
+        field_selector: Option<String>,
+        role: &str,
+    ) -> Watched {
         Watched {
             resource: ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural),
             field_selector,
@@ -334,10 +338,7 @@ pub fn spawn(
         relisting: vec![None; n],
         listed: vec![false; n],
     }));
-    let status = Arc::new(Mutex::new(SourceStatus {
-        warnings: warnings.clone(),
-        ..Default::default()
-    }));
+    let status = Arc::new(Mutex::new(SourceStatus { warnings: warnings.clone(), ..Default::default() }));
     for w in &warnings {
         warn!(warning = %w, "kubernetes config source");
     }
@@ -423,11 +424,8 @@ pub fn spawn(
                 let (docs, errors, (content, count)) = {
                     let s = store.lock().expect("kubernetes store lock");
                     let mut st = status.lock().expect("kubernetes status lock");
-                    st.objects = watched
-                        .iter()
-                        .enumerate()
-                        .map(|(i, w)| (w.role.clone(), s.objects[i].len()))
-                        .collect();
+                    st.objects =
+                        watched.iter().enumerate().map(|(i, w)| (w.role.clone(), s.objects[i].len())).collect();
                     if !s.listed.iter().all(|l| *l) {
                         continue;
                     }

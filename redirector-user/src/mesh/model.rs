@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use regex::Regex;
 
-use super::source_dir::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 use super::pods::{pods, PodInfo};
 use super::resources::*;
+use super::source_dir::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 
 /// How a service port's traffic is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -305,18 +305,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn error(&mut self, origin: &Origin, field: impl Into<String>, reason: impl Into<String>) {
-        self.errors.push(Problem {
-            origin: origin.clone(),
-            field: field.into(),
-            reason: reason.into(),
-        });
+        self.errors.push(Problem { origin: origin.clone(), field: field.into(), reason: reason.into() });
     }
     fn warn(&mut self, origin: &Origin, field: impl Into<String>, reason: impl Into<String>) {
-        self.warnings.push(Problem {
-            origin: origin.clone(),
-            field: field.into(),
-            reason: reason.into(),
-        });
+        self.warnings.push(Problem { origin: origin.clone(), field: field.into(), reason: reason.into() });
     }
 }
 
@@ -336,7 +328,11 @@ fn string_matcher(m: &StringMatch, origin: &Origin, field: &str, ctx: &mut Ctx) 
     match Regex::new(r) {
         Ok(re) => Some(StringMatcher::Regex(re)),
         Err(e) => {
-            ctx.error(origin, format!("{field}.regex"), format!("invalid regex `{r}`: {}", e.to_string().lines().last().unwrap_or("")));
+            ctx.error(
+                origin,
+                format!("{field}.regex"),
+                format!("invalid regex `{r}`: {}", e.to_string().lines().last().unwrap_or("")),
+            );
             None
         }
     }
@@ -353,7 +349,11 @@ fn lb_policy(lb: Option<&LoadBalancer>, origin: &Origin, field: &str, ctx: &mut 
             (None, Some(true), None) => LbPolicy::HashSourceIp,
             (None, None | Some(false), Some(q)) => LbPolicy::HashQueryParameter(q.clone()),
             _ => {
-                ctx.error(origin, format!("{field}.consistentHash"), "exactly one of httpHeaderName, useSourceIp or httpQueryParameterName is needed");
+                ctx.error(
+                    origin,
+                    format!("{field}.consistentHash"),
+                    "exactly one of httpHeaderName, useSourceIp or httpQueryParameterName is needed",
+                );
                 LbPolicy::RoundRobin
             }
         };
@@ -364,7 +364,11 @@ fn lb_policy(lb: Option<&LoadBalancer>, origin: &Origin, field: &str, ctx: &mut 
         Some("RANDOM") => LbPolicy::Random,
         Some("PASSTHROUGH") => LbPolicy::Passthrough,
         Some(other) => {
-            ctx.error(origin, format!("{field}.simple"), format!("`{other}` is not a load balancer; use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH"));
+            ctx.error(
+                origin,
+                format!("{field}.simple"),
+                format!("`{other}` is not a load balancer; use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH"),
+            );
             LbPolicy::RoundRobin
         }
     }
@@ -376,7 +380,11 @@ fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> 
         None => 100.0,
         Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
         Some(p) => {
-            ctx.error(origin, format!("{field}.percentage.value"), format!("{} is not a percentage (0 to 100)", p.value));
+            ctx.error(
+                origin,
+                format!("{field}.percentage.value"),
+                format!("{} is not a percentage (0 to 100)", p.value),
+            );
             100.0
         }
     }
@@ -458,7 +466,8 @@ fn effective_policy(
             consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
             consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
             interval: dur(&od.interval, "outlierDetection.interval", ctx).unwrap_or(Duration::from_secs(10)),
-            base_ejection: dur(&od.base_ejection_time, "outlierDetection.baseEjectionTime", ctx).unwrap_or(Duration::from_secs(30)),
+            base_ejection: dur(&od.base_ejection_time, "outlierDetection.baseEjectionTime", ctx)
+                .unwrap_or(Duration::from_secs(30)),
             max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
         });
     }
@@ -470,10 +479,7 @@ impl Mesh {
     pub fn compile(docs: &Documents) -> Result<Mesh, Vec<Problem>> {
         let mut errors = Vec::new();
         let mut warnings = docs.warnings.clone();
-        let mut ctx = Ctx {
-            errors: &mut errors,
-            warnings: &mut warnings,
-        };
+        let mut ctx = Ctx { errors: &mut errors, warnings: &mut warnings };
         let mut mesh = Mesh::default();
 
         // Labels of a workload by IP, from Pods and WorkloadEntries.
@@ -506,7 +512,13 @@ impl Mesh {
         }
         for w in &docs.workload_entries {
             if let Ok(ip) = w.spec.address.parse() {
-                let name = w.spec.labels.get("app").or(w.meta.labels.get("app")).cloned().unwrap_or_else(|| w.meta.name.clone());
+                let name = w
+                    .spec
+                    .labels
+                    .get("app")
+                    .or(w.meta.labels.get("app"))
+                    .cloned()
+                    .unwrap_or_else(|| w.meta.name.clone());
                 mesh.workloads_by_ip.insert(ip, (name, w.namespace().to_string()));
             }
         }
@@ -605,14 +617,20 @@ impl Mesh {
                             labels: label_of(ip),
                             ports: ports.clone(),
                         }),
-                        Err(_) => ctx.error(&e.origin, format!("subsets[{si}].addresses[{ai}].ip"), format!("`{}` is not an IP address", a.ip)),
+                        Err(_) => ctx.error(
+                            &e.origin,
+                            format!("subsets[{si}].addresses[{ai}].ip"),
+                            format!("`{}` is not an IP address", a.ip),
+                        ),
                     }
                 }
             }
         }
-        for sl in docs.slices.iter().filter(|sl| {
-            sl.namespace() == ns && sl.meta.labels.get("kubernetes.io/service-name") == Some(&s.meta.name)
-        }) {
+        for sl in docs
+            .slices
+            .iter()
+            .filter(|sl| sl.namespace() == ns && sl.meta.labels.get("kubernetes.io/service-name") == Some(&s.meta.name))
+        {
             let ports: BTreeMap<String, u16> =
                 sl.spec.ports.iter().map(|p| (p.name.clone().unwrap_or_default(), p.port)).collect();
             for (ei, ep) in sl.spec.endpoints.iter().enumerate() {
@@ -626,7 +644,11 @@ impl Mesh {
                             labels: label_of(ip),
                             ports: ports.clone(),
                         }),
-                        Err(_) => ctx.error(&sl.origin, format!("endpoints[{ei}].addresses"), format!("`{a}` is not an IP address")),
+                        Err(_) => ctx.error(
+                            &sl.origin,
+                            format!("endpoints[{ei}].addresses"),
+                            format!("`{a}` is not an IP address"),
+                        ),
                     }
                 }
             }
@@ -640,24 +662,17 @@ impl Mesh {
                     continue;
                 }
                 match w.spec.address.parse::<IpAddr>() {
-                    Ok(ip) => endpoints.push(Endpoint {
-                        address: Address::Ip(ip),
-                        labels,
-                        ports: w.spec.ports.clone(),
-                    }),
-                    Err(_) => ctx.error(&w.origin, "spec.address", format!("`{}` is not an IP address", w.spec.address)),
+                    Ok(ip) => {
+                        endpoints.push(Endpoint { address: Address::Ip(ip), labels, ports: w.spec.ports.clone() })
+                    }
+                    Err(_) => {
+                        ctx.error(&w.origin, "spec.address", format!("`{}` is not an IP address", w.spec.address))
+                    }
                 }
             }
         }
         self.insert_service(
-            Service {
-                hostname: fqdn(&s.meta.name, &ns),
-                namespace: ns,
-                vips,
-                ports,
-                endpoints,
-                passthrough: false,
-            },
+            Service { hostname: fqdn(&s.meta.name, &ns), namespace: ns, vips, ports, endpoints, passthrough: false },
             &s.origin,
             ctx,
         );
@@ -677,7 +692,11 @@ impl Mesh {
         }
         let resolution = se.spec.resolution.as_deref().unwrap_or("NONE");
         if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(&resolution) {
-            ctx.error(&se.origin, "spec.resolution", format!("`{resolution}` is not NONE, STATIC, DNS or DNS_ROUND_ROBIN"));
+            ctx.error(
+                &se.origin,
+                "spec.resolution",
+                format!("`{resolution}` is not NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+            );
         }
         let ports: Vec<ServicePortDef> = se
             .spec
@@ -696,15 +715,15 @@ impl Mesh {
                 Ok(ip) => Address::Ip(ip),
                 Err(_) if resolution.starts_with("DNS") => Address::Dns(e.address.clone()),
                 Err(_) => {
-                    ctx.error(&se.origin, format!("spec.endpoints[{i}].address"), format!("`{}` is not an IP address (resolution {resolution})", e.address));
+                    ctx.error(
+                        &se.origin,
+                        format!("spec.endpoints[{i}].address"),
+                        format!("`{}` is not an IP address (resolution {resolution})", e.address),
+                    );
                     continue;
                 }
             };
-            endpoints.push(Endpoint {
-                address,
-                labels: e.labels.clone(),
-                ports: e.ports.clone(),
-            });
+            endpoints.push(Endpoint { address, labels: e.labels.clone(), ports: e.ports.clone() });
         }
         if let Some(sel) = &se.spec.workload_selector {
             for w in docs.workload_entries.iter().filter(|w| w.namespace() == ns) {
@@ -712,11 +731,7 @@ impl Mesh {
                 labels.extend(w.spec.labels.clone());
                 if labels_match(&sel.labels, &labels) {
                     if let Ok(ip) = w.spec.address.parse() {
-                        endpoints.push(Endpoint {
-                            address: Address::Ip(ip),
-                            labels,
-                            ports: w.spec.ports.clone(),
-                        });
+                        endpoints.push(Endpoint { address: Address::Ip(ip), labels, ports: w.spec.ports.clone() });
                     }
                 }
             }
@@ -748,23 +763,32 @@ impl Mesh {
     fn add_destination_rule(&mut self, d: &Doc<DestinationRuleSpec>, ctx: &mut Ctx) {
         let host = fqdn(&d.spec.host, d.namespace());
         let Some(&svc) = self.by_host.get(&host) else {
-            ctx.warn(&d.origin, "spec.host", format!("no Service or ServiceEntry is {host}; the rule applies to nothing"));
+            ctx.warn(
+                &d.origin,
+                "spec.host",
+                format!("no Service or ServiceEntry is {host}; the rule applies to nothing"),
+            );
             return;
         };
         let origin = d.origin.clone();
         let top = effective_policy(None, d.spec.traffic_policy.as_ref(), None, &origin, "spec.trafficPolicy", ctx);
         let mut ports = BTreeMap::new();
         let service_ports: Vec<u16> = self.services[svc].ports.iter().map(|p| p.port).collect();
-        let mut port_level = |base: &EffectivePolicy, subset: Option<&str>, tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
-            for (k, pl) in tp.map(|t| t.port_level_settings.as_slice()).unwrap_or(&[]).iter().enumerate() {
-                let f = format!("{field}.portLevelSettings[{k}]");
-                if !service_ports.contains(&pl.port.number) {
-                    ctx.warn(&origin, format!("{f}.port.number"), format!("{host} has no port {}; the settings apply to nothing", pl.port.number));
+        let mut port_level =
+            |base: &EffectivePolicy, subset: Option<&str>, tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
+                for (k, pl) in tp.map(|t| t.port_level_settings.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                    let f = format!("{field}.portLevelSettings[{k}]");
+                    if !service_ports.contains(&pl.port.number) {
+                        ctx.warn(
+                            &origin,
+                            format!("{f}.port.number"),
+                            format!("{host} has no port {}; the settings apply to nothing", pl.port.number),
+                        );
+                    }
+                    let p = effective_policy(Some(base), Some(&pl.as_policy()), base.labels.clone(), &origin, &f, ctx);
+                    ports.insert((subset.map(str::to_string), pl.port.number), p);
                 }
-                let p = effective_policy(Some(base), Some(&pl.as_policy()), base.labels.clone(), &origin, &f, ctx);
-                ports.insert((subset.map(str::to_string), pl.port.number), p);
-            }
-        };
+            };
         port_level(&top, None, d.spec.traffic_policy.as_ref(), "spec.trafficPolicy", ctx);
         let mut subsets = BTreeMap::new();
         for (i, s) in d.spec.subsets.iter().enumerate() {
@@ -783,7 +807,11 @@ impl Mesh {
             }
         }
         if self.policies.insert(svc, Policy { top, subsets, ports }).is_some() {
-            ctx.warn(&d.origin, "spec.host", format!("another DestinationRule already applies to {host}; this one replaces it"));
+            ctx.warn(
+                &d.origin,
+                "spec.host",
+                format!("another DestinationRule already applies to {host}; this one replaces it"),
+            );
         }
     }
 
@@ -801,18 +829,30 @@ impl Mesh {
             let f = format!("{field}[{j}]");
             let host = fqdn(&r.destination.host, ns);
             let Some(&svc) = self.by_host.get(&host) else {
-                ctx.error(origin, format!("{f}.destination.host"), format!("unknown host `{}`: no Service or ServiceEntry is {host}", r.destination.host));
+                ctx.error(
+                    origin,
+                    format!("{f}.destination.host"),
+                    format!("unknown host `{}`: no Service or ServiceEntry is {host}", r.destination.host),
+                );
                 continue;
             };
             if let Some(subset) = &r.destination.subset {
                 let known = self.policies.get(&svc).is_some_and(|p| p.subsets.contains_key(subset));
                 if !known {
-                    ctx.error(origin, format!("{f}.destination.subset"), format!("no DestinationRule for {host} defines subset `{subset}`"));
+                    ctx.error(
+                        origin,
+                        format!("{f}.destination.subset"),
+                        format!("no DestinationRule for {host} defines subset `{subset}`"),
+                    );
                 }
             }
             if let Some(p) = &r.destination.port {
                 if self.services[svc].port(p.number).is_none() {
-                    ctx.error(origin, format!("{f}.destination.port.number"), format!("{host} has no port {}", p.number));
+                    ctx.error(
+                        origin,
+                        format!("{f}.destination.port.number"),
+                        format!("{host} has no port {}", p.number),
+                    );
                 }
             }
             let weight = match r.weight {
@@ -865,7 +905,8 @@ impl Mesh {
                 };
                 rm.uri = m.uri.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.uri"), ctx));
                 rm.method = m.method.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.method"), ctx));
-                rm.authority = m.authority.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.authority"), ctx));
+                rm.authority =
+                    m.authority.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.authority"), ctx));
                 rm.scheme = m.scheme.as_ref().and_then(|s| string_matcher(s, &v.origin, &format!("{mf}.scheme"), ctx));
                 for (h, s) in &m.headers {
                     if let Some(sm) = string_matcher(s, &v.origin, &format!("{mf}.headers.{h}"), ctx) {
@@ -878,7 +919,11 @@ impl Mesh {
                     }
                 }
                 if !m.gateways.is_empty() {
-                    ctx.warn(&v.origin, format!("{mf}.gateways"), "not supported yet; ignored (see docs/istio-conformance.md)");
+                    ctx.warn(
+                        &v.origin,
+                        format!("{mf}.gateways"),
+                        "not supported yet; ignored (see docs/istio-conformance.md)",
+                    );
                 }
                 matches.push(rm);
             }
@@ -892,7 +937,9 @@ impl Mesh {
                     ctx.error(&v.origin, &field, "a rule needs a route or a redirect");
                     continue;
                 }
-                (None, false) => Action::Route(self.destinations(&r.route, &ns, &v.origin, &format!("{field}.route"), ctx)),
+                (None, false) => {
+                    Action::Route(self.destinations(&r.route, &ns, &v.origin, &format!("{field}.route"), ctx))
+                }
             };
             let dur = |s: &Option<String>, f: &str, ctx: &mut Ctx| -> Option<Duration> {
                 s.as_deref().and_then(|s| match parse_duration(s) {
@@ -931,7 +978,11 @@ impl Mesh {
                     match a.http_status {
                         Some(s) if (200..=599).contains(&s) => Some((s, p)),
                         Some(s) => {
-                            ctx.error(&v.origin, format!("{field}.fault.abort.httpStatus"), format!("{s} is not an HTTP status (200 to 599)"));
+                            ctx.error(
+                                &v.origin,
+                                format!("{field}.fault.abort.httpStatus"),
+                                format!("{s} is not an HTTP status (200 to 599)"),
+                            );
                             None
                         }
                         None => {
@@ -943,11 +994,7 @@ impl Mesh {
             });
             let mirror = match (&r.mirror, &r.mirror_percentage) {
                 (Some(m), pct) => {
-                    let rd = RouteDestination {
-                        destination: m.clone(),
-                        weight: None,
-                        headers: None,
-                    };
+                    let rd = RouteDestination { destination: m.clone(), weight: None, headers: None };
                     let p = percent(pct, &v.origin, &format!("{field}.mirrorPercentage"), ctx);
                     self.destinations(&[rd], &ns, &v.origin, &format!("{field}.mirror"), ctx)
                         .into_iter()
@@ -977,15 +1024,16 @@ impl Mesh {
             let field = format!("spec.tcp[{i}]");
             let route = self.destinations(&r.route, &ns, &v.origin, &format!("{field}.route"), ctx);
             if r.match_.iter().any(|m| !m.destination_subnets.is_empty() || !m.gateways.is_empty()) {
-                ctx.warn(&v.origin, format!("{field}.match"), "only port is matched yet; destinationSubnets and gateways are ignored");
+                ctx.warn(
+                    &v.origin,
+                    format!("{field}.match"),
+                    "only port is matched yet; destinationSubnets and gateways are ignored",
+                );
             }
-            let ports: Vec<Option<u16>> = if r.match_.is_empty() { vec![None] } else { r.match_.iter().map(|m| m.port).collect() };
+            let ports: Vec<Option<u16>> =
+                if r.match_.is_empty() { vec![None] } else { r.match_.iter().map(|m| m.port).collect() };
             for port in ports {
-                tcp.push(TcpRouteRule {
-                    source: format!("{source} tcp[{i}]"),
-                    port,
-                    route: route.clone(),
-                });
+                tcp.push(TcpRouteRule { source: format!("{source} tcp[{i}]"), port, route: route.clone() });
             }
         }
         let gateways: Vec<String> = v
@@ -1001,17 +1049,17 @@ impl Mesh {
                     ctx.warn(&v.origin, "spec.gateways", format!("no Gateway this agent serves is {g}"));
                 }
             }
-            self.gateway_routes.push(GatewayRoutes {
-                gateways,
-                hosts: v.spec.hosts.clone(),
-                rules: http.clone(),
-            });
+            self.gateway_routes.push(GatewayRoutes { gateways, hosts: v.spec.hosts.clone(), rules: http.clone() });
         }
         if !mesh_bound {
             return;
         }
         if targets.is_empty() {
-            ctx.warn(&v.origin, "spec.hosts", "no Service or ServiceEntry matches these hosts; the VirtualService routes nothing");
+            ctx.warn(
+                &v.origin,
+                "spec.hosts",
+                "no Service or ServiceEntry matches these hosts; the VirtualService routes nothing",
+            );
         }
         for t in targets {
             self.http_routes.entry(t).or_default().extend(http.iter().cloned());
@@ -1025,7 +1073,11 @@ impl Mesh {
             let proto = s.port.protocol.clone().unwrap_or_default().to_ascii_uppercase();
             if let Some((p, j)) = seen.get(&s.port.number) {
                 if *p != proto || s.hosts.iter().any(|h| g.spec.servers[*j].hosts.contains(h)) {
-                    ctx.error(&g.origin, format!("spec.servers[{i}].port.number"), format!("port {} is already declared by servers[{j}]", s.port.number));
+                    ctx.error(
+                        &g.origin,
+                        format!("spec.servers[{i}].port.number"),
+                        format!("port {} is already declared by servers[{j}]", s.port.number),
+                    );
                 }
             }
             seen.insert(s.port.number, (proto, i));
@@ -1036,16 +1088,25 @@ impl Mesh {
             }
             for (i, s) in g.spec.servers.iter().enumerate() {
                 for o in &other.spec.servers {
-                    let same_proto = o.port.protocol.as_deref().map(str::to_ascii_uppercase) == s.port.protocol.as_deref().map(str::to_ascii_uppercase);
+                    let same_proto = o.port.protocol.as_deref().map(str::to_ascii_uppercase)
+                        == s.port.protocol.as_deref().map(str::to_ascii_uppercase);
                     if o.port.number == s.port.number && (!same_proto || o.hosts.iter().any(|h| s.hosts.contains(h))) {
-                        ctx.error(&g.origin, format!("spec.servers[{i}].port.number"), format!("port {} is already declared by Gateway {}", s.port.number, other.meta.name));
+                        ctx.error(
+                            &g.origin,
+                            format!("spec.servers[{i}].port.number"),
+                            format!("port {} is already declared by Gateway {}", s.port.number, other.meta.name),
+                        );
                     }
                 }
             }
         }
         let served = g.spec.selector.iter().all(|(k, v)| GATEWAY_LABELS.contains(&(k.as_str(), v.as_str())));
         if !served {
-            ctx.warn(&g.origin, "spec.selector", "selects no gateway this agent runs (it serves istio: ingressgateway); ignored");
+            ctx.warn(
+                &g.origin,
+                "spec.selector",
+                "selects no gateway this agent runs (it serves istio: ingressgateway); ignored",
+            );
             return;
         }
         let name = format!("{}/{}", g.namespace(), g.meta.name);
@@ -1055,7 +1116,11 @@ impl Mesh {
             let tls = match (&protocol[..], &s.tls) {
                 ("HTTP", None) => None,
                 ("HTTP", Some(t)) if t.https_redirect == Some(true) => {
-                    ctx.warn(&g.origin, format!("{field}.tls.httpsRedirect"), "not supported yet; ignored (see docs/istio-conformance.md)");
+                    ctx.warn(
+                        &g.origin,
+                        format!("{field}.tls.httpsRedirect"),
+                        "not supported yet; ignored (see docs/istio-conformance.md)",
+                    );
                     None
                 }
                 ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("SIMPLE") == "SIMPLE" => {
@@ -1250,7 +1315,9 @@ impl Mesh {
                     })
                     .collect();
                 let action = match &r.action {
-                    Action::Redirect(red) => format!("redirect {}", red.uri.clone().or(red.authority.clone()).unwrap_or_default()),
+                    Action::Redirect(red) => {
+                        format!("redirect {}", red.uri.clone().or(red.authority.clone()).unwrap_or_default())
+                    }
                     Action::Route(ds) => ds
                         .iter()
                         .map(|d| {

@@ -105,4 +105,3 @@ pub(crate) fn pods(docs: &Documents) -> Vec<PodInfo> {
         })
         .collect()
 }
-

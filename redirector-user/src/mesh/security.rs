@@ -14,10 +14,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::source_dir::{Documents, Problem};
 use super::pods::PodInfo;
-use crate::net::Cidr;
+use super::source_dir::{Documents, Problem};
 use crate::identity::Identity;
+use crate::net::Cidr;
 
 /// Istio's root namespace: policies there without a selector are mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -101,9 +101,7 @@ pub struct Security {
 }
 
 fn selects(selector: &Option<BTreeMap<String, String>>, pod: &PodInfo) -> bool {
-    selector
-        .as_ref()
-        .is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+    selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
 }
 
 /// Istio's string match: exact, `*`, `prefix*` or `*suffix`.
@@ -176,26 +174,22 @@ impl Security {
                 .find(|p| p.selector.is_none() && p.namespace == ns && p.mode != MtlsMode::Unset)
                 .map(|p| p.mode)
         };
-        scoped(&pod.namespace)
-            .or_else(|| scoped(ROOT_NAMESPACE))
-            .unwrap_or(MtlsMode::Permissive)
+        scoped(&pod.namespace).or_else(|| scoped(ROOT_NAMESPACE)).unwrap_or(MtlsMode::Permissive)
     }
 
     /// Whether a connection from `peer` (`None`: plaintext) at `src` to
     /// `port` of `pod` is allowed; `Err` names the policy that refused it.
     pub fn authorize(&self, pod: &PodInfo, peer: Option<&Identity>, src: IpAddr, port: u16) -> Result<(), String> {
-        let applying: Vec<&Authz> = self
-            .authz
-            .iter()
-            .filter(|a| Self::applies(&a.namespace, &a.selector, pod))
-            .collect();
+        let applying: Vec<&Authz> =
+            self.authz.iter().filter(|a| Self::applies(&a.namespace, &a.selector, pod)).collect();
         for a in applying.iter().filter(|a| a.action == Action::Deny) {
             if a.rules.iter().any(|r| r.matches(peer, src, port, Action::Deny)) {
                 return Err(format!("denied by AuthorizationPolicy {}/{} (DENY)", a.namespace, a.name));
             }
         }
         let allows: Vec<&&Authz> = applying.iter().filter(|a| a.action == Action::Allow).collect();
-        if allows.is_empty() || allows.iter().any(|a| a.rules.iter().any(|r| r.matches(peer, src, port, Action::Allow))) {
+        if allows.is_empty() || allows.iter().any(|a| a.rules.iter().any(|r| r.matches(peer, src, port, Action::Allow)))
+        {
             return Ok(());
         }
         Err(format!(
@@ -237,12 +231,7 @@ impl Security {
                     "needs a workload selector (Istio applies port-level mTLS only at workload scope)".into(),
                 );
             }
-            sec.peer_auth.push(PeerAuth {
-                namespace: d.namespace().to_string(),
-                selector,
-                mode,
-                ports,
-            });
+            sec.peer_auth.push(PeerAuth { namespace: d.namespace().to_string(), selector, mode, ports });
         }
         for d in &docs.authorization_policies {
             let action = match d.spec.action.as_deref().unwrap_or("ALLOW") {
@@ -288,7 +277,12 @@ impl Security {
                             .filter_map(|p| match p.parse::<u16>() {
                                 Ok(p) if p > 0 => Some(p),
                                 _ => {
-                                    err(errors, &d.origin, format!("spec.rules[{i}].to[{j}].operation.{name}"), format!("`{p}` is not a port"));
+                                    err(
+                                        errors,
+                                        &d.origin,
+                                        format!("spec.rules[{i}].to[{j}].operation.{name}"),
+                                        format!("`{p}` is not a port"),
+                                    );
                                     None
                                 }
                             })

@@ -110,11 +110,8 @@ pub struct PodDoc {
     pub status: PodStatus,
 }
 
-const ISTIO_NETWORKING: [&str; 3] = [
-    "networking.istio.io/v1",
-    "networking.istio.io/v1beta1",
-    "networking.istio.io/v1alpha3",
-];
+const ISTIO_NETWORKING: [&str; 3] =
+    ["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
 /// Fields of a document that say what it is or are written by the cluster,
 /// not by the user: never reported as "not acted on".
@@ -133,12 +130,7 @@ pub fn load_dir(dir: &Path) -> Result<Documents, Vec<Problem>> {
             .collect(),
         Err(e) => {
             return Err(vec![Problem {
-                origin: Origin {
-                    file: dir.into(),
-                    index: 0,
-                    kind: "directory".into(),
-                    name: String::new(),
-                },
+                origin: Origin { file: dir.into(), index: 0, kind: "directory".into(), name: String::new() },
                 field: String::new(),
                 reason: format!("cannot read the directory: {e}"),
             }])
@@ -151,12 +143,7 @@ pub fn load_dir(dir: &Path) -> Result<Documents, Vec<Problem>> {
         match std::fs::read_to_string(&f) {
             Ok(text) => load_text(&f, &text, &mut docs, &mut errors),
             Err(e) => errors.push(Problem {
-                origin: Origin {
-                    file: f.clone(),
-                    index: 0,
-                    kind: "file".into(),
-                    name: String::new(),
-                },
+                origin: Origin { file: f.clone(), index: 0, kind: "file".into(), name: String::new() },
                 field: String::new(),
                 reason: format!("cannot read: {e}"),
             }),
@@ -173,20 +160,11 @@ pub fn load_dir(dir: &Path) -> Result<Documents, Vec<Problem>> {
 pub fn load_text(file: &Path, text: &str, docs: &mut Documents, errors: &mut Vec<Problem>) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let origin = Origin {
-            file: file.into(),
-            index,
-            kind: "?".into(),
-            name: String::new(),
-        };
+        let origin = Origin { file: file.into(), index, kind: "?".into(), name: String::new() };
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(Problem {
-                    origin,
-                    field: String::new(),
-                    reason: format!("malformed YAML: {e}"),
-                });
+                errors.push(Problem { origin, field: String::new(), reason: format!("malformed YAML: {e}") });
                 // The rest of the file cannot be trusted either.
                 return;
             }
@@ -204,11 +182,8 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
     let api = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
     origin.kind = if kind.is_empty() { "?".into() } else { kind.clone() };
-    let meta: Metadata = value
-        .get("metadata")
-        .cloned()
-        .and_then(|m| serde_yaml::from_value(m).ok())
-        .unwrap_or_default();
+    let meta: Metadata =
+        value.get("metadata").cloned().and_then(|m| serde_yaml::from_value(m).ok()).unwrap_or_default();
     origin.name = match &meta.namespace {
         Some(ns) => format!("{ns}/{}", meta.name),
         None => meta.name.clone(),
@@ -222,11 +197,7 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
         return;
     }
     if meta.name.is_empty() {
-        errors.push(Problem {
-            origin,
-            field: "metadata.name".into(),
-            reason: "missing".into(),
-        });
+        errors.push(Problem { origin, field: "metadata.name".into(), reason: "missing".into() });
         return;
     }
     let istio = ISTIO_NETWORKING.contains(&api.as_str());
@@ -238,11 +209,7 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
             };
             let prefix = $part.map(|p: &str| format!("{p}.")).unwrap_or_default();
             if let Some(spec) = parse::<$ty>(part, &prefix, &origin, docs, errors) {
-                docs.$list.push(Doc {
-                    origin: origin.clone(),
-                    meta: meta.clone(),
-                    spec,
-                });
+                docs.$list.push(Doc { origin: origin.clone(), meta: meta.clone(), spec });
             }
         }};
     }
@@ -266,7 +233,8 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
         (AGENT_CONFIG_API, AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
             origin,
             field: String::new(),
-            reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored".into(),
+            reason: "agent settings are read from `redirector run --config FILE`, not from the mesh directory; ignored"
+                .into(),
         }),
         _ => docs.warnings.push(Problem {
             origin,

@@ -190,7 +190,14 @@ mod tests {
     #[test]
     fn mesh_names_in_every_form_get_the_service_address() {
         let m = mesh();
-        for n in ["httpbin", "httpbin.default", "httpbin.default.svc", "httpbin.default.svc.cluster.local.", "reviews", "reviews.bookinfo"] {
+        for n in [
+            "httpbin",
+            "httpbin.default",
+            "httpbin.default.svc",
+            "httpbin.default.svc.cluster.local.",
+            "reviews",
+            "reviews.bookinfo",
+        ] {
             let r = ask(&m, n, RecordType::A).unwrap_or_else(|| panic!("{n} not answered"));
             assert_eq!(r.answers.len(), 1, "{n}");
         }

@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
-use crate::mesh::model::Protocol;
 use crate::endpoint::Balancer;
+use crate::mesh::model::Protocol;
 use crate::mesh::MeshHandle;
 use crate::route::http as l7;
 use crate::telemetry::Metrics;
@@ -52,9 +52,8 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> Result<tokio_rustls::TlsAccept
 
 async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<()>> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
+    let listener =
+        TcpListener::bind(addr).await.with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
     let acceptor = match tls {
         Some((c, k)) => Some(tls_acceptor(c, k).with_context(|| format!("gateway port {port}"))?),
         None => None,
@@ -108,10 +107,7 @@ impl Gateways {
     /// Open the listeners of the current mesh; an error (a port in use, a
     /// bad certificate) fails the start.
     pub async fn start(ctx: GatewayContext) -> Result<Gateways> {
-        let mut g = Gateways {
-            ctx,
-            open: BTreeMap::new(),
-        };
+        let mut g = Gateways { ctx, open: BTreeMap::new() };
         let want = g.ctx.mesh.current().gateway_ports();
         for (port, tls) in want {
             let task = listen(port, &tls, g.ctx.clone()).await?;
@@ -123,12 +119,8 @@ impl Gateways {
 
     async fn reconcile(&mut self) {
         let want = self.ctx.mesh.current().gateway_ports();
-        let stale: Vec<u16> = self
-            .open
-            .iter()
-            .filter(|(p, (tls, _))| want.get(p) != Some(tls))
-            .map(|(p, _)| *p)
-            .collect();
+        let stale: Vec<u16> =
+            self.open.iter().filter(|(p, (tls, _))| want.get(p) != Some(tls)).map(|(p, _)| *p).collect();
         for p in stale {
             if let Some((_, t)) = self.open.remove(&p) {
                 t.abort();

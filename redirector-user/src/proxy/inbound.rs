@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 use crate::identity::{CertStore, Identity};
 use crate::telemetry::Metrics;
 use crate::transport::h2stream::H2Stream;
-use crate::transport::hbone::{CONNECTION_WINDOW, FRAME_SIZE, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW};
+use crate::transport::hbone::{
+    CONNECTION_WINDOW, FRAME_SIZE, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW,
+};
 use crate::transport::socket::WorkloadNet;
 
 /// What the inbound side of one pod needs.
@@ -43,7 +45,14 @@ impl Inbound {
     /// HBONE stream from `peer_id`) to the app, with the proxy's copy
     /// buffers (small, grown for bulk transfers); count it and write its
     /// access-log line.
-    async fn deliver(&self, client: Delivered, mut upstream: tokio::net::TcpStream, peer: SocketAddr, peer_id: Option<&Identity>, dst: SocketAddr) {
+    async fn deliver(
+        &self,
+        client: Delivered,
+        mut upstream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        peer_id: Option<&Identity>,
+        dst: SocketAddr,
+    ) {
         let (security, kind) = if peer_id.is_some() { ("mutual_tls", "HBONE") } else { ("none", "plaintext") };
         let series = self.metrics.tcp_series(self.metrics.inbound_labels(self.workload.labels(), peer_id, security));
         series.opened.inc();
@@ -117,13 +126,18 @@ enum Delivered {
 /// outside the mesh, steered here by the pod's inbound capture. STRICT
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
 pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
-    accept_until_stopped(listener, stop, "inbound", move |client, peer| plaintext_connection(client, peer, ctx.clone())).await
+    accept_until_stopped(listener, stop, "inbound", move |client, peer| plaintext_connection(client, peer, ctx.clone()))
+        .await
 }
 
 /// Accept until `stop` turns true; each connection's task ends with
 /// `stop` too (a pod that leaves has its connections closed).
-async fn accept_until_stopped<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, what: &'static str, handle: F)
-where
+async fn accept_until_stopped<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+    handle: F,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -193,10 +207,18 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
             return;
         }
     };
-    accept_until_stopped(listener, stop, "HBONE", move |tcp, peer| serve_connection(tcp, peer, tls.clone(), ctx.clone())).await
+    accept_until_stopped(listener, stop, "HBONE", move |tcp, peer| {
+        serve_connection(tcp, peer, tls.clone(), ctx.clone())
+    })
+    .await
 }
 
-async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tokio_rustls::TlsAcceptor, ctx: Arc<Inbound>) {
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+    ctx: Arc<Inbound>,
+) {
     let stream = match tokio::time::timeout(ctx.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -239,7 +261,9 @@ async fn serve_connection(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: tok
         }
     };
     let dead = Arc::new(tokio::sync::Notify::new());
-    let pinger = conn.ping_pong().map(|p| tokio::spawn(crate::transport::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone())));
+    let pinger = conn.ping_pong().map(|p| {
+        tokio::spawn(crate::transport::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone()))
+    });
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -336,4 +360,3 @@ async fn tunnel_inbound(
     let tunnel = H2Stream::new(send, req.into_body());
     ctx.deliver(Delivered::Hbone(tunnel), upstream, peer, Some(&peer_id), dst).await;
 }
-

@@ -81,15 +81,28 @@ struct TcpDecision {
 /// What the route step decided for one connection.
 enum Decision {
     /// HTTP to a mesh service: routed per request.
-    Http { service: usize, protocol: Protocol },
+    Http {
+        service: usize,
+        protocol: Protocol,
+    },
     Tcp(TcpDecision),
     /// Refused, with Envoy's response flag and the reason for the log.
-    Refused { flags: &'static str, reason: &'static str, service: Option<String> },
+    Refused {
+        flags: &'static str,
+        reason: &'static str,
+        service: Option<String>,
+    },
 }
 
 /// Carry one captured connection to `dst`: name the source, route, connect,
 /// copy both ways, record.
-pub(crate) async fn proxy_to(mut client_stream: TcpStream, client: SocketAddr, dst: SocketAddr, settings: &ProxySettings, stats: &ProxyStats) {
+pub(crate) async fn proxy_to(
+    mut client_stream: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    settings: &ProxySettings,
+    stats: &ProxyStats,
+) {
     let started = Instant::now();
     let open = stats.open(client, dst, started);
     let mesh = settings.mesh.current();
@@ -141,8 +154,15 @@ pub(crate) async fn proxy_to(mut client_stream: TcpStream, client: SocketAddr, d
     };
     open.set_upstream_local(upstream_local);
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let labels = tcp_labels(tcp.labels.clone(), dst, source.as_ref(), settings.workload.identity.as_ref(), connected.peer_identity.as_ref());
-    let record = OutboundRecord { client, dst, upstream_local, peer_identity: connected.peer_identity.clone(), started };
+    let labels = tcp_labels(
+        tcp.labels.clone(),
+        dst,
+        source.as_ref(),
+        settings.workload.identity.as_ref(),
+        connected.peer_identity.as_ref(),
+    );
+    let record =
+        OutboundRecord { client, dst, upstream_local, peer_identity: connected.peer_identity.clone(), started };
     let series = settings.metrics.tcp_series(labels);
     series.opened.inc();
     debug!(%client, original_dst = %dst, "connected upstream");
@@ -160,7 +180,12 @@ pub(crate) async fn proxy_to(mut client_stream: TcpStream, client: SocketAddr, d
 
 /// Who the connection is from: in a pod's namespace, the pod; else the
 /// client's cgroup (eBPF capture) or address.
-fn source_of(stream: &TcpStream, client: SocketAddr, settings: &ProxySettings, mesh: &Mesh) -> Option<(String, String)> {
+fn source_of(
+    stream: &TcpStream,
+    client: SocketAddr,
+    settings: &ProxySettings,
+    mesh: &Mesh,
+) -> Option<(String, String)> {
     match settings.workload.netns {
         Some(_) => settings
             .workload

@@ -32,10 +32,7 @@ struct CgroupHandle {
 
 impl Workloads {
     pub fn new(mount: std::path::PathBuf) -> Workloads {
-        Workloads {
-            mount,
-            names: Mutex::new(std::collections::HashMap::new()),
-        }
+        Workloads { mount, names: Mutex::new(std::collections::HashMap::new()) }
     }
 
     /// The cgroup's path relative to the cgroup2 mount.

@@ -19,12 +19,11 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::info;
 
-use crate::mesh::model::{Action, Address, HttpRouteRule, Mesh, Protocol, StringMatcher};
 use crate::endpoint::Result5xx;
+use crate::mesh::model::{Action, Address, HttpRouteRule, Mesh, Protocol, StringMatcher};
 use crate::mesh::resources::{HeaderOperations, Headers};
 use crate::mesh::MeshHandle;
 use crate::transport::http_client::{Body, Upstreams};
-
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 60 * 1024;
@@ -205,14 +204,11 @@ fn matches(rule: &HttpRouteRule, req: &Request<Incoming>, port: u16) -> Option<u
             && m.scheme.as_ref().is_none_or(|s| s.matches("http"))
             && m.port.is_none_or(|p| p == port)
             && m.headers.iter().all(|(name, s)| {
-                req.headers()
-                    .get(name.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| s.matches(v))
+                req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).is_some_and(|v| s.matches(v))
             })
-            && m.query_params.iter().all(|(name, s)| {
-                url_query(req.uri()).iter().any(|(k, v)| k == name && s.matches(v))
-            })
+            && m.query_params
+                .iter()
+                .all(|(name, s)| url_query(req.uri()).iter().any(|(k, v)| k == name && s.matches(v)))
     })
 }
 
@@ -307,12 +303,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
-    let authority = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let authority = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
     let mesh = ctx.mesh.current();
     let request_bytes = req
         .headers()
@@ -320,10 +311,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    let mut target = Target {
-        service: ctx.service,
-        ..Default::default()
-    };
+    let mut target = Target { service: ctx.service, ..Default::default() };
     let out = route(req, &ctx, &mesh, &mut target).await;
     let status = out.response.status().as_u16();
     // Istio's request metrics.
@@ -391,13 +379,13 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     let port = ctx.original_dst.port();
     let rules: Vec<&HttpRouteRule> = match (ctx.gateway_port, ctx.service) {
         (Some(gp), _) => {
-            let host = req
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().host())
-                .unwrap_or_default();
-            let host = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(host);
+            let host =
+                req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host()).unwrap_or_default();
+            let host = host
+                .rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                .map(|(h, _)| h)
+                .unwrap_or(host);
             match mesh.gateway_rules(gp, host) {
                 Some(r) => r,
                 None => {
@@ -468,14 +456,12 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         }
         if let Some((status, p)) = f.abort {
             if mesh.chance(p) {
-                let mut r = text(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "fault filter abort\n");
+                let mut r = text(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort\n",
+                );
                 apply_ops(r.headers_mut(), rule.headers.as_ref().and_then(|h| h.response.as_ref()));
-                return Outcome {
-                    response: r,
-                    flags: "FI",
-                    upstream: None,
-                    route: route_name,
-                };
+                return Outcome { response: r, flags: "FI", upstream: None, route: route_name };
             }
         }
     }
@@ -495,12 +481,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             if let Ok(v) = HeaderValue::try_from(location) {
                 r.headers_mut().insert(hyper::header::LOCATION, v);
             }
-            return Outcome {
-                response: r,
-                flags,
-                upstream: None,
-                route: route_name,
-            };
+            return Outcome { response: r, flags, upstream: None, route: route_name };
         }
         Action::Route(d) => d,
     };
@@ -602,7 +583,14 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     let retry = rule.retries.clone().unwrap_or(crate::mesh::model::Retry {
         attempts: 2,
         per_try_timeout: None,
-        retry_on: vec!["connect-failure".into(), "refused-stream".into(), "unavailable".into(), "cancelled".into(), "retriable-status-codes".into(), "503".into()],
+        retry_on: vec![
+            "connect-failure".into(),
+            "refused-stream".into(),
+            "unavailable".into(),
+            "cancelled".into(),
+            "retriable-status-codes".into(),
+            "503".into(),
+        ],
     });
     let attempts = if replay.is_some() { retry.attempts + 1 } else { 1 };
     let deadline = rule.timeout.map(|t| Instant::now() + t);
@@ -611,7 +599,10 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     // flight, then a connection slot per request, with a bounded queue.
     let cluster = ctx.balancer.cluster(mesh, dest.service, dest.subset.as_deref(), svc_port);
     let overflow = |route: Option<String>| Outcome {
-        response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"),
+        response: text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+        ),
         flags: "UO",
         upstream: None,
         route,
@@ -628,14 +619,19 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
     // (bodies kept for replay only).
     if let (Some((md, pct)), Some(body)) = (&rule.mirror, &replay) {
         if mesh.chance(*pct) {
-            let shadow_port = md.port.or_else(|| mesh.services[md.service].ports.first().map(|p| p.port)).unwrap_or(port);
+            let shadow_port =
+                md.port.or_else(|| mesh.services[md.service].ports.first().map(|p| p.port)).unwrap_or(port);
             if let Some(p) = ctx.balancer.pick(mesh, md.service, md.subset.as_deref(), shadow_port, None) {
                 let host = match &p.address {
                     Address::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
                     Address::Ip(ip) => ip.to_string(),
                     Address::Dns(h) => h.clone(),
                 };
-                let uri = format!("http://{host}:{}{}", p.port, parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/"));
+                let uri = format!(
+                    "http://{host}:{}{}",
+                    p.port,
+                    parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/")
+                );
                 let mut b = Request::builder().method(parts.method.clone()).uri(uri);
                 for (k, v) in parts.headers.iter() {
                     if k == HOST || k == hyper::header::CONNECTION {
@@ -700,17 +696,19 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             Address::Dns(h) => h.clone(),
         };
         let upstream = format!("{host}:{ep_port}");
-        let uri: Uri = match format!("http://{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return Outcome {
-                    response: text(StatusCode::BAD_REQUEST, "bad request target\n"),
-                    flags: "-",
-                    upstream: None,
-                    route: route_name,
+        let uri: Uri =
+            match format!("http://{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).parse()
+            {
+                Ok(u) => u,
+                Err(_) => {
+                    return Outcome {
+                        response: text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                        flags: "-",
+                        upstream: None,
+                        route: route_name,
+                    }
                 }
-            }
-        };
+            };
         let mut up_req = Request::builder().method(parts.method.clone()).uri(uri).version(hyper::Version::HTTP_11);
         for (k, v) in parts.headers.iter() {
             if k == hyper::header::CONNECTION || k.as_str() == "keep-alive" || k.as_str() == "proxy-connection" {
@@ -733,10 +731,13 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                         return overflow(route_name);
                     }
                     let waited = match deadline {
-                        Some(d) => tokio::time::timeout(d.saturating_duration_since(Instant::now()), sem.clone().acquire_owned())
-                            .await
-                            .ok()
-                            .and_then(Result::ok),
+                        Some(d) => tokio::time::timeout(
+                            d.saturating_duration_since(Instant::now()),
+                            sem.clone().acquire_owned(),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
                         None => sem.clone().acquire_owned().await.ok(),
                     };
                     cluster.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -792,7 +793,12 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 "5xx" => s >= 500,
                 "gateway-error" => matches!(s, 502..=504),
                 "retriable-4xx" => s == 409,
-                "reset" | "connect-failure" | "refused-stream" | "cancelled" | "unavailable" | "retriable-status-codes" => false,
+                "reset"
+                | "connect-failure"
+                | "refused-stream"
+                | "cancelled"
+                | "unavailable"
+                | "retriable-status-codes" => false,
                 code => code.parse::<u16>().ok() == Some(s),
             })
         };
@@ -823,7 +829,10 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             Ok(Err(e)) => {
                 let connect = e.is_connect();
                 last = Some(Outcome {
-                    response: text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers\n"),
+                    response: text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers\n",
+                    ),
                     flags: if attempt > 0 { "URX" } else { "UF" },
                     upstream: Some(upstream),
                     route: route_name.clone(),
@@ -875,6 +884,9 @@ mod tests {
     #[test]
     fn query_parameters_are_split() {
         let u: Uri = "/p?a=1&b=&c".parse().unwrap();
-        assert_eq!(url_query(&u), vec![("a".into(), "1".into()), ("b".into(), String::new()), ("c".into(), String::new())]);
+        assert_eq!(
+            url_query(&u),
+            vec![("a".into(), "1".into()), ("b".into(), String::new()), ("c".into(), String::new())]
+        );
     }
 }

@@ -29,9 +29,20 @@ pub(crate) async fn sniff(stream: &TcpStream) -> Protocol {
         }
         // Could still become a request line: wait for more bytes.
         let prefix = |p: &[u8]| p.starts_with(seen) || seen.starts_with(p);
-        let possible = [&b"GET "[..], b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ", b"PRI * HTTP/2.0"]
-            .iter()
-            .any(|m| prefix(m));
+        let possible = [
+            &b"GET "[..],
+            b"POST ",
+            b"PUT ",
+            b"DELETE ",
+            b"HEAD ",
+            b"OPTIONS ",
+            b"PATCH ",
+            b"CONNECT ",
+            b"TRACE ",
+            b"PRI * HTTP/2.0",
+        ]
+        .iter()
+        .any(|m| prefix(m));
         if !possible || n == buf.len() || Instant::now() >= deadline {
             return Protocol::Tcp;
         }
@@ -39,11 +50,11 @@ pub(crate) async fn sniff(stream: &TcpStream) -> Protocol {
     }
 }
 
-
 /// Whether the first bytes a client sent look like HTTP/1.x or the HTTP/2
 /// preface.
 pub(crate) fn looks_like_http(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+    const METHODS: [&[u8]; 9] =
+        [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
     first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
 }
 
@@ -58,5 +69,4 @@ mod tests {
         assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
     }
-
 }

@@ -28,11 +28,7 @@ pub enum CgroupError {
     #[error("cannot create cgroup {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("cannot move process {pid} into cgroup {path}: {source}")]
-    Move {
-        pid: u32,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Move { pid: u32, path: PathBuf, source: io::Error },
 }
 
 /// The cgroup2 mount point, from a mountinfo table.
@@ -77,10 +73,7 @@ fn unescape_mountinfo(s: &str) -> String {
 /// The cgroup2 mount point of this machine, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })?;
     find_cgroup2_mount_in(&text).ok_or(CgroupError::NotMounted)
 }
 
@@ -90,19 +83,13 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
         Ok(m) if m.is_dir() && path.join("cgroup.procs").exists() => Ok(m.ino()),
         Ok(_) => Err(CgroupError::Missing(path.into())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CgroupError::Missing(path.into())),
-        Err(source) => Err(CgroupError::Read {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(CgroupError::Read { path: path.into(), source }),
     }
 }
 
 /// The cgroup v2 path of a line set from /proc/PID/cgroup (the `0::` line).
 pub fn v2_relative_path(proc_cgroup: &str) -> Option<&str> {
-    proc_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::trim)
+    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::trim)
 }
 
 /// The cgroup directory a process belongs to.
@@ -110,9 +97,7 @@ pub fn cgroup_of_pid(mount: &Path, pid: u32) -> Result<PathBuf, CgroupError> {
     let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(CgroupError::NoSuchProcess(pid))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CgroupError::NoSuchProcess(pid)),
         Err(source) => return Err(CgroupError::Read { path, source }),
     };
     let rel = v2_relative_path(&text).ok_or(CgroupError::NoV2Membership(pid))?;
@@ -122,11 +107,7 @@ pub fn cgroup_of_pid(mount: &Path, pid: u32) -> Result<PathBuf, CgroupError> {
 /// Resolve a cgroup given by the user: absolute (under the mount) or relative
 /// to the mount.
 pub fn resolve(mount: &Path, given: &Path) -> Result<PathBuf, CgroupError> {
-    let path = if given.is_absolute() {
-        given.to_path_buf()
-    } else {
-        mount.join(given)
-    };
+    let path = if given.is_absolute() { given.to_path_buf() } else { mount.join(given) };
     if !path.starts_with(mount) {
         return Err(CgroupError::Outside(path, mount.into()));
     }
@@ -136,10 +117,7 @@ pub fn resolve(mount: &Path, given: &Path) -> Result<PathBuf, CgroupError> {
 
 /// Create a cgroup (and its parents) if needed.
 pub fn ensure(path: &Path) -> Result<(), CgroupError> {
-    fs::create_dir_all(path).map_err(|source| CgroupError::Create {
-        path: path.into(),
-        source,
-    })
+    fs::create_dir_all(path).map_err(|source| CgroupError::Create { path: path.into(), source })
 }
 
 /// Move a process (all its threads) into the cgroup at `path`. PID 0 is the
@@ -173,18 +151,12 @@ mod tests {
 
     #[test]
     fn finds_the_unified_mount_in_the_hybrid_layout() {
-        assert_eq!(
-            find_cgroup2_mount_in(HYBRID),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(find_cgroup2_mount_in(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
     }
 
     #[test]
     fn finds_the_cgroup2_mount_when_it_is_alone() {
-        assert_eq!(
-            find_cgroup2_mount_in(UNIFIED),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(find_cgroup2_mount_in(UNIFIED), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]
@@ -196,10 +168,7 @@ mod tests {
     #[test]
     fn escaped_mount_points_are_unescaped() {
         let line = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            find_cgroup2_mount_in(line),
-            Some(PathBuf::from("/mnt/my cgroups"))
-        );
+        assert_eq!(find_cgroup2_mount_in(line), Some(PathBuf::from("/mnt/my cgroups")));
     }
 
     #[test]

@@ -11,25 +11,15 @@ pub const CAP_BPF: u32 = 39;
 
 /// Effective capabilities from a /proc/PID/status text.
 pub fn effective_caps(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// The capabilities the agent needs that this process lacks, by name.
 pub fn missing_capabilities() -> Vec<&'static str> {
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| effective_caps(&s))
-        .unwrap_or(0);
+    let caps = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| effective_caps(&s)).unwrap_or(0);
     let mut missing = Vec::new();
     // CAP_SYS_ADMIN also grants what CAP_BPF does on kernels before 5.8.
-    for (bit, name) in [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ] {
+    for (bit, name) in [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")] {
         if caps & (1u64 << bit) == 0 {
             missing.push(name);
         }
@@ -57,11 +47,7 @@ pub struct Check {
 
 impl Check {
     pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Check {
-        Check {
-            name: name.into(),
-            ok,
-            detail: detail.into(),
-        }
+        Check { name: name.into(), ok, detail: detail.into() }
     }
 }
 

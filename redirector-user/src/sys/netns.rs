@@ -44,11 +44,7 @@ impl Netns {
         use std::os::unix::fs::MetadataExt;
         let f = std::fs::File::open(path)?;
         let inode = f.metadata()?.ino();
-        Ok(Netns {
-            fd: f.into(),
-            path: path.to_path_buf(),
-            inode,
-        })
+        Ok(Netns { fd: f.into(), path: path.to_path_buf(), inode })
     }
 
     /// The namespace's descriptor.
@@ -71,7 +67,6 @@ impl Netns {
     }
 }
 
-
 /// The agent's own network namespace's inode.
 pub fn home_inode() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -79,4 +74,3 @@ pub fn home_inode() -> Option<u64> {
     let f = std::fs::File::from(fd.try_clone().ok()?);
     f.metadata().ok().map(|m| m.ino())
 }
-

@@ -13,7 +13,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::copy::{LARGE_BUFFER, SMALL_BUFFER, FULL_READS_TO_GROW};
+use crate::copy::{FULL_READS_TO_GROW, LARGE_BUFFER, SMALL_BUFFER};
 
 /// Both halves of a CONNECT stream.
 pub struct H2Stream {

@@ -118,7 +118,8 @@ impl Pool {
             .map_err(|e| TunnelError::Tls { peer, source: std::io::Error::other(e) })?;
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect(rustls::pki_types::ServerName::IpAddress(peer.ip().into()), tcp),
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(rustls::pki_types::ServerName::IpAddress(peer.ip().into()), tcp),
         )
         .await
         .map_err(|_| TunnelError::Tls { peer, source: std::io::ErrorKind::TimedOut.into() })?
@@ -133,9 +134,14 @@ impl Pool {
             .map_err(|e| TunnelError::H2 { peer, message: e.to_string() })?;
         let closed = Arc::new(AtomicBool::new(false));
         let dead = Arc::new(tokio::sync::Notify::new());
-        let pinger = conn
-            .ping_pong()
-            .map(|p| tokio::spawn(crate::transport::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone())));
+        let pinger = conn.ping_pong().map(|p| {
+            tokio::spawn(crate::transport::h2stream::keep_alive(
+                p,
+                KEEP_ALIVE_INTERVAL,
+                KEEP_ALIVE_TIMEOUT,
+                dead.clone(),
+            ))
+        });
         let ended = closed.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -193,12 +199,7 @@ impl Pool {
         early: Bytes,
     ) -> Result<H2Stream, TunnelError> {
         let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
-        let key = PoolKey {
-            netns: from.netns.as_ref().map(|n| n.inode).unwrap_or(0),
-            source,
-            peer,
-            peer_identity,
-        };
+        let key = PoolKey { netns: from.netns.as_ref().map(|n| n.inode).unwrap_or(0), source, peer, peer_identity };
         // A pooled connection the peer has just closed fails the first
         // request: dial once more.
         let mut attempt = 0;

@@ -58,7 +58,9 @@ impl tower_service::Service<Uri> for Connector {
             let mesh = this.mesh.current();
             match this.transport.connect(&mesh, target, &this.from, Mtls::Never, None).await?.upstream {
                 Upstream::Plain(s) => Ok(TokioIo::new(s)),
-                Upstream::Hbone(_) => Err(io::Error::other("the HTTP client was handed an HBONE stream it cannot carry")),
+                Upstream::Hbone(_) => {
+                    Err(io::Error::other("the HTTP client was handed an HBONE stream it cannot carry"))
+                }
             }
         })
     }

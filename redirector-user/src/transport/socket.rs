@@ -8,7 +8,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-
 use crate::identity::Identity;
 use crate::sys::netns::Netns;
 
@@ -32,7 +31,13 @@ const SPARE_BATCH: usize = 16;
 
 impl WorkloadNet {
     /// A pod's workload: its namespace, who it is, its addresses.
-    pub fn pod(netns: Arc<Netns>, name: String, namespace: String, identity: Option<Identity>, ips: Vec<IpAddr>) -> WorkloadNet {
+    pub fn pod(
+        netns: Arc<Netns>,
+        name: String,
+        namespace: String,
+        identity: Option<Identity>,
+        ips: Vec<IpAddr>,
+    ) -> WorkloadNet {
         WorkloadNet { netns: Some(netns), name, namespace, identity, ips, spare: Mutex::default() }
     }
 
@@ -61,7 +66,11 @@ impl WorkloadNet {
     /// and no Nagle delay: from the spares, made a batch at a time.
     fn outbound_socket(&self, domain: socket2::Domain, mark: u32) -> io::Result<socket2::Socket> {
         let make = || -> io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking().cloexec(), Some(socket2::Protocol::TCP))?;
+            let s = socket2::Socket::new(
+                domain,
+                socket2::Type::STREAM.nonblocking().cloexec(),
+                Some(socket2::Protocol::TCP),
+            )?;
             s.set_mark(mark)?;
             s.set_nodelay(true)?;
             Ok(s)
@@ -113,4 +122,3 @@ impl WorkloadNet {
         format!("{}/{}", self.namespace, self.name)
     }
 }
-

@@ -29,7 +29,12 @@ fn main() -> Result<()> {
         bail!("capture-bench needs root");
     }
     for tool in ["nginx", "wrk"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).stdout(Stdio::null()).status()?.success() {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+            .stdout(Stdio::null())
+            .status()?
+            .success()
+        {
             continue;
         }
         bail!("{tool} is missing: apt-get install nginx-light wrk");
@@ -83,7 +88,12 @@ fn main() -> Result<()> {
     let base = median(&hook[0]);
     for (name, v) in ["no program attached", "attached, not enrolled", "enrolled, port excluded"].iter().zip(&hook) {
         let m = median(v);
-        println!("| {name} | {:.2} µs | {:+.2} µs ({:+.1}%) |", m / 1000.0, (m - base) / 1000.0, (m / base - 1.0) * 100.0);
+        println!(
+            "| {name} | {:.2} µs | {:+.2} µs ({:+.1}%) |",
+            m / 1000.0,
+            (m - base) / 1000.0,
+            (m / base - 1.0) * 100.0
+        );
     }
     println!("\nwrk -t2 -c16 -d10s against nginx (1 KB body, keepalive), 3 interleaved rounds (median)\n");
     println!("| path | requests/s | p50 | p99 |");
@@ -133,9 +143,7 @@ fn in_cgroup(t: &Topology, cg: &Path, program: &Path) -> Command {
 
 fn connect_in(t: &Topology, cg: &Path, target: &str) -> Result<f64> {
     let me = std::env::current_exe()?;
-    let out = in_cgroup(t, cg, &me)
-        .args(["connect-loop", target, &CONNECTS.to_string()])
-        .output()?;
+    let out = in_cgroup(t, cg, &me).args(["connect-loop", target, &CONNECTS.to_string()]).output()?;
     if !out.status.success() {
         bail!("connect loop failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -144,9 +152,7 @@ fn connect_in(t: &Topology, cg: &Path, target: &str) -> Result<f64> {
 
 /// (requests/s, p50 µs, p99 µs) from wrk.
 fn wrk_in(t: &Topology, cg: &Path, url: &str) -> Result<(f64, f64, f64)> {
-    let out = in_cgroup(t, cg, Path::new("/usr/bin/wrk"))
-        .args(["-t2", "-c16", "-d10s", "--latency", url])
-        .output()?;
+    let out = in_cgroup(t, cg, Path::new("/usr/bin/wrk")).args(["-t2", "-c16", "-d10s", "--latency", url]).output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || text.contains("Socket errors") && text.contains("read 0") {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));

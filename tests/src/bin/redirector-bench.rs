@@ -106,9 +106,7 @@ fn parse_args() -> Result<Args> {
             "--render" => a.render = Some(it.next().context("--render JSON")?.into()),
             "--modes" => a.modes = subset("--modes", &it.next().context("--modes LIST")?, &ALL_MODES)?,
             "--suite" => a.suites = subset("--suite", &it.next().context("--suite LIST")?, &SUITES)?,
-            "--scenarios" => {
-                a.scenarios = subset("--scenarios", &it.next().context("--scenarios LIST")?, &SCENARIOS)?
-            }
+            "--scenarios" => a.scenarios = subset("--scenarios", &it.next().context("--scenarios LIST")?, &SCENARIOS)?,
             "--proxy-setting" => {
                 let kv = it.next().context("--proxy-setting KEY=VALUE")?;
                 let (k, v) = kv.split_once('=').context("--proxy-setting takes KEY=VALUE, e.g. concurrency=1")?;
@@ -237,10 +235,8 @@ fn run() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (namespaces, cgroups, eBPF, iptables): run `sudo -E cargo xtask bench`");
     }
-    let missing: Vec<&str> = ["oha", "nginx", "iperf3", "iptables", "nsenter"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
+    let missing: Vec<&str> =
+        ["oha", "nginx", "iperf3", "iptables", "nsenter"].into_iter().filter(|t| !have(t)).collect();
     if !missing.is_empty() {
         bail!(
             "missing load tools: {}; install them with `apt-get install nginx-light iperf3 iptables && cargo install oha`",
@@ -434,14 +430,8 @@ fn agent_cpu_seconds(pid: u32) -> Option<f64> {
 
 fn agent_rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -475,20 +465,15 @@ fn in_cgroup(ns: &Path, cg: &Path, program: &str) -> Command {
 fn oha(p: &Place, args: &[&str], seconds: f64) -> Result<serde_json::Value> {
     let url = format!("http://{}:{NGINX_PORT}/", p.server);
     let dur = format!("{}ms", (seconds * 1000.0) as u64);
-    let out = (p.load)("oha")
-        .args(["--no-tui", "--output-format", "json", "-z", &dur])
-        .args(args)
-        .arg(&url)
-        .output()?;
+    let out =
+        (p.load)("oha").args(["--no-tui", "--output-format", "json", "-z", &dur]).args(args).arg(&url).output()?;
     if !out.status.success() {
         bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha JSON")?;
     // Requests cut off by the end of the run are not errors.
-    let errors = v["errorDistribution"]
-        .as_object()
-        .map(|m| m.keys().filter(|k| !k.contains("deadline")).count())
-        .unwrap_or(0);
+    let errors =
+        v["errorDistribution"].as_object().map(|m| m.keys().filter(|k| !k.contains("deadline")).count()).unwrap_or(0);
     let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
     if ok == 0 {
         bail!("no successful request (errors: {})", v["errorDistribution"]);
@@ -531,9 +516,7 @@ fn measure(p: &Place, scenario: &str, seconds: f64) -> Result<BTreeMap<String, f
             if let Some(e) = v["error"].as_str() {
                 bail!("iperf3: {e}");
             }
-            let bps = v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .context("iperf3 result")?;
+            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
             m.insert("gbit_per_s".into(), bps / 1e9);
         }
     }
@@ -754,10 +737,9 @@ fn markdown(r: &Report) -> String {
     if !r.samples.is_empty() {
         s.push_str("### Local: capture on one host (client namespace → server namespace)\n\n");
         table(&mut s, &r.medians, &r.ratios, &MODES, false);
-        if let (Some(l7), Some(l4)) = (
-            get(&r.medians, "ebpf+l7", "standard", "p50_ms"),
-            get(&r.medians, "ebpf", "standard", "p50_ms"),
-        ) {
+        if let (Some(l7), Some(l4)) =
+            (get(&r.medians, "ebpf+l7", "standard", "p50_ms"), get(&r.medians, "ebpf", "standard", "p50_ms"))
+        {
             s.push_str(&format!(
                 "\nL7 routing over L4 forwarding (eBPF capture, standard scenario): p50 {:+.0} µs ({:.3} ms vs {:.3} ms).\n",
                 (l7 - l4) * 1000.0,
@@ -819,12 +801,9 @@ fn chart(medians: &Figures, modes: &[&str], title: &str, path: &Path) -> Result<
 
     // Left: standard scenario latency percentiles (ms), bars per mode.
     let pcts = ["p50_ms", "p90_ms", "p99_ms"];
-    let ymax = modes
-        .iter()
-        .flat_map(|m| pcts.iter().map(move |p| get(m, "standard", p)))
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.15;
+    let ymax =
+        modes.iter().flat_map(|m| pcts.iter().map(move |p| get(m, "standard", p))).fold(0.0f64, f64::max).max(0.001)
+            * 1.15;
     let mut c = ChartBuilder::on(&left)
         .caption(format!("{title}standard scenario latency (1,000 req/s, 16 conns)"), ("sans-serif", 16))
         .margin(12)
@@ -853,16 +832,21 @@ fn chart(medians: &Figures, modes: &[&str], title: &str, path: &Path) -> Result<
         .draw()?;
 
     // Right: throughput as a ratio to direct.
-    let figs = [("max-rps", "rps", "max req/s"), ("conn-rate", "conn_per_s", "new conn/s"), ("bulk", "gbit_per_s", "bulk Gbit/s")];
+    let figs = [
+        ("max-rps", "rps", "max req/s"),
+        ("conn-rate", "conn_per_s", "new conn/s"),
+        ("bulk", "gbit_per_s", "bulk Gbit/s"),
+    ];
     let ratio = |mode: &str, sc: &str, k: &str| {
         let d = get("direct", sc, k);
-        if d > 0.0 { get(mode, sc, k) / d } else { 0.0 }
+        if d > 0.0 {
+            get(mode, sc, k) / d
+        } else {
+            0.0
+        }
     };
-    let ymax = modes
-        .iter()
-        .flat_map(|m| figs.iter().map(move |(s, k, _)| ratio(m, s, k)))
-        .fold(1.0f64, f64::max)
-        * 1.15;
+    let ymax =
+        modes.iter().flat_map(|m| figs.iter().map(move |(s, k, _)| ratio(m, s, k))).fold(1.0f64, f64::max) * 1.15;
     let mut c = ChartBuilder::on(&right)
         .caption(format!("{title}throughput, ratio to direct"), ("sans-serif", 16))
         .margin(12)
