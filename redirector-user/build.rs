@@ -32,8 +32,7 @@ fn main() -> Result<()> {
 
     // The kernel object gets its own target directory so this nested cargo
     // never waits on the lock the outer build holds.
-    let target_dir =
-        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("bpf");
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("bpf");
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = match bpf_compiler() {
@@ -111,8 +110,7 @@ fn bpf_compiler() -> Option<Compiler> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .map(|sysroot| sysroot.join("lib/rustlib/src/rust/library/core").exists())
-        .unwrap_or(false);
+        .is_some_and(|sysroot| sysroot.join("lib/rustlib/src/rust/library/core").exists());
     nightly_src.then_some(Compiler::Nightly)
 }
 

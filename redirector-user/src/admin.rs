@@ -5,6 +5,8 @@
 //! cluster-wide `redirector status` and `version` read it) and readiness on
 //! 15021 (`/healthz/ready`).
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -73,7 +75,7 @@ fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Res
             json(serde_json::to_vec_pretty(&dump).expect("serializable"))
         }
         (Role::Admin | Role::Metrics, "/node") => json(serde_json::to_vec_pretty(&(src.node)()).expect("serializable")),
-        (Role::Metrics, "/stats/prometheus") | (Role::Metrics, "/metrics") => (
+        (Role::Metrics, "/stats/prometheus" | "/metrics") => (
             StatusCode::OK,
             src.metrics.encode().into_bytes(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -3,6 +3,8 @@
 //! drains. Every check that can fail runs before anything is attached, so a
 //! failed start leaves nothing behind.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -118,7 +120,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     .map_err(|e| anyhow!("mesh CA: {e}"))?;
     let ca_origin = ca.origin.clone();
     let certs = crate::identity::CertStore::new(ca, cfg.cert_lifetime);
-    let hbone_pool = crate::transport::hbone::Pool::new(certs.clone(), cfg.proxy_mark, cfg.connect_timeout);
+    let hbone_pool = crate::transport::hbone::Pool::new(Arc::clone(&certs), cfg.proxy_mark, cfg.connect_timeout);
     let mount = cgroup::cgroup2_mount()?;
     let root = match &cfg.cgroup_root {
         Some(p) => cgroup::resolve(&mount, p).map_err(|e| anyhow!("capture.cgroupRoot: {e}"))?,
@@ -191,7 +193,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let transport = crate::transport::Transport {
         mark: cfg.proxy_mark,
         connect_timeout: cfg.connect_timeout,
-        hbone: Some(hbone_pool.clone()),
+        hbone: Some(Arc::clone(&hbone_pool)),
     };
     // The agent's own namespace is one more workload: the default service
     // account of the default namespace.
@@ -204,14 +206,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let balancer = Arc::new(crate::endpoint::Balancer::default());
     let upstreams = crate::transport::http_client::Upstreams::new(crate::transport::http_client::Connector {
         transport: transport.clone(),
-        from: host_workload.clone(),
+        from: Arc::clone(&host_workload),
         mesh: mesh.clone(),
     });
     let gateways = match crate::proxy::gateway::Gateways::start(crate::proxy::gateway::GatewayContext {
         mesh: mesh.clone(),
         upstreams: upstreams.clone(),
-        balancer: balancer.clone(),
-        metrics: metrics.clone(),
+        balancer: Arc::clone(&balancer),
+        metrics: Arc::clone(&metrics),
         access_log: cfg.access_log,
     })
     .await
@@ -297,9 +299,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         idle_timeout: cfg.idle_timeout,
         transport,
         mesh: mesh.clone(),
-        metrics: metrics.clone(),
+        metrics: Arc::clone(&metrics),
         upstreams: upstreams.clone(),
-        balancer: balancer.clone(),
+        balancer: Arc::clone(&balancer),
         access_log: cfg.access_log,
         workloads: Arc::new(crate::proxy::source::Workloads::new(mount.clone())),
         workload: host_workload,
@@ -309,8 +311,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let pod_server = Arc::new(AgentPods {
         settings: settings.clone(),
         stats: Arc::new(ProxyStats::default()),
-        certs: certs.clone(),
-        metrics: metrics.clone(),
+        certs: Arc::clone(&certs),
+        metrics: Arc::clone(&metrics),
         mode,
         bpffs_dir: cfg.bpffs_dir.clone(),
         outbound_port: cfg.outbound_port,
@@ -333,10 +335,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     release_leftover_holds(&opts.state_dir, &cfg.bpffs_dir, mode != CaptureMode::Iptables);
     let pods_task = {
-        let pods = pods.clone();
-        let server = pod_server.clone();
+        let pods = Arc::clone(&pods);
+        let server = Arc::clone(&pod_server);
         let mesh = mesh.clone();
-        let certs = certs.clone();
+        let certs = Arc::clone(&certs);
         let mut stop = rx_for_pods(&tx_holder);
         tokio::spawn(async move {
             let mut seen = 0;
@@ -385,7 +387,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         dns_tasks.push(crate::proxy::dns::serve(
             tokio::net::UdpSocket::from_std(s)?,
             mesh.clone(),
-            dns_upstreams.clone(),
+            Arc::clone(&dns_upstreams),
             cfg.proxy_mark,
             rx.clone(),
         ));
@@ -397,7 +399,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut listeners = outbound;
     listeners.extend(inbound);
     let proxy_task =
-        tokio::spawn(proxy::outbound::run(listeners, settings, stats.clone(), rx.clone(), cfg.drain_timeout));
+        tokio::spawn(proxy::outbound::run(listeners, settings, Arc::clone(&stats), rx.clone(), cfg.drain_timeout));
     let node = {
         let kernel = serde_json::json!({
             "release": crate::sys::machine::kernel_release(),
@@ -405,9 +407,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "missing": crate::capture::features::missing_for(&probed, crate::capture::features::Tier::Ebpf),
             "ciliumSocketLb": cilium,
         });
-        let pods = pods.clone();
+        let pods = Arc::clone(&pods);
         let mesh = mesh.clone();
-        let kube_status = kube_source.as_ref().map(|(_, s)| s.clone());
+        let kube_status = kube_source.as_ref().map(|(_, s)| Arc::clone(s));
         let source = if kube_status.is_some() {
             "kubernetes"
         } else if opts.config_dir.is_some() {
@@ -439,10 +441,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
     };
     let sources = admin::Sources {
-        stats: stats.clone(),
+        stats: Arc::clone(&stats),
         mesh: mesh.clone(),
-        balancer: balancer.clone(),
-        metrics: metrics.clone(),
+        balancer: Arc::clone(&balancer),
+        metrics: Arc::clone(&metrics),
         node,
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin::Role::Admin, sources.clone(), rx.clone()));
@@ -453,7 +455,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // are not needed in memory.
     tokio::spawn(async {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        let advised = tokio::task::spawn_blocking(release_startup_pages).await.unwrap_or(0);
+        let advised = tokio::task::spawn_blocking(crate::sys::process::release_startup_pages).await.unwrap_or(0);
         tracing::debug!(bytes = advised, "start-up code pages given back");
     });
     wait_for_signal(signals).await;
@@ -546,7 +548,11 @@ fn release_leftover_holds(state_dir: &std::path::Path, bpffs_dir: &std::path::Pa
 
 /// Record the frozen pod cgroups (one path a line) for the next agent.
 fn write_held(file: &std::path::Path, held: &std::collections::BTreeSet<PathBuf>) {
-    let text: String = held.iter().map(|p| format!("{}\n", p.display())).collect();
+    let text: String = held.iter().fold(String::new(), |mut t, p| {
+        t.push_str(&p.display().to_string());
+        t.push('\n');
+        t
+    });
     let _ = std::fs::write(file, text);
 }
 
@@ -574,7 +580,7 @@ impl crate::inpod::PodServer for AgentPods {
             }
         }
         if freeze {
-            let (frozen, held, file) = (cgroups.to_vec(), self.held.clone(), self.state_dir.join(HELD_FILE));
+            let (frozen, held, file) = (cgroups.to_vec(), Arc::clone(&self.held), self.state_dir.join(HELD_FILE));
             handle.undo.push(Box::new(move || {
                 let mut h = held.lock().expect("held lock");
                 for c in &frozen {
@@ -629,7 +635,8 @@ impl crate::inpod::PodServer for AgentPods {
         // PREROUTING rule in the pod's namespace, as ztunnel's in-pod mode
         // does.
         let ns = w.netns.clone().expect("an in-pod workload has a namespace");
-        let steering = self.steering.as_ref().filter(|_| w.ips.iter().all(|ip| ip.is_ipv4()) && !w.ips.is_empty());
+        let steering =
+            self.steering.as_ref().filter(|_| w.ips.iter().all(std::net::IpAddr::is_ipv4) && !w.ips.is_empty());
         if let Some(steering) = steering {
             // Rules an iptables-mode agent left in this namespace go first.
             let _ = crate::capture::iptables::remove_in_pod(&ns);
@@ -643,7 +650,7 @@ impl crate::inpod::PodServer for AgentPods {
             steering
                 .steer(ns.as_fd(), ns.inode, &w.ips, listeners.inbound.as_fd(), ports)
                 .context("steering the pod's inbound connections (sk_lookup)")?;
-            let (steering, inode, ips) = (steering.clone(), ns.inode, w.ips.clone());
+            let (steering, inode, ips) = (Arc::clone(steering), ns.inode, w.ips.clone());
             handle.undo.push(Box::new(move || steering.unsteer(inode, &ips)));
         } else {
             crate::capture::iptables::install_in_pod(&ns, &self.cfg, self.mode == CaptureMode::Iptables)
@@ -654,52 +661,50 @@ impl crate::inpod::PodServer for AgentPods {
                 }
             }));
         }
-        match self.mode {
-            CaptureMode::Iptables => {}
-            _ => {
-                // The last step that can fail: a pending pod's refusal is
-                // replaced only when everything else is in place.
-                let maps = crate::capture::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
-                let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
-                let (dir, enrolled) = (self.bpffs_dir.clone(), ids.clone());
-                handle.undo.push(Box::new(move || {
-                    if let Ok(maps) = crate::capture::ebpf::PinnedMaps::open(&dir) {
-                        for id in enrolled {
-                            let _ = maps.unenroll(id);
-                        }
+        if self.mode == CaptureMode::Iptables {
+        } else {
+            // The last step that can fail: a pending pod's refusal is
+            // replaced only when everything else is in place.
+            let maps = crate::capture::ebpf::PinnedMaps::open(&self.bpffs_dir)?;
+            let ids = cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?;
+            let (dir, enrolled) = (self.bpffs_dir.clone(), ids.clone());
+            handle.undo.push(Box::new(move || {
+                if let Ok(maps) = crate::capture::ebpf::PinnedMaps::open(&dir) {
+                    for id in enrolled {
+                        let _ = maps.unenroll(id);
                     }
-                }));
-                for id in ids {
-                    maps.enroll(id)?;
                 }
+            }));
+            for id in ids {
+                maps.enroll(id)?;
             }
         }
         if let Some(pool) = &self.settings.transport.hbone {
-            let pool = pool.clone();
-            let inode = w.netns.as_ref().map(|n| n.inode).unwrap_or(0);
+            let pool = Arc::clone(pool);
+            let inode = w.netns.as_ref().map_or(0, |n| n.inode);
             handle.undo.push(Box::new(move || pool.forget(inode)));
         }
         let mut settings = self.settings.clone();
-        settings.workload = w.clone();
+        settings.workload = Arc::clone(&w);
         settings.close_on_stop = true;
         tokio::spawn(proxy::outbound::run(
             vec![listeners.outbound],
             settings,
-            self.stats.clone(),
+            Arc::clone(&self.stats),
             stop_rx.clone(),
             self.drain_timeout,
         ));
         let inbound = Arc::new(crate::proxy::inbound::Inbound {
-            workload: w.clone(),
-            certs: self.certs.clone(),
+            workload: Arc::clone(&w),
+            certs: Arc::clone(&self.certs),
             mark: self.cfg.proxy_mark,
             connect_timeout: self.cfg.connect_timeout,
             handshake_timeout: self.cfg.handshake_timeout,
-            metrics: self.metrics.clone(),
+            metrics: Arc::clone(&self.metrics),
             mesh: self.settings.mesh.clone(),
             access_log: self.settings.access_log,
         });
-        tokio::spawn(crate::proxy::inbound::serve(listeners.hbone, inbound.clone(), stop_rx.clone()));
+        tokio::spawn(crate::proxy::inbound::serve(listeners.hbone, Arc::clone(&inbound), stop_rx.clone()));
         tokio::spawn(crate::proxy::inbound::serve_plaintext(listeners.inbound, inbound, stop_rx.clone()));
         if let Some(s) = dns {
             tokio::spawn(crate::proxy::dns::serve(
@@ -810,34 +815,6 @@ fn choose_mode(cfg: &AgentConfig, probed: &[crate::capture::features::Feature]) 
         },
         Err(e) => Ok((CaptureMode::Iptables, true, format!("auto: eBPF unavailable ({e}); tier iptables"))),
     }
-}
-
-/// Give back the pages of the agent's own executable that start-up touched
-/// (command line, loader, kernel feature probes, config parsing, the
-/// Kubernetes client's discovery): `MADV_PAGEOUT` on the executable's
-/// read-only and executable mappings. What the data path runs faults back
-/// in as it runs; the rest leaves the resident set (about 5.7 MB of file
-/// pages at idle). Kernels before 5.4 refuse the advice; nothing changes
-/// then. Returns the bytes advised.
-fn release_startup_pages() -> usize {
-    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return 0 };
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return 0 };
-    let mut advised = 0;
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { continue };
-        if parts.nth(3).map(std::path::Path::new) != Some(exe.as_path()) || perms.contains('w') {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else { continue };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
-        // SAFETY: an advice on a mapping of our own; the pages stay
-        // valid and fault back in from the file when used.
-        if unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_PAGEOUT) } == 0 {
-            advised += b - a;
-        }
-    }
-    advised
 }
 
 /// SIGTERM and SIGINT, caught from the start: one that arrives while the

@@ -3,13 +3,14 @@
 //! its state record and work on the pinned maps directly, so enrollment
 //! works (and is kept) across agent restarts.
 
+#![forbid(unsafe_code)]
+
 pub mod cluster;
 pub mod manifest;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -88,10 +89,7 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
     let program = command.first().context("no command given")?;
     let name = match workload {
         Some(n) => n.to_string(),
-        None => Path::new(program)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "workload".into()),
+        None => Path::new(program).file_name().map_or_else(|| "workload".into(), |f| f.to_string_lossy().into_owned()),
     };
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         bail!("workload name `{name}` is not usable as a cgroup name; use letters, digits, - and _");
@@ -103,33 +101,14 @@ pub fn exec(state_dir: &Path, workload: Option<&str>, command: &[String]) -> Res
     let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes()).context("cgroup path")?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(&command[1..]);
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork
-    // and exec; the path was prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if rc != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::process::join_cgroup_before_exec(&mut cmd, procs);
     // The terminal's Ctrl-C reaches the command; we wait for it to finish.
-    // SAFETY: plain signal disposition changes.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-    }
+    crate::sys::process::ignore_interrupts();
     let status = cmd.spawn().and_then(|mut c| c.wait());
     // Last one out turns off the light: the cgroup is unenrolled and goes
     // only when no other process of this workload is left in it (iptables
     // names the cgroup by path, so the rule goes before the directory).
-    let empty = std::fs::read_to_string(cg.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(false);
+    let empty = std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
     if empty {
         let _ = maps.unenroll(&cg);
         cgroup::remove_if_empty(&cg);
@@ -363,7 +342,7 @@ fn cgroup_paths(root: &Path, want: &[u64]) -> BTreeMap<u64, PathBuf> {
         if depth < 16 {
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 for e in rd.flatten() {
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
                         stack.push((e.path(), depth + 1));
                     }
                 }
@@ -498,7 +477,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
                     c.id,
                     c.client,
                     c.original_dst,
-                    c.upstream_local.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    c.upstream_local.map_or_else(|| "-".into(), |a| a.to_string()),
                     c.age_ms
                 );
             }
@@ -508,7 +487,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
 }
 
 fn named(c: Option<&ebpf::DecisionCounts>) -> BTreeMap<&'static str, u64> {
-    Decision::ALL.iter().map(|d| (d.name(), c.map(|c| c[*d as usize]).unwrap_or(0))).collect()
+    Decision::ALL.iter().map(|d| (d.name(), c.map_or(0, |c| c[*d as usize]))).collect()
 }
 
 /// `redirector accelerate on|off`: the kill switch of the sockmap shortcut.
@@ -709,7 +688,7 @@ pub fn verify(json: bool) -> Result<()> {
                 "checks": checks,
                 "features": features,
                 "programs": programs,
-                "tier": tier.map(|t| t.name()),
+                "tier": tier.map(super::capture::features::Tier::name),
             }))?
         );
     } else {
@@ -753,18 +732,17 @@ pub fn uninstall(state_dir: &Path) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let bpffs_dir =
-        state.as_ref().map(|s| s.bpffs_dir.clone()).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_BPFFS_DIR));
+        state.as_ref().map_or_else(|| PathBuf::from(crate::config::DEFAULT_BPFFS_DIR), |s| s.bpffs_dir.clone());
     if let Some(s) = &state {
         if s.agent_running() && s.pid != std::process::id() {
             println!("stopping the agent (pid {})", s.pid);
-            // SAFETY: plain signal send.
-            unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
+            crate::sys::process::signal(s.pid, libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(15);
             while pid_alive(s.pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if pid_alive(s.pid) {
-                unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGKILL) };
+                crate::sys::process::signal(s.pid, libc::SIGKILL);
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

@@ -3,6 +3,8 @@
 //! like the rest of the mesh's YAML; [`AgentConfig::validate`] turns them into
 //! checked values once, at load.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,9 +202,7 @@ pub struct AgentConfig {
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |s| s.trim().to_string())
 }
 
 const MAX_CONCURRENCY: usize = 1024;
@@ -215,7 +215,7 @@ impl AgentConfig {
     /// between threads than it gives (measured on 2 vCPUs: one thread
     /// carried 13% more requests/s at 9% less CPU per request than two).
     pub fn worker_threads(&self) -> usize {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         match self.concurrency {
             None => (cpus / 2).max(1),
             Some(0) => cpus,
@@ -354,7 +354,7 @@ impl AgentConfig {
             exclude_cidrs,
             capture_loopback: raw.capture.capture_loopback,
             proxy_mark,
-            bpffs_dir: raw.capture.bpffs_dir.map(PathBuf::from).unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+            bpffs_dir: raw.capture.bpffs_dir.map_or_else(|| DEFAULT_BPFFS_DIR.into(), PathBuf::from),
             outbound_port,
             inbound_port,
             admin_port,
@@ -366,7 +366,7 @@ impl AgentConfig {
             access_log: raw.proxy.access_log.unwrap_or(true),
             max_connections,
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
-            idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_secs(3600))?,
+            idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_hours(1))?,
             drain_timeout: dur("proxy.drainTimeout", &raw.proxy.drain_timeout, Duration::from_secs(5))?,
             concurrency: raw.proxy.concurrency,
             node_name: std::env::var(ENV_NODE_NAME)
@@ -413,7 +413,7 @@ impl AgentConfig {
     /// of an exclusion (the same rules as the kernel, for status and tests).
     pub fn is_excluded(&self, dst: std::net::SocketAddr) -> bool {
         let ip = match dst.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         (ip.is_loopback() && !self.capture_loopback)
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn concurrency_is_istios_worker_threads_setting() {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         assert_eq!(AgentConfig::embedded().worker_threads(), (cpus / 2).max(1));
         assert_eq!(AgentConfig::from_yaml("f", "proxy:\n  concurrency: 3\n").unwrap().worker_threads(), 3);
         assert_eq!(AgentConfig::from_yaml("f", "proxy:\n  concurrency: 0\n").unwrap().worker_threads(), cpus);
@@ -499,7 +499,7 @@ mod tests {
     fn durations_parse_like_istio_writes_them() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_mins(90)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5 parsecs").is_err());

@@ -3,6 +3,8 @@
 //! and byte counts. It owns no connection and decides nothing about where
 //! bytes go.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -30,7 +32,7 @@ where
         let idle_left = idle.saturating_sub(epoch.elapsed().saturating_sub(last));
         tokio::select! {
             r = &mut copy => return r.map(Some),
-            _ = tokio::time::sleep(idle_left) => {
+            () = tokio::time::sleep(idle_left) => {
                 let last = Duration::from_millis(activity.load(Ordering::Relaxed));
                 if epoch.elapsed().saturating_sub(last) >= idle {
                     return Ok(None);

@@ -9,6 +9,8 @@
 //! not choose among a VirtualService's routes (that is [`crate::route`])
 //! and opens no connection.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
@@ -95,7 +97,7 @@ impl Balancer {
         let key = (mesh.services[svc].hostname.clone(), subset.map(str::to_string), port);
         let mut clusters = self.clusters.lock().expect("cluster lock");
         match clusters.get(&key) {
-            Some(c) if c.limits == limits => c.clone(),
+            Some(c) if c.limits == limits => Arc::clone(c),
             _ => {
                 let c = Arc::new(Cluster {
                     connections: limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
@@ -103,7 +105,7 @@ impl Balancer {
                     pending: AtomicUsize::new(0),
                     limits,
                 });
-                clusters.insert(key, c.clone());
+                clusters.insert(key, Arc::clone(&c));
                 c
             }
         }
@@ -156,7 +158,7 @@ impl Balancer {
             return None;
         }
         let labels = policy.and_then(|p| p.labels.as_ref());
-        let lb = policy.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin);
+        let lb = policy.map_or(LbPolicy::RoundRobin, |p| p.lb.clone());
         let port_of =
             |e: &Endpoint| e.ports.get(&port_def.name).copied().or(port_def.target_port).unwrap_or(port_def.port);
         let all: Vec<&Endpoint> =

@@ -12,6 +12,8 @@
 //! It does not decide who may talk to whom (that is policy) or carry bytes
 //! (that is [`crate::proxy::inbound`]).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,7 +34,7 @@ use thiserror::Error;
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Istio's default workload certificate lifetime.
-pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_hours(24);
 /// The plug-in CA files, named as Istio's `cacerts` secret names them.
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
@@ -248,14 +250,14 @@ impl MeshCa {
     }
 
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+        Arc::clone(&self.roots)
     }
 
     /// A new key and certificate for `id`, valid from a minute ago (clock
     /// skew between nodes) for `lifetime`.
     pub fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
         let now = SystemTime::now();
-        self.issue_between(id, now - Duration::from_secs(60), now + lifetime)
+        self.issue_between(id, now - Duration::from_mins(1), now + lifetime)
     }
 
     /// A certificate for `id` valid from `not_before` to `not_after`.
@@ -460,7 +462,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.permissions().mode() & 0o777, 0o600);
         let id = Identity::new("example.org", "ns1", "web");
-        let cert = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let cert = ca.issue(&id, Duration::from_hours(1)).unwrap();
         assert_eq!(identities_in(&cert.key.cert[0]), vec![id]);
         // The same CA again on the next start, not a new one.
         let again = MeshCa::load_or_generate(&dir, "example.org").unwrap();

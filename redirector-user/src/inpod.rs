@@ -11,6 +11,8 @@
 //! the set of pods served; what is done with the connections is
 //! [`crate::proxy`] and [`crate::proxy::inbound`].
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -214,7 +216,7 @@ impl InPod {
                                 slot.insert(Served { pod: p.clone(), _handle: h });
                             }
                             Err(e) => {
-                                warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served")
+                                warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served");
                             }
                         }
                     }
@@ -236,17 +238,16 @@ impl InPod {
         for c in &cgroups {
             anyhow::ensure!(c.join("cgroup.procs").exists(), "cgroup {} does not exist", c.display());
         }
-        let netns = match p.netns.as_deref() {
-            Some(path) => Netns::open(Path::new(path)).with_context(|| format!("network namespace {path}"))?,
-            None => {
-                anyhow::ensure!(
-                    !cgroups.is_empty(),
-                    "no cgroup found for pod UID {} (searched the kubepods tree for the systemd and cgroupfs drivers); set the {} annotation if the runtime puts pods elsewhere",
-                    p.uid.as_deref().unwrap_or_default(),
-                    crate::mesh::pods::CGROUP_ANNOTATION
-                );
-                netns_of_cgroups(&cgroups)?
-            }
+        let netns = if let Some(path) = p.netns.as_deref() {
+            Netns::open(Path::new(path)).with_context(|| format!("network namespace {path}"))?
+        } else {
+            anyhow::ensure!(
+                !cgroups.is_empty(),
+                "no cgroup found for pod UID {} (searched the kubepods tree for the systemd and cgroupfs drivers); set the {} annotation if the runtime puts pods elsewhere",
+                p.uid.as_deref().unwrap_or_default(),
+                crate::mesh::pods::CGROUP_ANNOTATION
+            );
+            netns_of_cgroups(&cgroups)?
         };
         // A pod sharing the node's namespace (hostNetwork) is never
         // captured: its listeners would be the node's.

@@ -2,6 +2,8 @@
 //! YAML, compiled into routes the proxy applies per connection and per
 //! request, reloaded live.
 
+#![forbid(unsafe_code)]
+
 pub mod kubernetes;
 pub mod model;
 pub mod pods;

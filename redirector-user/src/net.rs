@@ -1,6 +1,8 @@
 //! Address prefixes, shared by the agent's settings (excluded CIDRs) and
 //! the mesh's policy (ipBlocks). Pure values; imports nothing of the crate.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 
 /// A destination prefix that is never captured.

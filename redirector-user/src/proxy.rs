@@ -9,6 +9,8 @@
 //! The proxy does not know how a connection was captured: see
 //! [`crate::capture::orig_dst`].
 
+#![forbid(unsafe_code)]
+
 pub(crate) mod dns;
 pub(crate) mod gateway;
 pub(crate) mod inbound;
@@ -182,8 +184,8 @@ pub(crate) async fn serve<F, Fut>(
     let limit = Arc::new(Semaphore::new(max_connections));
     let mut accept_tasks = Vec::new();
     for listener in listeners {
-        let limit = limit.clone();
-        let stats = stats.clone();
+        let limit = Arc::clone(&limit);
+        let stats = Arc::clone(&stats);
         let handle = handle.clone();
         let mut shutdown = shutdown.clone();
         accept_tasks.push(tokio::spawn(async move {
@@ -202,7 +204,7 @@ pub(crate) async fn serve<F, Fut>(
                     }
                 };
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
                     stats.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
                     warn!(%client, limit = max_connections, "connection limit reached; closing");
                     continue;
@@ -212,7 +214,7 @@ pub(crate) async fn serve<F, Fut>(
                 tokio::spawn(async move {
                     if close_on_stop {
                         tokio::select! {
-                            _ = conn => {}
+                            () = conn => {}
                             _ = stop.changed() => {}
                         }
                     } else {

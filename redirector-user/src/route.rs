@@ -4,6 +4,8 @@
 //! tells HTTP from opaque TCP on undeclared ports. Routing decides; it
 //! opens no upstream connection (that is [`crate::transport`]).
 
+#![forbid(unsafe_code)]
+
 pub(crate) mod http;
 pub(crate) mod sniff;
 

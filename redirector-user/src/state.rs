@@ -2,6 +2,8 @@
 //! is pinned and attached and how to reach its admin endpoint, so `status`,
 //! `exec`, `enroll` and `uninstall` find a running (or crashed) agent.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -81,8 +83,7 @@ impl AgentState {
     }
 }
 
+/// Whether a process with this pid exists.
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    crate::sys::process::pid_alive(pid)
 }

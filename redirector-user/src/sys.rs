@@ -5,3 +5,4 @@
 pub mod cgroup;
 pub mod machine;
 pub mod netns;
+pub mod process;

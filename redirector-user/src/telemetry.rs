@@ -2,6 +2,8 @@
 //! (`/stats/prometheus`, as Istio's merged endpoint, and `/metrics`), so
 //! existing dashboards and alerts work unchanged.
 
+#![forbid(unsafe_code)]
+
 pub mod logtime;
 
 use std::borrow::Cow;
@@ -159,8 +161,25 @@ pub struct Metrics {
 fn duration_buckets() -> Histogram {
     // Istio's default buckets for istio_request_duration_milliseconds.
     Histogram::new([
-        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
-        300000.0, 600000.0, 1800000.0, 3600000.0,
+        0.5,
+        1.0,
+        5.0,
+        10.0,
+        25.0,
+        50.0,
+        100.0,
+        250.0,
+        500.0,
+        1_000.0,
+        2_500.0,
+        5_000.0,
+        10_000.0,
+        30_000.0,
+        60_000.0,
+        300_000.0,
+        600_000.0,
+        1_800_000.0,
+        3_600_000.0,
     ])
 }
 
@@ -240,7 +259,7 @@ impl Metrics {
             .get_or_create(&DeniedLabels {
                 destination_workload: w.name.to_string(),
                 destination_workload_namespace: w.namespace.to_string(),
-                source_principal: peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()),
+                source_principal: peer.map_or_else(|| "unknown".into(), std::string::ToString::to_string),
             })
             .clone()
     }
@@ -255,12 +274,12 @@ impl Metrics {
         let namespace = label(w.namespace);
         Labels {
             reporter: Cow::Borrowed("destination"),
-            source_workload_namespace: peer.map(|p| label(&p.namespace)).unwrap_or(UNKNOWN),
-            source_principal: peer.map(|p| Cow::Owned(p.to_string())).unwrap_or(UNKNOWN),
+            source_workload_namespace: peer.map_or(UNKNOWN, |p| label(&p.namespace)),
+            source_principal: peer.map_or(UNKNOWN, |p| Cow::Owned(p.to_string())),
             destination_workload: label(w.name),
             destination_workload_namespace: namespace.clone(),
             destination_service_namespace: namespace,
-            destination_principal: w.identity.map(|id| Cow::Owned(id.to_string())).unwrap_or(UNKNOWN),
+            destination_principal: w.identity.map_or(UNKNOWN, |id| Cow::Owned(id.to_string())),
             connection_security_policy: Cow::Borrowed(security),
             ..NOTHING_KNOWN
         }

@@ -6,6 +6,8 @@
 //! destination's service account), not a DNS name; the server requires a
 //! client certificate from the mesh and reads the peer's identity from it.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -64,13 +66,13 @@ impl ResolvesClientCert for Presents {
 /// chained to the mesh root.
 pub fn server_config(store: &Arc<CertStore>, identity: &Identity) -> Result<Arc<ServerConfig>, Error> {
     let provider = crate::identity::provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(store.roots(), provider.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(store.roots(), Arc::clone(&provider))
         .build()
         .map_err(|e| Error::General(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(Presents { store: store.clone(), identity: identity.clone() }));
+        .with_cert_resolver(Arc::new(Presents { store: Arc::clone(store), identity: identity.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -89,7 +91,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Presents { store: store.clone(), identity: source.clone() }));
+        .with_client_cert_resolver(Arc::new(Presents { store: Arc::clone(store), identity: source.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
@@ -132,8 +134,8 @@ impl ServerCertVerifier for ExpectIdentity {
         } else {
             Err(Error::General(format!(
                 "the peer presented {} but {} was expected",
-                presented.first().map(|p| p.to_string()).unwrap_or_else(|| "no SPIFFE identity".into()),
-                self.expected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(" or ")
+                presented.first().map_or_else(|| "no SPIFFE identity".into(), std::string::ToString::to_string),
+                self.expected.iter().map(std::string::ToString::to_string).collect::<Vec<_>>().join(" or ")
             )))
         }
     }
@@ -171,7 +173,7 @@ mod tests {
     fn store(name: &str) -> Arc<CertStore> {
         let d = std::env::temp_dir().join(format!("redirector-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        CertStore::new(MeshCa::load_or_generate(&d, "cluster.local").unwrap(), Duration::from_secs(3600))
+        CertStore::new(MeshCa::load_or_generate(&d, "cluster.local").unwrap(), Duration::from_hours(1))
     }
 
     /// A handshake between `client` (expecting `expected`) and a server

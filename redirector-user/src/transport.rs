@@ -7,6 +7,8 @@
 //! It does not decide where a connection goes (that is [`crate::route`] and
 //! [`crate::endpoint`]) and it does not copy bytes (that is [`crate::copy`]).
 
+#![forbid(unsafe_code)]
+
 pub(crate) mod h2stream;
 pub(crate) mod hbone;
 pub(crate) mod http_client;

@@ -163,7 +163,7 @@ impl Cluster {
                 std::process::id(),
                 k * 7919 + SEQ.load(std::sync::atomic::Ordering::SeqCst)
             );
-            let container = format!("{:0>64}", format!("{:x}", 0xc0ffee00u64 + k as u64));
+            let container = format!("{:0>64}", format!("{:x}", 0xc0ff_ee00_u64 + k as u64));
             let cgroup = match (kubernetes_layout, node) {
                 (false, _) => c.nodes[*node].cgroup.join(format!("pod-{p}")),
                 (true, 0) => c.nodes[*node].cgroup.join(format!(
@@ -458,8 +458,7 @@ impl Cluster {
                 .arg(format!("--net={}", ns_path(&p.ns).display()))
                 .args(["ss", "-Htln", &format!("sport = :{port}")])
                 .output()
-                .map(|o| !o.stdout.is_empty())
-                .unwrap_or(false)
+                .is_ok_and(|o| !o.stdout.is_empty())
         });
         if !ok {
             bail!("nothing listens on {}:{port} in pod {pod}", p.ip);
@@ -533,7 +532,7 @@ impl Cluster {
 
     /// The process id of a node's agent, while it runs.
     pub fn agent_pid(&self, node: usize) -> Option<u32> {
-        self.nodes[node].agent.as_ref().map(|c| c.id())
+        self.nodes[node].agent.as_ref().map(std::process::Child::id)
     }
 
     /// An iperf3 server in a pod on its address and `port`.

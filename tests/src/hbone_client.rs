@@ -94,7 +94,7 @@ struct Fixed(Arc<CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for Fixed {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        Some(Arc::clone(&self.0))
     }
     fn has_certs(&self) -> bool {
         true
@@ -125,7 +125,7 @@ pub async fn tls(tcp: std::net::TcpStream, cert: Arc<CertifiedKey>) -> std::io::
 pub async fn closed_by_server(tls: &mut Tls, wait: Duration) -> bool {
     use tokio::io::AsyncReadExt;
     let mut b = [0u8; 64];
-    matches!(tokio::time::timeout(wait, tls.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    matches!(tokio::time::timeout(wait, tls.read(&mut b)).await, Ok(Ok(0) | Err(_)))
 }
 
 /// HTTP/2 over an established mTLS stream.

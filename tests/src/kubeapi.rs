@@ -102,7 +102,7 @@ impl KubeApi {
             Arc::new((Mutex::new(Inner { istio: true, rv: 1000, nodes: 2, ..Default::default() }), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (inner, stop) = (inner.clone(), stop.clone());
+            let (inner, stop) = (Arc::clone(&inner), Arc::clone(&stop));
             std::thread::spawn(move || accept_loop(listener, inner, stop));
         }
         std::fs::create_dir_all(dir)?;
@@ -116,7 +116,7 @@ impl KubeApi {
     pub fn listen_in_netns(&self, netns: &Path, kubeconfig: &Path) -> Result<u16> {
         let ns = std::fs::File::open(netns).with_context(|| netns.display().to_string())?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let (inner, stop) = (self.inner.clone(), self.stop.clone());
+        let (inner, stop) = (Arc::clone(&self.inner), Arc::clone(&self.stop));
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
             // SAFETY: a namespace descriptor; only this thread moves.
@@ -126,7 +126,7 @@ impl KubeApi {
             }
             match TcpListener::bind("127.0.0.1:0") {
                 Ok(l) => {
-                    let _ = tx.send(Ok(l.local_addr().map(|a| a.port()).unwrap_or(0)));
+                    let _ = tx.send(Ok(l.local_addr().map_or(0, |a| a.port())));
                     accept_loop(l, inner, stop);
                 }
                 Err(e) => {
@@ -146,7 +146,7 @@ fn accept_loop(listener: TcpListener, inner: Arc<(Mutex<Inner>, Condvar)>, stop:
         match listener.accept() {
             Ok((conn, _)) => {
                 let _ = conn.set_nonblocking(false);
-                let (inner, stop) = (inner.clone(), stop.clone());
+                let (inner, stop) = (Arc::clone(&inner), Arc::clone(&stop));
                 std::thread::spawn(move || {
                     let _ = serve(conn, &inner, &stop);
                 });
@@ -450,7 +450,7 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
                     drop(s);
                     continue;
                 }
-                since = new.last().map(|(rv, _)| *rv).unwrap_or(since);
+                since = new.last().map_or(since, |(rv, _)| *rv);
                 new.into_iter().map(|(_, e)| e).collect()
             };
             for e in pending {

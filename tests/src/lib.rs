@@ -43,8 +43,7 @@ pub const SERVICE_RANGE: &str = "198.19.0.0/16";
 /// .ci/run): `REDIRECTOR_HTTPBIN_VENV`, default /opt/redirector-venv.
 pub fn httpbin_venv() -> Option<PathBuf> {
     let v = std::env::var_os("REDIRECTOR_HTTPBIN_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/redirector-venv"));
+        .map_or_else(|| PathBuf::from("/opt/redirector-venv"), PathBuf::from);
     v.join("bin/gunicorn").exists().then_some(v)
 }
 
@@ -53,16 +52,17 @@ pub fn httpbin_available() -> bool {
     if httpbin_venv().is_some() {
         return true;
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("httpbin and gunicorn are missing: .ci/run installs them into /opt/redirector-venv");
-    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "httpbin and gunicorn are missing: .ci/run installs them into /opt/redirector-venv"
+    );
     eprintln!("SKIPPED: httpbin is not installed: python3 -m venv /opt/redirector-venv && /opt/redirector-venv/bin/pip install httpbin==0.10.4 gunicorn==27.0.1");
     false
 }
 
 /// Lines of a file (0 if it does not exist).
 pub fn line_count(path: &Path) -> usize {
-    fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+    fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
 
 /// Lines of a server's access log once it has stopped growing: gunicorn
@@ -91,9 +91,10 @@ pub fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("the privileged tests need root (cgroups, network namespaces, eBPF); CI must run them as root");
-    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the privileged tests need root (cgroups, network namespaces, eBPF); CI must run them as root"
+    );
     eprintln!("SKIPPED: this test needs root (cgroups, network namespaces, eBPF); run `sudo -E cargo xtask test`");
     false
 }
@@ -146,8 +147,7 @@ pub fn clean_leftovers() {
         name.strip_prefix(PREFIX)
             .and_then(|r| r.split('x').next())
             .and_then(|p| p.parse::<u32>().ok())
-            .map(redirector::state::pid_alive)
-            .unwrap_or(true)
+            .is_none_or(redirector::state::pid_alive)
     };
     if let Ok(rd) = fs::read_dir("/run/netns") {
         for e in rd.flatten() {
@@ -182,7 +182,7 @@ pub(crate) fn remove_cgroup_tree(root: &Path) {
     while let Some(d) = stack.pop() {
         if let Ok(rd) = fs::read_dir(&d) {
             for e in rd.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(e.path());
                 }
             }
@@ -404,7 +404,7 @@ impl Topology {
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|c| c.id())
+        self.agent.as_ref().map(std::process::Child::id)
     }
 
     /// The agent's JSON log lines so far.
@@ -438,8 +438,7 @@ impl Topology {
             .unwrap()
             .iter()
             .find(|c| c["path"].as_str() == Some(p.as_str()))
-            .map(|c| c["counters"].clone())
-            .unwrap_or(Value::Null)
+            .map_or(Value::Null, |c| c["counters"].clone())
     }
 
     /// Run a shell script as a workload (`redirector exec`) in the client
@@ -468,7 +467,7 @@ impl Topology {
     /// Start a server in the server namespace on `addr`.
     pub fn server(&mut self, addr: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
         let s = Server::start(&Self::ns_path(&self.server_ns), addr.parse().unwrap());
-        let peers = s.peers.clone();
+        let peers = Arc::clone(&s.peers);
         self.servers.push(s);
         peers
     }
@@ -549,8 +548,7 @@ impl Topology {
                 .arg(format!("--net={}", Self::ns_path(&self.server_ns).display()))
                 .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
+                .is_ok_and(|s| s.success())
         });
         if !ok {
             bail!("nothing listens on {ip}:{port} in the server namespace");
@@ -613,7 +611,7 @@ impl Server {
     pub fn start(netns: &Path, addr: SocketAddr) -> Server {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        let p = peers.clone();
+        let p = Arc::clone(&peers);
         let ns = netns.to_path_buf();
         std::thread::spawn(move || {
             // setns affects only this thread: the listener lives in the
@@ -626,7 +624,7 @@ impl Server {
             let l = TcpListener::bind(addr).expect("bind test server");
             tx.send(()).unwrap();
             for stream in l.incoming().flatten() {
-                let p = p.clone();
+                let p = Arc::clone(&p);
                 std::thread::spawn(move || serve(stream, p));
             }
         });
@@ -713,7 +711,7 @@ print("ok", len(got), peer.decode().strip())
 
 /// A status counter summed over every cgroup row.
 pub fn counter_sum(status: &Value, name: &str) -> u64 {
-    status["cgroups"].as_array().map(|a| a.iter().filter_map(|c| c["counters"][name].as_u64()).sum()).unwrap_or(0)
+    status["cgroups"].as_array().map_or(0, |a| a.iter().filter_map(|c| c["counters"][name].as_u64()).sum())
 }
 
 impl Topology {

@@ -202,7 +202,7 @@ fn two_thousand_short_connections_leave_no_per_connection_state(mode: &'static s
     assert!(
         eventually(Duration::from_secs(10), || {
             let s = t.status();
-            s["handshakes_in_flight"] == 0 && s["proxy"]["open"].as_array().map(|a| a.is_empty()) == Some(true)
+            s["handshakes_in_flight"] == 0 && s["proxy"]["open"].as_array().is_some_and(std::vec::Vec::is_empty)
         }),
         "state left behind: {}",
         t.status()
@@ -275,7 +275,7 @@ fn uninstall_leaves_no_program_attached_and_nothing_pinned(mode: &'static str) {
     assert_eq!(t.nat_rules(), Vec::<String>::new());
     let pid = t.agent_pid().unwrap();
     assert!(eventually(Duration::from_secs(5), || !redirector::state::pid_alive(pid)
-        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)));
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))));
 }
 
 #[test]

@@ -90,7 +90,7 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     api.load_list(&fixture()).unwrap();
     let source = Source::start(&api).await;
     assert!(source.warnings.is_empty(), "{:?}", source.warnings);
-    let (handle, status) = (source.handle.clone(), source.status.clone());
+    let (handle, status) = (source.handle.clone(), std::sync::Arc::clone(&source.status));
 
     let m = handle.current();
     let enrolled =
@@ -113,7 +113,7 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     // files do.
     let svc = m.service_by_host("reviews.bookinfo.svc.cluster.local").expect("the Service is in the mesh");
     assert_eq!(m.services[svc].endpoints.len(), 2);
-    assert_eq!(m.http_routes.get(&svc).map(|r| r.len()), Some(2), "the VirtualService's two rules");
+    assert_eq!(m.http_routes.get(&svc).map(std::vec::Vec::len), Some(2), "the VirtualService's two rules");
     assert!(m.dump(&|_, _| false).to_string().contains("jason"));
     assert_eq!(format!("{:?}", m.security.mtls_mode(&productpage, 9080)), "Strict");
     assert!(m.warnings.is_empty(), "Kubernetes' own fields are not warned about: {:?}", m.warnings);
@@ -232,14 +232,14 @@ async fn an_unreachable_api_server_is_one_clear_line() {
 #[test]
 fn ebpf_pods_found_from_their_uid_are_captured() {
     if privileged() {
-        pods_found_from_their_uid_are_captured("ebpf")
+        pods_found_from_their_uid_are_captured("ebpf");
     }
 }
 
 #[test]
 fn iptables_pods_found_from_their_uid_are_captured() {
     if privileged() {
-        pods_found_from_their_uid_are_captured("iptables")
+        pods_found_from_their_uid_are_captured("iptables");
     }
 }
 
@@ -409,7 +409,7 @@ async fn status_verify_and_version_read_every_node_agent() {
     api.load_list(&fixture()).unwrap();
     // node-a's agent: the real config source, synced with the cluster.
     let source = Source::start(&api).await;
-    let (handle, status) = (source.handle.clone(), source.status.clone());
+    let (handle, status) = (source.handle.clone(), std::sync::Arc::clone(&source.status));
     let synced = serde_json::to_value(&*status.lock().unwrap()).unwrap();
     let node = |name: &str, source: serde_json::Value| {
         json!({"node": name, "version": "0.1.0", "mode": "ebpf", "configSource": "kubernetes", "configVersion": 3,

@@ -13,15 +13,17 @@ use std::process::Command;
 const KUBERNETES: &str = "1.32.0";
 
 fn validator() -> Option<PathBuf> {
-    let v = redirector_tests::httpbin_venv()
-        .map(|v| v.join("bin/kubernetes-validate"))
-        .unwrap_or_else(|| PathBuf::from("/opt/redirector-venv/bin/kubernetes-validate"));
+    let v = redirector_tests::httpbin_venv().map_or_else(
+        || PathBuf::from("/opt/redirector-venv/bin/kubernetes-validate"),
+        |v| v.join("bin/kubernetes-validate"),
+    );
     if v.exists() {
         return Some(v);
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("kubernetes-validate is missing: .ci/run installs it into /opt/redirector-venv");
-    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "kubernetes-validate is missing: .ci/run installs it into /opt/redirector-venv"
+    );
     eprintln!("SKIPPED: kubernetes-validate is not installed: /opt/redirector-venv/bin/pip install kubernetes-validate==1.37.0");
     None
 }
@@ -106,7 +108,7 @@ fn a_broken_manifest_is_caught() {
 /// requirement: the files are the generator's own input).
 #[test]
 fn kustomize_renders_what_manifest_generate_prints() {
-    if Command::new("kubectl").arg("version").arg("--client").output().map(|o| !o.status.success()).unwrap_or(true) {
+    if Command::new("kubectl").arg("version").arg("--client").output().map_or(true, |o| !o.status.success()) {
         eprintln!("SKIPPED: kubectl is not installed; the kustomize rendering is not compared");
         return;
     }

@@ -361,7 +361,7 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let a1 = Identity::new("cluster.local", "default", "sa-a1");
-    let day = Duration::from_secs(86_400);
+    let day = Duration::from_hours(24);
     let now = SystemTime::now();
 
     // Expired: signed by the mesh CA, but over since yesterday.
@@ -444,11 +444,11 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let a1 = Identity::new("cluster.local", "default", "sa-a1");
     let now = SystemTime::now();
-    let hour = Duration::from_secs(3600);
+    let hour = Duration::from_hours(1);
     let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - hour, now + hour).unwrap();
 
     let (relay, own) = rt.block_on(async {
-        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert.clone()).await.unwrap();
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), std::sync::Arc::clone(&cert)).await.unwrap();
         let mut h2 = hc::h2(tls).await.unwrap();
         // b2's address through b1's listener: not b1's to give.
         let relay = hc::connect(&mut h2, b2_app).await.unwrap();
@@ -465,7 +465,7 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
 
     // The flood: streams opened and reset as fast as the client can.
     let (sent, closed) = rt.block_on(async {
-        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert.clone()).await.unwrap();
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), std::sync::Arc::clone(&cert)).await.unwrap();
         let h2 = hc::h2(tls).await.unwrap();
         let probe = h2.clone();
         let sent = hc::flood(h2, b1_app, 5000).await;

@@ -16,7 +16,7 @@ const SVC_PORT: u16 = 8000;
 /// the subsets.
 fn base_yaml() -> String {
     format!(
-        r#"apiVersion: v1
+        r"apiVersion: v1
 kind: Service
 metadata: {{name: httpbin, namespace: default}}
 spec:
@@ -43,7 +43,7 @@ spec:
   subsets:
   - {{name: v1, labels: {{version: v1}}}}
   - {{name: v2, labels: {{version: v2}}}}
-"#
+"
     )
 }
 
@@ -182,7 +182,7 @@ fn path_header_and_weight_routing_with_iptables_capture() {
 
 #[test]
 fn abort_and_delay_faults_and_retries() {
-    let vs = r#"apiVersion: networking.istio.io/v1
+    let vs = r"apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: default}
 spec:
@@ -207,7 +207,7 @@ spec:
     rewrite: {uri: /}
     retries: {attempts: 0}
     route: [{destination: {host: httpbin, subset: v2}}]
-"#;
+";
     let Some(m) = mesh("ebpf", vs) else { return };
 
     // Abort at 50%: within 35-65% of 400 (±6 standard deviations); the
@@ -368,7 +368,7 @@ fn a_bad_mesh_config_fails_the_start_naming_file_and_field() {
 
 #[test]
 fn circuit_breaking_sends_overflow_a_503_with_flag_uo() {
-    let dr = r#"apiVersion: networking.istio.io/v1
+    let dr = r"apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: httpbin, namespace: default}
 spec:
@@ -379,7 +379,7 @@ spec:
       http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
   subsets:
   - {name: v1, labels: {version: v1}}
-"#;
+";
     let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: httpbin, namespace: default}\nspec:\n  hosts: [httpbin]\n  http:\n  - route: [{destination: {host: httpbin, subset: v1}}]\n";
     let Some(Mesh { t, v1, .. }) = start_mesh("ebpf", false, false, &format!("{dr}{vs}")) else { return };
     // Six clients at once, each one request that takes a second: one in
@@ -409,14 +409,14 @@ spec:
 
 #[test]
 fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back() {
-    let dr = r#"apiVersion: networking.istio.io/v1
+    let dr = r"apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: httpbin, namespace: default}
 spec:
   host: httpbin
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 100}
-"#;
+";
     let Some(Mesh { t, v1, .. }) = start_mesh("ebpf", false, false, dr) else { return };
     // v2 refuses connections: after two failures it is ejected; retries
     // carry every request to v1.
@@ -680,7 +680,7 @@ fn resolves_mesh_names_and_forwards_the_rest(mode: &'static str) {
 
 #[test]
 fn consistent_hash_mirror_h2c_and_malformed_requests() {
-    let vs = r#"apiVersion: networking.istio.io/v1
+    let vs = r"apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: default}
 spec:
@@ -704,7 +704,7 @@ spec:
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
-"#;
+";
     let Some(m) = start_mesh("ebpf", true, false, vs) else { return };
 
     // consistentHash on a header: each user's requests all go to one

@@ -117,18 +117,17 @@ fn fetch_kernel(work: &Path, kernel: &str) -> Result<PathBuf> {
             .ok()?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().map(|n| n.to_string_lossy().starts_with(&format!("{pkg}_"))).unwrap_or(false))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_"))))
     };
-    let deb = match existing(&kdir) {
-        Some(d) => d,
-        None => {
-            let mut c = match suite_of(kernel)? {
-                None => Command::new("apt-get"),
-                Some((suite, sec)) => private_apt(work, "apt-get", suite, sec)?,
-            };
-            run(c.current_dir(&kdir).args(["download", "-q", &pkg]))?;
-            existing(&kdir).context("downloaded package not found")?
-        }
+    let deb = if let Some(d) = existing(&kdir) {
+        d
+    } else {
+        let mut c = match suite_of(kernel)? {
+            None => Command::new("apt-get"),
+            Some((suite, sec)) => private_apt(work, "apt-get", suite, sec)?,
+        };
+        run(c.current_dir(&kdir).args(["download", "-q", &pkg]))?;
+        existing(&kdir).context("downloaded package not found")?
     };
     let boot = kdir.join("boot");
     if !boot.exists() {
@@ -267,7 +266,7 @@ fn boot(kernel: &str, vmlinuz: &Path, initramfs: &Path, timeout: Duration) -> Ke
     }
     match out.status.code() {
         Some(EXIT_PASS) => r.passed = r.checks.values().all(|v| *v) && !r.checks.is_empty(),
-        Some(124) | Some(137) => r.error = Some(format!("no verdict within {} s", timeout.as_secs())),
+        Some(124 | 137) => r.error = Some(format!("no verdict within {} s", timeout.as_secs())),
         Some(c) => r.error = Some(format!("guest verdict: fail (qemu exit {c})")),
         None => r.error = Some("qemu was killed".into()),
     }
@@ -346,7 +345,7 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
         for p in &progs {
             print!("{:<32}", format!("{label} {}", p.trim_start_matches("redirector_")));
             for r in &results {
-                let v = pick(r).get(p).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                let v = pick(r).get(p).map_or_else(|| "-".into(), std::string::ToString::to_string);
                 print!(" {v:>16}");
             }
             println!();
@@ -358,7 +357,7 @@ pub fn kernel_test(root: &Path, kernels: &[String], json: Option<&Path>, timeout
         }
     }
     let report = serde_json::to_string_pretty(&results)?;
-    let path = json.map(Path::to_path_buf).unwrap_or_else(|| work.join("matrix.json"));
+    let path = json.map_or_else(|| work.join("matrix.json"), Path::to_path_buf);
     std::fs::write(&path, report)?;
     eprintln!("matrix written to {}", path.display());
     let failed: Vec<&str> = results.iter().filter(|r| !r.passed).map(|r| r.kernel.as_str()).collect();

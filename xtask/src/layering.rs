@@ -148,8 +148,11 @@ fn references(module: &str, text: &str) -> BTreeSet<String> {
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.trim_start().starts_with("//"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+        .fold(String::new(), |mut code, l| {
+            code.push_str(l);
+            code.push('\n');
+            code
+        });
     let children: BTreeSet<String> = code
         .lines()
         .filter_map(|l| {
@@ -297,7 +300,7 @@ mod tests {
         let refs = references("proxy::outbound", "use crate::{copy::{a, b}, route::http::{self as l7}};\nuse super::ProxySettings;\nfn f() { crate::telemetry::label(\"x\"); }\n#[cfg(test)]\nuse crate::app;\n");
         let want: BTreeSet<String> = ["copy::a", "copy::b", "route::http", "proxy::ProxySettings", "telemetry::label"]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         assert_eq!(refs, want);
     }

@@ -97,17 +97,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.task {
         Task::Setup => setup(true),
-        Task::Build => setup(false).and_then(|_| build(true)),
-        Task::Run { args } => setup(false).and_then(|_| run(&args)),
-        Task::Test { args } => setup(false).and_then(|_| test(&args)),
-        Task::Lint => setup(false).and_then(|_| lint()),
-        Task::KernelTest { kernels, json, timeout } => setup(false).and_then(|_| {
+        Task::Build => setup(false).and_then(|()| build(true)),
+        Task::Run { args } => setup(false).and_then(|()| run(&args)),
+        Task::Test { args } => setup(false).and_then(|()| test(&args)),
+        Task::Lint => setup(false).and_then(|()| lint()),
+        Task::KernelTest { kernels, json, timeout } => setup(false).and_then(|()| {
             build(true)?;
             let ks: Vec<String> = kernels.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
             kernel_test::kernel_test(&root_dir(), &ks, json.as_deref(), std::time::Duration::from_secs(timeout))
         }),
         Task::Bench { quick, json, rounds, seconds, modes, suite, scenarios } => {
-            setup(false).and_then(|_| bench(quick, json, rounds, seconds, modes, suite, scenarios))
+            setup(false).and_then(|()| bench(quick, json, rounds, seconds, modes, suite, scenarios))
         }
     };
     match r {
@@ -124,7 +124,7 @@ fn root_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -148,10 +148,9 @@ fn nightly_ready() -> bool {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| {
+        .is_some_and(|o| {
             PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib/src/rust/library/core").exists()
         })
-        .unwrap_or(false)
 }
 
 fn step(n: usize, total: usize, what: &str) {
@@ -352,9 +351,9 @@ fn test(args: &[String]) -> Result<()> {
             Ok(())
         }
     } else {
-        build(true).and_then(|_| {
-            let ks: Vec<String> = KERNEL_MATRIX.iter().map(|k| k.to_string()).collect();
-            kernel_test::kernel_test(&root_dir(), &ks, None, std::time::Duration::from_secs(240))
+        build(true).and_then(|()| {
+            let ks: Vec<String> = KERNEL_MATRIX.iter().map(std::string::ToString::to_string).collect();
+            kernel_test::kernel_test(&root_dir(), &ks, None, std::time::Duration::from_mins(4))
         })
     };
     unit_and_e2e.and(matrix)

@@ -103,7 +103,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out pointer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
@@ -349,7 +349,7 @@ fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            (attr as *mut T).cast::<libc::c_void>(),
+            std::ptr::from_mut::<T>(attr).cast::<libc::c_void>(),
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };
@@ -737,7 +737,7 @@ impl PinnedMaps {
             PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(&self.dir, maps::COUNTERS)?))
                 .map_err(map_err(maps::COUNTERS))?;
         let mut out: BTreeMap<u64, DecisionCounts> = BTreeMap::new();
-        for item in m.iter() {
+        for item in &m {
             let (k, values) = item.map_err(map_err(maps::COUNTERS))?;
             let Some(d) = Decision::from_u32(k.decision) else {
                 continue;
@@ -839,11 +839,11 @@ pub fn check_programs(socket_storage: bool) -> Result<Vec<ProgramCheck>, EbpfErr
             }
             let prog = ebpf.program_mut(name);
             let r: Result<(Option<u32>, Option<u32>), String> = match prog {
-                Some(Program::CgroupSockAddr(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
-                Some(Program::SockOps(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
-                Some(Program::CgroupSockopt(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
-                Some(Program::SkMsg(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
-                Some(Program::SkLookup(p)) => p.load().map_err(|e| short_error(&e)).map(|_| counts(p.info())),
+                Some(Program::CgroupSockAddr(p)) => p.load().map_err(|e| short_error(&e)).map(|()| counts(p.info())),
+                Some(Program::SockOps(p)) => p.load().map_err(|e| short_error(&e)).map(|()| counts(p.info())),
+                Some(Program::CgroupSockopt(p)) => p.load().map_err(|e| short_error(&e)).map(|()| counts(p.info())),
+                Some(Program::SkMsg(p)) => p.load().map_err(|e| short_error(&e)).map(|()| counts(p.info())),
+                Some(Program::SkLookup(p)) => p.load().map_err(|e| short_error(&e)).map(|()| counts(p.info())),
                 _ => Err("not found in the kernel object".into()),
             };
             out.push(match r {

@@ -2,6 +2,8 @@
 //! from a version string): the program types, map types and helpers each
 //! capture tier needs, and BTF. `redirector verify` prints the table.
 
+#![forbid(unsafe_code)]
+
 use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};

@@ -21,6 +21,8 @@
 //! --noflush` and removed exactly (the two jumps, then our chains) on exit,
 //! on `uninstall`, and before a start (a crashed run's leftovers).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;

@@ -21,8 +21,8 @@ pub fn source_cgroup(stream: &TcpStream) -> Option<u64> {
             stream.as_raw_fd(),
             libc::SOL_IP,
             redirector_common::SO_REDIRECTOR_SOURCE_CGROUP,
-            (&mut id as *mut u64).cast(),
-            &mut len,
+            (&raw mut id).cast(),
+            &raw mut len,
         )
     };
     (rc == 0 && len as usize == std::mem::size_of::<u64>() && id != 0).then_some(id)
@@ -42,8 +42,8 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAd
                 fd,
                 libc::SOL_IP,
                 redirector_common::SO_ORIGINAL_DST,
-                (&mut sa as *mut libc::sockaddr_in).cast(),
-                &mut len,
+                (&raw mut sa).cast(),
+                &raw mut len,
             );
             if rc != 0 {
                 return Err(io::Error::last_os_error());
@@ -59,8 +59,8 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAd
                 fd,
                 libc::SOL_IPV6,
                 redirector_common::SO_ORIGINAL_DST,
-                (&mut sa as *mut libc::sockaddr_in6).cast(),
-                &mut len,
+                (&raw mut sa).cast(),
+                &raw mut len,
             );
             if rc != 0 {
                 return Err(io::Error::last_os_error());

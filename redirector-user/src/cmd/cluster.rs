@@ -4,6 +4,8 @@
 //! client configuration as the agent (kubeconfig or in-cluster), and reach
 //! each node agent's `/node` endpoint through the API server's pod proxy.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -212,7 +214,7 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
     let rows: Vec<Value> = agents
         .iter()
         .map(|a| {
-            let held = a.info.as_ref().map(|i| i["held"].clone()).unwrap_or(Value::Null);
+            let held = a.info.as_ref().map_or(Value::Null, |i| i["held"].clone());
             let (sync, mode, version, pods, problems) = match &a.info {
                 Ok(i) => {
                     let digest = i["kubernetes"]["digest"].as_str().unwrap_or_default();
@@ -250,7 +252,7 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
             r["mode"].as_str().unwrap_or_default(),
             r["config"].as_str().unwrap_or_default(),
             r["configVersion"],
-            r["pods"].as_array().map(|p| p.len()).unwrap_or(0)
+            r["pods"].as_array().map_or(0, std::vec::Vec::len)
         );
         for p in r["pods"].as_array().into_iter().flatten() {
             println!("    enrolled {}", p.as_str().unwrap_or_default());

@@ -3,6 +3,8 @@
 //! `redirector manifest generate`, `redirector install` and
 //! `kubectl apply -k` deploy the same objects.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Result};
 
 /// The base (minimal profile), in its kustomization's order.

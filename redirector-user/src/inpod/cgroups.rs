@@ -13,6 +13,8 @@
 //! underscores. The kubepods tree may sit below another slice (kind, a
 //! kubelet in a container), so it is searched for, a few levels deep.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +160,7 @@ mod tests {
         for (c, _) in containers {
             dirs.push(format!("{pod}/{c}"));
         }
-        dirs.extend(extra.iter().map(|e| e.to_string()));
+        dirs.extend(extra.iter().map(std::string::ToString::to_string));
         let root = tree(name, &dirs);
         let found = find_pod(&root, UID).unwrap_or_else(|| panic!("{name}: pod not found"));
         assert_eq!(found.driver, driver, "{name}");

@@ -19,6 +19,8 @@
 //! content that did not change does not touch the mesh, so pods already
 //! served are not re-enrolled.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -352,8 +354,8 @@ pub fn spawn(
         if let Some(f) = &w.field_selector {
             config = config.fields(f);
         }
-        let store = store.clone();
-        let changed = changed.clone();
+        let store = Arc::clone(&store);
+        let changed = Arc::clone(&changed);
         tasks.push(tokio::spawn(async move {
             let mut events = watcher(api, config).default_backoff().boxed();
             let mut failing = false;
@@ -407,7 +409,7 @@ pub fn spawn(
         }));
     }
     let task = {
-        let status = status.clone();
+        let status = Arc::clone(&status);
         tokio::spawn(async move {
             // What the last compile saw, as a digest of every object (a
             // copy of them all would double the source's memory).
@@ -415,7 +417,7 @@ pub fn spawn(
             let mut announced = false;
             loop {
                 tokio::select! {
-                    _ = changed.notified() => {}
+                    () = changed.notified() => {}
                     _ = stop.changed() => break,
                 }
                 // Let a burst of events (a relist, a kubectl apply of
@@ -431,7 +433,7 @@ pub fn spawn(
                     }
                     st.synced = true;
                     let content = digest(s.objects.iter().flat_map(|m| m.values()));
-                    let count: usize = s.objects.iter().map(|m| m.len()).sum();
+                    let count: usize = s.objects.iter().map(std::collections::BTreeMap::len).sum();
                     if last.as_ref() == Some(&content) {
                         continue;
                     }
@@ -461,7 +463,7 @@ pub fn spawn(
                         last = Some(content);
                         let mut st = status.lock().expect("kubernetes status lock");
                         st.applied += 1;
-                        st.rejected = errors.iter().map(|e| e.to_string()).collect();
+                        st.rejected = errors.iter().map(std::string::ToString::to_string).collect();
                         info!(version = handle.version(), services, pods, "mesh config applied from the cluster");
                     }
                     Err(problems) => {

@@ -3,6 +3,8 @@
 //! policy. Built from [`Documents`] by [`Mesh::compile`], which is also
 //! where a configuration that would route wrongly is rejected.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -10,7 +12,10 @@ use std::time::Duration;
 use regex::Regex;
 
 use super::pods::{pods, PodInfo};
-use super::resources::*;
+use super::resources::{
+    DestinationRuleSpec, GatewaySpec, Headers, HttpRedirect, HttpRewrite, IntOrString, LoadBalancer, Percent,
+    RouteDestination, ServiceEntrySpec, ServiceSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+};
 use super::source_dir::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 
 /// How a service port's traffic is handled.
@@ -359,8 +364,8 @@ fn lb_policy(lb: Option<&LoadBalancer>, origin: &Origin, field: &str, ctx: &mut 
         };
     }
     match lb.simple.as_deref() {
-        None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LbPolicy::RoundRobin,
-        Some("LEAST_REQUEST") | Some("LEAST_CONN") => LbPolicy::LeastRequest,
+        None | Some("ROUND_ROBIN" | "UNSPECIFIED") => LbPolicy::RoundRobin,
+        Some("LEAST_REQUEST" | "LEAST_CONN") => LbPolicy::LeastRequest,
         Some("RANDOM") => LbPolicy::Random,
         Some("PASSTHROUGH") => LbPolicy::Passthrough,
         Some(other) => {
@@ -663,10 +668,10 @@ impl Mesh {
                 }
                 match w.spec.address.parse::<IpAddr>() {
                     Ok(ip) => {
-                        endpoints.push(Endpoint { address: Address::Ip(ip), labels, ports: w.spec.ports.clone() })
+                        endpoints.push(Endpoint { address: Address::Ip(ip), labels, ports: w.spec.ports.clone() });
                     }
                     Err(_) => {
-                        ctx.error(&w.origin, "spec.address", format!("`{}` is not an IP address", w.spec.address))
+                        ctx.error(&w.origin, "spec.address", format!("`{}` is not an IP address", w.spec.address));
                     }
                 }
             }
@@ -776,7 +781,7 @@ impl Mesh {
         let service_ports: Vec<u16> = self.services[svc].ports.iter().map(|p| p.port).collect();
         let mut port_level =
             |base: &EffectivePolicy, subset: Option<&str>, tp: Option<&TrafficPolicy>, field: &str, ctx: &mut Ctx| {
-                for (k, pl) in tp.map(|t| t.port_level_settings.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                for (k, pl) in tp.map_or(&[][..], |t| t.port_level_settings.as_slice()).iter().enumerate() {
                     let f = format!("{field}.portLevelSettings[{k}]");
                     if !service_ports.contains(&pl.port.number) {
                         ctx.warn(
@@ -965,12 +970,11 @@ impl Mesh {
             let fault = r.fault.as_ref().map(|f| Fault {
                 delay: f.delay.as_ref().and_then(|d| {
                     let p = percent(&d.percentage, &v.origin, &format!("{field}.fault.delay"), ctx);
-                    match &d.fixed_delay {
-                        Some(s) => dur(&Some(s.clone()), "fault.delay.fixedDelay", ctx).map(|d| (d, p)),
-                        None => {
-                            ctx.error(&v.origin, format!("{field}.fault.delay.fixedDelay"), "missing");
-                            None
-                        }
+                    if let Some(s) = &d.fixed_delay {
+                        dur(&Some(s.clone()), "fault.delay.fixedDelay", ctx).map(|d| (d, p))
+                    } else {
+                        ctx.error(&v.origin, format!("{field}.fault.delay.fixedDelay"), "missing");
+                        None
                     }
                 }),
                 abort: f.abort.as_ref().and_then(|a| {
@@ -1198,7 +1202,7 @@ impl Mesh {
     /// The service and port a connection's original destination addresses.
     pub fn service_at(&self, dst: SocketAddr) -> Option<(usize, &ServicePortDef)> {
         let ip = match dst.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         let i = *self.by_vip.get(&(ip, dst.port()))?;
@@ -1208,7 +1212,7 @@ impl Mesh {
     /// The Pod with this address.
     pub fn pod_at(&self, ip: IpAddr) -> Option<&PodInfo> {
         let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         self.pods_by_ip.get(&ip).map(|i| &self.pods[*i])
@@ -1218,7 +1222,7 @@ impl Mesh {
     /// names one.
     pub fn workload_at(&self, ip: IpAddr) -> Option<(String, String)> {
         let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         self.workloads_by_ip.get(&ip).cloned()
@@ -1250,8 +1254,7 @@ impl Mesh {
         let services: Vec<_> = self
             .services
             .iter()
-            .enumerate()
-            .map(|(_, s)| {
+            .map(|s| {
                 let endpoints: Vec<_> = s
                     .endpoints
                     .iter()
@@ -1271,7 +1274,7 @@ impl Mesh {
                 json!({
                     "hostname": s.hostname,
                     "namespace": s.namespace,
-                    "addresses": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    "addresses": s.vips.iter().map(std::string::ToString::to_string).collect::<Vec<_>>(),
                     "ports": s.ports,
                     "passthrough": s.passthrough,
                     "endpoints": endpoints,
@@ -1348,7 +1351,7 @@ impl Mesh {
                     "service": s.hostname,
                     "subset": subset,
                     "port": port,
-                    "lb": p.map(|p| p.lb.clone()).unwrap_or(LbPolicy::RoundRobin),
+                    "lb": p.map_or(LbPolicy::RoundRobin, |p| p.lb.clone()),
                     "max_connections": p.and_then(|p| p.pool.max_connections),
                     "max_pending_requests": p.and_then(|p| p.pool.max_pending),
                     "max_requests": p.and_then(|p| p.pool.max_requests),
@@ -1377,7 +1380,7 @@ impl Mesh {
             "services": services,
             "routes": routes,
             "clusters": clusters,
-            "warnings": self.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            "warnings": self.warnings.iter().map(std::string::ToString::to_string).collect::<Vec<_>>(),
         })
     }
 

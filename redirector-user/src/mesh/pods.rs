@@ -4,6 +4,8 @@
 //! documents with the rest of the model; read by policy and by the node's
 //! pod loop. It does not find a pod's cgroups or namespace on the node.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 

@@ -5,6 +5,8 @@
 //! acts on are typed; every other field a user wrote is reported by the
 //! loader (never silently ignored).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;

@@ -11,6 +11,8 @@
 //! operation naming HTTP paths or methods never matches in an ALLOW rule
 //! and is ignored in a DENY rule, as Istio does for TCP traffic.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -203,7 +205,7 @@ impl Security {
     pub fn compile(docs: &Documents, errors: &mut Vec<Problem>) -> Security {
         let mut sec = Security::default();
         let err = |errors: &mut Vec<Problem>, origin: &super::source_dir::Origin, field: String, reason: String| {
-            errors.push(Problem { origin: origin.clone(), field, reason })
+            errors.push(Problem { origin: origin.clone(), field, reason });
         };
         for d in &docs.peer_authentications {
             let mode = match MtlsMode::parse(d.spec.mtls.as_ref().and_then(|m| m.mode.as_deref())) {

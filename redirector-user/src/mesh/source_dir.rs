@@ -7,6 +7,8 @@
 //! different behaviour; anything that would route wrongly is an error and
 //! the whole change is rejected (the caller keeps the last good mesh).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,11 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::resources::*;
+use super::resources::{
+    AuthorizationPolicySpec, DestinationRuleSpec, EndpointPort, EndpointsSubset, GatewaySpec, Metadata,
+    PeerAuthenticationSpec, PodSpec, PodStatus, ServiceEntrySpec, ServiceSpec, SliceEndpoint, VirtualServiceSpec,
+    WorkloadEntrySpec, AGENT_CONFIG_API, AGENT_CONFIG_KIND,
+};
 
 /// Where a document came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,10 +231,10 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
         (_, "DestinationRule") if istio => take!(destination_rules, DestinationRuleSpec, Some("spec")),
         (_, "Gateway") if istio => take!(gateways, GatewaySpec, Some("spec")),
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-            take!(peer_authentications, PeerAuthenticationSpec, Some("spec"))
+            take!(peer_authentications, PeerAuthenticationSpec, Some("spec"));
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-            take!(authorization_policies, AuthorizationPolicySpec, Some("spec"))
+            take!(authorization_policies, AuthorizationPolicySpec, Some("spec"));
         }
         (AGENT_CONFIG_API, AGENT_CONFIG_KIND) => docs.warnings.push(Problem {
             origin,
@@ -358,7 +364,7 @@ mod tests {
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: ns, uid: x}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n    corsPolicy: {allowOrigins: []}\n",
         );
         assert!(errors.is_empty());
-        let w: Vec<String> = docs.warnings.iter().map(|w| w.to_string()).collect();
+        let w: Vec<String> = docs.warnings.iter().map(std::string::ToString::to_string).collect();
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("field spec.http[0].corsPolicy: not supported yet"), "{w:?}");
     }

@@ -5,6 +5,8 @@
 //! `name.namespace`, `name.namespace.svc[.cluster.local]` and ServiceEntry
 //! hosts; every other name is forwarded to the node's resolvers.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,8 +148,8 @@ pub fn serve(
                 let _ = socket.send_to(&reply, client).await;
                 continue;
             }
-            let socket = socket.clone();
-            let upstreams = upstreams.clone();
+            let socket = Arc::clone(&socket);
+            let upstreams = Arc::clone(&upstreams);
             tokio::spawn(async move {
                 let reply = match forward(&query, &upstreams, mark).await {
                     Some(r) => Some(r),

@@ -3,6 +3,8 @@
 //! Gateway names) and routes each request by the VirtualServices bound to
 //! them. Listeners follow configuration changes.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -73,13 +75,13 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
             let conn = l7::ConnContext {
                 mesh: ctx.mesh.clone(),
                 upstreams: ctx.upstreams.clone(),
-                balancer: ctx.balancer.clone(),
+                balancer: Arc::clone(&ctx.balancer),
                 client,
                 original_dst: local,
                 service: None,
                 gateway_port: Some(port),
                 protocol: Protocol::Http,
-                metrics: ctx.metrics.clone(),
+                metrics: Arc::clone(&ctx.metrics),
                 access_log: ctx.access_log,
                 source: None,
             };

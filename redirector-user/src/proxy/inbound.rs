@@ -9,6 +9,8 @@
 //! which must be the pod's own address. The client side of HBONE is
 //! [`crate::transport::hbone`].
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,8 +128,10 @@ enum Delivered {
 /// outside the mesh, steered here by the pod's inbound capture. STRICT
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
 pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
-    accept_until_stopped(listener, stop, "inbound", move |client, peer| plaintext_connection(client, peer, ctx.clone()))
-        .await
+    accept_until_stopped(listener, stop, "inbound", move |client, peer| {
+        plaintext_connection(client, peer, Arc::clone(&ctx))
+    })
+    .await;
 }
 
 /// Accept until `stop` turns true; each connection's task ends with
@@ -157,7 +161,7 @@ async fn accept_until_stopped<F, Fut>(
         let mut stop = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = conn => {}
+                () = conn => {}
                 _ = stop.changed() => {}
             }
         });
@@ -186,12 +190,9 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
         info!(%peer, %dst, workload = %ctx.workload.describe(), reason = %why, "connection denied by policy");
         return;
     }
-    let upstream = match tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            info!(%peer, %dst, "inbound: the workload refused the connection");
-            return;
-        }
+    let Ok(Ok(upstream)) = tokio::time::timeout(ctx.connect_timeout, ctx.workload.connect(dst, ctx.mark)).await else {
+        info!(%peer, %dst, "inbound: the workload refused the connection");
+        return;
     };
     ctx.deliver(Delivered::Plain(client), upstream, peer, None, dst).await;
 }
@@ -208,9 +209,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
         }
     };
     accept_until_stopped(listener, stop, "HBONE", move |tcp, peer| {
-        serve_connection(tcp, peer, tls.clone(), ctx.clone())
+        serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx))
     })
-    .await
+    .await;
 }
 
 async fn serve_connection(
@@ -262,19 +263,24 @@ async fn serve_connection(
     };
     let dead = Arc::new(tokio::sync::Notify::new());
     let pinger = conn.ping_pong().map(|p| {
-        tokio::spawn(crate::transport::h2stream::keep_alive(p, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, dead.clone()))
+        tokio::spawn(crate::transport::h2stream::keep_alive(
+            p,
+            KEEP_ALIVE_INTERVAL,
+            KEEP_ALIVE_TIMEOUT,
+            Arc::clone(&dead),
+        ))
     });
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            _ = dead.notified() => {
+            () = dead.notified() => {
                 debug!(%peer, "HBONE peer stopped answering pings; closed");
                 break;
             }
         };
         match next {
             Some(Ok((req, respond))) => {
-                let ctx = ctx.clone();
+                let ctx = Arc::clone(&ctx);
                 let peer_id = peer_id.clone();
                 tokio::spawn(async move { tunnel_inbound(req, respond, peer, peer_id, ctx).await });
             }

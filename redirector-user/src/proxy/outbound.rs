@@ -4,6 +4,8 @@
 //! lives in its own module; this file only strings them together and says
 //! what happened.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,15 +36,15 @@ pub(crate) async fn run(
     let own: Arc<[SocketAddr]> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let (max, close_on_stop) = (settings.max_connections, settings.close_on_stop);
     let settings = Arc::new(settings);
-    let handler_stats = stats.clone();
+    let handler_stats = Arc::clone(&stats);
     super::serve(listeners, max, close_on_stop, stats, shutdown, drain, move |stream, client| {
-        let (settings, stats, own) = (settings.clone(), handler_stats.clone(), own.clone());
+        let (settings, stats, own) = (Arc::clone(&settings), Arc::clone(&handler_stats), Arc::clone(&own));
         async move {
             let Some(dst) = destination(&stream, client, &own, &stats) else { return };
             proxy_to(stream, client, dst, &settings, &stats).await;
         }
     })
-    .await
+    .await;
 }
 
 /// The original destination of an accepted connection, unless it has none
@@ -79,6 +81,7 @@ struct TcpDecision {
 }
 
 /// What the route step decided for one connection.
+#[expect(clippy::large_enum_variant, reason = "one per connection, on the stack, moved once")]
 enum Decision {
     /// HTTP to a mesh service: routed per request.
     Http {
@@ -113,13 +116,13 @@ pub(crate) async fn proxy_to(
             let ctx = l7::ConnContext {
                 mesh: settings.mesh.clone(),
                 upstreams: settings.upstreams.clone(),
-                balancer: settings.balancer.clone(),
+                balancer: Arc::clone(&settings.balancer),
                 client,
                 original_dst: dst,
                 service: Some(service),
                 gateway_port: None,
                 protocol,
-                metrics: settings.metrics.clone(),
+                metrics: Arc::clone(&settings.metrics),
                 access_log: settings.access_log,
                 source,
             };
@@ -225,13 +228,13 @@ async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &Pro
     };
     let s = &mesh.services[tsvc];
     let endpoint = s.endpoints.iter().find(|e| e.address == Address::Ip(target.ip()));
-    let ep_label = |k: &str| endpoint.and_then(|e| e.labels.get(k)).map(String::as_str).unwrap_or("unknown");
+    let ep_label = |k: &str| endpoint.and_then(|e| e.labels.get(k)).map_or("unknown", String::as_str);
     let labels = Labels::to_service(&s.hostname, &s.namespace, ep_label("app"), ep_label("version"), "tcp");
     // tcp.maxConnections: over the limit, the connection is refused
     // (Envoy's UO).
     let cluster = settings.balancer.cluster(mesh, tsvc, subset.as_deref(), tport);
     let slot = match &cluster.connections {
-        Some(sem) => match sem.clone().try_acquire_owned() {
+        Some(sem) => match Arc::clone(sem).try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
                 return Decision::Refused {
@@ -287,16 +290,19 @@ async fn copy(mut client_stream: TcpStream, connected: Connected, idle: Duration
     let down_bytes = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let (client_read, client_write) = client_stream.split();
-    let client_read = Tracked::new(client_read, activity.clone(), epoch, up_bytes.clone());
+    let client_read = Tracked::new(client_read, Arc::clone(&activity), epoch, Arc::clone(&up_bytes));
     let outcome = match connected.upstream {
         Upstream::Plain(mut upstream) => {
             let (upstream_read, upstream_write) = upstream.split();
             let copy = async {
                 tokio::try_join!(
-                    copy_one_way(client_read, Tracked::new(upstream_write, activity.clone(), epoch, Arc::default())),
                     copy_one_way(
-                        Tracked::new(upstream_read, activity.clone(), epoch, down_bytes.clone()),
-                        Tracked::new(client_write, activity.clone(), epoch, Arc::default()),
+                        client_read,
+                        Tracked::new(upstream_write, Arc::clone(&activity), epoch, Arc::default())
+                    ),
+                    copy_one_way(
+                        Tracked::new(upstream_read, Arc::clone(&activity), epoch, Arc::clone(&down_bytes)),
+                        Tracked::new(client_write, Arc::clone(&activity), epoch, Arc::default()),
                     ),
                 )
             };
@@ -310,7 +316,7 @@ async fn copy(mut client_stream: TcpStream, connected: Connected, idle: Duration
                     crate::transport::h2stream::copy_into(client_read, &mut to_peer),
                     crate::transport::h2stream::copy_out(
                         &mut from_peer,
-                        Tracked::counting_writes(client_write, activity.clone(), epoch, down_bytes.clone())
+                        Tracked::counting_writes(client_write, Arc::clone(&activity), epoch, Arc::clone(&down_bytes))
                     ),
                 )
             };

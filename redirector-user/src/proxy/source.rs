@@ -3,6 +3,8 @@
 //! or from the mesh's address book. It does not decide where the
 //! connection goes.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
@@ -20,52 +22,16 @@ pub struct Workloads {
     names: Mutex<std::collections::HashMap<u64, String>>,
 }
 
-/// The file handle type of kernfs (cgroup2) inodes.
-const FILEID_KERNFS: libc::c_int = 0xfe;
-
-#[repr(C)]
-struct CgroupHandle {
-    handle_bytes: libc::c_uint,
-    handle_type: libc::c_int,
-    id: u64,
-}
-
 impl Workloads {
     pub fn new(mount: std::path::PathBuf) -> Workloads {
         Workloads { mount, names: Mutex::new(std::collections::HashMap::new()) }
-    }
-
-    /// The cgroup's path relative to the cgroup2 mount.
-    fn path_of(&self, cgroup_id: u64) -> Option<std::path::PathBuf> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let mount = std::fs::File::open(&self.mount).ok()?;
-        let mut handle = CgroupHandle {
-            handle_bytes: std::mem::size_of::<u64>() as libc::c_uint,
-            handle_type: FILEID_KERNFS,
-            id: cgroup_id,
-        };
-        // SAFETY: a valid mount fd and a file handle of the declared size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_open_by_handle_at,
-                mount.as_raw_fd(),
-                &mut handle as *mut CgroupHandle,
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: the kernel returned a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
     }
 
     pub fn name(&self, cgroup_id: u64) -> Option<String> {
         if let Some(n) = self.names.lock().expect("workloads lock").get(&cgroup_id) {
             return Some(n.clone());
         }
-        let name = self.path_of(cgroup_id)?.file_name()?.to_string_lossy().into_owned();
+        let name = crate::sys::cgroup::path_of_id(&self.mount, cgroup_id)?.file_name()?.to_string_lossy().into_owned();
         let mut names = self.names.lock().expect("workloads lock");
         if names.len() > 65_536 {
             names.clear();

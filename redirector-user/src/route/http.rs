@@ -5,6 +5,8 @@
 //! balancing, timeouts and retries are applied as Istio does, and one
 //! access log line is written with Envoy's response flags.
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -157,7 +159,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Returned<S> {
         self.get_mut().io().poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+        self.io.as_ref().is_some_and(tokio::io::AsyncWrite::is_write_vectored)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.get_mut().io().poll_flush(cx)
@@ -183,7 +185,7 @@ fn matches(rule: &HttpRouteRule, req: &Request<Incoming>, port: u16) -> Option<u
         .headers()
         .get(HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .or_else(|| req.uri().authority().map(hyper::http::uri::Authority::as_str))
         .unwrap_or_default();
     rule.matches.iter().position(|m| {
         let uri_ok = m.uri.as_ref().is_none_or(|u| {
@@ -302,7 +304,7 @@ impl Drop for Observed {
 async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let path = req.uri().path_and_query().map_or_else(|| "/".into(), std::string::ToString::to_string);
     let authority = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
     let mesh = ctx.mesh.current();
     let request_bytes = req
@@ -319,8 +321,8 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         Some(s) => (s.hostname.as_str(), s.namespace.as_str()),
         None => ("unknown", "unknown"),
     };
-    let workload = target.labels.get("app").map(String::as_str).unwrap_or("unknown");
-    let version = target.labels.get("version").map(String::as_str).unwrap_or("unknown");
+    let workload = target.labels.get("app").map_or("unknown", String::as_str);
+    let version = target.labels.get("version").map_or("unknown", String::as_str);
     let source = ctx.source.as_ref();
     let series = ctx.metrics.request_series(
         (
@@ -360,7 +362,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     info!(
         target: "access",
         client = %ctx.client,
-        source_workload = ctx.source.as_ref().map(|s| s.0.as_str()).unwrap_or("unknown"),
+        source_workload = ctx.source.as_ref().map_or("unknown", |s| s.0.as_str()),
         original_dst = %ctx.original_dst,
         method = %method,
         authority = %authority,
@@ -381,11 +383,8 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         (Some(gp), _) => {
             let host =
                 req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host()).unwrap_or_default();
-            let host = host
-                .rsplit_once(':')
-                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                .map(|(h, _)| h)
-                .unwrap_or(host);
+            let host =
+                host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
             match mesh.gateway_rules(gp, host) {
                 Some(r) => r,
                 None => {
@@ -579,7 +578,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         .or_else(|| svc.port(port).map(|p| p.port))
         .or_else(|| svc.ports.first().map(|p| p.port))
         .unwrap_or(port);
-    let protocol = svc.port(svc_port).map(|p| p.protocol).unwrap_or(ctx.protocol);
+    let protocol = svc.port(svc_port).map_or(ctx.protocol, |p| p.protocol);
     let retry = rule.retries.clone().unwrap_or(crate::mesh::model::Retry {
         attempts: 2,
         per_try_timeout: None,
@@ -608,7 +607,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         route,
     };
     let _request_slot = match &cluster.requests {
-        Some(sem) => match sem.clone().try_acquire_owned() {
+        Some(sem) => match std::sync::Arc::clone(sem).try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => return overflow(route_name),
         },
@@ -630,10 +629,10 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 let uri = format!(
                     "http://{host}:{}{}",
                     p.port,
-                    parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/")
+                    parts.uri.path_and_query().map_or("/", hyper::http::uri::PathAndQuery::as_str)
                 );
                 let mut b = Request::builder().method(parts.method.clone()).uri(uri);
-                for (k, v) in parts.headers.iter() {
+                for (k, v) in &parts.headers {
                     if k == HOST || k == hyper::header::CONNECTION {
                         continue;
                     }
@@ -696,21 +695,24 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
             Address::Dns(h) => h.clone(),
         };
         let upstream = format!("{host}:{ep_port}");
-        let uri: Uri =
-            match format!("http://{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).parse()
-            {
-                Ok(u) => u,
-                Err(_) => {
-                    return Outcome {
-                        response: text(StatusCode::BAD_REQUEST, "bad request target\n"),
-                        flags: "-",
-                        upstream: None,
-                        route: route_name,
-                    }
+        let uri: Uri = match format!(
+            "http://{upstream}{}",
+            parts.uri.path_and_query().map_or("/", hyper::http::uri::PathAndQuery::as_str)
+        )
+        .parse()
+        {
+            Ok(u) => u,
+            Err(_) => {
+                return Outcome {
+                    response: text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                    flags: "-",
+                    upstream: None,
+                    route: route_name,
                 }
-            };
+            }
+        };
         let mut up_req = Request::builder().method(parts.method.clone()).uri(uri).version(hyper::Version::HTTP_11);
-        for (k, v) in parts.headers.iter() {
+        for (k, v) in &parts.headers {
             if k == hyper::header::CONNECTION || k.as_str() == "keep-alive" || k.as_str() == "proxy-connection" {
                 continue;
             }
@@ -721,9 +723,10 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
         }
         let connection_slot = match &cluster.connections {
             None => None,
-            Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
+            Some(sem) => {
+                if let Ok(p) = std::sync::Arc::clone(sem).try_acquire_owned() {
+                    Some(p)
+                } else {
                     let max_pending = cluster.limits.max_pending.unwrap_or(usize::MAX);
                     let queued = cluster.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if queued >= max_pending {
@@ -733,12 +736,12 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                     let waited = match deadline {
                         Some(d) => tokio::time::timeout(
                             d.saturating_duration_since(Instant::now()),
-                            sem.clone().acquire_owned(),
+                            std::sync::Arc::clone(sem).acquire_owned(),
                         )
                         .await
                         .ok()
                         .and_then(Result::ok),
-                        None => sem.clone().acquire_owned().await.ok(),
+                        None => std::sync::Arc::clone(sem).acquire_owned().await.ok(),
                     };
                     cluster.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     match waited {
@@ -753,7 +756,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                         }
                     }
                 }
-            },
+            }
         };
         let body: Body = match (&replay, streaming.take()) {
             (Some(b), _) if b.is_empty() => Empty::new().map_err(|e| match e {}).boxed(),
@@ -849,7 +852,7 @@ async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &
                 let status = resp.status().as_u16();
                 if retryable_status(status) && more {
                     last = Some(Outcome {
-                        response: resp.map(|b| b.boxed()),
+                        response: resp.map(http_body_util::BodyExt::boxed),
                         flags: "URX",
                         upstream: Some(upstream),
                         route: route_name.clone(),

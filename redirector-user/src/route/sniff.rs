@@ -2,6 +2,8 @@
 //! first bytes, bounded in time so server-first protocols are not held.
 //! It reads nothing off the socket and routes nothing.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -16,9 +18,8 @@ pub(crate) async fn sniff(stream: &TcpStream) -> Protocol {
     let mut buf = [0u8; 16];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let n = match tokio::time::timeout(left, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return Protocol::Tcp,
+        let Ok(Ok(n)) = tokio::time::timeout(left, stream.peek(&mut buf)).await else {
+            return Protocol::Tcp;
         };
         if n == 0 {
             return Protocol::Tcp;

@@ -135,6 +135,43 @@ pub fn remove_if_empty(path: &Path) -> bool {
     fs::remove_dir(path).is_ok()
 }
 
+/// The file handle type of kernfs (cgroup2) inodes.
+const FILEID_KERNFS: libc::c_int = 0xfe;
+
+#[repr(C)]
+struct CgroupHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    id: u64,
+}
+
+/// The directory of the cgroup with this id (the kernel turns the id into
+/// the directory: open_by_handle_at on the cgroup2 mount, as bpftool does).
+pub fn path_of_id(mount: &Path, cgroup_id: u64) -> Option<PathBuf> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mount = std::fs::File::open(mount).ok()?;
+    let mut handle = CgroupHandle {
+        handle_bytes: std::mem::size_of::<u64>() as libc::c_uint,
+        handle_type: FILEID_KERNFS,
+        id: cgroup_id,
+    };
+    // SAFETY: a valid mount fd and a file handle of the declared size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &raw mut handle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel returned a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

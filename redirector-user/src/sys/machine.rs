@@ -1,6 +1,8 @@
 //! Facts about the machine the agent runs on: kernel version, BTF,
 //! capabilities. Each check names the fix when it fails.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 
 use serde::Serialize;
@@ -28,9 +30,7 @@ pub fn missing_capabilities() -> Vec<&'static str> {
 }
 
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
 pub fn has_btf() -> bool {

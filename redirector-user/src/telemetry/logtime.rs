@@ -5,6 +5,8 @@
 //! access line per connection, and the calendar arithmetic and padded
 //! formatting of the default timer were about 1% of the agent's CPU.
 
+#![forbid(unsafe_code)]
+
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -94,10 +96,7 @@ mod tests {
         assert_eq!(ours(base), "2026-12-27T00:03:01.000000Z");
         assert_eq!(ours(base + Duration::from_micros(999_999)), "2026-12-27T00:03:01.999999Z");
         assert_eq!(ours(base + Duration::from_micros(1_000_007)), "2026-12-27T00:03:02.000007Z");
-        assert_eq!(
-            ours(base + Duration::from_secs(86_400 * 5) + Duration::from_micros(42)),
-            "2027-01-01T00:03:01.000042Z"
-        );
+        assert_eq!(ours(base + Duration::from_hours(120) + Duration::from_micros(42)), "2027-01-01T00:03:01.000042Z");
         // Back to a cached second after another one.
         assert_eq!(ours(base + Duration::from_micros(5)), "2026-12-27T00:03:01.000005Z");
         assert_eq!(tracing_time(base + Duration::from_micros(5)), "2026-12-27T00:03:01.000005Z");

@@ -3,6 +3,8 @@
 //! costs a task, a channel and two boxes per tunnel, which shows at
 //! thousands of new connections a second.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -68,7 +70,7 @@ impl H2Reader {
                 }
                 Some(Err(e)) => match e.reason() {
                     // A peer that cancels or ends cleanly ends the stream.
-                    Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(None),
+                    Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(None),
                     _ => Err(to_io(e)),
                 },
             };
@@ -81,7 +83,7 @@ impl H2Writer {
     /// The error for a stream that can no longer send.
     fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
-            Ok(Reason::NO_ERROR) | Ok(Reason::CANCEL) | Ok(Reason::STREAM_CLOSED) => io::ErrorKind::BrokenPipe.into(),
+            Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => io::ErrorKind::BrokenPipe.into(),
             Ok(reason) => io::Error::other(h2::Error::from(reason)),
             Err(e) => to_io(e),
         })

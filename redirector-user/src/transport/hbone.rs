@@ -12,6 +12,8 @@
 //! session multiplexes every connection between the pair. The server side
 //! is [`crate::proxy::inbound`].
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,16 +141,16 @@ impl Pool {
                 p,
                 KEEP_ALIVE_INTERVAL,
                 KEEP_ALIVE_TIMEOUT,
-                dead.clone(),
+                Arc::clone(&dead),
             ))
         });
-        let ended = closed.clone();
+        let ended = Arc::clone(&closed);
         tokio::spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     debug!(%peer, error = %e, "HBONE connection ended");
                 },
-                _ = dead.notified() => debug!(%peer, "HBONE peer stopped answering pings; closed"),
+                () = dead.notified() => debug!(%peer, "HBONE peer stopped answering pings; closed"),
             }
             ended.store(true, Ordering::Relaxed);
             if let Some(p) = pinger {
@@ -171,7 +173,7 @@ impl Pool {
         if let Some(s) = live(&mut self.conns.lock().expect("pool lock")) {
             return Ok(s);
         }
-        let gate = self.dialing.lock().expect("pool lock").entry(key.clone()).or_default().clone();
+        let gate = Arc::clone(self.dialing.lock().expect("pool lock").entry(key.clone()).or_default());
         let _g = gate.lock().await;
         if let Some(s) = live(&mut self.conns.lock().expect("pool lock")) {
             return Ok(s);
@@ -199,7 +201,7 @@ impl Pool {
         early: Bytes,
     ) -> Result<H2Stream, TunnelError> {
         let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
-        let key = PoolKey { netns: from.netns.as_ref().map(|n| n.inode).unwrap_or(0), source, peer, peer_identity };
+        let key = PoolKey { netns: from.netns.as_ref().map_or(0, |n| n.inode), source, peer, peer_identity };
         // A pooled connection the peer has just closed fails the first
         // request: dial once more.
         let mut attempt = 0;

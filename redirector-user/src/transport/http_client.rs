@@ -3,6 +3,8 @@
 //! [`crate::transport::Transport::connect`] like every other caller. They
 //! decide nothing about which endpoint a request goes to.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;

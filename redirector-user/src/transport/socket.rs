@@ -4,6 +4,8 @@
 //! does not decide whether a connection is tunnelled (that is
 //! [`crate::transport::connect`]).
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use redirector_tests::*;
+use redirector_tests::{privileged, Topology, SERVER_V4};
 
 const ROUNDS: usize = 5;
 const CONNECTS: usize = 20_000;
@@ -82,7 +82,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir(&bare);
 
     println!("\n## Capture path figures\n");
-    println!("kernel {}, {} CPUs, {ROUNDS} interleaved rounds of {CONNECTS} connect()+close() each to an excluded port that refuses (median of rounds)\n", redirector::sys::machine::kernel_release(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("kernel {}, {} CPUs, {ROUNDS} interleaved rounds of {CONNECTS} connect()+close() each to an excluded port that refuses (median of rounds)\n", redirector::sys::machine::kernel_release(), std::thread::available_parallelism().map_or(0, std::num::NonZero::get));
     println!("| cgroup | connect()+close() | vs no program |");
     println!("|---|---:|---:|");
     let base = median(&hook[0]);

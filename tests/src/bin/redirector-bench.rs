@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use redirector_tests::cluster::{ns_path, Cluster};
-use redirector_tests::*;
+use redirector_tests::{Topology, SERVER_V4};
 use serde::{Deserialize, Serialize};
 
 const NGINX_PORT: u16 = 8088;
@@ -129,8 +129,7 @@ fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool} >/dev/null || test -x /usr/sbin/{tool}")])
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .is_ok_and(|s| s.success())
 }
 
 /// One measurement: scenario figures of one mode in one round.
@@ -272,7 +271,7 @@ fn run() -> Result<()> {
     });
     let report = Report {
         kernel: redirector::sys::machine::kernel_release(),
-        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         rounds: args.rounds,
         seconds_per_scenario: args.seconds,
         quick: args.quick,
@@ -381,7 +380,7 @@ fn run_local(args: &Args, modes: &[&str], progress: &mut Progress) -> Result<Vec
 fn run_cross_node(args: &Args, modes: &[&str], progress: &mut Progress) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     let mut c = Cluster::new("ebpf")?;
-    c.proxy_settings = args.proxy_settings.clone();
+    c.proxy_settings.clone_from(&args.proxy_settings);
     for pod in [XNODE_CLIENT, XNODE_SERVER] {
         c.tune_for_many_connections(pod)?;
     }
@@ -472,8 +471,7 @@ fn oha(p: &Place, args: &[&str], seconds: f64) -> Result<serde_json::Value> {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha JSON")?;
     // Requests cut off by the end of the run are not errors.
-    let errors =
-        v["errorDistribution"].as_object().map(|m| m.keys().filter(|k| !k.contains("deadline")).count()).unwrap_or(0);
+    let errors = v["errorDistribution"].as_object().map_or(0, |m| m.keys().filter(|k| !k.contains("deadline")).count());
     let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
     if ok == 0 {
         bail!("no successful request (errors: {})", v["errorDistribution"]);
@@ -567,7 +565,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
     }
 }
 
@@ -767,7 +765,7 @@ fn markdown(r: &Report) -> String {
 /// Labels at the middle of each group of bars (x = 0.5, 1.5, 2.5).
 fn group_label(x: f64, names: &[&str]) -> String {
     if (x.fract() - 0.5).abs() < 1e-6 {
-        names.get(x as usize).map(|s| s.to_string()).unwrap_or_default()
+        names.get(x as usize).map(std::string::ToString::to_string).unwrap_or_default()
     } else {
         String::new()
     }
