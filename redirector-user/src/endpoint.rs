@@ -15,9 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::sync::Semaphore;
+// tokio's clock, so ejection times follow paused time in tests.
+use tokio::time::Instant;
 
 use crate::mesh::model::{Address, Endpoint, LbPolicy, Mesh, PoolLimits};
 use crate::mesh::source_dir::labels_match;
@@ -350,6 +351,26 @@ mod tests {
         let cluster = balancer.cluster(&after, web(&after), None, 80);
         assert_eq!(cluster.limits.max_connections, Some(2));
         assert!(cluster.connections.clone().unwrap().try_acquire_owned().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_returns_after_its_base_ejection_time() {
+        let balancer = Balancer::default();
+        let m = mesh("");
+        let bad: SocketAddr = "198.18.0.2:8080".parse().unwrap();
+        assert!(balancer.report(&m, web(&m), None, 80, bad, Result5xx::Failed));
+        tokio::time::advance(std::time::Duration::from_secs(29)).await;
+        assert!(balancer.is_ejected("web.default.svc.cluster.local", bad.ip()), "30 s have not passed");
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        assert!(!balancer.is_ejected("web.default.svc.cluster.local", bad.ip()));
+        let picked: std::collections::BTreeSet<String> =
+            (0..4).map(|_| format!("{:?}", balancer.pick(&m, web(&m), None, 80, None).unwrap().address)).collect();
+        assert_eq!(picked.len(), 2, "both endpoints are picked again");
+        // A second ejection lasts twice as long (Envoy multiplies the base
+        // time by the number of ejections).
+        assert!(balancer.report(&m, web(&m), None, 80, bad, Result5xx::Status(502)));
+        tokio::time::advance(std::time::Duration::from_secs(59)).await;
+        assert!(balancer.is_ejected("web.default.svc.cluster.local", bad.ip()));
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub(crate) mod sniff;
 use std::net::SocketAddr;
 
 use crate::endpoint::Balancer;
-use crate::mesh::model::{Address, Mesh};
+use crate::mesh::model::{Address, Mesh, WeightedDestination};
 
 /// Where a TCP connection to a mesh service goes: its TCP route (weighted)
 /// or the service's endpoints. `None`: the service has no endpoint.
@@ -30,16 +30,7 @@ pub(crate) async fn tcp_target(
         mesh.tcp_routes.get(&svc).and_then(|rules| rules.iter().find(|r| r.port.is_none_or(|p| p == dst.port())));
     let (target_svc, subset, port) = match rule {
         Some(r) => {
-            let total: u32 = r.route.iter().map(|d| d.weight).sum();
-            let mut pick = mesh.random(total.max(1) as usize) as u32;
-            let d = r.route.iter().find(|d| {
-                if pick < d.weight {
-                    true
-                } else {
-                    pick -= d.weight;
-                    false
-                }
-            })?;
+            let d = weighted(&r.route, mesh.random(total_weight(&r.route).max(1) as usize) as u32)?;
             let port = d.port.unwrap_or(dst.port());
             (d.service, d.subset.clone(), port)
         }
@@ -51,4 +42,41 @@ pub(crate) async fn tcp_target(
         Address::Dns(host) => tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?,
     };
     Some((a, target_svc, subset, port))
+}
+
+/// The sum of the destinations' weights.
+pub(crate) fn total_weight(dests: &[WeightedDestination]) -> u32 {
+    dests.iter().map(|d| d.weight).sum()
+}
+
+/// The destination a roll in `0..total_weight` lands on: each takes as
+/// many values as its weight, in order.
+pub(crate) fn weighted(dests: &[WeightedDestination], roll: u32) -> Option<&WeightedDestination> {
+    let mut left = roll;
+    dests.iter().find(|d| {
+        if left < d.weight {
+            true
+        } else {
+            left -= d.weight;
+            false
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(service: usize, weight: u32) -> WeightedDestination {
+        WeightedDestination { service, subset: None, port: None, weight, headers: None }
+    }
+
+    #[test]
+    fn a_90_10_split_gives_ninety_rolls_of_a_hundred_to_the_first() {
+        let d = [dest(1, 90), dest(2, 10)];
+        let to_first = (0..total_weight(&d)).filter(|r| weighted(&d, *r).unwrap().service == 1).count();
+        assert_eq!(to_first, 90);
+        assert!(weighted(&d, 100).is_none(), "a roll past the total lands nowhere");
+        assert!(weighted(&[dest(1, 0)], 0).is_none());
+    }
 }

@@ -11,8 +11,9 @@
 //! 5. Nothing imports `app` or `cmd` but `cmd` itself.
 //!
 //! An edge is any `crate::`, `super::` or child-module path in a file's
-//! non-test code (everything before its first `#[cfg(test)]`), comments
-//! left out; `mod x;` declarations are not edges.
+//! non-test code (everything before its first `#[cfg(test)]`; files named
+//! `tests.rs` hold tests only), comments left out; `mod x;` declarations
+//! are not edges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -129,6 +130,8 @@ fn read_tree(src: &Path) -> Result<Vec<File>> {
                     "lib" => String::new(),
                     // The binary is its own crate.
                     "main" => continue,
+                    // A file of tests only (`#[cfg(test)] mod tests;`).
+                    r if r.ends_with("::tests") => continue,
                     r => r.strip_suffix("::mod").unwrap_or(r).to_string(),
                 };
                 let text = std::fs::read_to_string(&p)?;

@@ -389,4 +389,117 @@ mod tests {
         let (s, peer) = l.accept().await.unwrap();
         assert!(original_dst(&s, peer).is_err());
     }
+
+    /// Settings of an unprivileged outbound proxy for `yaml`: no mark, no
+    /// HBONE, the agent's own namespace.
+    fn settings(yaml: &str) -> ProxySettings {
+        let mut docs = crate::mesh::source_dir::Documents::default();
+        let mut errors = Vec::new();
+        crate::mesh::source_dir::load_text(std::path::Path::new("m.yaml"), yaml, &mut docs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mesh = crate::mesh::MeshHandle::new(Mesh::compile(&docs).unwrap());
+        let transport = crate::transport::Transport { mark: 0, connect_timeout: Duration::from_secs(2), hbone: None };
+        let workload = Arc::new(crate::transport::socket::WorkloadNet::host(None));
+        let upstreams = crate::transport::http_client::Upstreams::new(crate::transport::http_client::Connector {
+            transport: transport.clone(),
+            from: Arc::clone(&workload),
+            mesh: mesh.clone(),
+        });
+        ProxySettings {
+            max_connections: 100,
+            idle_timeout: Duration::from_secs(5),
+            transport,
+            mesh,
+            upstreams,
+            balancer: Arc::default(),
+            metrics: Arc::default(),
+            access_log: false,
+            workloads: Arc::new(source::Workloads::new("/nonexistent".into())),
+            workload,
+            close_on_stop: false,
+        }
+    }
+
+    /// An echo server on 127.0.0.1:0 that counts its connections.
+    async fn echo() -> (SocketAddr, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let c = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    /// A connection to the proxy, handed to `proxy_to` for `dst` as capture
+    /// would hand it; returns the client's end.
+    async fn captured(settings: &Arc<ProxySettings>, stats: &Arc<ProxyStats>, dst: SocketAddr) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = l.accept().await.unwrap();
+        let (settings, stats) = (Arc::clone(settings), Arc::clone(stats));
+        tokio::spawn(async move { proxy_to(stream, peer, dst, &settings, &stats).await });
+        client
+    }
+
+    async fn round_trip(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        c.write_all(msg).await?;
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).await?;
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn a_connection_to_no_service_goes_to_its_original_destination_and_is_counted() {
+        let (server, accepted) = echo().await;
+        let (settings, stats) = (Arc::new(settings("")), Arc::new(ProxyStats::default()));
+        let mut c = captured(&settings, &stats, server).await;
+        assert_eq!(round_trip(&mut c, b"hello").await.unwrap(), b"hello");
+        drop(c);
+        for _ in 0..100 {
+            if stats.open_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((accepted.load(Ordering::SeqCst), stats.open_count()), (1, 0));
+        assert_eq!((stats.bytes_up.load(Ordering::SeqCst), stats.bytes_down.load(Ordering::SeqCst)), (5, 5));
+        let text = settings.metrics.encode();
+        assert!(text.contains("destination_service_name=\"PassthroughCluster\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_service_port_goes_to_an_endpoint_and_max_connections_refuses_the_next() {
+        let (server, accepted) = echo().await;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: db}}\nspec: {{clusterIP: 10.96.0.7, ports: [{{name: tcp-db, port: 5432}}], selector: {{app: db}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: db}}\nspec: {{address: 127.0.0.1, ports: {{tcp-db: {}}}, labels: {{app: db}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db}}\nspec: {{host: db, trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 1}}}}}}}}\n",
+            server.port()
+        );
+        let (settings, stats) = (Arc::new(settings(&yaml)), Arc::new(ProxyStats::default()));
+        let vip: SocketAddr = "10.96.0.7:5432".parse().unwrap();
+        let mut first = captured(&settings, &stats, vip).await;
+        assert_eq!(round_trip(&mut first, b"select 1").await.unwrap(), b"select 1");
+        let mut second = captured(&settings, &stats, vip).await;
+        assert!(
+            round_trip(&mut second, b"select 2").await.is_err(),
+            "over maxConnections the connection is closed (UO)"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(stats.failed.load(Ordering::SeqCst), 1);
+    }
 }

@@ -73,7 +73,11 @@ impl WorkloadNet {
                 socket2::Type::STREAM.nonblocking().cloexec(),
                 Some(socket2::Protocol::TCP),
             )?;
-            s.set_mark(mark)?;
+            // The agent's mark is never 0 (config rejects it); 0 is the
+            // in-process tests' unprivileged proxy, which sets no mark.
+            if mark != 0 {
+                s.set_mark(mark)?;
+            }
             s.set_nodelay(true)?;
             Ok(s)
         };
