@@ -205,8 +205,9 @@ fn expand(rest: &str, prefix: &str, out: &mut Vec<String>) {
     let ident: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect();
     let path = format!("{prefix}{}", ident.trim_end_matches(':'));
     let after = &rest[ident.len()..];
-    if ident.ends_with("::") && after.starts_with('{') {
+    if (ident.is_empty() || ident.ends_with("::")) && after.starts_with('{') {
         // A group: split at top-level commas up to the matching brace.
+        let base = if path.is_empty() { String::new() } else { format!("{path}::") };
         let mut depth = 0;
         let mut item_start = 1;
         for (i, c) in after.char_indices() {
@@ -214,11 +215,14 @@ fn expand(rest: &str, prefix: &str, out: &mut Vec<String>) {
                 '{' => depth += 1,
                 '}' | ',' if depth == 1 => {
                     let item = after[item_start..i].trim();
-                    let item = item.split(" as ").next().unwrap_or(item).trim();
-                    if !item.is_empty() && item != "self" {
-                        expand(item, &format!("{path}::"), out);
-                    } else if item == "self" {
-                        out.push(path.clone());
+                    // `x as y` renames; a nested group keeps its own.
+                    let item = if item.contains('{') { item } else { item.split(" as ").next().unwrap_or(item).trim() };
+                    if item == "self" {
+                        if !path.is_empty() {
+                            out.push(path.clone());
+                        }
+                    } else if !item.is_empty() {
+                        expand(item, &base, out);
                     }
                     item_start = i + 1;
                     if c == '}' {
