@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config_dump;
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -70,7 +72,7 @@ fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Res
         (_, "/healthz/ready") => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
         (Role::Admin, "/stats") => json(serde_json::to_vec(&src.stats.snapshot()).expect("serializable")),
         (Role::Admin, "/config_dump") => {
-            let mut dump = src.mesh.current().dump(&|host, ip| src.balancer.is_ejected(host, ip));
+            let mut dump = config_dump::dump(&src.mesh.current(), &|host, ip| src.balancer.is_ejected(host, ip));
             dump["version"] = serde_json::json!(src.mesh.version());
             json(serde_json::to_vec_pretty(&dump).expect("serializable"))
         }

@@ -10,7 +10,6 @@ pub mod manifest;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,53 +17,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use redirector_common::Decision;
 use serde::Serialize;
 
-use crate::capture::ebpf::{self, PinnedMaps};
+use crate::capture::ebpf::{self};
 use crate::capture::iptables;
+use crate::capture::status::{named, AccelSocket, CgroupStatus, RuleCount, ShortcutTotals};
 use crate::proxy::StatsSnapshot;
 use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
 use crate::sys::cgroup;
 use crate::sys::machine::{self, Check};
 
-/// Enrollment through whichever capture the agent runs: the eBPF map, or a
-/// rule per workload in iptables mode.
-pub trait Enroller {
-    fn enroll(&self, cgroup: &Path) -> Result<()>;
-    /// Returns whether the cgroup was enrolled.
-    fn unenroll(&self, cgroup: &Path) -> Result<bool>;
-}
-
-struct EbpfEnroller(PinnedMaps);
-
-impl Enroller for EbpfEnroller {
-    fn enroll(&self, cgroup: &Path) -> Result<()> {
-        Ok(self.0.enroll(cgroup::cgroup_id(cgroup)?)?)
-    }
-    fn unenroll(&self, cgroup: &Path) -> Result<bool> {
-        Ok(self.0.unenroll(cgroup::cgroup_id(cgroup)?)?)
-    }
-}
-
-struct IptablesEnroller {
-    mount: PathBuf,
-}
-
-impl Enroller for IptablesEnroller {
-    fn enroll(&self, cgroup: &Path) -> Result<()> {
-        Ok(iptables::enroll(&iptables::relative(&self.mount, cgroup)?)?)
-    }
-    fn unenroll(&self, cgroup: &Path) -> Result<bool> {
-        Ok(iptables::unenroll(&iptables::relative(&self.mount, cgroup)?)?)
-    }
-}
-
-fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn Enroller>)> {
+/// The agent's record and the capture it installed.
+fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn crate::capture::Installed>)> {
     let state = AgentState::load(state_dir)?;
-    let e: Box<dyn Enroller> = if state.mode == "iptables" {
-        Box::new(IptablesEnroller { mount: cgroup::cgroup2_mount()? })
-    } else {
-        Box::new(EbpfEnroller(PinnedMaps::open(&state.bpffs_dir)?))
-    };
-    Ok((state, e))
+    let capture = crate::capture::installed(state.mode, &state.bpffs_dir)?;
+    Ok((state, capture))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -152,14 +117,6 @@ pub fn enroll(state_dir: &Path, path: Option<&Path>, pid: Option<u32>, on: bool)
 }
 
 #[derive(Serialize)]
-struct CgroupStatus {
-    cgroup_id: u64,
-    path: Option<String>,
-    enrolled: bool,
-    counters: BTreeMap<&'static str, u64>,
-}
-
-#[derive(Serialize)]
 struct Status {
     agent_pid: u32,
     agent_running: bool,
@@ -186,182 +143,30 @@ struct Status {
     node: Option<serde_json::Value>,
 }
 
-#[derive(Serialize)]
-struct ShortcutTotals {
-    msgs_redirected: u64,
-    bytes_redirected: u64,
-    msgs_passed: u64,
-}
-
-#[derive(Serialize)]
-struct AccelSocket {
-    local: String,
-    remote: String,
-    msgs: u64,
-    bytes: u64,
-    passed: u64,
-}
-
-fn sock_addr(addr: &[u32; 4], port: u32) -> String {
-    let mut b = [0u8; 16];
-    for (i, w) in addr.iter().enumerate() {
-        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    let ip = std::net::Ipv6Addr::from(b);
-    match ip.to_ipv4_mapped() {
-        Some(v4) => format!("{v4}:{port}"),
-        None => format!("[{ip}]:{port}"),
-    }
-}
-
-#[derive(Serialize)]
-struct RuleCount {
-    rule: String,
-    /// Connections the rule matched (nat sees a connection's first packet).
-    packets: u64,
-}
-
-struct CaptureView {
-    accelerate: Option<bool>,
-    totals: Option<ShortcutTotals>,
-    accelerated: Vec<AccelSocket>,
-    attached: Vec<String>,
-    in_flight: usize,
-    cgroups: Vec<CgroupStatus>,
-    rules: Vec<RuleCount>,
-}
-
-fn ebpf_view(state: &AgentState) -> Result<CaptureView> {
-    let maps = PinnedMaps::open(&state.bpffs_dir)?;
-    let enrolled = maps.enrolled()?;
-    let counters = maps.counters()?;
-    let mut ids: Vec<u64> = enrolled.clone();
-    ids.extend(counters.keys().copied().filter(|k| *k != 0));
-    ids.sort_unstable();
-    ids.dedup();
-    let paths = cgroup_paths(&state.cgroup_root, &ids);
-    let mut cgroups: Vec<CgroupStatus> = ids
-        .iter()
-        .map(|id| CgroupStatus {
-            cgroup_id: *id,
-            path: paths.get(id).map(|p| p.display().to_string()),
-            enrolled: enrolled.contains(id),
-            counters: named(counters.get(id)),
-        })
-        .collect();
-    if let Some(global) = counters.get(&0) {
-        cgroups.push(CgroupStatus {
-            cgroup_id: 0,
-            path: Some("(kernel-wide: sockops)".into()),
-            enrolled: false,
-            counters: named(Some(global)),
-        });
-    }
-    let accelerated = maps
-        .accelerated_sockets()?
-        .into_iter()
-        .map(|(k, c)| AccelSocket {
-            local: sock_addr(&k.local_addr, k.local_port),
-            remote: sock_addr(&k.remote_addr, k.remote_port),
-            msgs: c.msgs,
-            bytes: c.bytes,
-            passed: c.passed,
-        })
-        .collect();
-    let (msgs_redirected, bytes_redirected, msgs_passed) = maps.accel_totals()?;
-    Ok(CaptureView {
-        totals: Some(ShortcutTotals { msgs_redirected, bytes_redirected, msgs_passed }),
-        accelerate: Some(maps.accelerate()?),
-        accelerated,
-        attached: maps.links(),
-        in_flight: maps.pending()?,
-        cgroups,
-        rules: Vec::new(),
-    })
-}
-
-/// iptables mode: enrolled workloads are the cgroup rules, and each rule's
-/// packet counter is its count of connections.
-fn iptables_view() -> Result<CaptureView> {
-    let mount = cgroup::cgroup2_mount()?;
-    let counts = iptables::rule_counters()?;
-    let mut cgroups = Vec::new();
-    for rel in iptables::enrolled()? {
-        let path = mount.join(rel.trim_start_matches('/'));
-        let redirected: u64 = counts
-            .iter()
-            .filter(|(rule, _)| {
-                rule.ends_with(&format!("-j {}", iptables::CHAIN_REDIRECT))
-                    && (rule.contains(&format!("--path \"{rel}\"")) || rule.contains(&format!("--path {rel} ")))
-            })
-            .map(|(_, n)| *n)
-            .sum();
-        let mut counters = named(None);
-        counters.insert(Decision::Redirected.name(), redirected);
-        cgroups.push(CgroupStatus {
-            cgroup_id: cgroup::cgroup_id(&path).unwrap_or(0),
-            path: Some(path.display().to_string()),
-            enrolled: true,
-            counters,
-        });
-    }
-    let attached = if counts.is_empty() {
-        Vec::new()
-    } else {
-        [iptables::CHAIN_OUTPUT, iptables::CHAIN_PREROUTING, iptables::CHAIN_REDIRECT, iptables::CHAIN_INBOUND]
-            .iter()
-            .map(|c| format!("nat/{c}"))
-            .collect()
-    };
-    Ok(CaptureView {
-        totals: None,
-        accelerate: None,
-        accelerated: Vec::new(),
-        attached,
-        in_flight: 0,
-        cgroups,
-        rules: counts.into_iter().map(|(rule, packets)| RuleCount { rule, packets }).collect(),
-    })
-}
-
-/// cgroup ids to paths, for the cgroups under `root` (bounded walk).
-fn cgroup_paths(root: &Path, want: &[u64]) -> BTreeMap<u64, PathBuf> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![(root.to_path_buf(), 0usize)];
-    let mut seen = 0usize;
-    while let Some((dir, depth)) = stack.pop() {
-        seen += 1;
-        if seen > 50_000 || out.len() == want.len() {
-            break;
-        }
-        if let Ok(m) = std::fs::metadata(&dir) {
-            if want.contains(&m.ino()) {
-                out.insert(m.ino(), dir.clone());
-            }
-        }
-        if depth < 16 {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                for e in rd.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push((e.path(), depth + 1));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// `redirector status`.
 pub fn status(state_dir: &Path, json: bool) -> Result<()> {
+    let st = gather_status(state_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    print_summary(&st);
+    print_cgroups(&st);
+    print_open(&st);
+    Ok(())
+}
+
+/// What `status` shows: the agent's record, its capture's view, and (when
+/// it runs) the proxy's stats and the node's pods.
+fn gather_status(state_dir: &Path) -> Result<Status> {
     let state = AgentState::load(state_dir)?;
-    let view = if state.mode == "iptables" { iptables_view()? } else { ebpf_view(&state)? };
+    let view = crate::capture::installed(state.mode, &state.bpffs_dir)?.view(&state.cgroup_root)?;
     let running = state.agent_running();
     let proxy = if running { crate::admin::fetch_stats(state.admin).ok() } else { None };
-    let st = Status {
+    Ok(Status {
         agent_pid: state.pid,
         agent_running: running,
-        mode: state.mode.clone(),
+        mode: state.mode.name().to_string(),
         version: state.version.clone(),
         cgroup_root: state.cgroup_root.display().to_string(),
         bpffs_dir: state.bpffs_dir.display().to_string(),
@@ -379,11 +184,11 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
         } else {
             None
         },
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-        return Ok(());
-    }
+    })
+}
+
+fn print_summary(st: &Status) {
+    let running = st.agent_running;
     println!(
         "agent      {} (pid {}), mode {}, version {}",
         if running { "running" } else { "NOT RUNNING" },
@@ -439,6 +244,9 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
             }
         }
     }
+}
+
+fn print_cgroups(st: &Status) {
     println!();
     // Enrolled cgroups, the proxy's, and any with a capture decision get a
     // row each; cgroups that only ever connected unenrolled are summed in one
@@ -467,6 +275,9 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
     if other_count > 0 {
         row("no", &format!("(other cgroups: {other_count})"), "-".into(), &others);
     }
+}
+
+fn print_open(st: &Status) {
     if let Some(p) = &st.proxy {
         if !p.open.is_empty() {
             println!();
@@ -483,25 +294,16 @@ pub fn status(state_dir: &Path, json: bool) -> Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-fn named(c: Option<&ebpf::DecisionCounts>) -> BTreeMap<&'static str, u64> {
-    Decision::ALL.iter().map(|d| (d.name(), c.map_or(0, |c| c[*d as usize]))).collect()
 }
 
 /// `redirector accelerate on|off`: the kill switch of the sockmap shortcut.
 pub fn accelerate(state_dir: &Path, on: bool) -> Result<()> {
     require_root("accelerate")?;
-    let state = AgentState::load(state_dir)?;
-    if state.mode == "iptables" {
-        bail!("same-node acceleration needs eBPF capture; the agent runs in iptables mode (start it with --mode ebpf)");
-    }
+    let (state, capture) = installed(state_dir)?;
     if on && !state.socket_storage {
         bail!("same-node acceleration needs per-socket storage; the agent keeps original destinations in a keyed map (tier ebpf-keyed); restart it with --storage socket on a kernel that has it");
     }
-    let maps = PinnedMaps::open(&state.bpffs_dir)?;
-    maps.set_accelerate(on)?;
+    capture.set_accelerate(on)?;
     println!("same-node acceleration {}", if on { "on (new connections)" } else { "off (every connection, at once)" });
     Ok(())
 }

@@ -91,7 +91,8 @@ struct RawProxy {
 }
 
 /// How connections are captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CaptureMode {
     /// The kernel programs (cgroup/connect4,6, sockops, cgroup/getsockopt).
     Ebpf,

@@ -33,7 +33,7 @@ pub enum StateError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
     pub pid: u32,
-    pub mode: String,
+    pub mode: crate::config::CaptureMode,
     /// Why this mode (requested, or what `auto` found).
     #[serde(default)]
     pub mode_reason: String,

@@ -114,7 +114,7 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let svc = m.service_by_host("reviews.bookinfo.svc.cluster.local").expect("the Service is in the mesh");
     assert_eq!(m.services[svc].endpoints.len(), 2);
     assert_eq!(m.http_routes.get(&svc).map(std::vec::Vec::len), Some(2), "the VirtualService's two rules");
-    assert!(m.dump(&|_, _| false).to_string().contains("jason"));
+    assert!(redirector::admin::config_dump::dump(&m, &|_, _| false).to_string().contains("jason"));
     assert_eq!(format!("{:?}", m.security.mtls_mode(&productpage, 9080)), "Strict");
     assert!(m.warnings.is_empty(), "Kubernetes' own fields are not warned about: {:?}", m.warnings);
     {

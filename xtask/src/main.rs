@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fn_length;
 mod kernel_test;
 mod layering;
 
@@ -68,9 +69,9 @@ enum Task {
         #[arg(long)]
         scenarios: Option<String>,
     },
-    /// The lint CI runs: rustfmt --check, clippy with warnings denied, and
-    /// the module layering (no import cycle between files; see
-    /// ARCHITECTURE.md).
+    /// The lint CI runs: the module layering (no import cycle between
+    /// files; see ARCHITECTURE.md), function length, rustfmt --check and
+    /// clippy with warnings denied.
     Lint,
     /// Boot other kernels under QEMU and run the capture checks inside them.
     KernelTest {
@@ -309,12 +310,15 @@ fn bench(
 }
 
 fn lint() -> Result<()> {
-    step(1, 3, "module layering");
+    step(1, 4, "module layering");
     let (files, edges) = layering::check(&root_dir().join("redirector-user/src"))?;
     eprintln!("      {files} files, {edges} imports between them, no cycle, every import allowed");
-    step(2, 3, "rustfmt --check");
+    step(2, 4, "function length");
+    let n = fn_length::check(&root_dir(), &["redirector-user/src", "redirector-ebpf/src", "xtask/src"])?;
+    eprintln!("      {n} functions, none over the limit");
+    step(3, 4, "rustfmt --check");
     sh(cargo().args(["fmt", "--all", "--check"])).context("fix: cargo fmt --all")?;
-    step(3, 3, "clippy (warnings denied)");
+    step(4, 4, "clippy (warnings denied)");
     sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
         .context("fix what clippy reports above")?;
     eprintln!("lint: clean");

@@ -332,7 +332,7 @@ pub fn spawn(
     watched: Vec<Watched>,
     warnings: Vec<String>,
     handle: MeshHandle,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<SourceStatus>>) {
     let n = watched.len();
     let store = Arc::new(Mutex::new(Store {
@@ -346,140 +346,171 @@ pub fn spawn(
     }
     let changed = Arc::new(tokio::sync::Notify::new());
     let watched = Arc::new(watched);
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let w = watched[i].clone();
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &w.resource);
-        let mut config = watcher::Config::default();
-        if let Some(f) = &w.field_selector {
-            config = config.fields(f);
-        }
-        let store = Arc::clone(&store);
-        let changed = Arc::clone(&changed);
-        tasks.push(tokio::spawn(async move {
-            let mut events = watcher(api, config).default_backoff().boxed();
-            let mut failing = false;
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(e) => {
-                        if failing {
-                            info!(watch = %w.role, "kubernetes watch resumed");
-                            failing = false;
-                        }
-                        e
-                    }
-                    Err(e) => {
-                        // The watcher backs off and retries by itself.
-                        if !failing {
-                            warn!(watch = %w.role, error = %e, "kubernetes watch failed; retrying with backoff, the last config stays in force");
-                            failing = true;
-                        }
-                        continue;
-                    }
-                };
-                let mut s = store.lock().expect("kubernetes store lock");
-                match event {
-                    watcher::Event::Init => s.relisting[i] = Some(BTreeMap::new()),
-                    watcher::Event::InitApply(o) => {
-                        let k = key_of(&o);
-                        if let (Some(v), Some(buf)) = (normalise(o, &w.resource), s.relisting[i].as_mut()) {
-                            buf.insert(k, v);
-                        }
-                    }
-                    watcher::Event::InitDone => {
-                        let listed = s.relisting[i].take().unwrap_or_default();
-                        s.objects[i] = listed;
-                        s.listed[i] = true;
-                        changed.notify_one();
-                    }
-                    watcher::Event::Apply(o) => {
-                        let k = key_of(&o);
-                        match normalise(o, &w.resource) {
-                            Some(v) => s.objects[i].insert(k, v),
-                            None => s.objects[i].remove(&k),
-                        };
-                        changed.notify_one();
-                    }
-                    watcher::Event::Delete(o) => {
-                        s.objects[i].remove(&key_of(&o));
-                        changed.notify_one();
-                    }
-                }
-            }
-        }));
-    }
-    let task = {
-        let status = Arc::clone(&status);
-        tokio::spawn(async move {
-            // What the last compile saw, as a digest of every object (a
-            // copy of them all would double the source's memory).
-            let mut last: Option<String> = None;
-            let mut announced = false;
-            loop {
-                tokio::select! {
-                    () = changed.notified() => {}
-                    _ = stop.changed() => break,
-                }
-                // Let a burst of events (a relist, a kubectl apply of
-                // many objects) settle into one change.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let (docs, errors, (content, count)) = {
-                    let s = store.lock().expect("kubernetes store lock");
-                    let mut st = status.lock().expect("kubernetes status lock");
-                    st.objects =
-                        watched.iter().enumerate().map(|(i, w)| (w.role.clone(), s.objects[i].len())).collect();
-                    if !s.listed.iter().all(|l| *l) {
-                        continue;
-                    }
-                    st.synced = true;
-                    let content = digest(s.objects.iter().flat_map(|m| m.values()));
-                    let count: usize = s.objects.iter().map(std::collections::BTreeMap::len).sum();
-                    if last.as_ref() == Some(&content) {
-                        continue;
-                    }
-                    // The cluster-wide watches (not this node's pods).
-                    st.digest = digest(
-                        watched
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, w)| w.field_selector.is_none())
-                            .flat_map(|(i, _)| s.objects[i].values()),
-                    );
-                    let (docs, errors) = documents(&s, &watched);
-                    (docs, errors, (content, count))
-                };
-                if !announced {
-                    info!(objects = count, "kubernetes config source synced: every kind listed");
-                    announced = true;
-                }
-                for e in &errors {
-                    error!(problem = %e, "object from the cluster rejected; the rest of the config applies");
-                }
-                match Mesh::compile(&docs) {
-                    Ok(mesh) => {
-                        crate::mesh::log_warnings(&mesh);
-                        let (services, pods) = (mesh.services.len(), mesh.pods.len());
-                        handle.replace(mesh);
-                        last = Some(content);
-                        let mut st = status.lock().expect("kubernetes status lock");
-                        st.applied += 1;
-                        st.rejected = errors.iter().map(std::string::ToString::to_string).collect();
-                        info!(version = handle.version(), services, pods, "mesh config applied from the cluster");
-                    }
-                    Err(problems) => {
-                        for p in &problems {
-                            error!(problem = %p, "config from the cluster rejected; the last good config stays in force");
-                        }
-                        last = Some(content);
-                    }
-                }
-            }
-            for t in tasks {
-                t.abort();
-            }
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::spawn(watch_kind(client.clone(), watched[i].clone(), i, Arc::clone(&store), Arc::clone(&changed)))
         })
-    };
+        .collect();
+    let applier = Applier { store, watched, status: Arc::clone(&status), handle, last: None, announced: false };
+    let task = tokio::spawn(applier.run(changed, stop, tasks));
     (task, status)
+}
+
+/// Fold one kind's watch events into the store (slot `i`), waking the
+/// applier on every change; the watcher backs off and retries by itself.
+async fn watch_kind(
+    client: kube::Client,
+    w: Watched,
+    i: usize,
+    store: Arc<Mutex<Store>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let api: Api<DynamicObject> = Api::all_with(client, &w.resource);
+    let mut config = watcher::Config::default();
+    if let Some(f) = &w.field_selector {
+        config = config.fields(f);
+    }
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => {
+                if failing {
+                    info!(watch = %w.role, "kubernetes watch resumed");
+                    failing = false;
+                }
+                e
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(watch = %w.role, error = %e, "kubernetes watch failed; retrying with backoff, the last config stays in force");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        let mut s = store.lock().expect("kubernetes store lock");
+        match event {
+            watcher::Event::Init => s.relisting[i] = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                let k = key_of(&o);
+                if let (Some(v), Some(buf)) = (normalise(o, &w.resource), s.relisting[i].as_mut()) {
+                    buf.insert(k, v);
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = s.relisting[i].take().unwrap_or_default();
+                s.objects[i] = listed;
+                s.listed[i] = true;
+                changed.notify_one();
+            }
+            watcher::Event::Apply(o) => {
+                let k = key_of(&o);
+                match normalise(o, &w.resource) {
+                    Some(v) => s.objects[i].insert(k, v),
+                    None => s.objects[i].remove(&k),
+                };
+                changed.notify_one();
+            }
+            watcher::Event::Delete(o) => {
+                s.objects[i].remove(&key_of(&o));
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+/// Compiles the store into the mesh in force when it changes.
+struct Applier {
+    store: Arc<Mutex<Store>>,
+    watched: Arc<Vec<Watched>>,
+    status: Arc<Mutex<SourceStatus>>,
+    handle: MeshHandle,
+    /// What the last compile saw, as a digest of every object (a copy of
+    /// them all would double the source's memory).
+    last: Option<String>,
+    announced: bool,
+}
+
+impl Applier {
+    async fn run(
+        mut self,
+        changed: Arc<tokio::sync::Notify>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        watches: Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        loop {
+            tokio::select! {
+                () = changed.notified() => {}
+                _ = stop.changed() => break,
+            }
+            // Let a burst of events (a relist, a kubectl apply of many
+            // objects) settle into one change.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some((docs, errors, content, count)) = self.changed_documents() {
+                self.apply(&docs, &errors, content, count);
+            }
+        }
+        for t in watches {
+            t.abort();
+        }
+    }
+
+    /// The documents to compile, when every kind is listed and something
+    /// changed since the last compile; the status's counts either way.
+    fn changed_documents(&mut self) -> Option<(Documents, Vec<Problem>, String, usize)> {
+        let s = self.store.lock().expect("kubernetes store lock");
+        let mut st = self.status.lock().expect("kubernetes status lock");
+        st.objects = self.watched.iter().enumerate().map(|(i, w)| (w.role.clone(), s.objects[i].len())).collect();
+        if !s.listed.iter().all(|l| *l) {
+            return None;
+        }
+        st.synced = true;
+        let content = digest(s.objects.iter().flat_map(|m| m.values()));
+        let count: usize = s.objects.iter().map(BTreeMap::len).sum();
+        if self.last.as_ref() == Some(&content) {
+            return None;
+        }
+        // The cluster-wide watches (not this node's pods).
+        st.digest = digest(
+            self.watched
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.field_selector.is_none())
+                .flat_map(|(i, _)| s.objects[i].values()),
+        );
+        let (docs, errors) = documents(&s, &self.watched);
+        Some((docs, errors, content, count))
+    }
+
+    /// Compile and swap in; a config that does not compile leaves the last
+    /// good one in force.
+    fn apply(&mut self, docs: &Documents, errors: &[Problem], content: String, count: usize) {
+        if !self.announced {
+            info!(objects = count, "kubernetes config source synced: every kind listed");
+            self.announced = true;
+        }
+        for e in errors {
+            error!(problem = %e, "object from the cluster rejected; the rest of the config applies");
+        }
+        self.last = Some(content);
+        match Mesh::compile(docs) {
+            Ok(mesh) => {
+                crate::mesh::log_warnings(&mesh);
+                let (services, pods) = (mesh.services.len(), mesh.pods.len());
+                self.handle.replace(mesh);
+                let mut st = self.status.lock().expect("kubernetes status lock");
+                st.applied += 1;
+                st.rejected = errors.iter().map(ToString::to_string).collect();
+                info!(version = self.handle.version(), services, pods, "mesh config applied from the cluster");
+            }
+            Err(problems) => {
+                for p in &problems {
+                    error!(problem = %p, "config from the cluster rejected; the last good config stays in force");
+                }
+            }
+        }
+    }
 }
 
 /// Everything the agent does before it watches: reach the API server,
