@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::mesh::MeshHandle;
-use crate::proxy::{ProxyStats, StatsSnapshot};
+use crate::telemetry::connection::{ProxyStats, StatsSnapshot};
 use crate::telemetry::Metrics;
 
 /// What the endpoints read.

@@ -20,10 +20,10 @@ use serde::Serialize;
 use crate::capture::ebpf::{self};
 use crate::capture::iptables;
 use crate::capture::status::{named, AccelSocket, CgroupStatus, RuleCount, ShortcutTotals};
-use crate::proxy::StatsSnapshot;
 use crate::state::{pid_alive, AgentState, WORKLOADS_CGROUP};
 use crate::sys::cgroup;
 use crate::sys::machine::{self, Check};
+use crate::telemetry::connection::StatsSnapshot;
 
 /// The agent's record and the capture it installed.
 fn installed(state_dir: &Path) -> Result<(AgentState, Box<dyn crate::capture::Installed>)> {

@@ -17,20 +17,19 @@ pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod source;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
 use crate::endpoint::Balancer;
 use crate::mesh::MeshHandle;
+use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::Metrics;
 use crate::transport::http_client::Upstreams;
 use crate::transport::socket::WorkloadNet;
@@ -60,108 +59,6 @@ pub struct ProxySettings {
     /// Close open connections when the listeners stop (a pod that left),
     /// instead of draining them.
     pub(crate) close_on_stop: bool,
-}
-
-/// One connection the proxy is carrying, as `redirector status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConnectionInfo {
-    pub id: u64,
-    pub client: SocketAddr,
-    pub original_dst: SocketAddr,
-    /// The proxy's own address on the upstream connection: what the server
-    /// sees as its peer.
-    pub upstream_local: Option<SocketAddr>,
-    pub age_ms: u128,
-}
-
-struct Entry {
-    client: SocketAddr,
-    original_dst: SocketAddr,
-    upstream_local: Option<SocketAddr>,
-    started: Instant,
-}
-
-/// The connections open right now and totals since start.
-#[derive(Default)]
-pub struct ProxyStats {
-    next_id: AtomicU64,
-    open: Mutex<BTreeMap<u64, Entry>>,
-    pub accepted: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub failed: AtomicU64,
-    pub rejected_over_limit: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatsSnapshot {
-    pub accepted: u64,
-    pub forwarded: u64,
-    pub failed: u64,
-    pub rejected_over_limit: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub open: Vec<ConnectionInfo>,
-}
-
-impl ProxyStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let open = self
-            .open
-            .lock()
-            .expect("stats lock")
-            .iter()
-            .map(|(id, e)| ConnectionInfo {
-                id: *id,
-                client: e.client,
-                original_dst: e.original_dst,
-                upstream_local: e.upstream_local,
-                age_ms: e.started.elapsed().as_millis(),
-            })
-            .collect();
-        StatsSnapshot {
-            accepted: self.accepted.load(Ordering::Relaxed),
-            forwarded: self.forwarded.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            rejected_over_limit: self.rejected_over_limit.load(Ordering::Relaxed),
-            bytes_up: self.bytes_up.load(Ordering::Relaxed),
-            bytes_down: self.bytes_down.load(Ordering::Relaxed),
-            open,
-        }
-    }
-
-    /// Add a connection to the open table until the guard drops.
-    pub(crate) fn open(&self, client: SocketAddr, original_dst: SocketAddr, started: Instant) -> OpenGuard<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("stats lock").insert(id, Entry { client, original_dst, upstream_local: None, started });
-        OpenGuard { stats: self, id }
-    }
-
-    pub fn open_count(&self) -> usize {
-        self.open.lock().expect("stats lock").len()
-    }
-}
-
-/// Removes a connection from the open table however its task ends.
-pub(crate) struct OpenGuard<'a> {
-    stats: &'a ProxyStats,
-    id: u64,
-}
-
-impl OpenGuard<'_> {
-    /// Record the proxy's own address on the upstream connection.
-    pub(crate) fn set_upstream_local(&self, local: Option<SocketAddr>) {
-        if let Some(e) = self.stats.open.lock().expect("stats lock").get_mut(&self.id) {
-            e.upstream_local = local;
-        }
-    }
-}
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.stats.open.lock().expect("stats lock").remove(&self.id);
-    }
 }
 
 /// Serve `listeners` until `shutdown` turns true: at most

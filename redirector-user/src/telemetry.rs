@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod connection;
 pub mod logtime;
 
 use std::borrow::Cow;

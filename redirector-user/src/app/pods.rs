@@ -21,7 +21,8 @@ use crate::config::AgentConfig;
 use crate::identity::CertStore;
 use crate::inpod::PodHandle;
 use crate::mesh::pods::{PodInfo, UntilReady};
-use crate::proxy::{ProxySettings, ProxyStats};
+use crate::proxy::ProxySettings;
+use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::Metrics;
 use crate::transport::socket::WorkloadNet;
 

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::identity::{CertStore, Identity};
+use crate::telemetry::connection::{ConnectionRecord, Ended, Side};
 use crate::telemetry::Metrics;
 use crate::transport::h2stream::H2Stream;
 use crate::transport::hbone::{
@@ -55,10 +56,12 @@ impl Inbound {
         peer_id: Option<&Identity>,
         dst: SocketAddr,
     ) {
-        let (security, kind) = if peer_id.is_some() { ("mutual_tls", "HBONE") } else { ("none", "plaintext") };
-        let series = self.metrics.tcp_series(self.metrics.inbound_labels(self.workload.labels(), peer_id, security));
-        series.opened.inc();
-        let started = Instant::now();
+        let security = if peer_id.is_some() { "mutual_tls" } else { "none" };
+        let labels = self.metrics.inbound_labels(self.workload.labels(), peer_id, security);
+        let workload = self.workload.describe();
+        let side = Side::Inbound { peer, dst, workload, hbone: peer_id.is_some() };
+        let record = ConnectionRecord::open(&self.metrics, labels, side, self.access_log, Instant::now())
+            .principals(peer_id, self.workload.identity.as_ref());
         let (upstream_read, upstream_write) = upstream.split();
         let r = match client {
             Delivered::Plain(mut client) => {
@@ -77,25 +80,11 @@ impl Inbound {
                 )
             }
         };
-        let (received, sent) = r.unwrap_or((0, 0));
-        series.received.inc_by(received);
-        series.sent.inc_by(sent);
-        series.closed.inc();
-        if !self.access_log {
-            return;
-        }
-        info!(
-            target: "access",
-            direction = "inbound",
-            src = %peer,
-            source_principal = %crate::identity::Principal(peer_id),
-            dst = %dst,
-            destination_workload = %format_args!("{}/{}", self.workload.namespace, self.workload.name),
-            bytes_received = received,
-            bytes_sent = sent,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "{kind} connection closed"
-        );
+        let ((request, response), ended) = match r {
+            Ok(bytes) => (bytes, Ended::Closed),
+            Err(e) => ((0, 0), Ended::Failed(e)),
+        };
+        record.close(request, response, &ended);
     }
 
     /// The AuthorizationPolicy check for a connection from `peer`

@@ -15,12 +15,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn};
 
-use super::{source, ProxySettings, ProxyStats};
+use super::{source, ProxySettings};
 use crate::capture::orig_dst::original_dst;
 use crate::copy::{copy_one_way, until_idle, Tracked};
-use crate::identity::{Identity, Principal};
+use crate::identity::Identity;
 use crate::mesh::model::{Address, Mesh, Protocol};
 use crate::route::http::{self as l7};
+use crate::telemetry::connection::ProxyStats;
+use crate::telemetry::connection::{ConnectionRecord, Ended, Side};
 use crate::telemetry::{label, Labels};
 use crate::transport::{Connected, Mtls, Upstream};
 
@@ -155,8 +157,6 @@ pub(crate) async fn proxy_to(
         Upstream::Plain(s) => s.local_addr().ok(),
         Upstream::Hbone(_) => None,
     };
-    open.set_upstream_local(upstream_local);
-    stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let labels = tcp_labels(
         tcp.labels.clone(),
         dst,
@@ -164,20 +164,13 @@ pub(crate) async fn proxy_to(
         settings.workload.identity.as_ref(),
         connected.peer_identity.as_ref(),
     );
-    let record =
-        OutboundRecord { client, dst, upstream_local, peer_identity: connected.peer_identity.clone(), started };
-    let series = settings.metrics.tcp_series(labels);
-    series.opened.inc();
+    let side = Side::Outbound { client, original_dst: dst };
+    let record = ConnectionRecord::open(&settings.metrics, labels, side, settings.access_log, started)
+        .in_status(stats, open, upstream_local)
+        .principals(settings.workload.identity.as_ref(), connected.peer_identity.as_ref());
     debug!(%client, original_dst = %dst, "connected upstream");
     let copied = copy(client_stream, connected, settings.idle_timeout).await;
-    stats.bytes_up.fetch_add(copied.up, Ordering::Relaxed);
-    stats.bytes_down.fetch_add(copied.down, Ordering::Relaxed);
-    series.sent.inc_by(copied.up);
-    series.received.inc_by(copied.down);
-    series.closed.inc();
-    if settings.access_log {
-        record.log(settings.workload.identity.as_ref(), &copied);
-    }
+    record.close(copied.up, copied.down, &copied.ended);
     drop(tcp);
 }
 
@@ -274,12 +267,11 @@ fn tcp_labels(
     labels
 }
 
-/// How a copy ended and what it moved.
+/// What a copy moved and how it ended.
 struct Copied {
     up: u64,
     down: u64,
-    /// `Ok(false)`: closed by the idle timeout.
-    outcome: std::io::Result<bool>,
+    ended: Ended,
 }
 
 /// Copy both ways until both sides end, an error, or `idle` with nothing
@@ -323,49 +315,12 @@ async fn copy(mut client_stream: TcpStream, connected: Connected, idle: Duration
             until_idle(copy, &activity, epoch, idle).await.map(|r| r.is_some())
         }
     };
-    Copied { up: up_bytes.load(Ordering::Relaxed), down: down_bytes.load(Ordering::Relaxed), outcome }
-}
-
-/// What the access-log line of an outbound connection says.
-struct OutboundRecord {
-    client: SocketAddr,
-    dst: SocketAddr,
-    upstream_local: Option<SocketAddr>,
-    peer_identity: Option<Identity>,
-    started: Instant,
-}
-
-impl OutboundRecord {
-    /// The access log's target (`access`), as the destination's line and
-    /// ztunnel's: one filter (`REDIRECTOR_LOG=...,access=off`) governs both.
-    fn log(&self, own: Option<&Identity>, copied: &Copied) {
-        let (client, dst, up, down) = (self.client, self.dst, copied.up, copied.down);
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        match &copied.outcome {
-            Ok(true) => info!(
-                target: "access",
-                direction = "outbound",
-                %client, original_dst = %dst,
-                upstream_local = ?self.upstream_local,
-                source_principal = %Principal(own),
-                destination_principal = %Principal(self.peer_identity.as_ref()),
-                bytes_up = up, bytes_down = down, duration_ms,
-                "connection closed"
-            ),
-            Ok(false) => info!(
-                target: "access",
-                direction = "outbound",
-                %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
-                "idle timeout: connection closed"
-            ),
-            Err(e) => info!(
-                target: "access",
-                direction = "outbound",
-                %client, original_dst = %dst, bytes_up = up, bytes_down = down, duration_ms,
-                error = %e, "connection ended with an error"
-            ),
-        }
-    }
+    let ended = match outcome {
+        Ok(true) => Ended::Closed,
+        Ok(false) => Ended::IdleTimeout,
+        Err(e) => Ended::Failed(e),
+    };
+    Copied { up: up_bytes.load(Ordering::Relaxed), down: down_bytes.load(Ordering::Relaxed), ended }
 }
 
 #[cfg(test)]
