@@ -18,8 +18,23 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+// Shared first, then one module per program, in capture order.
 #[cfg(target_arch = "bpf")]
-mod programs;
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
+mod getsockopt;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod prelude;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
+#[cfg(target_arch = "bpf")]
+mod sk_msg;
+#[cfg(target_arch = "bpf")]
+mod sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
