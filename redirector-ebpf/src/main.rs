@@ -20,21 +20,21 @@
 
 // Shared first, then one module per program, in capture order.
 #[cfg(target_arch = "bpf")]
-mod connect;
-#[cfg(target_arch = "bpf")]
-mod dns;
-#[cfg(target_arch = "bpf")]
-mod getsockopt;
+mod prelude;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
-mod prelude;
+mod connect;
 #[cfg(target_arch = "bpf")]
-mod sk_lookup;
+mod sockops;
+#[cfg(target_arch = "bpf")]
+mod getsockopt;
+#[cfg(target_arch = "bpf")]
+mod dns;
 #[cfg(target_arch = "bpf")]
 mod sk_msg;
 #[cfg(target_arch = "bpf")]
-mod sockops;
+mod sk_lookup;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -9,8 +9,8 @@
 //!
 //! It does not decide where a connection goes once captured.
 
-pub mod ebpf;
 pub mod features;
+pub mod ebpf;
 pub mod iptables;
 pub mod orig_dst;
 pub mod status;

@@ -34,26 +34,29 @@
 //! starts all of it) and [`cmd`] (the CLI commands). `ARCHITECTURE.md`
 //! follows one connection through these files.
 
+// Modules only the agent itself uses are `pub(crate)`, so the compiler
+// reports what nothing calls; the rest serve the binary and the tests.
+
 // The data path.
 pub mod capture;
-pub mod copy;
-pub mod endpoint;
-pub mod proxy;
-pub mod route;
+pub(crate) mod proxy;
+pub(crate) mod route;
+pub(crate) mod endpoint;
+pub(crate) mod transport;
+pub(crate) mod copy;
 pub mod telemetry;
-pub mod transport;
 
 // The control plane.
 pub mod config;
-pub mod identity;
+pub(crate) mod net;
 pub mod mesh;
-pub mod net;
-pub mod tls;
+pub mod identity;
+pub(crate) mod tls;
 
 // The node.
+pub(crate) mod inpod;
+pub mod sys;
+pub mod state;
 pub mod admin;
 pub mod app;
 pub mod cmd;
-pub mod inpod;
-pub mod state;
-pub mod sys;

@@ -4,12 +4,13 @@
 
 #![forbid(unsafe_code)]
 
-pub mod kubernetes;
-pub mod model;
-pub mod pods;
-pub mod resources;
-pub mod security;
+// Sources, then what they feed: resources -> pods, model, security.
 pub mod source_dir;
+pub mod kubernetes;
+pub mod resources;
+pub mod pods;
+pub mod model;
+pub mod security;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

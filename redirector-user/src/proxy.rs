@@ -11,11 +11,11 @@
 
 #![forbid(unsafe_code)]
 
-pub(crate) mod dns;
-pub(crate) mod gateway;
-pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod source;
+pub(crate) mod inbound;
+pub(crate) mod gateway;
+pub(crate) mod dns;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -9,10 +9,10 @@
 
 #![forbid(unsafe_code)]
 
-pub(crate) mod h2stream;
-pub(crate) mod hbone;
-pub(crate) mod http_client;
 pub(crate) mod socket;
+pub(crate) mod hbone;
+pub(crate) mod h2stream;
+pub(crate) mod http_client;
 
 use std::io;
 use std::net::SocketAddr;
