@@ -58,7 +58,7 @@ impl Inbound {
     ) {
         let security = if peer_id.is_some() { "mutual_tls" } else { "none" };
         let labels = self.metrics.inbound_labels(self.workload.labels(), peer_id, security);
-        let workload = self.workload.describe();
+        let workload = (self.workload.namespace.as_str(), self.workload.name.as_str());
         let side = Side::Inbound { peer, dst, workload, hbone: peer_id.is_some() };
         let record = ConnectionRecord::open(&self.metrics, labels, side, self.access_log, Instant::now())
             .principals(peer_id, self.workload.identity.as_ref());

@@ -24,7 +24,7 @@ use crate::route::http::{self as l7};
 use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::connection::{ConnectionRecord, Ended, Side};
 use crate::telemetry::{label, Labels};
-use crate::transport::{Connected, Mtls, Upstream};
+use crate::transport::{Mtls, Upstream};
 
 /// Serve the outbound listeners until `shutdown` turns true, then wait up to
 /// `drain` for open connections to finish.
@@ -169,7 +169,7 @@ pub(crate) async fn proxy_to(
         .in_status(stats, open, upstream_local)
         .principals(settings.workload.identity.as_ref(), connected.peer_identity.as_ref());
     debug!(%client, original_dst = %dst, "connected upstream");
-    let copied = copy(client_stream, connected, settings.idle_timeout).await;
+    let copied = copy(client_stream, connected.upstream, connected.early_bytes, settings.idle_timeout).await;
     record.close(copied.up, copied.down, &copied.ended);
     drop(tcp);
 }
@@ -276,14 +276,14 @@ struct Copied {
 
 /// Copy both ways until both sides end, an error, or `idle` with nothing
 /// moving.
-async fn copy(mut client_stream: TcpStream, connected: Connected, idle: Duration) -> Copied {
+async fn copy(mut client_stream: TcpStream, upstream: Upstream, early_bytes: u64, idle: Duration) -> Copied {
     let activity = Arc::new(AtomicU64::new(0));
-    let up_bytes = Arc::new(AtomicU64::new(connected.early_bytes));
+    let up_bytes = Arc::new(AtomicU64::new(early_bytes));
     let down_bytes = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let (client_read, client_write) = client_stream.split();
     let client_read = Tracked::new(client_read, Arc::clone(&activity), epoch, Arc::clone(&up_bytes));
-    let outcome = match connected.upstream {
+    let outcome = match upstream {
         Upstream::Plain(mut upstream) => {
             let (upstream_read, upstream_write) = upstream.split();
             let copy = async {

@@ -121,12 +121,12 @@ impl Drop for OpenGuard<'_> {
 }
 
 /// Which side of the mesh recorded a connection, and what its access line
-/// names.
-pub enum Side {
+/// names (borrowed: a record allocates nothing of its own).
+pub enum Side<'a> {
     /// The source's proxy: the client and where it was going.
     Outbound { client: SocketAddr, original_dst: SocketAddr },
     /// The destination's proxy: the peer, the pod's address and the pod.
-    Inbound { peer: SocketAddr, dst: SocketAddr, workload: String, hbone: bool },
+    Inbound { peer: SocketAddr, dst: SocketAddr, workload: (&'a str, &'a str), hbone: bool },
 }
 
 /// How a connection's copy ended.
@@ -139,12 +139,12 @@ pub enum Ended {
 /// The record of one connection: opened when it is connected, written once
 /// when it ends (or dropped unwritten if it never was).
 pub struct ConnectionRecord<'a> {
-    side: Side,
+    side: Side<'a>,
     series: TcpSeries,
     /// Outbound: the totals and the open-connection table.
     stats: Option<(&'a ProxyStats, OpenGuard<'a>)>,
-    source_principal: Option<Identity>,
-    destination_principal: Option<Identity>,
+    source_principal: Option<&'a Identity>,
+    destination_principal: Option<&'a Identity>,
     upstream_local: Option<SocketAddr>,
     access_log: bool,
     started: Instant,
@@ -155,7 +155,7 @@ impl<'a> ConnectionRecord<'a> {
     pub fn open(
         metrics: &Metrics,
         labels: Labels,
-        side: Side,
+        side: Side<'a>,
         access_log: bool,
         started: Instant,
     ) -> ConnectionRecord<'a> {
@@ -184,9 +184,9 @@ impl<'a> ConnectionRecord<'a> {
     }
 
     /// The identities both ends proved, for the access line.
-    pub fn principals(mut self, source: Option<&Identity>, destination: Option<&Identity>) -> Self {
-        self.source_principal = source.cloned();
-        self.destination_principal = destination.cloned();
+    pub fn principals(mut self, source: Option<&'a Identity>, destination: Option<&'a Identity>) -> Self {
+        self.source_principal = source;
+        self.destination_principal = destination;
         self
     }
 
@@ -215,7 +215,7 @@ impl<'a> ConnectionRecord<'a> {
     /// one filter (`REDIRECTOR_LOG=...,access=off`) governs both.
     fn log(&self, up: u64, down: u64, ended: &Ended) {
         let duration_ms = self.started.elapsed().as_millis() as u64;
-        let (src, dst) = (Principal(self.source_principal.as_ref()), Principal(self.destination_principal.as_ref()));
+        let (src, dst) = (Principal(self.source_principal), Principal(self.destination_principal));
         match (&self.side, ended) {
             (Side::Outbound { client, original_dst }, Ended::Closed) => info!(
                 target: "access",
@@ -245,7 +245,7 @@ impl<'a> ConnectionRecord<'a> {
                 src = %peer,
                 source_principal = %src,
                 dst = %to,
-                destination_workload = %workload,
+                destination_workload = %format_args!("{}/{}", workload.0, workload.1),
                 bytes_received = up,
                 bytes_sent = down,
                 duration_ms,
