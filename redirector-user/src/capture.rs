@@ -115,6 +115,33 @@ fn ids(cgroups: &[PathBuf]) -> Result<Vec<u64>> {
     Ok(cgroups.iter().map(|c| cgroup::cgroup_id(c)).collect::<Result<Vec<u64>, _>>()?)
 }
 
+/// Apply `set` to every cgroup's id in the pinned maps under `dir`, all or
+/// nothing: a failure half-way runs `unset` on every id and returns the
+/// error; success returns the undo that runs `unset`.
+fn each_cgroup(
+    dir: &Path,
+    cgroups: &[PathBuf],
+    set: impl Fn(&PinnedMaps, u64) -> Result<(), ebpf::EbpfError>,
+    unset: fn(&PinnedMaps, u64),
+) -> Result<Undo> {
+    let maps = PinnedMaps::open(dir)?;
+    let ids = ids(cgroups)?;
+    let all = ids.iter().try_for_each(|id| set(&maps, *id));
+    let dir = dir.to_path_buf();
+    let undo = move || {
+        if let Ok(maps) = PinnedMaps::open(&dir) {
+            for id in &ids {
+                unset(&maps, *id);
+            }
+        }
+    };
+    if let Err(e) = all {
+        undo();
+        return Err(e.into());
+    }
+    Ok(Box::new(undo))
+}
+
 /// eBPF capture: the cgroup programs, the pinned maps, sk_lookup steering.
 struct Ebpf {
     capture: EbpfCapture,
@@ -134,25 +161,16 @@ impl Capture for Ebpf {
     }
 
     fn refuse_until_ready(&self, cgroups: &[PathBuf]) -> Result<Option<Undo>> {
-        let maps = PinnedMaps::open(&self.cfg.bpffs_dir)?;
-        let ids = ids(cgroups)?;
-        let dir = self.cfg.bpffs_dir.clone();
-        let undo = {
-            let ids = ids.clone();
-            move || {
-                if let Ok(maps) = PinnedMaps::open(&dir) {
-                    for id in ids {
-                        let _ = maps.unenroll_if_pending(id);
-                    }
-                }
-            }
-        };
         // All or nothing: a refusal that fails half-way is taken back.
-        if let Err(e) = ids.iter().try_for_each(|id| maps.enroll_with(*id, redirector_common::ENROLL_PENDING)) {
-            undo();
-            return Err(e.into());
-        }
-        Ok(Some(Box::new(undo)))
+        let undo = each_cgroup(
+            &self.cfg.bpffs_dir,
+            cgroups,
+            |m, id| m.enroll_with(id, redirector_common::ENROLL_PENDING),
+            |m, id| {
+                let _ = m.unenroll_if_pending(id);
+            },
+        )?;
+        Ok(Some(undo))
     }
 
     fn steer_inbound(&self, pod: &WorkloadNet, listeners: &PodListeners<'_>) -> Result<Undo> {
@@ -180,24 +198,9 @@ impl Capture for Ebpf {
     }
 
     fn enroll(&self, cgroups: &[PathBuf]) -> Result<Undo> {
-        let maps = PinnedMaps::open(&self.cfg.bpffs_dir)?;
-        let ids = ids(cgroups)?;
-        let dir = self.cfg.bpffs_dir.clone();
-        let undo = {
-            let ids = ids.clone();
-            move || {
-                if let Ok(maps) = PinnedMaps::open(&dir) {
-                    for id in ids {
-                        let _ = maps.unenroll(id);
-                    }
-                }
-            }
-        };
-        if let Err(e) = ids.iter().try_for_each(|id| maps.enroll(*id)) {
-            undo();
-            return Err(e.into());
-        }
-        Ok(Box::new(undo))
+        each_cgroup(&self.cfg.bpffs_dir, cgroups, PinnedMaps::enroll, |m, id| {
+            let _ = m.unenroll(id);
+        })
     }
 
     fn clear_leftover_refusals(&self) {
