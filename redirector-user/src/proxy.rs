@@ -75,7 +75,7 @@ pub(crate) async fn serve<F, Fut>(
     drain: Duration,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    F: FnOnce(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(max_connections));
@@ -106,9 +106,12 @@ pub(crate) async fn serve<F, Fut>(
                     warn!(%client, limit = max_connections, "connection limit reached; closing");
                     continue;
                 };
-                let conn = handle(stream, client);
                 let mut stop = shutdown.clone();
+                let handle = handle.clone();
                 tokio::spawn(async move {
+                    // Built inside the task, so the connection's (large)
+                    // future is laid out in place, not moved into it.
+                    let conn = handle(stream, client);
                     if close_on_stop {
                         tokio::select! {
                             () = conn => {}

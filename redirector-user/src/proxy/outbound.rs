@@ -39,12 +39,10 @@ pub(crate) async fn run(
     let (max, close_on_stop) = (settings.max_connections, settings.close_on_stop);
     let settings = Arc::new(settings);
     let handler_stats = Arc::clone(&stats);
-    super::serve(listeners, max, close_on_stop, stats, shutdown, drain, move |stream, client| {
-        let (settings, stats, own) = (Arc::clone(&settings), Arc::clone(&handler_stats), Arc::clone(&own));
-        async move {
-            let Some(dst) = destination(&stream, client, &own, &stats) else { return };
-            proxy_to(stream, client, dst, &settings, &stats).await;
-        }
+    // Cloned once per connection (three reference counts), then consumed.
+    super::serve(listeners, max, close_on_stop, stats, shutdown, drain, move |stream, client| async move {
+        let Some(dst) = destination(&stream, client, &own, &handler_stats) else { return };
+        proxy_to(stream, client, dst, &settings, &handler_stats).await;
     })
     .await;
 }
