@@ -222,6 +222,9 @@ impl Shared {
             transport: transport.clone(),
             from: Arc::clone(&host_workload),
             mesh: mesh.clone(),
+            // The gateway's and the agent's own L7 clients: plain, until
+            // the gateway has an identity of its own.
+            mtls: crate::transport::Mtls::Never,
         });
         let dns_upstreams = if cfg.dns_upstreams.is_empty() {
             crate::proxy::dns::system_resolvers()

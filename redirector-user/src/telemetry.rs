@@ -107,7 +107,10 @@ type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 /// What distinguishes one request series from another, cheaply hashed:
 /// (source workload, destination service, workload, version, response
 /// code, flags).
-pub type RequestKey = (String, String, String, String, u16, &'static str);
+/// A request series' key: source workload, destination service, workload
+/// and version, response code and flags, and the peer's identity when the
+/// request went over mutual TLS.
+pub type RequestKey = (String, String, String, String, u16, &'static str, Option<crate::identity::Identity>);
 
 /// The metric handles of one request series, kept so a request costs a
 /// small map lookup and a few atomic updates, not a label set hashed four

@@ -450,6 +450,50 @@ impl Cluster {
         self.wait_listening(pod, port)
     }
 
+    /// httpbin (from PyPI, under gunicorn) in a pod on its address and
+    /// `port`; returns its access log, one `METHOD PATH STATUS` line per
+    /// request.
+    pub fn start_httpbin(&self, pod: &str, port: u16) -> Result<PathBuf> {
+        let venv = crate::httpbin_venv().context("httpbin is not installed; run .ci/run or see README (Tests)")?;
+        let p = self.pod(pod);
+        let log = self.dir.join(format!("httpbin-{pod}.log"));
+        let bind = format!("{}:{port}", p.ip);
+        self.in_pod(
+            pod,
+            venv.join("bin/gunicorn").to_str().unwrap(),
+            &[
+                "-b",
+                &bind,
+                "-w",
+                "1",
+                "--threads",
+                "16",
+                "--access-logfile",
+                log.to_str().unwrap(),
+                "--access-logformat",
+                "%(m)s %(U)s %(s)s",
+                "httpbin:app",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting httpbin")?;
+        // gunicorn imports httpbin before it listens.
+        let p = self.pod(pod);
+        let ok = eventually(Duration::from_secs(30), || {
+            Command::new("nsenter")
+                .arg(format!("--net={}", ns_path(&p.ns).display()))
+                .args(["ss", "-Htln", &format!("sport = :{port}")])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+        });
+        if !ok {
+            bail!("httpbin does not listen on {}:{port} in pod {pod}", p.ip);
+        }
+        Ok(log)
+    }
+
     /// Wait until something listens on the pod's address and `port`.
     pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
         let p = self.pod(pod);

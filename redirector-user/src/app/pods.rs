@@ -24,7 +24,9 @@ use crate::mesh::pods::{PodInfo, UntilReady};
 use crate::proxy::ProxySettings;
 use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::Metrics;
+use crate::transport::http_client::{Connector, Upstreams};
 use crate::transport::socket::WorkloadNet;
+use crate::transport::Mtls;
 
 /// The file listing the pod cgroups this agent froze (hold until ready),
 /// so a crashed agent's holds are lifted by the next one.
@@ -119,6 +121,14 @@ impl AgentPods {
         let mut settings = self.settings.clone();
         settings.workload = Arc::clone(w);
         settings.close_on_stop = true;
+        // The pod's own HTTP clients: its requests leave from its namespace
+        // with its identity, over HBONE to enrolled pods.
+        settings.upstreams = Upstreams::new(Connector {
+            transport: settings.transport.clone(),
+            from: Arc::clone(w),
+            mesh: settings.mesh.clone(),
+            mtls: Mtls::WhenEnrolled,
+        });
         let drain = self.cfg.drain_timeout;
         tokio::spawn(crate::proxy::outbound::run(
             vec![listeners.outbound],

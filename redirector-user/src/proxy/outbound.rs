@@ -199,11 +199,12 @@ async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &Pro
         return Decision::Tcp(TcpDecision { target: dst, labels: None, _slot: None });
     };
     let protocol = match port.protocol {
-        // In a pod's namespace the node proxy is L4, as ztunnel is: every
-        // port is carried over HBONE as TCP, and nothing is sniffed (a
+        // In a pod's namespace only a declared protocol decides, as in
+        // Istio's sidecar with detection off: an HTTP port is routed per
+        // request, and an undeclared one is L4, never sniffed (a
         // server-first protocol would wait for bytes the client never
         // sends).
-        _ if settings.workload.netns.is_some() => Protocol::Tcp,
+        Protocol::Sniff if settings.workload.netns.is_some() => Protocol::Tcp,
         Protocol::Sniff => crate::route::sniff::sniff(stream).await,
         p => p,
     };
@@ -357,6 +358,7 @@ mod tests {
             transport: transport.clone(),
             from: Arc::clone(&workload),
             mesh: mesh.clone(),
+            mtls: crate::transport::Mtls::WhenEnrolled,
         });
         ProxySettings {
             max_connections: 100,

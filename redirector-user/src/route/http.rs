@@ -31,7 +31,7 @@ mod tests;
 
 use crate::mesh::model::{Action, Mesh, Protocol};
 use crate::mesh::MeshHandle;
-use crate::transport::http_client::{Body, Upstreams};
+use crate::transport::http_client::{Body, MutualTls, Upstreams};
 use filters::Fault;
 use forward::{Dial, Outcome, Routed, Target};
 
@@ -238,6 +238,8 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
     let workload = target.labels.get("app").map_or("unknown", String::as_str);
     let version = target.labels.get("version").map_or("unknown", String::as_str);
     let source = ctx.source.as_ref();
+    // Over HBONE the response carries both identities of its connection.
+    let tls = out.response.extensions().get::<MutualTls>().cloned();
     let series = ctx.metrics.request_series(
         (
             source.map(|s| s.0.clone()).unwrap_or_default(),
@@ -246,6 +248,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
             version.to_string(),
             status,
             out.flags,
+            tls.as_ref().map(|t| t.peer.clone()),
         ),
         || {
             let mut l = crate::telemetry::Labels::to_service(svc_host, svc_ns, workload, version, "http");
@@ -254,6 +257,11 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
             if let Some((name, ns)) = source {
                 l.source_workload = crate::telemetry::label(name);
                 l.source_workload_namespace = crate::telemetry::label(ns);
+            }
+            if let Some(t) = &tls {
+                l.source_principal = t.own.to_string().into();
+                l.destination_principal = t.peer.to_string().into();
+                l.connection_security_policy = "mutual_tls".into();
             }
             l
         },
@@ -284,6 +292,7 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
         response_code = status,
         response_flags = out.flags,
         upstream = out.upstream.as_deref().unwrap_or("-"),
+        upstream_principal = tls.as_ref().map_or_else(|| "-".to_string(), |t| t.peer.to_string()),
         route = out.route.as_deref().unwrap_or("-"),
         duration_ms = started.elapsed().as_millis() as u64,
         "request"

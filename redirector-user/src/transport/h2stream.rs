@@ -6,13 +6,14 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::copy::{FULL_READS_TO_GROW, LARGE_BUFFER, SMALL_BUFFER};
@@ -26,6 +27,8 @@ pub struct H2Stream {
 /// What the peer sends on a stream.
 pub struct H2Reader {
     recv: RecvStream,
+    /// Received and not yet read (the byte-stream view of [`H2Stream`]).
+    pending: Bytes,
 }
 
 /// What we send on a stream.
@@ -37,7 +40,7 @@ pub struct H2Writer {
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { reader: H2Reader { recv }, writer: H2Writer { send, shut: false } }
+        H2Stream { reader: H2Reader { recv, pending: Bytes::new() }, writer: H2Writer { send, shut: false } }
     }
 
     /// The two directions, to be driven at once.
@@ -126,6 +129,56 @@ impl H2Writer {
                 Err(e) => Poll::Ready(Err(to_io(e))),
             },
         }
+    }
+}
+
+/// The stream as a byte stream, for a client that speaks a protocol over it
+/// (the L7 path's HTTP client): reads hand out what the peer sent, writes
+/// send as the peer's window allows, shutdown ends our side.
+impl AsyncRead for H2Stream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let reader = &mut self.reader;
+        if reader.pending.is_empty() {
+            match ready!(reader.poll_chunk(cx))? {
+                Some(data) => reader.pending = data,
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = reader.pending.len().min(buf.remaining());
+        buf.put_slice(&reader.pending.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let writer = &mut self.writer;
+        writer.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(writer.send.poll_capacity(cx)) {
+                Some(Ok(0)) => {}
+                Some(Ok(room)) => {
+                    let n = room.min(buf.len());
+                    if writer.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).is_err() {
+                        return writer.poll_send_error(cx).map(Err);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                None | Some(Err(_)) => return writer.poll_send_error(cx).map(Err),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 sends what it was handed as the connection task writes.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.writer.poll_end(cx)
     }
 }
 

@@ -140,8 +140,12 @@ impl Router {
         let service = mesh.service_at(VIP.parse().unwrap()).map(|(s, _)| s).expect("the service at the VIP");
         let mesh = MeshHandle::new(mesh);
         let transport = Transport { mark: 0, connect_timeout: Duration::from_secs(2), hbone: None };
-        let upstreams =
-            Upstreams::new(Connector { transport, from: Arc::new(WorkloadNet::host(None)), mesh: mesh.clone() });
+        let upstreams = Upstreams::new(Connector {
+            transport,
+            from: Arc::new(WorkloadNet::host(None)),
+            mesh: mesh.clone(),
+            mtls: crate::transport::Mtls::WhenEnrolled,
+        });
         let balancer = Arc::new(Balancer::default());
         let metrics = Arc::new(Metrics::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
