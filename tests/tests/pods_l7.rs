@@ -70,6 +70,25 @@ spec:
   - route:
     - {destination: {host: api-v1}, weight: 90}
     - {destination: {host: api-v2}, weight: 10}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-teapots, namespace: default}
+spec:
+  selector: {matchLabels: {app: b1}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/status/418]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: read-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: a2}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a1]}}]
+    to: [{operation: {methods: [GET, HEAD]}}]
 ",
     );
     y
@@ -149,9 +168,30 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
     eprintln!("canary: v2 {to_v2}, v1 {}", count(&v1));
     assert!((60..=140).contains(&to_v2), "v2 got {to_v2} of 1,000 requests, v1 {}", count(&v1));
 
+    // Destination-side L7 policy, per request, on the rewritten path: b1
+    // denies /status/418 (a DENY by path), a2 allows only reads (an ALLOW
+    // by method); both answer Envoy's 403.
+    let (codes, body) = curl(&c, "a1", &[&format!("http://{API}/api/v1/status/418")]);
+    assert_eq!((codes.as_slice(), body.as_str()), (&[403][..], "RBAC: access denied"), "{}", logs());
+    assert!(!served(&v1).iter().any(|l| l.starts_with("GET /status/418")), "the denied request reached b1");
+    let (codes, _) = curl(&c, "a1", &[&format!("http://{API}/api/v1/status/200")]);
+    assert_eq!(codes, [200], "the DENY names one path only");
+    let (codes, body) = curl(&c, "a1", &["-X", "POST", "-d", "x=1", &format!("http://{API}/api/v2/post")]);
+    assert_eq!((codes.as_slice(), body.as_str()), (&[403][..], "RBAC: access denied"));
+    let (codes, _) = curl(&c, "a1", &[&format!("http://{API}/api/v2/get")]);
+    assert_eq!(codes, [200], "the ALLOW admits a1's GET");
+    let denied = c.logged(1, "inbound request");
+    assert!(
+        denied.iter().any(|l| l["fields"]["response_code"] == 403
+            && l["fields"]["path"] == "/status/418"
+            && l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/default/sa/sa-a1"
+            && l["fields"]["reason"].as_str().unwrap_or_default().contains("no-teapots")),
+        "{denied:?}"
+    );
+
     // Requests to b1 crossed the nodes over HBONE with a1's identity: the
     // source counts them as mutual TLS to b1's principal, the destination
-    // counts HBONE connections from a1's principal.
+    // reports them from a1's principal.
     let a1_id = "spiffe://cluster.local/ns/default/sa/sa-a1";
     let b1_id = "spiffe://cluster.local/ns/default/sa/sa-b1";
     let mtls_to_b1 = metric_sum(
@@ -166,15 +206,28 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
         ],
     );
     assert!(mtls_to_b1 >= 800.0, "requests to b1 over mTLS: {mtls_to_b1}\n{}", c.metrics(0));
-    let hbone_from_a1 = metric_sum(
-        &c,
-        1,
-        "istio_tcp_connections_opened_total",
-        &["reporter=\"destination\"", &format!("source_principal=\"{a1_id}\"")],
-    );
-    assert!(hbone_from_a1 >= 1.0, "node-b saw no HBONE connection from a1:\n{}", c.metrics(1));
-    // Each request counted once by the source, retries included: 2 + 1 + 1
-    // + 20 + 1,000 requests.
+    let at_b1 = |code: &str| {
+        metric_sum(
+            &c,
+            1,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                &format!("source_principal=\"{a1_id}\""),
+                &format!("destination_principal=\"{b1_id}\""),
+                "connection_security_policy=\"mutual_tls\"",
+                "destination_service=\"api-v1.default.svc.cluster.local\"",
+                &format!("response_code=\"{code}\""),
+            ],
+        )
+    };
+    assert!(at_b1("200") >= 800.0, "node-b reported {} requests from a1:\n{}", at_b1("200"), c.metrics(1));
+    assert_eq!(at_b1("403"), 1.0, "{}", c.metrics(1));
+    // The source counts each request once, retries included (2 + 1 + 1 +
+    // 20 + 1,000 + 4); the destination counts every attempt it served, so
+    // more for the flaky route.
     let counted = metric_sum(&c, 0, "istio_requests_total", &["reporter=\"source\"", "source_workload=\"a1\""]);
-    assert_eq!(counted, 1024.0, "{}", c.metrics(0));
+    assert_eq!(counted, 1028.0, "{}", c.metrics(0));
+    let attempts = metric_sum(&c, 1, "istio_requests_total", &["reporter=\"destination\"", "response_code=\"503\""]);
+    assert!(attempts >= 1.0, "node-b served none of the retried 503s:\n{}", c.metrics(1));
 }

@@ -265,6 +265,9 @@ pub struct Mesh {
     pub services: Vec<Service>,
     by_vip: HashMap<(IpAddr, u16), usize>,
     by_host: HashMap<String, usize>,
+    /// (endpoint address, endpoint port) -> (service, index of its port):
+    /// which Service port reaches a pod's port (the first one defined).
+    by_endpoint: HashMap<(IpAddr, u16), (usize, usize)>,
     pub http_routes: HashMap<usize, Vec<HttpRouteRule>>,
     pub tcp_routes: HashMap<usize, Vec<TcpRouteRule>>,
     pub policies: HashMap<usize, Policy>,
@@ -568,6 +571,13 @@ impl Mesh {
             }
         }
         self.by_host.insert(svc.hostname.clone(), i);
+        for e in &svc.endpoints {
+            let Address::Ip(ip) = e.address else { continue };
+            for (k, p) in svc.ports.iter().enumerate() {
+                let port = e.ports.get(&p.name).copied().or(p.target_port).unwrap_or(p.port);
+                self.by_endpoint.entry((ip, port)).or_insert((i, k));
+            }
+        }
         self.services.push(svc);
         Some(i)
     }
@@ -1207,6 +1217,18 @@ impl Mesh {
         };
         let i = *self.by_vip.get(&(ip, dst.port()))?;
         Some((i, self.services[i].port(dst.port())?))
+    }
+
+    /// The Service port that reaches `port` of the workload at `ip`: as
+    /// Istio's inbound listener, a pod's port takes the protocol of the
+    /// Service port that targets it.
+    pub fn inbound_port(&self, ip: IpAddr, port: u16) -> Option<(usize, &ServicePortDef)> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let (svc, k) = *self.by_endpoint.get(&(ip, port))?;
+        Some((svc, &self.services[svc].ports[k]))
     }
 
     /// The Pod with this address.

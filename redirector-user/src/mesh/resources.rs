@@ -624,6 +624,20 @@ pub struct AuthzRule {
     pub from: Vec<AuthzFrom>,
     #[serde(default)]
     pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// A `when` condition: a key (`request.headers[x-token]`,
+/// `source.namespace`...) and the values it must (not) have.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -665,5 +679,13 @@ pub struct AuthzOperation {
     #[serde(default)]
     pub paths: Vec<String>,
     #[serde(default)]
+    pub not_paths: Vec<String>,
+    #[serde(default)]
     pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
 }

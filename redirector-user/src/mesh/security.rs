@@ -7,9 +7,11 @@
 //! scope wins, `portLevelMtls` only at workload scope, UNSET inherits, the
 //! default is PERMISSIVE. AuthorizationPolicy: any matching DENY denies;
 //! then, if ALLOW policies apply to the workload, one must match; with none,
-//! the connection is allowed. The node proxy sees connections (L4), so an
-//! operation naming HTTP paths or methods never matches in an ALLOW rule
-//! and is ignored in a DENY rule, as Istio does for TCP traffic.
+//! the connection is allowed. On a port the proxy carries as TCP, an
+//! operation or condition naming HTTP fields (paths, methods, hosts,
+//! request headers) never matches in an ALLOW rule and is ignored in a DENY
+//! rule (so the DENY covers the whole connection), as Istio does for TCP
+//! traffic; on an HTTP port every request is checked with all of them.
 
 #![forbid(unsafe_code)]
 
@@ -76,14 +78,47 @@ struct Source {
 struct Operation {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
-    /// Names HTTP paths or methods.
-    http_only: bool,
+    paths: Vec<String>,
+    not_paths: Vec<String>,
+    methods: Vec<String>,
+    not_methods: Vec<String>,
+    hosts: Vec<String>,
+    not_hosts: Vec<String>,
+}
+
+/// A `when` condition, by key.
+#[derive(Debug, Clone)]
+enum ConditionKey {
+    /// `request.headers[name]` (name lower-cased): HTTP only.
+    Header(String),
+    SourceIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationPort,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    key: ConditionKey,
+    values: Vec<String>,
+    not_values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Rule {
     from: Vec<Source>,
     to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+/// What a rule may look at in an HTTP request (destination-side L7).
+pub struct RequestAttrs<'a> {
+    pub method: &'a str,
+    /// Without the query string.
+    pub path: &'a str,
+    /// The Host (`:authority`), port included as the client sent it.
+    pub host: &'a str,
+    pub headers: &'a hyper::HeaderMap,
 }
 
 #[derive(Debug, Clone)]
@@ -135,19 +170,113 @@ impl Source {
     }
 }
 
+/// Istio's string match on each of `list` (empty: anything).
+fn any_matches(list: &[String], value: &str) -> bool {
+    list.iter().any(|p| matches(p, value))
+}
+
+/// A Host matches with or without its port, case-insensitively, as
+/// Istio's `hosts` do.
+fn host_matches(list: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let bare = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host.as_str(), |(h, _)| h);
+    list.iter().map(|p| p.to_ascii_lowercase()).any(|p| matches(&p, &host) || matches(&p, bare))
+}
+
 impl Operation {
-    fn matches(&self, port: u16, action: Action) -> bool {
-        if self.http_only && action == Action::Allow {
-            return false;
+    /// Names HTTP-only fields (paths, methods, hosts).
+    fn http_only(&self) -> bool {
+        !(self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty())
+    }
+
+    /// On a connection (`req` none), an operation with HTTP fields never
+    /// matches in ALLOW and has them ignored in DENY (Istio for TCP).
+    fn matches(&self, port: u16, action: Action, req: Option<&RequestAttrs<'_>>) -> bool {
+        let ports = (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port);
+        let Some(r) = req else {
+            return ports && !(self.http_only() && action == Action::Allow);
+        };
+        ports
+            && (self.paths.is_empty() || any_matches(&self.paths, r.path))
+            && !any_matches(&self.not_paths, r.path)
+            && (self.methods.is_empty() || any_matches(&self.methods, r.method))
+            && !any_matches(&self.not_methods, r.method)
+            && (self.hosts.is_empty() || host_matches(&self.hosts, r.host))
+            && !host_matches(&self.not_hosts, r.host)
+    }
+}
+
+impl Condition {
+    fn parse(key: &str) -> Result<ConditionKey, String> {
+        if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+            if name.is_empty() {
+                return Err("`request.headers[]` names no header".into());
+            }
+            return Ok(ConditionKey::Header(name.to_ascii_lowercase()));
         }
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+        Ok(match key {
+            "source.ip" | "remote.ip" => ConditionKey::SourceIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "destination.port" => ConditionKey::DestinationPort,
+            other => {
+                return Err(format!(
+                    "`{other}` is not a supported key; use request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal or destination.port"
+                ))
+            }
+        })
+    }
+
+    /// On a connection, a header condition is HTTP only: never true in
+    /// ALLOW, ignored in DENY.
+    fn matches(
+        &self,
+        peer: Option<&Identity>,
+        src: IpAddr,
+        port: u16,
+        action: Action,
+        req: Option<&RequestAttrs<'_>>,
+    ) -> bool {
+        let value: Option<String> = match &self.key {
+            ConditionKey::Header(name) => match req {
+                Some(r) => r.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string),
+                None => return action == Action::Deny,
+            },
+            ConditionKey::SourceIp => {
+                let ok = |list: &[String]| list.iter().any(|c| Cidr::parse(c).is_ok_and(|c| c.contains(src)));
+                return (self.values.is_empty() || ok(&self.values)) && !ok(&self.not_values);
+            }
+            ConditionKey::SourceNamespace => peer.map(|p| p.namespace.clone()),
+            ConditionKey::SourcePrincipal => peer.map(|p| p.to_string().trim_start_matches("spiffe://").to_string()),
+            ConditionKey::DestinationPort => Some(port.to_string()),
+        };
+        let has = |list: &[String]| value.as_deref().is_some_and(|v| any_matches(list, v));
+        (self.values.is_empty() || has(&self.values)) && !has(&self.not_values)
     }
 }
 
 impl Rule {
-    fn matches(&self, peer: Option<&Identity>, src: IpAddr, port: u16, action: Action) -> bool {
+    fn matches(
+        &self,
+        peer: Option<&Identity>,
+        src: IpAddr,
+        port: u16,
+        action: Action,
+        req: Option<&RequestAttrs<'_>>,
+    ) -> bool {
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(peer, src)))
-            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(port, action)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(port, action, req)))
+            && self.when.iter().all(|w| w.matches(peer, src, port, action, req))
+    }
+
+    /// Names anything only an HTTP request has.
+    fn http_only(&self) -> bool {
+        self.to.iter().any(Operation::http_only) || self.when.iter().any(|w| matches!(w.key, ConditionKey::Header(_)))
     }
 }
 
@@ -181,16 +310,53 @@ impl Security {
 
     /// Whether a connection from `peer` (`None`: plaintext) at `src` to
     /// `port` of `pod` is allowed; `Err` names the policy that refused it.
+    /// This is the check for a port the proxy carries as TCP.
     pub fn authorize(&self, pod: &PodInfo, peer: Option<&Identity>, src: IpAddr, port: u16) -> Result<(), String> {
+        self.decide(pod, peer, src, port, None)
+    }
+
+    /// The same for one HTTP request on an HTTP port (destination-side
+    /// L7): every field of every rule applies.
+    pub fn authorize_request(
+        &self,
+        pod: &PodInfo,
+        peer: Option<&Identity>,
+        src: IpAddr,
+        port: u16,
+        req: &RequestAttrs<'_>,
+    ) -> Result<(), String> {
+        self.decide(pod, peer, src, port, Some(req))
+    }
+
+    /// The policies of `pod` that name HTTP fields, `namespace/name` each:
+    /// on a TCP port, Istio never matches them in ALLOW and applies a DENY
+    /// to the whole connection (for `analyze`).
+    pub fn http_policies(&self, pod: &PodInfo) -> Vec<String> {
+        self.authz
+            .iter()
+            .filter(|a| Self::applies(&a.namespace, &a.selector, pod) && a.rules.iter().any(Rule::http_only))
+            .map(|a| format!("{}/{}", a.namespace, a.name))
+            .collect()
+    }
+
+    fn decide(
+        &self,
+        pod: &PodInfo,
+        peer: Option<&Identity>,
+        src: IpAddr,
+        port: u16,
+        req: Option<&RequestAttrs<'_>>,
+    ) -> Result<(), String> {
         let applying: Vec<&Authz> =
             self.authz.iter().filter(|a| Self::applies(&a.namespace, &a.selector, pod)).collect();
         for a in applying.iter().filter(|a| a.action == Action::Deny) {
-            if a.rules.iter().any(|r| r.matches(peer, src, port, Action::Deny)) {
+            if a.rules.iter().any(|r| r.matches(peer, src, port, Action::Deny, req)) {
                 return Err(format!("denied by AuthorizationPolicy {}/{} (DENY)", a.namespace, a.name));
             }
         }
         let allows: Vec<&&Authz> = applying.iter().filter(|a| a.action == Action::Allow).collect();
-        if allows.is_empty() || allows.iter().any(|a| a.rules.iter().any(|r| r.matches(peer, src, port, Action::Allow)))
+        if allows.is_empty()
+            || allows.iter().any(|a| a.rules.iter().any(|r| r.matches(peer, src, port, Action::Allow, req)))
         {
             return Ok(());
         }
@@ -290,11 +456,27 @@ impl Security {
                             })
                             .collect()
                     };
+                    let o = &t.operation;
                     rule.to.push(Operation {
-                        ports: ports(&t.operation.ports, "ports", errors),
-                        not_ports: ports(&t.operation.not_ports, "notPorts", errors),
-                        http_only: !t.operation.paths.is_empty() || !t.operation.methods.is_empty(),
+                        ports: ports(&o.ports, "ports", errors),
+                        not_ports: ports(&o.not_ports, "notPorts", errors),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
                     });
+                }
+                for (j, w) in r.when.iter().enumerate() {
+                    match Condition::parse(&w.key) {
+                        Ok(key) => rule.when.push(Condition {
+                            key,
+                            values: w.values.clone(),
+                            not_values: w.not_values.clone(),
+                        }),
+                        Err(e) => err(errors, &d.origin, format!("spec.rules[{i}].when[{j}].key"), e),
+                    }
                 }
                 rules.push(rule);
             }

@@ -11,6 +11,8 @@
 
 #![forbid(unsafe_code)]
 
+pub(crate) mod l7;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::identity::{CertStore, Identity};
+use crate::mesh::model::Protocol;
 use crate::telemetry::connection::{ConnectionRecord, Ended, Side};
 use crate::telemetry::Metrics;
 use crate::transport::h2stream::H2Stream;
@@ -39,8 +42,11 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub metrics: Arc<Metrics>,
     pub mesh: crate::mesh::MeshHandle,
-    /// `proxy.accessLog`: one access-log line per connection.
+    /// `proxy.accessLog`: one access-log line per connection (per request
+    /// on an HTTP port).
     pub access_log: bool,
+    /// The app's HTTP clients, for HTTP-declared ports.
+    pub app: l7::AppClients,
 }
 
 impl Inbound {
@@ -95,6 +101,15 @@ impl Inbound {
             Some(pod) => mesh.security.authorize(pod, peer, src.ip(), dst.port()),
             None => Ok(()),
         }
+    }
+
+    /// The Service whose HTTP-declared port targets `dst` (Istio's inbound
+    /// protocol): then requests are served here one by one. Undeclared and
+    /// TCP ports are carried as bytes.
+    fn http_port(&self, dst: SocketAddr) -> Option<(usize, Protocol)> {
+        let mesh = self.mesh.current();
+        let (svc, port) = mesh.inbound_port(dst.ip(), dst.port())?;
+        matches!(port.protocol, Protocol::Http | Protocol::Http2).then_some((svc, port.protocol))
     }
 
     /// Whether plaintext is accepted on `port` (PeerAuthentication).
@@ -173,6 +188,11 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
         ctx.metrics.denied(ctx.workload.labels(), None).inc();
         info!(%peer, %dst, workload = %ctx.workload.describe(), reason = "PeerAuthentication STRICT: mTLS required", "connection denied by policy");
         return;
+    }
+    if let Some((service, protocol)) = ctx.http_port(dst) {
+        // Authorized request by request.
+        let conn = l7::Conn { peer, peer_id: None, dst, service, protocol };
+        return l7::serve(client, conn, ctx).await;
     }
     if let Err(why) = ctx.authorize(None, peer, dst) {
         ctx.metrics.denied(ctx.workload.labels(), None).inc();
@@ -328,6 +348,13 @@ async fn tunnel_inbound(
         ctx.metrics.hbone_refused("not_local").inc();
         warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
         return refuse(respond, StatusCode::BAD_REQUEST);
+    }
+    if let Some((service, protocol)) = ctx.http_port(dst) {
+        // Authorized request by request, on the stream.
+        let Ok(send) = respond.send_response(Response::new(()), false) else { return };
+        let stream = H2Stream::new(send, req.into_body());
+        let conn = l7::Conn { peer, peer_id: Some(peer_id), dst, service, protocol };
+        return l7::serve(stream, conn, ctx).await;
     }
     if let Err(why) = ctx.authorize(Some(&peer_id), peer, dst) {
         ctx.metrics.denied(ctx.workload.labels(), Some(&peer_id)).inc();

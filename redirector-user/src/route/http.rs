@@ -177,11 +177,19 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Returned<S> {
 /// A response body that counts its bytes and reports them when done, and
 /// holds the destination's connection slot (its circuit breaker) until
 /// then: an HTTP/1.1 connection is busy until its response is sent.
-struct Observed {
+pub(crate) struct Observed {
     inner: Body,
     bytes: u64,
     done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Observed {
+    /// `body`, with `done` called with its length when it has been sent
+    /// (or dropped).
+    pub(crate) fn new(inner: Body, done: impl FnOnce(u64) + Send + Sync + 'static) -> Observed {
+        Observed { inner, bytes: 0, done: Some(Box::new(done)), _slot: None }
+    }
 }
 
 impl hyper::body::Body for Observed {
