@@ -284,6 +284,51 @@ pub struct Mesh {
     pub warnings: Vec<Problem>,
 }
 
+/// The endpoints Kubernetes would make for Service `s` from its selector:
+/// each ready Pod of its namespace with an address whose labels match,
+/// with every Service port's target (a named `targetPort` looked up in the
+/// pod's container ports; a pod without that name is left out of that
+/// port, and out entirely when no port resolves).
+fn selected_pods(s: &Doc<ServiceSpec>, docs: &Documents) -> Vec<Endpoint> {
+    let ns = s.namespace();
+    let mut out = Vec::new();
+    for p in docs.pods.iter().filter(|p| p.namespace() == ns && labels_match(&s.spec.selector, &p.meta.labels)) {
+        let status = &p.spec.status;
+        let running = status.phase.as_deref().is_none_or(|ph| ph == "Running");
+        let ready = !status.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "True");
+        let Some(ip) = status.pod_ip.as_deref().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+        if !running || !ready {
+            continue;
+        }
+        let named = |name: &str| {
+            p.spec
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .find(|cp| cp.name.as_deref() == Some(name))
+                .map(|cp| cp.container_port)
+        };
+        let ports: BTreeMap<String, u16> = s
+            .spec
+            .ports
+            .iter()
+            .filter_map(|sp| {
+                let port = match &sp.target_port {
+                    Some(IntOrString::Int(n)) => Some(*n),
+                    Some(IntOrString::String(name)) => named(name),
+                    None => Some(sp.port),
+                };
+                port.map(|n| (sp.name.clone().unwrap_or_default(), n))
+            })
+            .collect();
+        if !ports.is_empty() {
+            out.push(Endpoint { address: Address::Ip(ip), labels: p.meta.labels.clone(), ports });
+        }
+    }
+    out
+}
+
 /// Istio's duration strings: `1s`, `500ms`, `1.5s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -667,6 +712,16 @@ impl Mesh {
                     }
                 }
             }
+        }
+        // No Endpoints and no EndpointSlice (a directory that mirrors a
+        // cluster): the ready Pods the selector matches, as Kubernetes'
+        // endpoints controller would make them.
+        let listed = docs.endpoints.iter().any(|e| e.meta.name == s.meta.name && e.namespace() == ns)
+            || docs.slices.iter().any(|sl| {
+                sl.namespace() == ns && sl.meta.labels.get("kubernetes.io/service-name") == Some(&s.meta.name)
+            });
+        if !listed && !s.spec.selector.is_empty() {
+            endpoints.extend(selected_pods(s, docs));
         }
         // WorkloadEntries the Service selects (VMs and local processes).
         if !s.spec.selector.is_empty() {
@@ -1297,6 +1352,67 @@ mod tests {
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";
+
+    /// A Service with a selector and no Endpoints gets the ready Pods it
+    /// selects, a named targetPort resolved per pod; one with Endpoints
+    /// keeps them.
+    #[test]
+    fn a_selector_without_endpoints_selects_ready_pods() {
+        let yaml = r"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.7
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: web-port}, {name: metrics, port: 9090, targetPort: 9090}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, version: v1}}
+spec: {containers: [{name: app, image: nginx, ports: [{name: web-port, containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.1.0.5, conditions: [{type: Ready, status: 'True'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: app, image: nginx, ports: [{name: web-port, containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.1.0.6, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: shop, labels: {app: web}}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-4, namespace: other, labels: {app: web}}
+status: {phase: Running, podIP: 10.1.0.8}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: listed, namespace: shop}
+spec: {clusterIP: 10.96.0.8, selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: listed, namespace: shop}
+subsets: [{addresses: [{ip: 10.1.0.9}], ports: [{name: http, port: 80}]}]
+";
+        let mesh = compile(yaml).unwrap();
+        let web = &mesh.services[mesh.service_by_host("web.shop.svc.cluster.local").unwrap()];
+        assert_eq!(web.endpoints.len(), 1, "{:?}", web.endpoints);
+        let e = &web.endpoints[0];
+        assert_eq!(e.address, Address::Ip("10.1.0.5".parse().unwrap()));
+        assert_eq!(e.ports.get("http"), Some(&8080));
+        assert_eq!(e.ports.get("metrics"), Some(&9090));
+        assert_eq!(e.labels.get("version").map(String::as_str), Some("v1"));
+        // The pod's port 8080 is reached by web's http port.
+        let (svc, port) = mesh.inbound_port("10.1.0.5".parse().unwrap(), 8080).unwrap();
+        assert_eq!((mesh.services[svc].hostname.as_str(), port.name.as_str()), ("web.shop.svc.cluster.local", "http"));
+        let listed = &mesh.services[mesh.service_by_host("listed.shop.svc.cluster.local").unwrap()];
+        let ips: Vec<_> = listed.endpoints.iter().map(|e| e.address.clone()).collect();
+        assert_eq!(ips, [Address::Ip("10.1.0.9".parse().unwrap())]);
+    }
 
     #[test]
     fn port_level_settings_override_the_destination_and_the_subset() {

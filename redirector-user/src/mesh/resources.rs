@@ -125,6 +125,30 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub host_network: Option<bool>,
+    /// Read for the named ports a Service's `targetPort` may name.
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    /// Everything else of a container (image, command...): not the mesh's.
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: u16,
+    /// protocol, hostPort...: not the mesh's.
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -134,6 +158,18 @@ pub struct PodStatus {
     pub pod_ip: Option<String>,
     #[serde(default, rename = "hostIP")]
     pub host_ip: Option<String>,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
 }
 
 // ---------------------------------------------------------------------------

@@ -566,4 +566,60 @@ mod tests {
         assert!(s.authorize(&pod("default", "web"), None, ip, 80).is_err());
         assert!(s.authorize(&pod("default", "admin"), None, ip, 80).unwrap_err().contains("no-admin"));
     }
+
+    /// On an HTTP port every field of a rule applies to each request; on a
+    /// TCP port the same policies act as Istio's do for TCP: the ALLOW
+    /// with HTTP fields never matches, the DENY with them covers the
+    /// connection.
+    #[test]
+    fn http_fields_apply_per_request_and_as_istio_on_tcp() {
+        let sec = compile(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: default}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin*], notMethods: [HEAD]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: readers, namespace: default}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules:\n  - from: [{source: {namespaces: [default]}}]\n    to: [{operation: {methods: [GET], hosts: [web.default.svc.cluster.local], notPaths: [/private]}}]\n    when: [{key: 'request.headers[X-Team]', values: [blue, 'green*']}]\n",
+        );
+        let web = pod("default", "web");
+        let a = Identity::new("cluster.local", "default", "a");
+        let src: IpAddr = "10.0.0.1".parse().unwrap();
+        let check = |method: &str, path: &str, host: &str, team: Option<&str>| {
+            let mut headers = hyper::HeaderMap::new();
+            if let Some(t) = team {
+                headers.insert("x-team", t.parse().unwrap());
+            }
+            let req = RequestAttrs { method, path, host, headers: &headers };
+            sec.authorize_request(&web, Some(&a), src, 8080, &req)
+        };
+        let host = "web.default.svc.cluster.local:8080";
+        assert!(check("GET", "/items", host, Some("blue")).is_ok());
+        assert!(check("GET", "/items", "WEB.default.svc.cluster.local", Some("greenish")).is_ok());
+        assert!(check("GET", "/items", host, Some("red")).unwrap_err().contains("readers"), "when on a header");
+        assert!(check("GET", "/items", host, None).is_err(), "a missing header matches no value");
+        assert!(check("POST", "/items", host, Some("blue")).is_err(), "methods");
+        assert!(check("GET", "/private", host, Some("blue")).is_err(), "notPaths");
+        assert!(check("GET", "/items", "other.default.svc.cluster.local", Some("blue")).is_err(), "hosts");
+        assert!(check("GET", "/admin/users", host, Some("blue")).unwrap_err().contains("no-admin"), "DENY by path");
+        assert!(check("HEAD", "/admin/users", host, Some("blue")).is_err(), "HEAD is not GET: no ALLOW matches");
+        // As TCP: the DENY's HTTP fields are ignored, so it denies the
+        // connection; the ALLOW could not have matched anyway.
+        let tcp = sec.authorize(&web, Some(&a), src, 8080);
+        assert!(tcp.unwrap_err().contains("no-admin"));
+        assert_eq!(sec.http_policies(&web), ["default/no-admin", "default/readers"]);
+    }
+
+    #[test]
+    fn an_unknown_condition_key_is_an_error_naming_the_field() {
+        let dir = std::env::temp_dir().join(format!("redirector-sec-when-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("p.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: jwt, namespace: default}\nspec:\n  rules:\n  - when: [{key: 'request.auth.claims[iss]', values: [x]}]\n",
+        )
+        .unwrap();
+        let docs = crate::mesh::source_dir::load_dir(&dir).unwrap();
+        let mut errors = Vec::new();
+        Security::compile(&docs, &mut errors);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.rules[0].when[0].key");
+        assert!(errors[0].reason.contains("request.auth.claims[iss]"), "{}", errors[0].reason);
+    }
 }
