@@ -590,6 +590,7 @@ impl Mesh {
         for v in &docs.virtual_services {
             mesh.add_virtual_service(v, &mut ctx);
         }
+        mesh.warn_http_policies_on_tcp_ports(docs, &mut ctx);
         if errors.is_empty() {
             mesh.warnings = warnings;
             Ok(mesh)
@@ -1131,8 +1132,64 @@ impl Mesh {
             );
         }
         for t in targets {
+            // Once per Service port (the first VirtualService to route it).
+            if !http.is_empty() && !self.http_routes.contains_key(&t) {
+                let svc = &self.services[t];
+                for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Sniff) {
+                    ctx.warn(
+                        &v.origin,
+                        "spec.http",
+                        format!(
+                            "port {} of {} declares no protocol, so pods reach it as TCP and these http routes do not apply to them; name the port http-… (or set appProtocol: http)",
+                            p.port, svc.hostname
+                        ),
+                    );
+                }
+            }
             self.http_routes.entry(t).or_default().extend(http.iter().cloned());
             self.tcp_routes.entry(t).or_default().extend(tcp.iter().cloned());
+        }
+    }
+
+    /// An AuthorizationPolicy with HTTP fields on a pod whose Service ports
+    /// are TCP (or undeclared): Istio never matches it there in ALLOW and
+    /// applies a DENY to whole connections. Said once per policy and pod.
+    fn warn_http_policies_on_tcp_ports(&self, docs: &Documents, ctx: &mut Ctx) {
+        for pod in &self.pods {
+            let policies = self.security.http_policies(pod);
+            if policies.is_empty() {
+                continue;
+            }
+            let tcp_ports: Vec<String> = self
+                .by_endpoint
+                .iter()
+                .filter(|((ip, _), _)| pod.ips.contains(ip))
+                .filter(|(_, (svc, k))| {
+                    !matches!(self.services[*svc].ports[*k].protocol, Protocol::Http | Protocol::Http2)
+                })
+                .map(|((_, port), _)| port.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if tcp_ports.is_empty() {
+                continue;
+            }
+            let origin = docs
+                .pods
+                .iter()
+                .find(|p| p.meta.name == pod.name && p.namespace() == pod.namespace)
+                .map(|p| p.origin.clone());
+            if let Some(origin) = origin {
+                ctx.warn(
+                    &origin,
+                    "",
+                    format!(
+                        "AuthorizationPolicy {} names HTTP fields, but port(s) {} of this pod are not declared HTTP: there an ALLOW rule with them never matches and a DENY rule with them denies the whole connection",
+                        policies.join(", "),
+                        tcp_ports.join(", ")
+                    ),
+                );
+            }
         }
     }
 
@@ -1352,6 +1409,53 @@ mod tests {
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";
+
+    /// `analyze` says where pods will not get L7: a Service port that
+    /// declares no protocol but carries http routes (once per port), and a
+    /// policy with HTTP fields on a pod port that is TCP.
+    #[test]
+    fn undeclared_ports_with_http_routes_and_http_policies_on_tcp_are_warned() {
+        let yaml = r"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.9, ports: [{port: 80}, {name: http-admin, port: 81}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web, namespace: default}
+subsets: [{addresses: [{ip: 10.1.0.5}], ports: [{port: 80}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a, namespace: default}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: default}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+";
+        let mesh = compile(yaml).unwrap();
+        let said: Vec<String> = mesh.warnings.iter().map(|w| w.reason.clone()).collect();
+        let undeclared: Vec<&String> = said.iter().filter(|r| r.contains("declares no protocol")).collect();
+        assert_eq!(undeclared.len(), 1, "{said:?}");
+        assert!(undeclared[0].starts_with("port 80 of web.default.svc.cluster.local"), "{}", undeclared[0]);
+        let policy: Vec<&String> = said.iter().filter(|r| r.contains("names HTTP fields")).collect();
+        assert_eq!(policy.len(), 1, "{said:?}");
+        assert!(policy[0].contains("default/get-only") && policy[0].contains("port(s) 80 "), "{}", policy[0]);
+    }
 
     /// A Service with a selector and no Endpoints gets the ready Pods it
     /// selects, a named targetPort resolved per pod; one with Endpoints
