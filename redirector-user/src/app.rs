@@ -208,6 +208,9 @@ struct Shared {
     /// Load-balancing state: one for the node, kept across config reloads.
     balancer: Arc<Balancer>,
     upstreams: Upstreams,
+    /// The ingress gateway's HTTP clients: its own identity, HBONE to
+    /// enrolled pods.
+    gateway_upstreams: Upstreams,
     metrics: Arc<Metrics>,
     dns_upstreams: Arc<Vec<std::net::SocketAddr>>,
 }
@@ -222,9 +225,17 @@ impl Shared {
             transport: transport.clone(),
             from: Arc::clone(&host_workload),
             mesh: mesh.clone(),
-            // The gateway's and the agent's own L7 clients: plain, until
-            // the gateway has an identity of its own.
+            // The agent's own namespace's L7 clients (a dev box's
+            // processes): plain, as before pods had L7.
             mtls: crate::transport::Mtls::Never,
+        });
+        let gateway_identity =
+            crate::identity::Identity::new(&cfg.trust_domain, &cfg.namespace, crate::config::GATEWAY_SERVICE_ACCOUNT);
+        let gateway_upstreams = Upstreams::new(crate::transport::http_client::Connector {
+            transport: transport.clone(),
+            from: Arc::new(WorkloadNet::host(Some(gateway_identity))),
+            mesh: mesh.clone(),
+            mtls: crate::transport::Mtls::WhenEnrolled,
         });
         let dns_upstreams = if cfg.dns_upstreams.is_empty() {
             crate::proxy::dns::system_resolvers()
@@ -236,6 +247,7 @@ impl Shared {
             host_workload,
             balancer: Arc::default(),
             upstreams,
+            gateway_upstreams,
             metrics: Arc::default(),
             dns_upstreams: Arc::new(dns_upstreams),
         }
@@ -244,7 +256,7 @@ impl Shared {
     fn gateway_context(&self, cfg: &AgentConfig, mesh: &MeshHandle) -> crate::proxy::gateway::GatewayContext {
         crate::proxy::gateway::GatewayContext {
             mesh: mesh.clone(),
-            upstreams: self.upstreams.clone(),
+            upstreams: self.gateway_upstreams.clone(),
             balancer: Arc::clone(&self.balancer),
             metrics: Arc::clone(&self.metrics),
             access_log: cfg.access_log,

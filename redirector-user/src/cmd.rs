@@ -334,6 +334,19 @@ pub fn proxy_config(state_dir: &Path, what: &str, json: bool) -> Result<()> {
             let m: Vec<String> = r["match"].as_array().unwrap_or(&empty).iter().map(s).collect();
             println!("{:<44} {:<28} {:<40} {}", s(&r["service"]), s(&r["rule"]), m.join(" | "), s(&r["action"]));
         }
+        println!();
+        println!("{:<9} {:<28} {:<44} {:>6}  {:<44} WHY", "DIRECTION", "WORKLOAD", "SERVICE", "PORT", "LAYER");
+        for p in dump["protocols"].as_array().unwrap_or(&empty) {
+            println!(
+                "{:<9} {:<28} {:<44} {:>6}  {:<44} {}",
+                s(&p["direction"]),
+                s(&p["workload"]),
+                s(&p["service"]),
+                s(&p["port"]),
+                s(&p["layer"]),
+                s(&p["why"])
+            );
+        }
     }
     if what == "clusters" || what == "all" {
         println!(

@@ -189,6 +189,10 @@ pub struct AgentConfig {
     /// is (`NODE_NAME` in the environment wins, as the downward API sets
     /// it; default: the host name).
     pub node_name: String,
+    /// The agent's own namespace (`POD_NAMESPACE`, as the downward API
+    /// sets it; default `istio-system`): its ingress gateway's identity is
+    /// the `istio-ingressgateway` service account there, as Istio's.
+    pub namespace: String,
     pub trust_domain: String,
     /// Istio's plug-in CA files; `None`: a CA generated into the state
     /// directory.
@@ -201,6 +205,12 @@ pub struct AgentConfig {
 
 /// The environment variable naming the node (Kubernetes' downward API).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+
+/// The environment variable naming the agent's namespace (downward API).
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+
+/// The service account the agent's ingress gateway speaks as.
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "istio-ingressgateway";
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |s| s.trim().to_string())
@@ -375,6 +385,10 @@ impl AgentConfig {
                 .filter(|s| !s.is_empty())
                 .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
                 .unwrap_or_else(host_name),
+            namespace: std::env::var(ENV_POD_NAMESPACE)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| crate::mesh::security::ROOT_NAMESPACE.into()),
             trust_domain: {
                 let td = raw.mesh.trust_domain.unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
                 if td.is_empty() || td.contains('/') {

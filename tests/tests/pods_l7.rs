@@ -23,7 +23,7 @@ macro_rules! in_both_modes {
     };
 }
 
-in_both_modes!(the_tutorials_routing_works_between_pods);
+in_both_modes!(the_tutorials_routing_works_between_pods, the_gateway_reaches_a_strict_pod_over_hbone);
 
 /// `api` (what the client calls) routes to `api-v1` (httpbin in b1, on the
 /// other node) and `api-v2` (httpbin in a2, on the client's node).
@@ -97,10 +97,25 @@ spec:
 /// `curl` from a pod: status codes (one line each, for a URL glob) and
 /// the last body.
 fn curl(c: &Cluster, pod: &str, args: &[&str]) -> (Vec<u16>, String) {
-    let body = c.dir.join(format!("curl-{pod}.body"));
-    let mut all = vec!["-s", "--max-time", "60", "-o", body.to_str().unwrap(), "-w", "%{http_code}\\n"];
+    curl_in(c, pod, |all| c.in_pod(pod, "curl", all), args)
+}
+
+/// The same from a node's own network namespace (outside the mesh).
+fn curl_node(c: &Cluster, node: usize, args: &[&str]) -> (Vec<u16>, String) {
+    curl_in(c, &format!("node{node}"), |all| c.in_node(node, "curl", all), args)
+}
+
+fn curl_in(
+    c: &Cluster,
+    who: &str,
+    command: impl Fn(&[&str]) -> std::process::Command,
+    args: &[&str],
+) -> (Vec<u16>, String) {
+    let body = c.dir.join(format!("curl-{who}.body"));
+    let _ = std::fs::remove_file(&body);
+    let mut all = vec!["-s", "--max-time", "20", "-o", body.to_str().unwrap(), "-w", "%{http_code}\\n"];
     all.extend_from_slice(args);
-    let out = c.output(c.in_pod(pod, "curl", &all));
+    let out = c.output(command(&all));
     let codes = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().parse().unwrap_or(0)).collect();
     (codes, std::fs::read_to_string(body).unwrap_or_default())
 }
@@ -128,6 +143,34 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
     let v1 = c.start_httpbin("b1", 8000).unwrap();
     let v2 = c.start_httpbin("a2", 8000).unwrap();
     let logs = || format!("node-a: {}\n", std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default());
+
+    // `proxy-config routes` says where the L7 decision is made: api's port
+    // is L7 for every pod (its name), b1's port 8000 is L7 inbound.
+    let out = c.output(c.in_node(
+        1,
+        redirector_tests::redirector_bin().to_str().unwrap(),
+        &["--state-dir", c.nodes[1].state.to_str().unwrap(), "proxy-config", "routes"],
+    ));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |dir: &str, workload: &str, service: &str| {
+        table
+            .lines()
+            .find(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() > 3 && w[0] == dir && w[1] == workload && w[2] == service
+            })
+            .unwrap_or_else(|| panic!("no {dir} row for {workload} {service}:\n{table}"))
+            .to_string()
+    };
+    assert!(
+        table.lines().any(|l| l.starts_with("outbound")
+            && l.contains("api.default.svc.cluster.local")
+            && l.contains("L7")
+            && l.contains("port name http")),
+        "{table}"
+    );
+    let b1_row = row("inbound", "default/b1", "api-v1.default.svc.cluster.local");
+    assert!(b1_row.contains("8000") && b1_row.contains("L7"), "{b1_row}");
 
     // Path routing with rewrite: /api/v1/... reaches b1 as /...; /api/v2/
     // reaches a2.
@@ -230,4 +273,101 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
     assert_eq!(counted, 1028.0, "{}", c.metrics(0));
     let attempts = metric_sum(&c, 1, "istio_requests_total", &["reporter=\"destination\"", "response_code=\"503\""]);
     assert!(attempts >= 1.0, "node-b served none of the retried 503s:\n{}", c.metrics(1));
+}
+
+/// The agent's ingress gateway reaches a STRICT pod over HBONE with its own
+/// identity (`istio-ingressgateway` of the agent's namespace), which an
+/// AuthorizationPolicy can name; it sets the edge headers as Envoy's
+/// gateway does and drops a client's `x-forwarded-client-cert`. A plaintext
+/// client outside the mesh is refused by the same pod.
+fn the_gateway_reaches_a_strict_pod_over_hbone(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    let (b1, a2) = (c.pod("b1").ip.clone(), c.pod("a2").ip.clone());
+    let gateway_id = "cluster.local/ns/istio-system/sa/istio-ingressgateway";
+    c.extra_yaml = services(&b1, &a2)
+        + &format!(
+            r"---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: b1-strict, namespace: default}}
+spec: {{selector: {{matchLabels: {{app: b1}}}}, mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: gateway-only, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: b1}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: [{gateway_id}]}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: api-gateway, namespace: default}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8081, name: http, protocol: HTTP}}
+    hosts: [api.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api-edge, namespace: default}}
+spec:
+  hosts: [api.example.com]
+  gateways: [api-gateway]
+  http:
+  - route: [{{destination: {{host: api-v1}}}}]
+"
+        );
+    c.start().unwrap();
+    let v1 = c.start_httpbin("b1", 8000).unwrap();
+    let logs = || {
+        format!(
+            "node-a: {}\nnode-b: {}",
+            std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default(),
+            std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default()
+        )
+    };
+    // Through node-a's gateway, from node-a's own namespace (httpbin
+    // shows the forwarding headers only with show_env).
+    let (codes, body) = curl_node(
+        &c,
+        0,
+        &[
+            "-H",
+            "Host: api.example.com",
+            "-H",
+            "X-Forwarded-Client-Cert: By=spiffe://cluster.local/ns/default/sa/admin",
+            "http://127.0.0.1:8081/headers?show_env=1",
+        ],
+    );
+    assert_eq!(codes, [200], "{body}\n{}", logs());
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let h = &seen["headers"];
+    assert_eq!(h["X-Forwarded-Proto"], "http", "{body}");
+    assert!(h["X-Forwarded-For"].as_str().is_some_and(|x| x.ends_with("127.0.0.1")), "{body}");
+    assert_eq!(h["X-Request-Id"].as_str().map(str::len), Some(36), "{body}");
+    assert!(h.get("X-Forwarded-Client-Cert").is_none(), "the client's XFCC reached the pod: {body}");
+    assert!(served(&v1).iter().any(|l| l == "GET /headers 200"));
+    // b1 reported it from the gateway's identity, over mTLS.
+    let m = c.metrics(1);
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains(&format!("source_principal=\"spiffe://{gateway_id}\""))
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+            && l.contains("response_code=\"200\"")),
+        "{m}"
+    );
+    // A pod that is not the gateway is not allowed by b1's policy; a
+    // plaintext client outside the mesh is refused by STRICT.
+    let (codes, body) = curl(&c, "a1", &[&format!("http://{API}/api/v1/get")]);
+    assert_eq!((codes.as_slice(), body.as_str()), (&[403][..], "RBAC: access denied"));
+    let (codes, _) = curl_node(&c, 0, &[&format!("http://{b1}:8000/get")]);
+    assert_eq!(codes, [0], "a plaintext client reached the STRICT pod");
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(1, "connection denied by policy")
+        .iter()
+        .any(|l| l["fields"]["reason"].as_str().is_some_and(|r| r.contains("STRICT")))));
 }

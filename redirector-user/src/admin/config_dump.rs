@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
-use crate::mesh::model::{Action, Address, EffectivePolicy, LbPolicy, Mesh, StringMatcher};
+use crate::mesh::model::{Action, Address, EffectivePolicy, LbPolicy, Mesh, Protocol, StringMatcher};
 
 /// The whole dump; `ejected(hostname, address)`: whether the balancer has
 /// ejected that endpoint now.
@@ -16,6 +16,7 @@ pub fn dump(mesh: &Mesh, ejected: &dyn Fn(&str, IpAddr) -> bool) -> Value {
     json!({
         "services": services(mesh, ejected),
         "routes": routes(mesh),
+        "protocols": protocols(mesh),
         "clusters": clusters(mesh),
         "warnings": mesh.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
@@ -51,6 +52,45 @@ fn services(mesh: &Mesh, ejected: &dyn Fn(&str, IpAddr) -> bool) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// Where the L7 decision is made: per Service port for what pods send
+/// (outbound, at the source node), per enrolled pod and port for what they
+/// receive (inbound, at the destination node); L4 or L7 and why.
+fn protocols(mesh: &Mesh) -> Vec<Value> {
+    let layer = |p: Protocol| match p {
+        Protocol::Http => "L7 (HTTP/1.1 or h2c)",
+        Protocol::Http2 => "L7 (HTTP/2)",
+        Protocol::Tcp => "L4",
+        Protocol::Sniff => "L4 in pods; sniffed on the agent's host",
+    };
+    let mut out = Vec::new();
+    for s in &mesh.services {
+        for p in &s.ports {
+            out.push(json!({
+                "direction": "outbound",
+                "workload": "every pod",
+                "service": s.hostname,
+                "port": p.port,
+                "layer": layer(p.protocol),
+                "why": p.protocol_from,
+            }));
+        }
+    }
+    for pod in mesh.pods.iter().filter(|p| p.enrolled) {
+        for (port, svc, def) in mesh.inbound_ports_of(&pod.ips) {
+            let l = if matches!(def.protocol, Protocol::Http | Protocol::Http2) { layer(def.protocol) } else { "L4" };
+            out.push(json!({
+                "direction": "inbound",
+                "workload": format!("{}/{}", pod.namespace, pod.name),
+                "service": mesh.services[svc].hostname,
+                "port": port,
+                "layer": l,
+                "why": format!("{} of service port {}", def.protocol_from, def.port),
+            }));
+        }
+    }
+    out
 }
 
 fn routes(mesh: &Mesh) -> Vec<Value> {

@@ -34,6 +34,11 @@ impl Protocol {
     /// Istio's rules: `appProtocol` first, then the port name's prefix
     /// (`http`, `http-web`, `grpc-x`...), else detection.
     pub fn of(app_protocol: Option<&str>, name: Option<&str>, declared: Option<&str>) -> Protocol {
+        Protocol::decide(app_protocol, name, declared).0
+    }
+
+    /// The protocol and what decided it, in words (for `proxy-config`).
+    pub fn decide(app_protocol: Option<&str>, name: Option<&str>, declared: Option<&str>) -> (Protocol, String) {
         let word = |s: &str| -> Option<Protocol> {
             let p = s.split('-').next().unwrap_or(s).to_ascii_lowercase();
             match p.as_str() {
@@ -43,11 +48,16 @@ impl Protocol {
                 _ => None,
             }
         };
-        app_protocol
-            .and_then(|a| word(a.trim_start_matches("kubernetes.io/")))
-            .or_else(|| declared.and_then(word))
-            .or_else(|| name.and_then(word))
-            .unwrap_or(Protocol::Sniff)
+        if let Some(p) = app_protocol.and_then(|a| word(a.trim_start_matches("kubernetes.io/"))) {
+            return (p, format!("appProtocol {}", app_protocol.unwrap_or_default()));
+        }
+        if let Some(p) = declared.and_then(word) {
+            return (p, format!("protocol {}", declared.unwrap_or_default()));
+        }
+        if let Some(p) = name.and_then(word) {
+            return (p, format!("port name {}", name.unwrap_or_default()));
+        }
+        (Protocol::Sniff, "no protocol declared (appProtocol or port name)".into())
     }
 }
 
@@ -56,6 +66,8 @@ pub struct ServicePortDef {
     pub port: u16,
     pub name: String,
     pub protocol: Protocol,
+    /// What decided `protocol`, in words.
+    pub protocol_from: String,
     /// The endpoint port when the endpoint does not name one.
     pub target_port: Option<u16>,
 }
@@ -658,10 +670,12 @@ impl Mesh {
             if p.port == 0 {
                 ctx.error(&s.origin, format!("spec.ports[{i}].port"), "port 0 is not a port");
             }
+            let (protocol, protocol_from) = Protocol::decide(p.app_protocol.as_deref(), p.name.as_deref(), None);
             ports.push(ServicePortDef {
                 port: p.port,
                 name: p.name.clone().unwrap_or_default(),
-                protocol: Protocol::of(p.app_protocol.as_deref(), p.name.as_deref(), None),
+                protocol,
+                protocol_from,
                 target_port,
             });
         }
@@ -773,11 +787,15 @@ impl Mesh {
             .spec
             .ports
             .iter()
-            .map(|p| ServicePortDef {
-                port: p.number,
-                name: p.name.clone().unwrap_or_default(),
-                protocol: Protocol::of(None, p.name.as_deref(), p.protocol.as_deref()),
-                target_port: p.target_port.or(Some(p.number)),
+            .map(|p| {
+                let (protocol, protocol_from) = Protocol::decide(None, p.name.as_deref(), p.protocol.as_deref());
+                ServicePortDef {
+                    port: p.number,
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol,
+                    protocol_from,
+                    target_port: p.target_port.or(Some(p.number)),
+                }
             })
             .collect();
         let mut endpoints = Vec::new();
@@ -1341,6 +1359,19 @@ impl Mesh {
         };
         let (svc, k) = *self.by_endpoint.get(&(ip, port))?;
         Some((svc, &self.services[svc].ports[k]))
+    }
+
+    /// Every (pod port, service, service port) that reaches the workload
+    /// at one of `ips`, sorted by port.
+    pub fn inbound_ports_of(&self, ips: &[IpAddr]) -> Vec<(u16, usize, &ServicePortDef)> {
+        let mut out: Vec<(u16, usize, &ServicePortDef)> = self
+            .by_endpoint
+            .iter()
+            .filter(|((ip, _), _)| ips.contains(ip))
+            .map(|((_, port), (svc, k))| (*port, *svc, &self.services[*svc].ports[*k]))
+            .collect();
+        out.sort_by_key(|(port, svc, _)| (*port, *svc));
+        out
     }
 
     /// The Pod with this address.

@@ -80,6 +80,7 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
                 original_dst: local,
                 service: None,
                 gateway_port: Some(port),
+                forwarded_proto: Some(if acceptor.is_some() { "https" } else { "http" }),
                 protocol: Protocol::Http,
                 metrics: Arc::clone(&ctx.metrics),
                 access_log: ctx.access_log,

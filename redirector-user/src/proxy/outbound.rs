@@ -121,6 +121,7 @@ pub(crate) async fn proxy_to(
                 original_dst: dst,
                 service: Some(service),
                 gateway_port: None,
+                forwarded_proto: None,
                 protocol,
                 metrics: Arc::clone(&settings.metrics),
                 access_log: settings.access_log,

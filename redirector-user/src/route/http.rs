@@ -56,6 +56,10 @@ pub struct ConnContext {
     /// Set on a gateway listener: routes come from the VirtualServices
     /// bound to the Gateways on this port.
     pub gateway_port: Option<u16>,
+    /// Set on a gateway listener: the scheme its clients use. The edge's
+    /// headers are then set as Envoy's gateway does (see
+    /// `filters::edge_headers`).
+    pub forwarded_proto: Option<&'static str>,
     pub protocol: Protocol,
     pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// Write the per-request access log line.
@@ -309,7 +313,10 @@ async fn handle(req: Request<Incoming>, ctx: ConnContext) -> Response<Body> {
 }
 
 /// Route one request: select the rule, apply its filters, forward.
-async fn route(req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &mut Target) -> Outcome {
+async fn route(mut req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, target: &mut Target) -> Outcome {
+    if let Some(proto) = ctx.forwarded_proto {
+        filters::edge_headers(req.headers_mut(), ctx.client.ip(), proto, |n| mesh.random(n));
+    }
     let port = ctx.original_dst.port();
     let selected = match select::select(mesh, ctx.service, ctx.gateway_port, &req, port) {
         Ok(s) => s,

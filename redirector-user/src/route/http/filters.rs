@@ -144,6 +144,42 @@ pub(crate) fn request_headers(
     }
 }
 
+/// What Envoy's gateway (an edge proxy, `use_remote_address`) sets on a
+/// request from outside: the client's address appended to
+/// `x-forwarded-for`, `x-forwarded-proto` the scheme it used, an
+/// `x-request-id` (a UUID v4) when it sent none, and no
+/// `x-forwarded-client-cert` from the client (only the mesh may vouch for
+/// a certificate).
+pub(crate) fn edge_headers(
+    headers: &mut hyper::HeaderMap,
+    client: std::net::IpAddr,
+    proto: &'static str,
+    random: impl Fn(usize) -> usize,
+) {
+    headers.remove("x-forwarded-client-cert");
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{}, {client}", prior.trim()),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if !headers.get("x-request-id").is_some_and(|v| !v.is_empty()) {
+        let mut b = [0u8; 16];
+        for byte in &mut b {
+            *byte = u8::try_from(random(256)).unwrap_or(0);
+        }
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let id = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
+        if let Ok(v) = HeaderValue::try_from(id) {
+            headers.insert("x-request-id", v);
+        }
+    }
+}
+
 /// The response's header operations: the rule's, then the destination's.
 pub(crate) fn response_headers(headers: &mut hyper::HeaderMap, rule: &HttpRouteRule, dest: &WeightedDestination) {
     apply_ops(headers, rule.headers.as_ref().and_then(|h| h.response.as_ref()));
@@ -236,5 +272,34 @@ mod tests {
         };
         apply_ops(&mut h, Some(&ops));
         assert_eq!((h["x-set"].to_str().unwrap(), h["x-add"].to_str().unwrap(), h.get("x-old")), ("after", "a", None));
+    }
+
+    #[test]
+    fn the_edge_appends_the_client_sets_the_scheme_and_an_id_and_drops_xfcc() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        h.insert("x-forwarded-client-cert", HeaderValue::from_static("By=spiffe://cluster.local/ns/x/sa/admin"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let mut n = 0;
+        let counter = std::cell::Cell::new(0usize);
+        edge_headers(&mut h, "198.18.0.9".parse().unwrap(), "http", |_| {
+            counter.set(counter.get() + 1);
+            counter.get()
+        });
+        n += counter.get();
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.18.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-client-cert"));
+        let id = h["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!((id.len(), &id[14..15]), (36, "4"), "{id}");
+        assert_eq!(n, 16);
+        // A client's own request id is kept.
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        edge_headers(&mut h, "198.18.0.9".parse().unwrap(), "https", |_| 0);
+        assert_eq!(
+            (h["x-request-id"].to_str().unwrap(), h["x-forwarded-for"].to_str().unwrap()),
+            ("abc", "198.18.0.9")
+        );
     }
 }

@@ -161,6 +161,7 @@ impl Router {
                     original_dst: VIP.parse().unwrap(),
                     service: Some(service),
                     gateway_port: None,
+                    forwarded_proto: None,
                     protocol: Protocol::Http,
                     metrics: Arc::clone(&metrics),
                     access_log: false,
