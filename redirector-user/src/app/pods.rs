@@ -146,11 +146,17 @@ impl AgentPods {
             metrics: Arc::clone(&self.metrics),
             mesh: self.settings.mesh.clone(),
             access_log: self.settings.access_log,
-            app: crate::proxy::inbound::l7::AppClients::new(
-                Arc::clone(w),
-                self.cfg.proxy_mark,
-                self.cfg.connect_timeout,
-            ),
+            l7: Arc::new(crate::proxy::inbound::l7::Local {
+                workload: Arc::clone(w),
+                mesh: self.settings.mesh.clone(),
+                metrics: Arc::clone(&self.metrics),
+                access_log: self.settings.access_log,
+                app: crate::proxy::inbound::l7::AppClients::new(
+                    Arc::clone(w),
+                    self.cfg.proxy_mark,
+                    self.cfg.connect_timeout,
+                ),
+            }),
         });
         tokio::spawn(crate::proxy::inbound::serve(listeners.hbone, Arc::clone(&inbound), stop.clone()));
         tokio::spawn(crate::proxy::inbound::serve_plaintext(listeners.inbound, inbound, stop.clone()));

@@ -415,71 +415,7 @@ impl Security {
                     continue;
                 }
             };
-            let mut rules = Vec::new();
-            for (i, r) in d.spec.rules.iter().enumerate() {
-                let mut rule = Rule::default();
-                for (j, f) in r.from.iter().enumerate() {
-                    let cidrs = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<Cidr> {
-                        list.iter()
-                            .filter_map(|c| match Cidr::parse(c) {
-                                Ok(c) => Some(c),
-                                Err(e) => {
-                                    err(errors, &d.origin, format!("spec.rules[{i}].from[{j}].source.{name}"), e);
-                                    None
-                                }
-                            })
-                            .collect()
-                    };
-                    rule.from.push(Source {
-                        principals: f.source.principals.clone(),
-                        not_principals: f.source.not_principals.clone(),
-                        namespaces: f.source.namespaces.clone(),
-                        not_namespaces: f.source.not_namespaces.clone(),
-                        ip_blocks: cidrs(&f.source.ip_blocks, "ipBlocks", errors),
-                        not_ip_blocks: cidrs(&f.source.not_ip_blocks, "notIpBlocks", errors),
-                    });
-                }
-                for (j, t) in r.to.iter().enumerate() {
-                    let ports = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<u16> {
-                        list.iter()
-                            .filter_map(|p| match p.parse::<u16>() {
-                                Ok(p) if p > 0 => Some(p),
-                                _ => {
-                                    err(
-                                        errors,
-                                        &d.origin,
-                                        format!("spec.rules[{i}].to[{j}].operation.{name}"),
-                                        format!("`{p}` is not a port"),
-                                    );
-                                    None
-                                }
-                            })
-                            .collect()
-                    };
-                    let o = &t.operation;
-                    rule.to.push(Operation {
-                        ports: ports(&o.ports, "ports", errors),
-                        not_ports: ports(&o.not_ports, "notPorts", errors),
-                        paths: o.paths.clone(),
-                        not_paths: o.not_paths.clone(),
-                        methods: o.methods.clone(),
-                        not_methods: o.not_methods.clone(),
-                        hosts: o.hosts.clone(),
-                        not_hosts: o.not_hosts.clone(),
-                    });
-                }
-                for (j, w) in r.when.iter().enumerate() {
-                    match Condition::parse(&w.key) {
-                        Ok(key) => rule.when.push(Condition {
-                            key,
-                            values: w.values.clone(),
-                            not_values: w.not_values.clone(),
-                        }),
-                        Err(e) => err(errors, &d.origin, format!("spec.rules[{i}].when[{j}].key"), e),
-                    }
-                }
-                rules.push(rule);
-            }
+            let rules = d.spec.rules.iter().enumerate().map(|(i, r)| compile_rule(&d.origin, i, r, errors)).collect();
             sec.authz.push(Authz {
                 namespace: d.namespace().to_string(),
                 name: d.meta.name.clone(),
@@ -490,6 +426,77 @@ impl Security {
         }
         sec
     }
+}
+
+/// One AuthorizationPolicy rule (`spec.rules[i]`); bad values are errors
+/// naming the field.
+fn compile_rule(
+    origin: &super::source_dir::Origin,
+    i: usize,
+    r: &super::resources::AuthzRule,
+    errors: &mut Vec<Problem>,
+) -> Rule {
+    let err = |errors: &mut Vec<Problem>, origin: &super::source_dir::Origin, field: String, reason: String| {
+        errors.push(Problem { origin: origin.clone(), field, reason });
+    };
+    let mut rule = Rule::default();
+    for (j, f) in r.from.iter().enumerate() {
+        let cidrs = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<Cidr> {
+            list.iter()
+                .filter_map(|c| match Cidr::parse(c) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        err(errors, origin, format!("spec.rules[{i}].from[{j}].source.{name}"), e);
+                        None
+                    }
+                })
+                .collect()
+        };
+        rule.from.push(Source {
+            principals: f.source.principals.clone(),
+            not_principals: f.source.not_principals.clone(),
+            namespaces: f.source.namespaces.clone(),
+            not_namespaces: f.source.not_namespaces.clone(),
+            ip_blocks: cidrs(&f.source.ip_blocks, "ipBlocks", errors),
+            not_ip_blocks: cidrs(&f.source.not_ip_blocks, "notIpBlocks", errors),
+        });
+    }
+    for (j, t) in r.to.iter().enumerate() {
+        let ports = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<u16> {
+            list.iter()
+                .filter_map(|p| match p.parse::<u16>() {
+                    Ok(p) if p > 0 => Some(p),
+                    _ => {
+                        err(
+                            errors,
+                            origin,
+                            format!("spec.rules[{i}].to[{j}].operation.{name}"),
+                            format!("`{p}` is not a port"),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        };
+        let o = &t.operation;
+        rule.to.push(Operation {
+            ports: ports(&o.ports, "ports", errors),
+            not_ports: ports(&o.not_ports, "notPorts", errors),
+            paths: o.paths.clone(),
+            not_paths: o.not_paths.clone(),
+            methods: o.methods.clone(),
+            not_methods: o.not_methods.clone(),
+            hosts: o.hosts.clone(),
+            not_hosts: o.not_hosts.clone(),
+        });
+    }
+    for (j, w) in r.when.iter().enumerate() {
+        match Condition::parse(&w.key) {
+            Ok(key) => rule.when.push(Condition { key, values: w.values.clone(), not_values: w.not_values.clone() }),
+            Err(e) => err(errors, origin, format!("spec.rules[{i}].when[{j}].key"), e),
+        }
+    }
+    rule
 }
 
 #[cfg(test)]

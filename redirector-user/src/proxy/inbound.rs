@@ -45,8 +45,8 @@ pub struct Inbound {
     /// `proxy.accessLog`: one access-log line per connection (per request
     /// on an HTTP port).
     pub access_log: bool,
-    /// The app's HTTP clients, for HTTP-declared ports.
-    pub app: l7::AppClients,
+    /// Destination-side L7, for HTTP-declared ports.
+    pub l7: Arc<l7::Local>,
 }
 
 impl Inbound {
@@ -192,7 +192,7 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
     if let Some((service, protocol)) = ctx.http_port(dst) {
         // Authorized request by request.
         let conn = l7::Conn { peer, peer_id: None, dst, service, protocol };
-        return l7::serve(client, conn, ctx).await;
+        return l7::serve(client, conn, Arc::clone(&ctx.l7)).await;
     }
     if let Err(why) = ctx.authorize(None, peer, dst) {
         ctx.metrics.denied(ctx.workload.labels(), None).inc();
@@ -354,7 +354,7 @@ async fn tunnel_inbound(
         let Ok(send) = respond.send_response(Response::new(()), false) else { return };
         let stream = H2Stream::new(send, req.into_body());
         let conn = l7::Conn { peer, peer_id: Some(peer_id), dst, service, protocol };
-        return l7::serve(stream, conn, ctx).await;
+        return l7::serve(stream, conn, Arc::clone(&ctx.l7)).await;
     }
     if let Err(why) = ctx.authorize(Some(&peer_id), peer, dst) {
         ctx.metrics.denied(ctx.workload.labels(), Some(&peer_id)).inc();

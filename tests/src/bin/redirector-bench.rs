@@ -41,8 +41,13 @@ const NGINX_PORT: u16 = 8088;
 const IPERF_PORT: u16 = 5201;
 const MODES: [&str; 5] = ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7"];
 /// Modes of the cross-node suite.
-const XNODE_MODES: [&str; 3] = ["direct", "hbone", "hbone-iptables"];
-const ALL_MODES: [&str; 7] = ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7", "hbone", "hbone-iptables"];
+const XNODE_MODES: [&str; 4] = ["direct", "hbone", "hbone+l7", "hbone-iptables"];
+
+/// The Service `hbone+l7` dials: nginx's port declared `http` (routed per
+/// request on both nodes), iperf3's declared `tcp`.
+const XNODE_VIP: &str = "198.18.3.30";
+const ALL_MODES: [&str; 8] =
+    ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7", "hbone", "hbone+l7", "hbone-iptables"];
 const SUITES: [&str; 2] = ["local", "cross-node"];
 /// Where the load goes in the cross-node suite: nginx and iperf3 in pod b1
 /// (node-b), the load tools in pod a1 (node-a).
@@ -113,7 +118,7 @@ fn parse_args() -> Result<Args> {
                 a.proxy_settings.push_str(&format!("  {k}: {v}\n"));
             }
             "-h" | "--help" => {
-                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR] [--suite local,cross-node] [--modes direct,iptables,ebpf,ebpf+sockmap,ebpf+l7,hbone,hbone-iptables] [--scenarios standard,max-rps,conn-rate,bulk] [--proxy-setting KEY=VALUE (cross-node agents' proxy settings, e.g. concurrency=1)]");
+                println!("redirector-bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--results DIR] [--suite local,cross-node] [--modes direct,iptables,ebpf,ebpf+sockmap,ebpf+l7,hbone,hbone+l7,hbone-iptables] [--scenarios standard,max-rps,conn-rate,bulk] [--proxy-setting KEY=VALUE (cross-node agents' proxy settings, e.g. concurrency=1)]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument `{other}`; see --help"),
@@ -392,13 +397,20 @@ fn run_cross_node(args: &Args, modes: &[&str], progress: &mut Progress) -> Resul
     for round in 0..args.rounds {
         for mode in modes.iter().copied() {
             if mode != "direct" {
-                c.mode = if mode == "hbone" { "ebpf" } else { "iptables" };
+                c.mode = if mode == "hbone-iptables" { "iptables" } else { "ebpf" };
+                c.extra_yaml = if mode == "hbone+l7" {
+                    format!(
+                        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {XNODE_VIP}\n  ports: [{{name: http, port: {NGINX_PORT}}}, {{name: tcp-iperf, port: {IPERF_PORT}}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: default}}\nsubsets:\n- addresses: [{{ip: {server}}}]\n  ports: [{{name: http, port: {NGINX_PORT}}}, {{name: tcp-iperf, port: {IPERF_PORT}}}]\n"
+                    )
+                } else {
+                    String::new()
+                };
                 c.start()?;
             }
             let pids: Vec<u32> = (0..c.nodes.len()).filter_map(|i| c.agent_pid(i)).collect();
             let place = Place {
                 load: Box::new(|program: &str| in_cgroup(&client_ns, &client_cg, program)),
-                server: server.clone(),
+                server: if mode == "hbone+l7" { XNODE_VIP.to_string() } else { server.clone() },
                 client_ns: client_ns.clone(),
                 pids,
             };
@@ -722,6 +734,40 @@ fn targets(s: &mut String, x: &Suite, modes: &[&str]) {
     }
 }
 
+/// The L7-for-pods targets: `hbone+l7` against `hbone` (L4) of the same
+/// run (Istio's sidecar: +2.76 ms p90, 0.5 vCPU and 50 MB per 1,000 req/s).
+fn l7_targets(s: &mut String, x: &Suite) {
+    if !(x.medians.contains_key("hbone") && x.medians.contains_key("hbone+l7")) {
+        return;
+    }
+    s.push_str(
+        "\nL7 for pods (hbone+l7 against hbone in the same run):\n\n| figure | target | hbone+l7 |\n|---|---:|---:|\n",
+    );
+    let rel = |sc: &str, k: &str| Some(get(&x.medians, "hbone+l7", sc, k)? / get(&x.medians, "hbone", sc, k)?);
+    let rows: [(&str, Option<f64>, f64, bool); 5] = [
+        ("p50 at 1,000 req/s (× hbone)", rel("standard", "p50_ms"), 1.3, true),
+        ("p99 at 1,000 req/s (× hbone)", rel("standard", "p99_ms"), 1.3, true),
+        ("max keepalive req/s (× hbone)", rel("max-rps", "rps"), 0.7, false),
+        (
+            "vCPU per 1,000 req/s, busier node",
+            get(&x.medians, "hbone+l7", "standard", "proxy_vcpu_per_krps"),
+            0.12,
+            true,
+        ),
+        ("resident memory per agent (MiB)", max_over_scenarios(&x.medians, "hbone+l7", "proxy_rss_mb"), 20.0, true),
+    ];
+    for (name, v, bound, at_most) in rows {
+        let cell = match v {
+            Some(v) => {
+                let met = if at_most { v <= bound } else { v >= bound };
+                format!("{v:.3} {}", if met { "met" } else { "**not met**" })
+            }
+            None => "—".into(),
+        };
+        s.push_str(&format!("| {name} | {} {bound} | {cell} |\n", if at_most { "≤" } else { "≥" }));
+    }
+}
+
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -750,13 +796,14 @@ fn markdown(r: &Report) -> String {
     if let Some(x) = &r.cross_node {
         let modes: Vec<&str> = XNODE_MODES.iter().copied().filter(|m| x.medians.contains_key(*m)).collect();
         s.push_str(&format!(
-            "\n### Cross-node: pod {XNODE_CLIENT} on node-a → pod {XNODE_SERVER} on node-b (direct = routed, no agent; hbone = both nodes' agents, eBPF capture, HTTP/2 CONNECT in mTLS; hbone-iptables = the same with iptables capture)\n\n"
+            "\n### Cross-node: pod {XNODE_CLIENT} on node-a → pod {XNODE_SERVER} on node-b (direct = routed, no agent; hbone = both nodes' agents, eBPF capture, HTTP/2 CONNECT in mTLS; hbone+l7 = the same to a Service whose nginx port is declared `http`: routed per request at the source, served per request at the destination (bulk: its iperf3 port, declared `tcp`); hbone-iptables = hbone with iptables capture)\n\n"
         ));
         table(&mut s, &x.medians, &x.ratios, &modes, true);
         let measured: Vec<&str> = modes.iter().copied().filter(|m| *m != "direct").collect();
         if !measured.is_empty() {
             targets(&mut s, x, &measured);
         }
+        l7_targets(&mut s, x);
         failures(&mut s, "cross-node", &x.samples);
     }
     s

@@ -30,7 +30,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::Inbound;
 use crate::identity::Identity;
 use crate::mesh::model::Protocol;
 use crate::mesh::security::RequestAttrs;
@@ -93,6 +92,16 @@ impl AppClients {
     }
 }
 
+/// What destination-side L7 needs of one pod.
+pub struct Local {
+    pub workload: Arc<WorkloadNet>,
+    pub mesh: crate::mesh::MeshHandle,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    /// One access-log line per request.
+    pub access_log: bool,
+    pub app: AppClients,
+}
+
 /// One inbound HTTP connection: who it is from and where it goes.
 pub(super) struct Conn {
     pub(super) peer: SocketAddr,
@@ -105,7 +114,7 @@ pub(super) struct Conn {
 }
 
 /// Serve HTTP on an admitted inbound stream until the peer closes it.
-pub(super) async fn serve<S>(stream: S, conn: Conn, ctx: Arc<Inbound>)
+pub(super) async fn serve<S>(stream: S, conn: Conn, ctx: Arc<Local>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -131,7 +140,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 /// One request: the policy check, then the app.
-async fn handle(mut req: Request<Incoming>, conn: &Conn, ctx: &Inbound) -> Response<Body> {
+async fn handle(req: Request<Incoming>, conn: &Conn, ctx: &Local) -> Response<Body> {
     let started = Instant::now();
     let mesh = ctx.mesh.current();
     let host = req
@@ -157,42 +166,12 @@ async fn handle(mut req: Request<Incoming>, conn: &Conn, ctx: &Inbound) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    let (response, flags, denied) = match decision {
-        Err(why) => {
-            ctx.metrics.denied(ctx.workload.labels(), conn.peer_id.as_ref()).inc();
-            (text(StatusCode::FORBIDDEN, RBAC_DENIED), "-", Some(why))
-        }
-        Ok(()) => {
-            // Absolute form for the client; the Host the source sent stays.
-            if !req.headers().contains_key(HOST) {
-                if let Ok(v) = HeaderValue::from_str(&host) {
-                    req.headers_mut().insert(HOST, v);
-                }
-            }
-            let uri = format!("http://{}{path}", conn.dst);
-            *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
-            let client = if conn.protocol == Protocol::Http2 {
-                *req.version_mut() = Version::HTTP_2;
-                &ctx.app.http2
-            } else {
-                *req.version_mut() = Version::HTTP_11;
-                &ctx.app.http1
-            };
-            match client.request(req).await {
-                Ok(r) => (r.map(BodyExt::boxed), "-", None),
-                Err(e) => {
-                    debug!(error = %e, dst = %conn.dst, "inbound: the app did not answer");
-                    (
-                        text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
-                        ),
-                        "UF",
-                        None,
-                    )
-                }
-            }
-        }
+    let (response, flags, denied) = if let Err(why) = decision {
+        ctx.metrics.denied(ctx.workload.labels(), conn.peer_id.as_ref()).inc();
+        (text(StatusCode::FORBIDDEN, RBAC_DENIED), "-", Some(why))
+    } else {
+        let (r, f) = forward(req, conn, ctx, &host, &path).await;
+        (r, f, None)
     };
     let status = response.status().as_u16();
     let grpc = response.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -221,9 +200,42 @@ async fn handle(mut req: Request<Incoming>, conn: &Conn, ctx: &Inbound) -> Respo
     response
 }
 
+/// An allowed request to the app, on the pod's pooled connections; the
+/// response and its flags.
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    ctx: &Local,
+    host: &str,
+    path: &str,
+) -> (Response<Body>, &'static str) {
+    // Absolute form for the client; the Host the source sent stays.
+    if !req.headers().contains_key(HOST) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
+    let uri = format!("http://{}{path}", conn.dst);
+    *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    let client = if conn.protocol == Protocol::Http2 {
+        *req.version_mut() = Version::HTTP_2;
+        &ctx.app.http2
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        &ctx.app.http1
+    };
+    match client.request(req).await {
+        Ok(r) => (r.map(BodyExt::boxed), "-"),
+        Err(e) => {
+            debug!(error = %e, dst = %conn.dst, "inbound: the app did not answer");
+            (text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers"), "UF")
+        }
+    }
+}
+
 /// Istio's request metrics, as the destination reports them.
 fn record(
-    ctx: &Inbound,
+    ctx: &Local,
     conn: &Conn,
     mesh: &crate::mesh::model::Mesh,
     (status, flags, grpc): (u16, &'static str, bool),

@@ -165,14 +165,18 @@ pub(crate) fn edge_headers(
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if !headers.get("x-request-id").is_some_and(|v| !v.is_empty()) {
+    if headers.get("x-request-id").is_none_or(hyper::header::HeaderValue::is_empty) {
         let mut b = [0u8; 16];
         for byte in &mut b {
             *byte = u8::try_from(random(256)).unwrap_or(0);
         }
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let hex = b.iter().fold(String::new(), |mut h, x| {
+            use std::fmt::Write;
+            let _ = write!(h, "{x:02x}");
+            h
+        });
         let id = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
         if let Ok(v) = HeaderValue::try_from(id) {
             headers.insert("x-request-id", v);
