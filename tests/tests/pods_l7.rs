@@ -23,7 +23,11 @@ macro_rules! in_both_modes {
     };
 }
 
-in_both_modes!(the_tutorials_routing_works_between_pods, the_gateway_reaches_a_strict_pod_over_hbone);
+in_both_modes!(
+    the_tutorials_routing_works_between_pods,
+    the_gateway_reaches_a_strict_pod_over_hbone,
+    breakers_outliers_hashing_and_delays_work_between_pods,
+);
 
 /// `api` (what the client calls) routes to `api-v1` (httpbin in b1, on the
 /// other node) and `api-v2` (httpbin in a2, on the client's node).
@@ -370,4 +374,111 @@ spec:
         .logged(1, "connection denied by policy")
         .iter()
         .any(|l| l["fields"]["reason"].as_str().is_some_and(|r| r.contains("STRICT")))));
+}
+
+/// A Service (http port 80 to 8000) with Endpoints at `ips`.
+fn service_at(name: &str, vip: &str, ips: &[&str]) -> String {
+    let addresses: Vec<String> = ips.iter().map(|ip| format!("{{ip: {ip}}}")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80, targetPort: 8000}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: default}}\nsubsets:\n- addresses: [{}]\n  ports: [{{name: http, port: 8000}}]\n",
+        addresses.join(", ")
+    )
+}
+
+/// DestinationRule traffic policies for pods, at the source node: a
+/// circuit breaker (503 UO over maxConnections + http1MaxPendingRequests),
+/// outlier detection ejecting a failing pod and taking it back, consistent
+/// hashing on a header, and a delay fault.
+fn breakers_outliers_hashing_and_delays_work_between_pods(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    let (b1, b2, a2) = (c.pod("b1").ip.clone(), c.pod("b2").ip.clone(), c.pod("a2").ip.clone());
+    c.extra_yaml = service_at("slow", "198.18.3.31", &[&b1])
+        + &service_at("pool", "198.18.3.32", &[&b1, &b2])
+        + &service_at("sticky", "198.18.3.33", &[&b1, &a2])
+        + r"---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: slow, namespace: default}
+spec:
+  host: slow
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: default}
+spec:
+  host: pool
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 4s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: default}
+spec:
+  host: sticky
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: slow, namespace: default}
+spec:
+  hosts: [slow]
+  http:
+  - match: [{uri: {prefix: /slowly}}]
+    fault: {delay: {fixedDelay: 1s, percentage: {value: 100}}}
+    rewrite: {uri: /get}
+    route: [{destination: {host: slow}}]
+  - route: [{destination: {host: slow}}]
+";
+    c.start().unwrap();
+    // b2 runs nothing on 8000: every connection to it fails.
+    let v1 = c.start_httpbin("b1", 8000).unwrap();
+    let v2 = c.start_httpbin("a2", 8000).unwrap();
+    let logs = || format!("node-a: {}", std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default());
+
+    // Circuit breaking: eight requests at once that each take a second,
+    // against one connection and one pending request.
+    let (codes, _) = curl(&c, "a1", &["--parallel", "--parallel-max", "8", "http://198.18.3.31/delay/1?[1-8]"]);
+    assert_eq!(codes.len(), 8, "{codes:?}");
+    let overflow = codes.iter().filter(|&&s| s == 503).count();
+    assert!(overflow >= 1 && codes.contains(&200), "{codes:?}\n{}", logs());
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(0, "request")
+        .iter()
+        .any(|l| l["fields"]["response_flags"] == "UO" && l["fields"]["response_code"] == 503)));
+
+    // A delay fault: the source node holds the request for a second.
+    let t = std::time::Instant::now();
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.31/slowly"]);
+    assert_eq!(codes, [200]);
+    assert!(t.elapsed() >= Duration::from_secs(1), "the delay was not applied: {:?}", t.elapsed());
+    assert!(c.logged(0, "request").iter().any(|l| l["fields"]["response_flags"] == "DI"));
+
+    // Consistent hashing on x-user: twenty requests of one user land on
+    // one pod.
+    let (codes, _) = curl(&c, "a1", &["-H", "x-user: alice", "http://198.18.3.33/anything/alice?[1-20]"]);
+    assert_eq!(codes, vec![200; 20]);
+    let count = |log: &Path| served(log).iter().filter(|l| *l == "GET /anything/alice 200").count();
+    assert!(eventually(Duration::from_secs(5), || count(&v1) + count(&v2) == 20));
+    assert!(count(&v1) == 20 || count(&v2) == 20, "alice was split: b1 {} a2 {}", count(&v1), count(&v2));
+
+    // Outlier detection: b2 fails, is ejected, and every request then
+    // goes to b1; after baseEjectionTime it is taken back.
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.32/anything/pool?[1-10]"]);
+    assert!(codes.iter().filter(|&&s| s == 200).count() >= 8, "{codes:?}");
+    let health = |want: &str| {
+        let out = c.output(c.in_node(
+            0,
+            redirector_tests::redirector_bin().to_str().unwrap(),
+            &["--state-dir", c.nodes[0].state.to_str().unwrap(), "proxy-config", "endpoints"],
+        ));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(b2.as_str()) && l.contains(want) && l.contains("pool.default"))
+    };
+    assert!(health("EJECTED"), "b2 is not ejected\n{}", logs());
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.32/anything/pool?[1-10]"]);
+    assert_eq!(codes, vec![200; 10], "an ejected pod was still chosen");
+    assert!(eventually(Duration::from_secs(10), || health("HEALTHY")), "b2 never came back");
 }
