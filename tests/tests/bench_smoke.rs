@@ -37,23 +37,25 @@ fn the_bench_harness_produces_a_well_formed_report() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
-    // Tables: local (header + 5 modes), cross-node (header + 3 modes) and
-    // the cross-node targets (header + 6 figures).
+    // Tables: local (header + 5 modes), cross-node (header + 4 modes), the
+    // cross-node targets (header + 6 figures) and the L7-for-pods targets
+    // (header + 5 figures).
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
-    assert_eq!(table.len(), (1 + 5) + (1 + 3) + (1 + 6), "headers and one row per mode and target:\n{md}");
-    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7", "hbone", "hbone-iptables"] {
+    assert_eq!(table.len(), (1 + 5) + (1 + 4) + (1 + 6) + (1 + 5), "headers and one row per mode and target:\n{md}");
+    for mode in ["direct", "iptables", "ebpf", "ebpf+sockmap", "ebpf+l7", "hbone", "hbone+l7", "hbone-iptables"] {
         let row = table.iter().find(|r| r.starts_with(&format!("| {mode} |"))).expect(mode);
         assert_eq!(row.matches('|').count(), 11, "{row}");
     }
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["samples"].as_array().unwrap().len(), 20, "5 local modes x 4 scenarios");
-    assert_eq!(report["cross_node"]["samples"].as_array().unwrap().len(), 12, "3 cross-node modes x 4 scenarios");
+    assert_eq!(report["cross_node"]["samples"].as_array().unwrap().len(), 16, "4 cross-node modes x 4 scenarios");
     assert!(md.contains("L7 routing over L4 forwarding"), "{md}");
     assert!(report["medians"]["direct"]["max-rps"]["rps"].as_f64().unwrap() > 0.0);
     assert!(report["ratios"]["ebpf"]["max-rps"]["rps"].is_number());
     assert!(report["cross_node"]["ratios"]["hbone"]["max-rps"]["rps"].is_number(), "{md}");
     assert!(report["cross_node"]["medians"]["hbone"]["standard"]["proxy_rss_mb"].as_f64().unwrap() > 0.0);
-    for t in ["new connections/s", "resident memory per proxy"] {
+    assert!(md.contains("L7 for pods (hbone+l7 against hbone"), "{md}");
+    for t in ["new connections/s", "resident memory per proxy", "(× hbone)", "resident memory per agent"] {
         let row = table.iter().find(|r| r.contains(t)).expect(t);
         assert!(row.contains("met"), "each target says met or not met: {row}");
     }

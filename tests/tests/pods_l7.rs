@@ -264,6 +264,7 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
                 &format!("destination_principal=\"{b1_id}\""),
                 "connection_security_policy=\"mutual_tls\"",
                 "destination_service=\"api-v1.default.svc.cluster.local\"",
+                "source_workload=\"a1\"",
                 &format!("response_code=\"{code}\""),
             ],
         )

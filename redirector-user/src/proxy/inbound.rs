@@ -61,9 +61,14 @@ impl Inbound {
         peer: SocketAddr,
         peer_id: Option<&Identity>,
         dst: SocketAddr,
+        source: Option<&(String, String)>,
     ) {
         let security = if peer_id.is_some() { "mutual_tls" } else { "none" };
-        let labels = self.metrics.inbound_labels(self.workload.labels(), peer_id, security);
+        let mut labels = self.metrics.inbound_labels(self.workload.labels(), peer_id, security);
+        if let Some((name, ns)) = source {
+            labels.source_workload = crate::telemetry::label(name);
+            labels.source_workload_namespace = crate::telemetry::label(ns);
+        }
         let workload = (self.workload.namespace.as_str(), self.workload.name.as_str());
         let side = Side::Inbound { peer, dst, workload, hbone: peer_id.is_some() };
         let record = ConnectionRecord::open(&self.metrics, labels, side, self.access_log, Instant::now())
@@ -110,6 +115,19 @@ impl Inbound {
         let mesh = self.mesh.current();
         let (svc, port) = mesh.inbound_port(dst.ip(), dst.port())?;
         matches!(port.protocol, Protocol::Http | Protocol::Http2).then_some((svc, port.protocol))
+    }
+
+    /// The source workload (name, namespace) a CONNECT's `Forwarded` header
+    /// names, if the pod at that address runs as the identity the peer
+    /// proved (a peer cannot name another workload as itself).
+    fn source_named(&self, forwarded: Option<&str>, peer_id: &Identity) -> Option<(String, String)> {
+        let ip = crate::transport::hbone::forwarded_ip(forwarded?)?;
+        let mesh = self.mesh.current();
+        let pod = mesh.pod_at(ip)?;
+        if pod.namespace != peer_id.namespace || pod.service_account != peer_id.service_account {
+            return None;
+        }
+        mesh.workload_at(ip)
     }
 
     /// Whether plaintext is accepted on `port` (PeerAuthentication).
@@ -191,7 +209,7 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
     }
     if let Some((service, protocol)) = ctx.http_port(dst) {
         // Authorized request by request.
-        let conn = l7::Conn { peer, peer_id: None, dst, service, protocol };
+        let conn = l7::Conn { peer, peer_id: None, dst, service, protocol, source: None };
         return l7::serve(client, conn, Arc::clone(&ctx.l7)).await;
     }
     if let Err(why) = ctx.authorize(None, peer, dst) {
@@ -203,7 +221,7 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
         info!(%peer, %dst, "inbound: the workload refused the connection");
         return;
     };
-    ctx.deliver(Delivered::Plain(client), upstream, peer, None, dst).await;
+    ctx.deliver(Delivered::Plain(client), upstream, peer, None, dst, None).await;
 }
 
 /// Serve HBONE on `listener` until `stop` turns true; then every tunnel
@@ -349,11 +367,13 @@ async fn tunnel_inbound(
         warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
         return refuse(respond, StatusCode::BAD_REQUEST);
     }
+    let forwarded = req.headers().get("forwarded").and_then(|v| v.to_str().ok());
+    let source = ctx.source_named(forwarded, &peer_id);
     if let Some((service, protocol)) = ctx.http_port(dst) {
         // Authorized request by request, on the stream.
         let Ok(send) = respond.send_response(Response::new(()), false) else { return };
         let stream = H2Stream::new(send, req.into_body());
-        let conn = l7::Conn { peer, peer_id: Some(peer_id), dst, service, protocol };
+        let conn = l7::Conn { peer, peer_id: Some(peer_id), dst, service, protocol, source };
         return l7::serve(stream, conn, Arc::clone(&ctx.l7)).await;
     }
     if let Err(why) = ctx.authorize(Some(&peer_id), peer, dst) {
@@ -380,5 +400,5 @@ async fn tunnel_inbound(
         }
     };
     let tunnel = H2Stream::new(send, req.into_body());
-    ctx.deliver(Delivered::Hbone(tunnel), upstream, peer, Some(&peer_id), dst).await;
+    ctx.deliver(Delivered::Hbone(tunnel), upstream, peer, Some(&peer_id), dst, source.as_ref()).await;
 }

@@ -208,11 +208,14 @@ impl Pool {
         loop {
             attempt += 1;
             let pooled = self.sender(from, &key).await?;
-            let req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(authority.to_string())
-                .body(())
-                .expect("a CONNECT request");
+            let mut req = Request::builder().method(Method::CONNECT).uri(authority.to_string());
+            // The source's address (RFC 7239), as ztunnel sends it: the
+            // destination names the source workload from it, if the
+            // workload there has the identity the certificate proves.
+            if let Some(ip) = from.ips.first() {
+                req = req.header("forwarded", forwarded_for(*ip));
+            }
+            let req = req.body(()).expect("a CONNECT request");
             let sent = async {
                 let mut send = pooled.send.ready().await?;
                 let (response, mut stream) = send.send_request(req, false)?;
@@ -242,5 +245,38 @@ impl Pool {
     pub fn forget(&self, netns: u64) {
         self.conns.lock().expect("pool lock").retain(|k, _| k.netns != netns);
         self.dialing.lock().expect("pool lock").retain(|k, _| k.netns != netns);
+    }
+}
+
+/// `for=IP` of a `Forwarded` header (IPv6 quoted and bracketed).
+fn forwarded_for(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The address of `for=` in a `Forwarded` header value.
+pub fn forwarded_ip(value: &str) -> Option<std::net::IpAddr> {
+    value.split([';', ',']).find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?.trim_matches('"');
+        v.trim_start_matches('[').split(']').next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_round_trips_and_reads_rfc_7239_forms() {
+        for ip in ["198.18.0.5", "fd00::7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(forwarded_ip(&forwarded_for(ip)), Some(ip));
+        }
+        assert_eq!(forwarded_ip("proto=http;for=10.0.0.1, for=10.0.0.2"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(forwarded_ip("for=\"[fd00::1]:4711\""), Some("fd00::1".parse().unwrap()));
+        assert_eq!(forwarded_ip("for=unknown"), None);
+        assert_eq!(forwarded_ip("by=10.0.0.1"), None);
     }
 }

@@ -111,6 +111,9 @@ pub(super) struct Conn {
     /// The Service whose port targets `dst`'s port, and that port's protocol.
     pub(super) service: usize,
     pub(super) protocol: Protocol,
+    /// The source workload (name, namespace), when the peer named it and
+    /// its identity vouches for it.
+    pub(super) source: Option<(String, String)>,
 }
 
 /// Serve HTTP on an admitted inbound stream until the peer closes it.
@@ -185,6 +188,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, ctx: &Local) -> Response<Bo
             target: "access",
             peer = %conn.peer,
             peer_identity = conn.peer_id.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
+            source_workload = conn.source.as_ref().map_or("unknown", |s| s.0.as_str()),
             dst = %conn.dst,
             workload = %ctx.workload.describe(),
             method = %method,
@@ -249,7 +253,11 @@ fn record(
     let workload = pod.and_then(|p| p.labels.get("app")).map_or(ctx.workload.name.as_str(), String::as_str);
     let protocol = if grpc { "grpc" } else { "http" };
     let key = (
-        format!("destination/{protocol}"),
+        // Reporter, protocol and source: never a source workload name.
+        match &conn.source {
+            Some((name, ns)) => format!("destination/{protocol}/{ns}/{name}"),
+            None => format!("destination/{protocol}"),
+        },
         svc_host.to_string(),
         workload.to_string(),
         version.to_string(),
@@ -266,9 +274,15 @@ fn record(
         if let Some(own) = &ctx.workload.identity {
             l.destination_principal = own.to_string().into();
         }
+        if let Some((name, ns)) = &conn.source {
+            l.source_workload = crate::telemetry::label(name);
+            l.source_workload_namespace = crate::telemetry::label(ns);
+        }
         if let Some(p) = &conn.peer_id {
             l.source_principal = p.to_string().into();
-            l.source_workload_namespace = crate::telemetry::label(&p.namespace);
+            if conn.source.is_none() {
+                l.source_workload_namespace = crate::telemetry::label(&p.namespace);
+            }
             l.connection_security_policy = "mutual_tls".into();
         }
         l
