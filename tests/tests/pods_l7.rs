@@ -192,6 +192,21 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
     assert!(eventually(Duration::from_secs(5), || served(&v2).iter().any(|l| l == "GET /headers 200")));
     assert!(!served(&v1).iter().any(|l| l.starts_with("GET /headers")), "jason's request went to v1");
 
+    // A port declared HTTP that carries something else: the pod gets a 400
+    // and the connection closes (no hang), and the source node warns once
+    // per pod and port, not once per connection.
+    let not_http =
+        format!("exec 3<>/dev/tcp/{API}/80 && printf 'SSH-2.0-OpenSSH_9.6\\r\\n\\r\\n' >&3 && timeout 5 cat <&3");
+    for _ in 0..2 {
+        let out = c.output(c.in_pod("a1", "bash", &["-c", &not_http]));
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && reply.starts_with("HTTP/1.1 400"), "{reply}\n{}", logs());
+    }
+    let warned = || c.logged(0, "a connection to a port declared HTTP does not carry HTTP");
+    assert!(eventually(Duration::from_secs(5), || !warned().is_empty()), "{}", logs());
+    assert_eq!(warned().len(), 1, "{:?}", warned());
+    assert_eq!(warned()[0]["fields"]["port"], 80, "{:?}", warned());
+
     // Abort fault: 418 from the source node, nothing reaches the pod.
     let (codes, _) = curl(&c, "a1", &[&format!("http://{API}/fault")]);
     assert_eq!(codes, [418]);

@@ -73,6 +73,7 @@ pub async fn serve<S>(stream: S, ctx: ConnContext)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (ctx_client, ctx_port) = (ctx.client, ctx.original_dst.port());
     let (back, returned) = tokio::sync::oneshot::channel();
     let io = TokioIo::new(Returned { io: Some(stream), back: Some(back) });
     let svc = hyper::service::service_fn(move |req| {
@@ -85,12 +86,36 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Request heads over 60 KiB get 431, as Envoy's default limit.
     builder.http1().max_buf_size(MAX_HEAD);
+    let (client, port) = (ctx_client, ctx_port);
     if let Err(e) = builder.serve_connection(io, svc).await {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
+        let malformed = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() && !h.is_parse_too_large());
+        if malformed && first_not_http(client.ip(), port) {
+            tracing::warn!(
+                %client,
+                port,
+                error = %e,
+                "a connection to a port declared HTTP does not carry HTTP: answered 400 and closed (logged once per client and port); if this port carries another protocol, declare it (a port name `tcp-...` or appProtocol `tcp`)"
+            );
+        } else {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
     }
     if let Ok(stream) = returned.await {
         linger(stream).await;
     }
+}
+
+/// The (client address, port) pairs already warned about a connection that
+/// is not HTTP on a port declared HTTP. Bounded: past `NOT_HTTP_KEPT`
+/// pairs, further ones are logged at debug level only.
+static NOT_HTTP: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(std::net::IpAddr, u16)>>> =
+    std::sync::LazyLock::new(Default::default);
+const NOT_HTTP_KEPT: usize = 4096;
+
+/// Whether this is the first non-HTTP connection from `client` to `port`.
+fn first_not_http(client: std::net::IpAddr, port: u16) -> bool {
+    let mut seen = NOT_HTTP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    seen.len() < NOT_HTTP_KEPT && seen.insert((client, port))
 }
 
 /// Close a client connection as nginx's lingering close does: send FIN,
