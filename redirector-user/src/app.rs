@@ -54,7 +54,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = &opts.config;
     // The mesh config and the cluster first: a bad config or missing RBAC
     // fails the start before anything is bound or attached.
-    let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref())?);
+    let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.namespace)?);
     let kube = prepare_kube(&opts).await?;
     let signals = catch_signals()?;
     let missing = crate::sys::machine::missing_capabilities();
@@ -112,10 +112,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tasks.push(crate::proxy::dns::serve(socket, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
     }
     if let Some(dir) = opts.config_dir.clone() {
-        tasks.push(crate::mesh::watch(dir, mesh.clone(), rx.clone()));
+        tasks.push(crate::mesh::watch(dir, cfg.namespace.clone(), mesh.clone(), rx.clone()));
     }
     let kube_status = kube.map(|(client, watched, warnings)| {
-        let (task, status) = crate::mesh::kubernetes::spawn(client, watched, warnings, mesh.clone(), rx.clone());
+        let (task, status) =
+            crate::mesh::kubernetes::spawn(client, watched, warnings, cfg.namespace.clone(), mesh.clone(), rx.clone());
         tasks.push(task);
         status
     });
@@ -160,9 +161,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 /// Load and compile the mesh directory; a config with errors fails the
 /// start, naming the first problem.
-fn load_mesh(dir: Option<&std::path::Path>) -> Result<crate::mesh::Mesh> {
+fn load_mesh(dir: Option<&std::path::Path>, namespace: &str) -> Result<crate::mesh::Mesh> {
     let Some(dir) = dir else { return Ok(crate::mesh::Mesh::default()) };
-    match crate::mesh::load(dir) {
+    match crate::mesh::load(dir, namespace) {
         Ok(m) => {
             crate::mesh::log_warnings(&m);
             info!(dir = %dir.display(), services = m.services.len(), "mesh config loaded");
@@ -181,7 +182,7 @@ fn load_mesh(dir: Option<&std::path::Path>) -> Result<crate::mesh::Mesh> {
 async fn prepare_kube(opts: &RunOptions) -> Result<Option<Kube>> {
     let Some(access) = &opts.kubernetes else { return Ok(None) };
     let node = &opts.config.node_name;
-    let (client, watched, warnings) = crate::mesh::kubernetes::prepare(access, node).await?;
+    let (client, watched, warnings) = crate::mesh::kubernetes::prepare(access, node, &opts.config.namespace).await?;
     info!(node = %node, kinds = watched.len(), "kubernetes API reachable; watching the cluster");
     Ok(Some((client, watched, warnings)))
 }

@@ -209,6 +209,14 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 /// The environment variable naming the agent's namespace (downward API).
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 
+/// The agent's namespace: `POD_NAMESPACE`, else `istio-system`.
+pub fn agent_namespace() -> String {
+    std::env::var(ENV_POD_NAMESPACE)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| crate::mesh::security::ROOT_NAMESPACE.into())
+}
+
 /// The service account the agent's ingress gateway speaks as.
 pub const GATEWAY_SERVICE_ACCOUNT: &str = "istio-ingressgateway";
 
@@ -385,10 +393,7 @@ impl AgentConfig {
                 .filter(|s| !s.is_empty())
                 .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
                 .unwrap_or_else(host_name),
-            namespace: std::env::var(ENV_POD_NAMESPACE)
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| crate::mesh::security::ROOT_NAMESPACE.into()),
+            namespace: agent_namespace(),
             trust_domain: {
                 let td = raw.mesh.trust_domain.unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
                 if td.is_empty() || td.contains('/') {

@@ -21,10 +21,11 @@ use tracing::{error, info, warn};
 pub use model::Mesh;
 pub use source_dir::Problem;
 
-/// Load and compile a directory. Errors: every problem that rejects it.
-pub fn load(dir: &Path) -> Result<Mesh, Vec<Problem>> {
+/// Load and compile a directory for an agent in `namespace` (where its
+/// gateway reads Secrets). Errors: every problem that rejects it.
+pub fn load(dir: &Path, namespace: &str) -> Result<Mesh, Vec<Problem>> {
     let docs = source_dir::load_dir(dir)?;
-    Mesh::compile(&docs)
+    Mesh::compile_in(&docs, namespace)
 }
 
 /// The mesh in force, swapped whole on a good change. Readers take an
@@ -94,6 +95,7 @@ pub fn log_warnings(mesh: &Mesh) {
 /// file, document, field and reason, and the last good mesh stays.
 pub fn watch(
     dir: PathBuf,
+    namespace: String,
     handle: MeshHandle,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -112,8 +114,8 @@ pub fn watch(
             // Let a writer finish the file it is writing.
             tokio::time::sleep(Duration::from_millis(100)).await;
             last = fingerprint(&dir);
-            let d = dir.clone();
-            match tokio::task::spawn_blocking(move || load(&d)).await {
+            let (d, ns) = (dir.clone(), namespace.clone());
+            match tokio::task::spawn_blocking(move || load(&d, &ns)).await {
                 Ok(Ok(mesh)) => {
                     log_warnings(&mesh);
                     let services = mesh.services.len();

@@ -163,6 +163,42 @@ impl ServerCertVerifier for ExpectIdentity {
     }
 }
 
+/// What is wrong with a gateway server's certificate and key.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayCertError {
+    #[error("holds no PEM certificate")]
+    NoCertificate,
+    #[error("holds no PEM private key")]
+    NoKey,
+    #[error("the private key does not match the certificate ({0})")]
+    Mismatch(Error),
+}
+
+/// The rustls configuration of a gateway server terminating TLS (Istio's
+/// `tls.mode: SIMPLE`) with `cert_pem` (the chain, leaf first) and
+/// `key_pem`: TLS 1.2 and 1.3, no client certificate, ALPN h2 then
+/// http/1.1. The same check serves the model (a bad pair skips the server)
+/// and the listener.
+pub fn gateway_server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, GatewayCertError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| GatewayCertError::NoCertificate)?;
+    if certs.is_empty() {
+        return Err(GatewayCertError::NoCertificate);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| GatewayCertError::NoKey)?;
+    let mut cfg = ServerConfig::builder_with_provider(crate::identity::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(GatewayCertError::Mismatch)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(GatewayCertError::Mismatch)?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

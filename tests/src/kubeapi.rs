@@ -19,8 +19,9 @@ use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
 /// The collections the fake serves: (API path, apiVersion, kind, plural).
-const COLLECTIONS: [(&str, &str, &str, &str); 11] = [
+const COLLECTIONS: [(&str, &str, &str, &str); 12] = [
     ("/api/v1/pods", "v1", "Pod", "pods"),
+    ("/api/v1/secrets", "v1", "Secret", "secrets"),
     ("/api/v1/namespaces", "v1", "Namespace", "namespaces"),
     ("/api/v1/services", "v1", "Service", "services"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
@@ -305,6 +306,23 @@ fn not_found(path: &str) -> Value {
            "message": format!("the server could not find the requested resource ({path})"), "reason": "NotFound", "code": 404})
 }
 
+/// A namespaced collection path (`/api/v1/namespaces/NS/secrets`,
+/// `/apis/G/V/namespaces/NS/PLURAL`) as the cluster-wide one and the
+/// namespace; any other path as it is.
+fn collection_path(path: &str) -> (String, Option<String>) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", v, "namespaces", ns, plural] => (format!("/api/{v}/{plural}"), Some((*ns).to_string())),
+        ["apis", g, v, "namespaces", ns, plural] => (format!("/apis/{g}/{v}/{plural}"), Some((*ns).to_string())),
+        _ => (path.to_string(), None),
+    }
+}
+
+/// Whether `obj` is in `namespace`, when one is asked for.
+fn in_namespace(obj: &Value, namespace: Option<&String>) -> bool {
+    namespace.is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns.as_str()))
+}
+
 /// Whether `obj` passes a field selector such as `spec.nodeName=node-a`.
 fn selected(obj: &Value, selector: Option<&String>) -> bool {
     let Some(sel) = selector else { return true };
@@ -392,7 +410,8 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             }
             continue;
         }
-        let Some(&(coll, api, kind, _)) = COLLECTIONS.iter().find(|c| c.0 == path) else {
+        let (cluster_path, namespace) = collection_path(path);
+        let Some(&(coll, api, kind, _)) = COLLECTIONS.iter().find(|c| c.0 == cluster_path) else {
             respond(&mut w, 404, &not_found(path))?;
             continue;
         };
@@ -407,7 +426,7 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             let items: Vec<Value> = s
                 .objects
                 .iter()
-                .filter(|((c, _, _), o)| c == coll && selected(o, selector))
+                .filter(|((c, _, _), o)| c == coll && selected(o, selector) && in_namespace(o, namespace.as_ref()))
                 .map(|(_, o)| o.clone())
                 .collect();
             let rv = s.rv;
@@ -442,7 +461,12 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
                 let new: Vec<(u64, Value)> = s
                     .events
                     .iter()
-                    .filter(|(rv, c, e)| *rv > since && c == coll && selected(&e["object"], selector))
+                    .filter(|(rv, c, e)| {
+                        *rv > since
+                            && c == coll
+                            && selected(&e["object"], selector)
+                            && in_namespace(&e["object"], namespace.as_ref())
+                    })
                     .map(|(rv, _, e)| (*rv, e.clone()))
                     .collect();
                 if new.is_empty() {

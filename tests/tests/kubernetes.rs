@@ -22,6 +22,9 @@ use redirector_tests::kubeapi::KubeApi;
 use redirector_tests::{eventually, privileged};
 use serde_json::json;
 
+/// The agent's namespace in these tests (its `POD_NAMESPACE`).
+const GATEWAY_NS: &str = "istio-system";
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("redirector-kube-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -62,10 +65,10 @@ impl Source {
     /// Prepare (discovery, access review) and watch, as the agent does;
     /// returns once the first config is applied.
     async fn start(api: &KubeApi) -> Source {
-        let (client, watched, warnings) = prepare(&access(api), "node-a").await.expect("prepare");
+        let (client, watched, warnings) = prepare(&access(api), "node-a", GATEWAY_NS).await.expect("prepare");
         let handle = MeshHandle::default();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (task, status) = spawn(client, watched, warnings.clone(), handle.clone(), stop_rx);
+        let (task, status) = spawn(client, watched, warnings.clone(), GATEWAY_NS.into(), handle.clone(), stop_rx);
         until("the first config from the cluster is applied", || handle.version() > 1).await;
         Source { handle, warnings, status, stop, task }
     }
@@ -159,6 +162,109 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A self-signed certificate for `host` and its key, PEM, made by openssl.
+fn certificate(dir: &std::path::Path, host: &str) -> (String, String) {
+    let (cert, key) = (dir.join(format!("{host}.crt")), dir.join(format!("{host}.key")));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", &format!("/CN={host}"), "-addext", &format!("subjectAltName=DNS:{host}"), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    (std::fs::read_to_string(cert).unwrap(), std::fs::read_to_string(key).unwrap())
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn tls_secret(ns: &str, name: &str, cert: &str, key: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+           "metadata": {"name": name, "namespace": ns,
+                        "annotations": {"kubectl.kubernetes.io/last-applied-configuration": format!("{{\"data\":{{\"tls.key\":\"{}\"}}}}", b64(key))}},
+           "data": {"tls.crt": b64(cert), "tls.key": b64(key)}})
+}
+
+/// The gateway's `credentialName`: a TLS Secret of the agent's namespace,
+/// read through a namespaced watch (the Role's scope), taken again when it
+/// changes; a Secret elsewhere, of another type or whose key does not
+/// match skips the server with a warning naming it, and the other servers
+/// stay. Of the namespace's other Secrets (the CA's key), nothing but the
+/// name is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reads_its_certificate_from_a_secret_of_its_namespace_and_follows_it() {
+    let dir = scratch("secret");
+    let api = KubeApi::start(&dir).unwrap();
+    api.load_list(&fixture()).unwrap();
+    let (cert1, key1) = certificate(&dir, "web.example.com");
+    let (cert2, key2) = certificate(&dir, "web2.example.com");
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+        "metadata": {"name": "web", "namespace": "bookinfo"},
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": [
+            {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["web.example.com"],
+             "tls": {"mode": "SIMPLE", "credentialName": "web-cert"}},
+            {"port": {"number": 8444, "name": "https-other", "protocol": "HTTPS"}, "hosts": ["other.example.com"],
+             "tls": {"mode": "SIMPLE", "credentialName": "other-cert"}},
+            {"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["web.example.com"]}]}}))
+        .unwrap();
+    api.apply(tls_secret(GATEWAY_NS, "web-cert", &cert1, &key1)).unwrap();
+    // other-cert exists only in the Gateway's own namespace, which is not
+    // where a gateway reads it (nor what the agent may read).
+    api.apply(tls_secret("bookinfo", "other-cert", &cert2, &key2)).unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "cacerts", "namespace": GATEWAY_NS},
+        "data": {"ca-key.pem": b64(&key2), "ca-cert.pem": b64(&cert2)}}))
+        .unwrap();
+    let source = Source::start(&api).await;
+    let handle = source.handle.clone();
+    let tls_of = |port: u16| handle.current().gateway_ports().get(&port).cloned().flatten();
+    let t = tls_of(8443).expect("port 8443 terminates TLS with the Secret");
+    assert_eq!(
+        (t.source.as_str(), &*t.cert, &*t.key),
+        ("Secret istio-system/web-cert", cert1.as_bytes(), key1.as_bytes())
+    );
+    assert!(handle.current().gateway_ports().contains_key(&8080), "the HTTP server is served");
+    assert!(!handle.current().gateway_ports().contains_key(&8444), "a server without its Secret is skipped");
+    let warned = |needle: &str| handle.current().warnings.iter().any(|w| w.to_string().contains(needle));
+    assert!(
+        warned(
+            "no Secret istio-system/other-cert: create it with `kubectl create -n istio-system secret tls other-cert"
+        ),
+        "{:?}",
+        handle.current().warnings
+    );
+    assert_eq!(source.status.lock().unwrap().objects["gateway secrets"], 2, "only the agent's namespace is watched");
+    assert_eq!(api.requests("/api/v1/secrets").1, 1, "one namespaced watch");
+
+    // Rotation: the new certificate is taken.
+    api.apply(tls_secret(GATEWAY_NS, "web-cert", &cert2, &key2)).unwrap();
+    until("the rotated certificate is in force", || tls_of(8443).is_some_and(|t| *t.cert == *cert2.as_bytes())).await;
+    // A key that does not match: the server is skipped, named; the rest stay.
+    api.apply(tls_secret(GATEWAY_NS, "web-cert", &cert1, &key2)).unwrap();
+    until("a mismatched key skips the server", || tls_of(8443).is_none()).await;
+    assert!(
+        warned("Secret istio-system/web-cert: its tls.key the private key does not match the certificate"),
+        "{:?}",
+        handle.current().warnings
+    );
+    assert!(handle.current().gateway_ports().contains_key(&8080));
+    // Not a TLS Secret.
+    api.apply(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "web-cert", "namespace": GATEWAY_NS}, "data": {"password": b64("hunter2")}}))
+        .unwrap();
+    until("a Secret that is not TLS is named", || {
+        warned("Secret istio-system/web-cert is not a TLS Secret (type Opaque")
+    })
+    .await;
+    source.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_istio_crds_routing_is_off_with_a_warning_and_pods_still_enroll() {
     let dir = scratch("nocrd");
@@ -169,7 +275,7 @@ async fn without_istio_crds_routing_is_off_with_a_warning_and_pods_still_enroll(
     let recorded = dir.join("core.json");
     std::fs::write(&recorded, list.to_string()).unwrap();
     api.load_list(&recorded).unwrap();
-    let (_, watched, _) = prepare(&access(&api), "node-a").await.expect("prepare without CRDs");
+    let (_, watched, _) = prepare(&access(&api), "node-a", GATEWAY_NS).await.expect("prepare without CRDs");
     assert!(!watched.iter().any(|w| w.resource.group.contains("istio")));
     let source = Source::start(&api).await;
     let warnings = &source.warnings;
@@ -190,7 +296,8 @@ async fn missing_rbac_is_named_by_verb_and_resource() {
     let dir = scratch("rbac");
     let api = KubeApi::start(&dir).unwrap();
     api.deny("watch", "pods");
-    let e = prepare(&access(&api), "node-a").await.err().expect("a refused watch fails the start").to_string();
+    let e =
+        prepare(&access(&api), "node-a", GATEWAY_NS).await.err().expect("a refused watch fails the start").to_string();
     assert!(
         e.starts_with("the agent may not watch pods in the cluster (RBAC: no rule grants it): grant verb `watch` on resource `pods`"),
         "{e}"
@@ -198,8 +305,17 @@ async fn missing_rbac_is_named_by_verb_and_resource() {
     assert!(!e.contains('\n'));
     let api = KubeApi::start(&dir).unwrap();
     api.deny("list", "authorizationpolicies");
-    let e = prepare(&access(&api), "node-a").await.err().unwrap().to_string();
+    let e = prepare(&access(&api), "node-a", GATEWAY_NS).await.err().unwrap().to_string();
     assert!(e.contains("may not list authorizationpolicies.security.istio.io"), "{e}");
+    // The gateway's Secrets are asked of its namespace only, and a refusal
+    // names the Role to grant there.
+    let api = KubeApi::start(&dir).unwrap();
+    api.deny("watch", "secrets");
+    let e = prepare(&access(&api), "node-a", GATEWAY_NS).await.err().unwrap().to_string();
+    assert!(
+        e.starts_with("the agent may not watch secrets in namespace istio-system (RBAC: no rule grants it): grant verb `watch` on resource `secrets` in the redirector Role of namespace istio-system"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -213,14 +329,14 @@ async fn an_unreachable_api_server_is_one_clear_line() {
     // The server is gone; its port refuses.
     std::thread::sleep(Duration::from_millis(100));
     let _ = port;
-    let e = prepare(&Access { kubeconfig: Some(dir.join("kubeconfig")), context: None }, "node-a")
+    let e = prepare(&Access { kubeconfig: Some(dir.join("kubeconfig")), context: None }, "node-a", GATEWAY_NS)
         .await
         .err()
         .expect("no API server")
         .to_string();
     assert!(e.starts_with("cannot reach the Kubernetes API to discover the networking.istio.io API group"), "{e}");
     assert!(e.contains("check that the API server is up"), "{e}");
-    let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a")
+    let e = prepare(&Access { kubeconfig: Some(dir.join("missing")), context: None }, "node-a", GATEWAY_NS)
         .await
         .err()
         .unwrap()
@@ -374,8 +490,8 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     let (ok, out, err) =
         cli(&api, &["install", "--profile", "demo", "--image", "registry.example/redirector:test", "--timeout", "60"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("[1/8] applied Namespace redirector-system"), "{out}");
-    assert!(out.contains("[8/8] applied Service redirector-metrics"), "{out}");
+    assert!(out.contains("[1/10] applied Namespace redirector-system"), "{out}");
+    assert!(out.contains("[10/10] applied Service redirector-metrics"), "{out}");
     assert!(out.contains("mesh CA: generated into Secret redirector-system/cacerts"), "{out}");
     assert!(out.contains("0/2 nodes ready") && out.contains("2/2 nodes ready, 2 updated"), "progress is shown: {out}");
     assert!(out.contains("redirector (demo profile) is ready on 2 node(s)"), "{out}");
@@ -390,6 +506,10 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     }
     assert!(secret["stringData"]["ca-key.pem"].as_str().unwrap().contains("PRIVATE KEY"));
     assert!(api.applied("/api/v1/namespaces/redirector-system/services/istio-ingressgateway").is_some());
+    let role = api
+        .applied("/apis/rbac.authorization.k8s.io/v1/namespaces/redirector-system/roles/redirector-gateway-secrets")
+        .expect("the gateway's Role was applied in the agent's namespace");
+    assert_eq!(role["rules"][0]["resources"][0], "secrets");
     // A second install keeps the CA (workload certificates stay valid).
     let (ok, out, _) = cli(&api, &["install", "--profile", "minimal", "--timeout", "60"]);
     assert!(ok && out.contains("Secret redirector-system/cacerts exists; kept"), "{out}");

@@ -30,6 +30,8 @@ fn resource_of(doc: &Value) -> Result<(ApiResource, bool)> {
         "ServiceAccount" => ("serviceaccounts", true),
         "ClusterRole" => ("clusterroles", false),
         "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
         "ConfigMap" => ("configmaps", true),
         "DaemonSet" => ("daemonsets", true),
         "Service" => ("services", true),

@@ -102,6 +102,8 @@ mod tests {
                 "ServiceAccount/redirector",
                 "ClusterRole/redirector",
                 "ClusterRoleBinding/redirector",
+                "Role/redirector-gateway-secrets",
+                "RoleBinding/redirector-gateway-secrets",
                 "ConfigMap/redirector",
                 "DaemonSet/redirector"
             ]

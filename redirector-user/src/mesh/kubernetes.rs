@@ -8,6 +8,9 @@
 //!   which identity the peer must present).
 //! - Namespaces (their `istio-injection` / `istio.io/dataplane-mode`
 //!   labels), Services, EndpointSlices.
+//! - Secrets of the agent's own namespace only (a Role there, nothing
+//!   cluster-wide), for the gateway's `credentialName`; of each, only a
+//!   certificate and key are kept in memory.
 //! - Istio's kinds (networking.istio.io, security.istio.io) where their
 //!   CRDs are installed; where they are not, a warning, and capture and
 //!   mTLS work without them.
@@ -87,6 +90,9 @@ pub fn explain(e: kube::Error, what: &str) -> anyhow::Error {
 #[derive(Debug, Clone)]
 pub struct Watched {
     pub resource: ApiResource,
+    /// Only this namespace's objects (the gateway's Secrets); `None`: the
+    /// whole cluster.
+    pub namespace: Option<String>,
     pub field_selector: Option<String>,
     /// What this watch is for, in logs and status.
     pub role: String,
@@ -103,6 +109,7 @@ impl Watched {
     ) -> Watched {
         Watched {
             resource: ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural),
+            namespace: None,
             field_selector,
             role: role.into(),
         }
@@ -128,6 +135,14 @@ pub fn core_kinds(node: &str) -> Vec<Watched> {
         Watched::new("", "v1", "Service", "services", None, "services"),
         Watched::new("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", None, "endpoint slices"),
     ]
+}
+
+/// The Secrets of the agent's own namespace, where its ingress gateway
+/// reads `credentialName` (a Role there grants it, nothing cluster-wide).
+pub fn gateway_secrets(namespace: &str) -> Watched {
+    let mut w = Watched::new("", "v1", "Secret", "secrets", None, "gateway secrets");
+    w.namespace = Some(namespace.into());
+    w
 }
 
 /// Istio's kinds the mesh reads, by API group.
@@ -202,6 +217,7 @@ pub async fn check_access(client: &kube::Client, watched: &[Watched]) -> Result<
                         verb: Some(verb.into()),
                         group: Some(w.resource.group.clone()),
                         resource: Some(w.resource.plural.clone()),
+                        namespace: w.namespace.clone(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -215,6 +231,13 @@ pub async fn check_access(client: &kube::Client, watched: &[Watched]) -> Result<
             let status = answer.status.unwrap_or_default();
             if !status.allowed {
                 let why = status.reason.filter(|r| !r.is_empty()).map(|r| format!(" ({r})")).unwrap_or_default();
+                if let Some(ns) = &w.namespace {
+                    bail!(
+                        "the agent may not {verb} {} in namespace {ns}{why}: grant verb `{verb}` on resource `{}` in the redirector Role of namespace {ns} (deploy/kubernetes/base/rbac.yaml)",
+                        w.resource_name(),
+                        w.resource_name()
+                    );
+                }
                 bail!(
                     "the agent may not {verb} {} in the cluster{why}: grant verb `{verb}` on resource `{}` in the redirector ClusterRole (deploy/kubernetes/rbac.yaml)",
                     w.resource_name(),
@@ -269,6 +292,9 @@ pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value>
         meta.remove("generation");
         meta.remove("creationTimestamp");
     }
+    if r.kind == "Secret" {
+        keep_only_tls(m);
+    }
     if r.kind == "Pod" {
         // Finished pods hold no connections; their address is reused.
         let phase = m.get("status").and_then(|s| s.get("phase")).and_then(|p| p.as_str()).unwrap_or_default();
@@ -281,6 +307,21 @@ pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value>
         }
     }
     Some(v)
+}
+
+/// Of a Secret, only what a gateway can serve stays in memory: its type
+/// and a certificate and key under the names a TLS Secret uses. Every other
+/// value of the namespace (tokens, a CA's key) and the annotations (kubectl
+/// copies the whole Secret into one) are dropped as they arrive.
+fn keep_only_tls(m: &mut serde_json::Map<String, serde_json::Value>) {
+    use crate::mesh::resources::{GENERIC_CERT_KEY, GENERIC_KEY_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
+    m.remove("stringData");
+    if let Some(meta) = m.get_mut("metadata").and_then(|x| x.as_object_mut()) {
+        meta.remove("annotations");
+    }
+    if let Some(data) = m.get_mut("data").and_then(|d| d.as_object_mut()) {
+        data.retain(|k, _| [TLS_CERT_KEY, TLS_KEY_KEY, GENERIC_CERT_KEY, GENERIC_KEY_KEY].contains(&k.as_str()));
+    }
 }
 
 /// A digest of objects (FNV-1a over their JSON, in order): the same code
@@ -298,7 +339,7 @@ pub fn digest<'a>(objects: impl Iterator<Item = &'a serde_json::Value>) -> Strin
 
 /// Kubernetes' own kinds have many fields the mesh does not read by
 /// design; only the mesh kinds' unread fields are worth a warning.
-const CORE_KINDS: [&str; 5] = ["Pod", "Namespace", "Service", "EndpointSlice", "Endpoints"];
+const CORE_KINDS: [&str; 6] = ["Pod", "Namespace", "Service", "EndpointSlice", "Endpoints", "Secret"];
 
 /// The documents the stored objects make. Pods on this node come from
 /// their own watch; the address book fills in the rest.
@@ -331,6 +372,7 @@ pub fn spawn(
     client: kube::Client,
     watched: Vec<Watched>,
     warnings: Vec<String>,
+    namespace: String,
     handle: MeshHandle,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<SourceStatus>>) {
@@ -351,7 +393,8 @@ pub fn spawn(
             tokio::spawn(watch_kind(client.clone(), watched[i].clone(), i, Arc::clone(&store), Arc::clone(&changed)))
         })
         .collect();
-    let applier = Applier { store, watched, status: Arc::clone(&status), handle, last: None, announced: false };
+    let applier =
+        Applier { store, watched, status: Arc::clone(&status), namespace, handle, last: None, announced: false };
     let task = tokio::spawn(applier.run(changed, stop, tasks));
     (task, status)
 }
@@ -365,7 +408,10 @@ async fn watch_kind(
     store: Arc<Mutex<Store>>,
     changed: Arc<tokio::sync::Notify>,
 ) {
-    let api: Api<DynamicObject> = Api::all_with(client, &w.resource);
+    let api: Api<DynamicObject> = match &w.namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &w.resource),
+        None => Api::all_with(client, &w.resource),
+    };
     let mut config = watcher::Config::default();
     if let Some(f) = &w.field_selector {
         config = config.fields(f);
@@ -425,6 +471,8 @@ struct Applier {
     store: Arc<Mutex<Store>>,
     watched: Arc<Vec<Watched>>,
     status: Arc<Mutex<SourceStatus>>,
+    /// The agent's namespace, whose Secrets the gateway reads.
+    namespace: String,
     handle: MeshHandle,
     /// What the last compile saw, as a digest of every object (a copy of
     /// them all would double the source's memory).
@@ -476,7 +524,7 @@ impl Applier {
             self.watched
                 .iter()
                 .enumerate()
-                .filter(|(_, w)| w.field_selector.is_none())
+                .filter(|(_, w)| w.field_selector.is_none() && w.namespace.is_none())
                 .flat_map(|(i, _)| s.objects[i].values()),
         );
         let (docs, errors) = documents(&s, &self.watched);
@@ -494,7 +542,7 @@ impl Applier {
             error!(problem = %e, "object from the cluster rejected; the rest of the config applies");
         }
         self.last = Some(content);
-        match Mesh::compile(docs) {
+        match Mesh::compile_in(docs, &self.namespace) {
             Ok(mesh) => {
                 crate::mesh::log_warnings(&mesh);
                 let (services, pods) = (mesh.services.len(), mesh.pods.len());
@@ -516,11 +564,16 @@ impl Applier {
 /// Everything the agent does before it watches: reach the API server,
 /// find Istio's kinds, check RBAC. Fails with one line, before anything is
 /// attached.
-pub async fn prepare(access: &Access, node: &str) -> Result<(kube::Client, Vec<Watched>, Vec<String>)> {
+pub async fn prepare(
+    access: &Access,
+    node: &str,
+    namespace: &str,
+) -> Result<(kube::Client, Vec<Watched>, Vec<String>)> {
     let client = client(access).await?;
     let (istio, warnings) = istio_kinds(&client).await?;
     let mut watched = core_kinds(node);
     watched.extend(istio);
+    watched.push(gateway_secrets(namespace));
     check_access(&client, &watched).await?;
     Ok((client, watched, warnings))
 }
@@ -531,4 +584,26 @@ pub fn check_kubeconfig(path: &Path) -> Result<()> {
         bail!("--kubeconfig {}: no such file; pass the path of a kubeconfig", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the source keeps of a Secret: a certificate and a key, never
+    /// another value or the annotation kubectl copies the Secret into.
+    #[test]
+    fn of_a_secret_only_tls_material_is_kept() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "cacerts", "namespace": "istio-system",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+            "data": {"ca-key.pem": "a2V5", "cert": "Y2VydA==", "key": "a2V5"},
+            "stringData": {"ca-key.pem": "key"}}))
+        .unwrap();
+        let kept = normalise(o, &gateway_secrets("istio-system").resource).unwrap();
+        assert_eq!(kept["data"], serde_json::json!({"cert": "Y2VydA==", "key": "a2V5"}));
+        assert!(kept["metadata"].get("annotations").is_none(), "{kept}");
+        assert!(kept.get("stringData").is_none(), "{kept}");
+    }
 }

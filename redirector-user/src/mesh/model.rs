@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
@@ -14,7 +15,8 @@ use regex::Regex;
 use super::pods::{pods, PodInfo};
 use super::resources::{
     DestinationRuleSpec, GatewaySpec, Headers, HttpRedirect, HttpRewrite, IntOrString, LoadBalancer, Percent,
-    RouteDestination, ServiceEntrySpec, ServiceSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+    RouteDestination, ServerTls, ServiceEntrySpec, ServiceSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+    GENERIC_CERT_KEY, GENERIC_KEY_KEY, TLS_CERT_KEY, TLS_KEY_KEY,
 };
 use super::source_dir::{fqdn, host_matches, labels_match, Doc, Documents, Origin, Problem};
 
@@ -253,8 +255,33 @@ pub struct GatewayListener {
     pub port: u16,
     pub protocol: String,
     pub hosts: Vec<String>,
-    /// TLS termination (mode SIMPLE): certificate chain and key files.
-    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// TLS termination (mode SIMPLE), checked: the chain and key match.
+    pub tls: Option<GatewayTls>,
+}
+
+/// A gateway server's certificate chain and private key (PEM), read from
+/// the files it names or from its `credentialName` Secret. Equal when the
+/// bytes are: a rotated Secret is a different value, the same one re-read
+/// is not.
+#[derive(Clone)]
+pub struct GatewayTls {
+    /// Where it came from, for logs: `Secret istio-system/web-cert`, or the
+    /// certificate file.
+    pub source: String,
+    pub cert: Arc<[u8]>,
+    pub key: Arc<[u8]>,
+}
+
+impl PartialEq for GatewayTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert == other.cert && self.key == other.key
+    }
+}
+
+impl std::fmt::Debug for GatewayTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayTls").field("source", &self.source).finish_non_exhaustive()
+    }
 }
 
 /// A VirtualService bound to gateways.
@@ -457,29 +484,89 @@ fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> 
 
 /// Whether `path` is a readable PEM file holding a certificate (`cert`) or
 /// a private key; an error names the field otherwise.
-fn check_pem(path: &str, cert: bool, origin: &Origin, field: &str, ctx: &mut Ctx) -> bool {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    if path.is_empty() {
-        ctx.error(origin, field, "missing");
-        return false;
-    }
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            ctx.error(origin, field, format!("cannot read {path}: {e}"));
-            return false;
+/// A gateway server's `serverCertificate` and `privateKey` files, read
+/// and checked now; a missing or unreadable file, or a key that does not
+/// match, rejects the configuration (the user named the files).
+fn tls_files(t: &ServerTls, origin: &Origin, field: &str, ctx: &mut Ctx) -> Option<GatewayTls> {
+    let mut read = |path: &Option<String>, name: &str| -> Option<Vec<u8>> {
+        let path = path.as_deref().unwrap_or_default();
+        if path.is_empty() {
+            ctx.error(
+                origin,
+                format!("{field}.tls.{name}"),
+                "missing; name the PEM file, or the Secret in credentialName",
+            );
+            return None;
         }
+        std::fs::read(path)
+            .map_err(|e| ctx.error(origin, format!("{field}.tls.{name}"), format!("cannot read {path}: {e}")))
+            .ok()
     };
-    let ok = if cert {
-        CertificateDer::pem_slice_iter(&bytes).next().is_some_and(|c| c.is_ok())
-    } else {
-        PrivateKeyDer::from_pem_slice(&bytes).is_ok()
-    };
-    if !ok {
-        ctx.error(origin, field, format!("{path} holds no PEM {}", if cert { "certificate" } else { "private key" }));
+    let cert = read(&t.server_certificate, "serverCertificate");
+    let key = read(&t.private_key, "privateKey");
+    let (cert, key) = (cert?, key?);
+    let cert_path = t.server_certificate.clone().unwrap_or_default();
+    let key_path = t.private_key.clone().unwrap_or_default();
+    match crate::tls::gateway_server_config(&cert, &key) {
+        Ok(_) => Some(GatewayTls { source: cert_path, cert: cert.into(), key: key.into() }),
+        Err(e) => {
+            let (f, path) = match e {
+                crate::tls::GatewayCertError::NoCertificate => ("serverCertificate", &cert_path),
+                _ => ("privateKey", &key_path),
+            };
+            ctx.error(origin, format!("{field}.tls.{f}"), format!("{path} {e}"));
+            None
+        }
     }
-    ok
+}
+
+/// A gateway server's `credentialName`: a TLS Secret (`kubernetes.io/tls`
+/// with tls.crt and tls.key, or Istio's generic form with cert and key) in
+/// the gateway's own namespace, as Istio's gateways read it. Anything else
+/// skips the server with a warning naming the Secret; the other servers
+/// keep serving.
+fn credential(
+    name: &str,
+    docs: &Documents,
+    gateway_namespace: &str,
+    origin: &Origin,
+    field: &str,
+    ctx: &mut Ctx,
+) -> Option<GatewayTls> {
+    let field = format!("{field}.tls.credentialName");
+    let full = format!("{gateway_namespace}/{name}");
+    let Some(secret) = docs.secrets.iter().find(|s| s.meta.name == name && s.namespace() == gateway_namespace) else {
+        let elsewhere: Vec<&str> = docs.secrets.iter().filter(|s| s.meta.name == name).map(Doc::namespace).collect();
+        let hint = if elsewhere.is_empty() {
+            format!("create it with `kubectl create -n {gateway_namespace} secret tls {name} --cert=... --key=...`")
+        } else {
+            format!(
+                "one is in namespace {}, but the gateway reads Secrets only from its own namespace {gateway_namespace}; create it there",
+                elsewhere.join(", ")
+            )
+        };
+        ctx.warn(origin, field, format!("no Secret {full}: {hint}; server skipped"));
+        return None;
+    };
+    let Some((cert_key, cert, key_key, key)) = secret.spec.tls_pair() else {
+        let ty = secret.spec.type_.as_deref().unwrap_or("Opaque");
+        ctx.warn(
+            origin,
+            field,
+            format!(
+                "Secret {full} is not a TLS Secret (type {ty}, without {TLS_CERT_KEY} and {TLS_KEY_KEY}, or {GENERIC_CERT_KEY} and {GENERIC_KEY_KEY}); create it with `kubectl create secret tls`; server skipped"
+            ),
+        );
+        return None;
+    };
+    match crate::tls::gateway_server_config(cert, key) {
+        Ok(_) => Some(GatewayTls { source: format!("Secret {full}"), cert: cert.into(), key: key.into() }),
+        Err(e) => {
+            let which = if matches!(e, crate::tls::GatewayCertError::NoCertificate) { cert_key } else { key_key };
+            ctx.warn(origin, field, format!("Secret {full}: its {which} {e}; server skipped"));
+            None
+        }
+    }
 }
 
 /// A policy from a trafficPolicy: fields it sets replace the parent's
@@ -540,8 +627,16 @@ fn effective_policy(
 }
 
 impl Mesh {
-    /// Compile the documents. Errors reject the whole configuration.
+    /// Compile the documents for an agent in the default namespace
+    /// (`istio-system`). Errors reject the whole configuration.
     pub fn compile(docs: &Documents) -> Result<Mesh, Vec<Problem>> {
+        Mesh::compile_in(docs, super::security::ROOT_NAMESPACE)
+    }
+
+    /// Compile the documents for an agent in `gateway_namespace` (its
+    /// `POD_NAMESPACE`), where its ingress gateway runs and reads the
+    /// Secrets that `credentialName` names.
+    pub fn compile_in(docs: &Documents, gateway_namespace: &str) -> Result<Mesh, Vec<Problem>> {
         let mut errors = Vec::new();
         let mut warnings = docs.warnings.clone();
         let mut ctx = Ctx { errors: &mut errors, warnings: &mut warnings };
@@ -597,7 +692,7 @@ impl Mesh {
             mesh.add_destination_rule(d, &mut ctx);
         }
         for g in &docs.gateways {
-            mesh.add_gateway(g, docs, &mut ctx);
+            mesh.add_gateway(g, docs, gateway_namespace, &mut ctx);
         }
         for v in &docs.virtual_services {
             mesh.add_virtual_service(v, &mut ctx);
@@ -1211,7 +1306,7 @@ impl Mesh {
         }
     }
 
-    fn add_gateway(&mut self, g: &Doc<GatewaySpec>, docs: &Documents, ctx: &mut Ctx) {
+    fn add_gateway(&mut self, g: &Doc<GatewaySpec>, docs: &Documents, gateway_namespace: &str, ctx: &mut Ctx) {
         let mut seen: BTreeMap<u16, (String, usize)> = BTreeMap::new();
         for (i, s) in g.spec.servers.iter().enumerate() {
             let proto = s.port.protocol.clone().unwrap_or_default().to_ascii_uppercase();
@@ -1268,18 +1363,12 @@ impl Mesh {
                     None
                 }
                 ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("SIMPLE") == "SIMPLE" => {
-                    if t.credential_name.is_some() && t.server_certificate.is_none() {
-                        ctx.error(&g.origin, format!("{field}.tls.credentialName"), "reading the certificate from a Kubernetes Secret is not supported yet; mount the Secret and name its files in serverCertificate and privateKey");
-                        continue;
-                    }
-                    let cert = t.server_certificate.clone().unwrap_or_default();
-                    let key = t.private_key.clone().unwrap_or_default();
-                    let ok_cert = check_pem(&cert, true, &g.origin, &format!("{field}.tls.serverCertificate"), ctx);
-                    let ok_key = check_pem(&key, false, &g.origin, &format!("{field}.tls.privateKey"), ctx);
-                    if !(ok_cert && ok_key) {
-                        continue;
-                    }
-                    Some((cert.into(), key.into()))
+                    let tls = match &t.credential_name {
+                        Some(secret) => credential(secret, docs, gateway_namespace, &g.origin, &field, ctx),
+                        None => tls_files(t, &g.origin, &field, ctx),
+                    };
+                    let Some(tls) = tls else { continue };
+                    Some(tls)
                 }
                 (p, t) => {
                     ctx.warn(
@@ -1327,7 +1416,7 @@ impl Mesh {
 
     /// The gateway ports to listen on, each with its TLS files (the first
     /// server's, when several share a port).
-    pub fn gateway_ports(&self) -> BTreeMap<u16, Option<(std::path::PathBuf, std::path::PathBuf)>> {
+    pub fn gateway_ports(&self) -> BTreeMap<u16, Option<GatewayTls>> {
         let mut out = BTreeMap::new();
         for l in &self.gateway_listeners {
             out.entry(l.port).or_insert_with(|| l.tls.clone());
@@ -1437,6 +1526,42 @@ mod tests {
         load_text(std::path::Path::new("m.yaml"), yaml, &mut docs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
         Mesh::compile(&docs)
+    }
+
+    /// A gateway server's `credentialName` from a `kind: Secret` document:
+    /// `stringData` as users write it (or base64 `data`), in the agent's
+    /// namespace; one elsewhere is named with where the gateway looks.
+    #[test]
+    fn credential_name_reads_a_secret_document_of_the_gateway_namespace() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["web.example.com".into()]).unwrap().self_signed(&key).unwrap();
+        let indent = |pem: &str| pem.lines().flat_map(|l| ["      ", l, "\n"]).collect::<String>();
+        let secret = |ns: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: web-cert, namespace: {ns}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n",
+                indent(&cert.pem()),
+                indent(&key.serialize_pem())
+            )
+        };
+        let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [web.example.com]\n    tls: {mode: SIMPLE, credentialName: web-cert}\n";
+        let m = compile(&(secret("istio-system") + gateway)).unwrap();
+        let tls = m.gateway_ports()[&443].clone().expect("TLS from the Secret");
+        assert_eq!(tls.source, "Secret istio-system/web-cert");
+        assert_eq!(&*tls.cert, cert.pem().as_bytes());
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+        // In the Gateway's namespace (default), not the gateway's own.
+        let m = compile(&(secret("default") + gateway)).unwrap();
+        assert!(!m.gateway_ports().contains_key(&443));
+        let w = m.warnings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(
+            w.contains("spec.servers[0].tls.credentialName: no Secret istio-system/web-cert: one is in namespace default, but the gateway reads Secrets only from its own namespace istio-system; create it there; server skipped"),
+            "{w}"
+        );
+        // An agent whose POD_NAMESPACE is default reads that one.
+        let mut docs = Documents::default();
+        let mut errors = Vec::new();
+        load_text(std::path::Path::new("m.yaml"), &(secret("default") + gateway), &mut docs, &mut errors);
+        assert!(Mesh::compile_in(&docs, "default").unwrap().gateway_ports()[&443].is_some());
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";

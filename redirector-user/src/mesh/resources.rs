@@ -1,7 +1,8 @@
 //! The Kubernetes and Istio objects the mesh reads, as users write them:
 //! `networking.istio.io` (v1, v1beta1, v1alpha3) Gateway, VirtualService,
 //! DestinationRule, ServiceEntry, WorkloadEntry; core/v1 Service, Endpoints
-//! and Pod; discovery.k8s.io/v1 EndpointSlice. Only the fields the proxy
+//! Pod and Secret (a gateway's certificate); discovery.k8s.io/v1
+//! EndpointSlice. Only the fields the proxy
 //! acts on are typed; every other field a user wrote is reported by the
 //! loader (never silently ignored).
 
@@ -28,6 +29,54 @@ pub struct Metadata {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub uid: Option<String>,
+}
+
+/// The Secret type of a TLS certificate and key (`kubectl create secret
+/// tls`), whose keys are [`TLS_CERT_KEY`] and [`TLS_KEY_KEY`].
+pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// Istio's generic form of a gateway credential: an Opaque Secret with
+/// `cert` and `key`.
+pub const GENERIC_CERT_KEY: &str = "cert";
+pub const GENERIC_KEY_KEY: &str = "key";
+
+/// A core/v1 Secret: `data` base64 as the API serves it, `stringData` as a
+/// user may write it in a directory (it wins over `data`, as the API
+/// server merges them). Its Debug never prints the values.
+#[derive(Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretDoc {
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub data: BTreeMap<String, k8s_openapi::ByteString>,
+    #[serde(default)]
+    pub string_data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub immutable: Option<bool>,
+}
+
+impl SecretDoc {
+    /// The value at `key`, decoded.
+    pub fn value(&self, key: &str) -> Option<&[u8]> {
+        self.string_data.get(key).map(String::as_bytes).or_else(|| self.data.get(key).map(|b| b.0.as_slice()))
+    }
+
+    /// The certificate chain and key a gateway serves, with the keys they
+    /// came from; `None` when the Secret is not a TLS Secret.
+    pub fn tls_pair(&self) -> Option<(&'static str, &[u8], &'static str, &[u8])> {
+        [(TLS_CERT_KEY, TLS_KEY_KEY), (GENERIC_CERT_KEY, GENERIC_KEY_KEY)]
+            .into_iter()
+            .find_map(|(c, k)| Some((c, self.value(c)?, k, self.value(k)?)))
+    }
+}
+
+impl std::fmt::Debug for SecretDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.data.keys().chain(self.string_data.keys()).collect();
+        f.debug_struct("SecretDoc").field("type", &self.type_).field("keys", &keys).finish_non_exhaustive()
+    }
 }
 
 /// An integer or a string (Kubernetes' IntOrString).

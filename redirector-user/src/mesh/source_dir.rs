@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use super::resources::{
     AuthorizationPolicySpec, DestinationRuleSpec, EndpointPort, EndpointsSubset, GatewaySpec, Metadata,
-    PeerAuthenticationSpec, PodSpec, PodStatus, ServiceEntrySpec, ServiceSpec, SliceEndpoint, VirtualServiceSpec,
-    WorkloadEntrySpec, AGENT_CONFIG_API, AGENT_CONFIG_KIND,
+    PeerAuthenticationSpec, PodSpec, PodStatus, SecretDoc, ServiceEntrySpec, ServiceSpec, SliceEndpoint,
+    VirtualServiceSpec, WorkloadEntrySpec, AGENT_CONFIG_API, AGENT_CONFIG_KIND,
 };
 
 /// Where a document came from.
@@ -93,6 +93,8 @@ pub struct Documents {
     pub gateways: Vec<Doc<GatewaySpec>>,
     pub peer_authentications: Vec<Doc<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Doc<AuthorizationPolicySpec>>,
+    /// Secrets, for the gateway's `credentialName`.
+    pub secrets: Vec<Doc<SecretDoc>>,
     /// Non-fatal findings: unknown kinds, fields not acted on.
     pub warnings: Vec<Problem>,
 }
@@ -223,6 +225,7 @@ pub fn load_value(mut origin: Origin, value: serde_yaml::Value, docs: &mut Docum
         ("v1", "Service") => take!(services, ServiceSpec, Some("spec")),
         ("v1", "Endpoints") => take!(endpoints, Vec<EndpointsSubset>, Some("subsets")),
         ("v1", "Pod") => take!(pods, PodDoc, None::<&str>),
+        ("v1", "Secret") => take!(secrets, SecretDoc, None::<&str>),
         ("v1", "Namespace") => docs.namespaces.push(Doc { origin: origin.clone(), meta: meta.clone(), spec: () }),
         ("discovery.k8s.io/v1", "EndpointSlice") => take!(slices, SliceDoc, None::<&str>),
         (_, "ServiceEntry") if istio => take!(service_entries, ServiceEntrySpec, Some("spec")),

@@ -1,29 +1,33 @@
 //! The ingress gateway: the agent listens on the ports of the Gateways it
-//! serves (HTTP, and HTTPS terminated with the certificate files the
-//! Gateway names) and routes each request by the VirtualServices bound to
-//! them. Listeners follow configuration changes.
+//! serves (HTTP, and HTTPS terminated with the certificate the Gateway
+//! names, from files or from its `credentialName` Secret) and routes each
+//! request by the VirtualServices bound to them. Listeners follow
+//! configuration changes: a port opens or closes with its servers, and a
+//! new certificate (a rotated Secret) is taken in place, so the port never
+//! stops accepting and connections already open keep theirs.
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
 use crate::endpoint::Balancer;
-use crate::mesh::model::Protocol;
+use crate::mesh::model::{GatewayTls, Protocol};
 use crate::mesh::MeshHandle;
 use crate::route::http as l7;
 use crate::telemetry::Metrics;
 use crate::transport::http_client::Upstreams;
 
-type Tls = Option<(PathBuf, PathBuf)>;
+/// What a port terminates: nothing (HTTP) or TLS with this acceptor.
+type Acceptor = Option<tokio_rustls::TlsAcceptor>;
 
 /// What every gateway connection needs.
 #[derive(Clone)]
@@ -35,31 +39,16 @@ pub struct GatewayContext {
     pub access_log: bool,
 }
 
-fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing {}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+fn acceptor(tls: Option<&GatewayTls>) -> Result<Acceptor> {
+    let Some(t) = tls else { return Ok(None) };
+    let config = crate::tls::gateway_server_config(&t.cert, &t.key).with_context(|| t.source.clone())?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
 }
 
-async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<()>> {
+async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayContext) -> Result<JoinHandle<()>> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listener =
         TcpListener::bind(addr).await.with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
-    let acceptor = match tls {
-        Some((c, k)) => Some(tls_acceptor(c, k).with_context(|| format!("gateway port {port}"))?),
-        None => None,
-    };
     Ok(tokio::spawn(async move {
         loop {
             let (stream, client) = match listener.accept().await {
@@ -72,6 +61,8 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
             };
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(addr);
+            // The certificate in force when the connection arrived.
+            let acceptor = acceptor.borrow().clone();
             let conn = l7::ConnContext {
                 mesh: ctx.mesh.clone(),
                 upstreams: ctx.upstreams.clone(),
@@ -86,7 +77,6 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
                 access_log: ctx.access_log,
                 source: None,
             };
-            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 match acceptor {
                     None => l7::serve(stream, conn).await,
@@ -100,45 +90,71 @@ async fn listen(port: u16, tls: &Tls, ctx: GatewayContext) -> Result<JoinHandle<
     }))
 }
 
+/// One open gateway port.
+struct Open {
+    tls: Option<GatewayTls>,
+    acceptor: watch::Sender<Acceptor>,
+    task: JoinHandle<()>,
+}
+
+async fn open(port: u16, tls: Option<GatewayTls>, ctx: GatewayContext) -> Result<Open> {
+    let a = acceptor(tls.as_ref()).with_context(|| format!("gateway port {port}"))?;
+    let (acceptor, rx) = watch::channel(a);
+    let task = listen(port, rx, ctx).await?;
+    info!(port, tls = tls.as_ref().map(|t| t.source.as_str()), "gateway listening");
+    Ok(Open { tls, acceptor, task })
+}
+
 /// The gateway's listeners, reconciled with the mesh in force.
 pub struct Gateways {
     ctx: GatewayContext,
-    open: BTreeMap<u16, (Tls, JoinHandle<()>)>,
+    open: BTreeMap<u16, Open>,
 }
 
 impl Gateways {
-    /// Open the listeners of the current mesh; an error (a port in use, a
-    /// bad certificate) fails the start.
+    /// Open the listeners of the current mesh; an error (a port in use)
+    /// fails the start.
     pub async fn start(ctx: GatewayContext) -> Result<Gateways> {
         let mut g = Gateways { ctx, open: BTreeMap::new() };
-        let want = g.ctx.mesh.current().gateway_ports();
-        for (port, tls) in want {
-            let task = listen(port, &tls, g.ctx.clone()).await?;
-            info!(port, tls = tls.is_some(), "gateway listening");
-            g.open.insert(port, (tls, task));
+        for (port, tls) in g.ctx.mesh.current().gateway_ports() {
+            let o = open(port, tls, g.ctx.clone()).await?;
+            g.open.insert(port, o);
         }
         Ok(g)
     }
 
     async fn reconcile(&mut self) {
-        let want = self.ctx.mesh.current().gateway_ports();
-        let stale: Vec<u16> =
-            self.open.iter().filter(|(p, (tls, _))| want.get(p) != Some(tls)).map(|(p, _)| *p).collect();
-        for p in stale {
-            if let Some((_, t)) = self.open.remove(&p) {
-                t.abort();
-                let _ = t.await;
+        let mut want = self.ctx.mesh.current().gateway_ports();
+        let gone: Vec<u16> = self.open.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        for p in gone {
+            if let Some(o) = self.open.remove(&p) {
+                o.task.abort();
+                let _ = o.task.await;
                 info!(port = p, "gateway listener closed");
             }
         }
-        for (port, tls) in want {
-            if self.open.contains_key(&port) {
+        for (port, o) in &mut self.open {
+            let Some(tls) = want.remove(port) else { continue };
+            if tls == o.tls {
                 continue;
             }
-            match listen(port, &tls, self.ctx.clone()).await {
-                Ok(task) => {
-                    info!(port, tls = tls.is_some(), "gateway listening");
-                    self.open.insert(port, (tls, task));
+            // Same port, new certificate (or TLS turned on or off): taken
+            // in place for the next connection.
+            match acceptor(tls.as_ref()) {
+                Ok(a) => {
+                    o.acceptor.send_replace(a);
+                    info!(port, tls = tls.as_ref().map(|t| t.source.as_str()), "gateway certificate updated");
+                    o.tls = tls;
+                }
+                Err(e) => {
+                    error!(port, error = %format!("{e:#}"), "gateway certificate not updated; the last one stays");
+                }
+            }
+        }
+        for (port, tls) in want {
+            match open(port, tls, self.ctx.clone()).await {
+                Ok(o) => {
+                    self.open.insert(port, o);
                 }
                 Err(e) => error!(error = %format!("{e:#}"), "gateway listener not opened"),
             }
@@ -161,8 +177,8 @@ impl Gateways {
                     self.reconcile().await;
                 }
             }
-            for (_, (_, t)) in std::mem::take(&mut self.open) {
-                t.abort();
+            for (_, o) in std::mem::take(&mut self.open) {
+                o.task.abort();
             }
         })
     }
