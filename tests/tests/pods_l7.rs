@@ -6,7 +6,7 @@
 //! Client a1 on node-a; httpbin in b1 (node-b) and a2 (same node). Every
 //! test runs in eBPF and in iptables capture.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redirector_tests::cluster::Cluster;
@@ -299,12 +299,17 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
 /// identity (`istio-ingressgateway` of the agent's namespace), which an
 /// AuthorizationPolicy can name; it sets the edge headers as Envoy's
 /// gateway does and drops a client's `x-forwarded-client-cert`. A plaintext
-/// client outside the mesh is refused by the same pod.
+/// client outside the mesh is refused by the same pod. Its HTTPS server
+/// takes the certificate from a `kind: Secret` document of the agent's
+/// namespace (`credentialName`) and a rotated Secret in place; a server
+/// whose Secret is not a TLS Secret is skipped, named, and the others serve.
 fn the_gateway_reaches_a_strict_pod_over_hbone(mode: &'static str) {
     let mut c = Cluster::new(mode).unwrap();
     let (b1, a2) = (c.pod("b1").ip.clone(), c.pod("a2").ip.clone());
     let gateway_id = "cluster.local/ns/istio-system/sa/istio-ingressgateway";
-    c.extra_yaml = services(&b1, &a2)
+    let (cert1, key1) = certificate(&c.dir, "api.example.com", "one");
+    let (cert2, key2) = certificate(&c.dir, "api.example.com", "two");
+    let base = services(&b1, &a2)
         + &format!(
             r"---
 apiVersion: security.istio.io/v1
@@ -329,6 +334,18 @@ spec:
   servers:
   - port: {{number: 8081, name: http, protocol: HTTP}}
     hosts: [api.example.com]
+  - port: {{number: 8443, name: https, protocol: HTTPS}}
+    hosts: [api.example.com]
+    tls: {{mode: SIMPLE, credentialName: api-cert}}
+  - port: {{number: 8444, name: https-admin, protocol: HTTPS}}
+    hosts: [api.example.com]
+    tls: {{mode: SIMPLE, credentialName: admin-cert}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: admin-cert, namespace: istio-system}}
+type: Opaque
+stringData: {{password: hunter2}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -340,6 +357,7 @@ spec:
   - route: [{{destination: {{host: api-v1}}}}]
 "
         );
+    c.extra_yaml = base.clone() + &tls_secret("api-cert", &cert1, &key1);
     c.start().unwrap();
     let v1 = c.start_httpbin("b1", 8000).unwrap();
     let logs = || {
@@ -390,6 +408,76 @@ spec:
         .logged(1, "connection denied by policy")
         .iter()
         .any(|l| l["fields"]["reason"].as_str().is_some_and(|r| r.contains("STRICT")))));
+
+    // HTTPS with the certificate of Secret istio-system/api-cert.
+    let https = |ca: &Path| {
+        let ca = ca.to_str().unwrap().to_string();
+        curl_node(
+            &c,
+            0,
+            &[
+                "--cacert",
+                &ca,
+                "--resolve",
+                "api.example.com:8443:127.0.0.1",
+                "https://api.example.com:8443/headers?show_env=1",
+            ],
+        )
+    };
+    let (codes, body) = https(&cert1);
+    assert_eq!(codes, [200], "{body}\n{}", logs());
+    assert!(body.contains("\"X-Forwarded-Proto\": \"https\""), "{body}");
+    assert!(
+        c.logged(0, "mesh config").iter().any(|l| l["fields"]["problem"].as_str().is_some_and(|p| p.contains(
+            "spec.servers[2].tls.credentialName: Secret istio-system/admin-cert is not a TLS Secret (type Opaque"
+        ))),
+        "{}",
+        logs()
+    );
+    let (codes, _) = curl_node(&c, 0, &["-k", "https://127.0.0.1:8444/"]);
+    assert_eq!(codes, [0], "the server whose Secret is not TLS listens");
+    // Rotation: the new Secret is served by the same listener.
+    c.write_mesh(0, &(c.mesh_yaml().replace(&c.extra_yaml, "") + &base + &tls_secret("api-cert", &cert2, &key2)));
+    assert!(
+        eventually(Duration::from_secs(10), || https(&cert2).0 == [200]),
+        "the rotated certificate is not served: {}",
+        logs()
+    );
+    assert_eq!(https(&cert1).0, [0], "the old certificate is still served");
+    assert_eq!(c.logged(0, "gateway certificate updated").len(), 1, "{}", logs());
+    assert!(
+        !c.logged(0, "gateway listener closed").iter().any(|l| l["fields"]["port"] == 8443),
+        "the listener was reopened instead: {}",
+        logs()
+    );
+}
+
+/// A self-signed certificate and key for `host`, files in `dir`.
+fn certificate(dir: &Path, host: &str, tag: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join(format!("{tag}.crt")), dir.join(format!("{tag}.key")));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", &format!("/CN={host}"), "-addext", &format!("subjectAltName=DNS:{host}"), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (cert, key)
+}
+
+/// A `kubernetes.io/tls` Secret document of the agent's namespace, as
+/// users write one (`stringData`).
+fn tls_secret(name: &str, cert: &Path, key: &Path) -> String {
+    let indent =
+        |p: &Path| std::fs::read_to_string(p).unwrap().lines().flat_map(|l| ["    ", l, "\n"]).collect::<String>();
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(cert),
+        indent(key)
+    )
 }
 
 /// A Service (http port 80 to 8000) with Endpoints at `ips`.
