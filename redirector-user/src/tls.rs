@@ -174,12 +174,9 @@ pub enum GatewayCertError {
     Mismatch(Error),
 }
 
-/// The rustls configuration of a gateway server terminating TLS (Istio's
-/// `tls.mode: SIMPLE`) with `cert_pem` (the chain, leaf first) and
-/// `key_pem`: TLS 1.2 and 1.3, no client certificate, ALPN h2 then
-/// http/1.1. The same check serves the model (a bad pair skips the server)
-/// and the listener.
-pub fn gateway_server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, GatewayCertError> {
+/// A gateway server's certificate chain (`cert_pem`, leaf first) and
+/// `key_pem`, checked: both parse and the key is the certificate's.
+pub fn gateway_certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, GatewayCertError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::PrivateKeyDer;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
@@ -189,14 +186,42 @@ pub fn gateway_server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<Serv
         return Err(GatewayCertError::NoCertificate);
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| GatewayCertError::NoKey)?;
+    CertifiedKey::from_der(certs, key, &crate::identity::provider()).map(Arc::new).map_err(GatewayCertError::Mismatch)
+}
+
+/// The rustls configuration of a gateway port terminating TLS (Istio's
+/// `tls.mode: SIMPLE`) for its servers, each a certificate for its hosts:
+/// TLS 1.2 and 1.3, no client certificate, ALPN h2 then http/1.1.
+pub fn gateway_server_config(servers: Vec<(Vec<String>, Arc<CertifiedKey>)>) -> Arc<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(crate::identity::provider())
         .with_safe_default_protocol_versions()
-        .map_err(GatewayCertError::Mismatch)?
+        .expect("ring supports the default protocol versions")
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(GatewayCertError::Mismatch)?;
+        .with_cert_resolver(Arc::new(BySni { servers }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Arc::new(cfg)
+}
+
+/// The certificate of the first server whose hosts match the client's SNI,
+/// as Envoy's filter chains match a gateway's servers; a name no server
+/// takes is refused. A client that sends no name (an address) gets the
+/// first server's.
+#[derive(Debug)]
+struct BySni {
+    servers: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else { return self.servers.first().map(|(_, k)| Arc::clone(k)) };
+        let name = name.to_ascii_lowercase();
+        self.servers
+            .iter()
+            .find(|(hosts, _)| {
+                hosts.iter().any(|h| crate::mesh::source_dir::host_matches(&h.to_ascii_lowercase(), &name))
+            })
+            .map(|(_, k)| Arc::clone(k))
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +230,85 @@ mod tests {
     use crate::identity::{CertStore, MeshCa};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The certificate a gateway port presents to a client sending `sni`
+    /// (trusting any server), or the handshake's error.
+    async fn presented(cfg: Arc<ServerConfig>, sni: Option<&str>) -> Result<Vec<u8>, String> {
+        #[derive(Debug)]
+        struct AnyServer;
+        impl ServerCertVerifier for AnyServer {
+            fn verify_server_cert(
+                &self,
+                _: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: UnixTime,
+            ) -> Result<ServerCertVerified, Error> {
+                Ok(ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+                crate::identity::provider().signature_verification_algorithms.supported_schemes()
+            }
+        }
+        let (c, srv) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(cfg).accept(srv).await.map(|_| ()) });
+        let mut ccfg = ClientConfig::builder_with_provider(crate::identity::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer))
+            .with_no_client_auth();
+        ccfg.enable_sni = sni.is_some();
+        let name = ServerName::try_from(sni.unwrap_or("gateway.invalid").to_string()).unwrap();
+        let r = tokio_rustls::TlsConnector::from(Arc::new(ccfg)).connect(name, c).await;
+        let _ = server.await;
+        let tls = r.map_err(|e| e.to_string())?;
+        Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+    }
+
+    /// Several HTTPS servers on one gateway port, each with its own
+    /// certificate: the client's SNI picks the server (wildcards as in a
+    /// Gateway's hosts); a name no server takes is refused; no name gets
+    /// the first. A key that is not the certificate's is named.
+    #[tokio::test]
+    async fn a_gateway_port_presents_the_certificate_of_the_server_its_sni_names() {
+        let make = |host: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![host.into()]).unwrap().self_signed(&key).unwrap();
+            (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+        };
+        let (a_pem, a_key, a_der) = make("a.example.com");
+        let (b_pem, b_key, b_der) = make("b.example.org");
+        let servers = vec![
+            (vec!["a.example.com".to_string()], gateway_certified_key(a_pem.as_bytes(), a_key.as_bytes()).unwrap()),
+            (vec!["*.example.org".to_string()], gateway_certified_key(b_pem.as_bytes(), b_key.as_bytes()).unwrap()),
+        ];
+        let cfg = gateway_server_config(servers);
+        assert_eq!(presented(Arc::clone(&cfg), Some("a.example.com")).await.unwrap(), a_der);
+        assert_eq!(presented(Arc::clone(&cfg), Some("B.Example.org")).await.unwrap(), b_der);
+        assert_eq!(presented(Arc::clone(&cfg), None).await.unwrap(), a_der);
+        assert!(presented(cfg, Some("c.example.net")).await.is_err(), "a name no server takes");
+        let e = gateway_certified_key(a_pem.as_bytes(), b_key.as_bytes()).unwrap_err().to_string();
+        assert!(e.starts_with("the private key does not match the certificate"), "{e}");
+        assert!(matches!(gateway_certified_key(b"", a_key.as_bytes()), Err(GatewayCertError::NoCertificate)));
+    }
 
     fn store(name: &str) -> Arc<CertStore> {
         let d = std::env::temp_dir().join(format!("redirector-tls-{name}-{}", std::process::id()));

@@ -222,7 +222,7 @@ async fn the_gateway_reads_its_certificate_from_a_secret_of_its_namespace_and_fo
         .unwrap();
     let source = Source::start(&api).await;
     let handle = source.handle.clone();
-    let tls_of = |port: u16| handle.current().gateway_ports().get(&port).cloned().flatten();
+    let tls_of = |port: u16| handle.current().gateway_ports().get(&port).and_then(|c| c.first().cloned());
     let t = tls_of(8443).expect("port 8443 terminates TLS with the Secret");
     assert_eq!(
         (t.source.as_str(), &*t.cert, &*t.key),

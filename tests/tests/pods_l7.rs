@@ -309,6 +309,7 @@ fn the_gateway_reaches_a_strict_pod_over_hbone(mode: &'static str) {
     let gateway_id = "cluster.local/ns/istio-system/sa/istio-ingressgateway";
     let (cert1, key1) = certificate(&c.dir, "api.example.com", "one");
     let (cert2, key2) = certificate(&c.dir, "api.example.com", "two");
+    let (web_cert, web_key) = certificate(&c.dir, "web.example.com", "web");
     let base = services(&b1, &a2)
         + &format!(
             r"---
@@ -337,6 +338,9 @@ spec:
   - port: {{number: 8443, name: https, protocol: HTTPS}}
     hosts: [api.example.com]
     tls: {{mode: SIMPLE, credentialName: api-cert}}
+  - port: {{number: 8443, name: https-web, protocol: HTTPS}}
+    hosts: [web.example.com]
+    tls: {{mode: SIMPLE, credentialName: web-cert}}
   - port: {{number: 8444, name: https-admin, protocol: HTTPS}}
     hosts: [api.example.com]
     tls: {{mode: SIMPLE, credentialName: admin-cert}}
@@ -357,6 +361,7 @@ spec:
   - route: [{{destination: {{host: api-v1}}}}]
 "
         );
+    let base = base + &tls_secret("web-cert", &web_cert, &web_key);
     c.extra_yaml = base.clone() + &tls_secret("api-cert", &cert1, &key1);
     c.start().unwrap();
     let v1 = c.start_httpbin("b1", 8000).unwrap();
@@ -429,11 +434,20 @@ spec:
     assert!(body.contains("\"X-Forwarded-Proto\": \"https\""), "{body}");
     assert!(
         c.logged(0, "mesh config").iter().any(|l| l["fields"]["problem"].as_str().is_some_and(|p| p.contains(
-            "spec.servers[2].tls.credentialName: Secret istio-system/admin-cert is not a TLS Secret (type Opaque"
+            "spec.servers[3].tls.credentialName: Secret istio-system/admin-cert is not a TLS Secret (type Opaque"
         ))),
         "{}",
         logs()
     );
+    // The same port, another server: its own certificate, by SNI (no
+    // VirtualService takes web.example.com, so the gateway answers 404).
+    let web_ca = web_cert.to_str().unwrap().to_string();
+    let (codes, _) = curl_node(
+        &c,
+        0,
+        &["--cacert", &web_ca, "--resolve", "web.example.com:8443:127.0.0.1", "https://web.example.com:8443/"],
+    );
+    assert_eq!(codes, [404], "{}", logs());
     let (codes, _) = curl_node(&c, 0, &["-k", "https://127.0.0.1:8444/"]);
     assert_eq!(codes, [0], "the server whose Secret is not TLS listens");
     // Rotation: the new Secret is served by the same listener.

@@ -268,13 +268,15 @@ pub struct GatewayTls {
     /// Where it came from, for logs: `Secret istio-system/web-cert`, or the
     /// certificate file.
     pub source: String,
+    /// The server's hosts, which the client's SNI selects by.
+    pub hosts: Vec<String>,
     pub cert: Arc<[u8]>,
     pub key: Arc<[u8]>,
 }
 
 impl PartialEq for GatewayTls {
     fn eq(&self, other: &Self) -> bool {
-        self.cert == other.cert && self.key == other.key
+        self.cert == other.cert && self.key == other.key && self.hosts == other.hosts
     }
 }
 
@@ -507,8 +509,8 @@ fn tls_files(t: &ServerTls, origin: &Origin, field: &str, ctx: &mut Ctx) -> Opti
     let (cert, key) = (cert?, key?);
     let cert_path = t.server_certificate.clone().unwrap_or_default();
     let key_path = t.private_key.clone().unwrap_or_default();
-    match crate::tls::gateway_server_config(&cert, &key) {
-        Ok(_) => Some(GatewayTls { source: cert_path, cert: cert.into(), key: key.into() }),
+    match crate::tls::gateway_certified_key(&cert, &key) {
+        Ok(_) => Some(GatewayTls { source: cert_path, hosts: Vec::new(), cert: cert.into(), key: key.into() }),
         Err(e) => {
             let (f, path) = match e {
                 crate::tls::GatewayCertError::NoCertificate => ("serverCertificate", &cert_path),
@@ -559,8 +561,10 @@ fn credential(
         );
         return None;
     };
-    match crate::tls::gateway_server_config(cert, key) {
-        Ok(_) => Some(GatewayTls { source: format!("Secret {full}"), cert: cert.into(), key: key.into() }),
+    match crate::tls::gateway_certified_key(cert, key) {
+        Ok(_) => {
+            Some(GatewayTls { source: format!("Secret {full}"), hosts: Vec::new(), cert: cert.into(), key: key.into() })
+        }
         Err(e) => {
             let which = if matches!(e, crate::tls::GatewayCertError::NoCertificate) { cert_key } else { key_key };
             ctx.warn(origin, field, format!("Secret {full}: its {which} {e}; server skipped"));
@@ -1414,12 +1418,15 @@ impl Mesh {
         (!rules.is_empty()).then_some(rules)
     }
 
-    /// The gateway ports to listen on, each with its TLS files (the first
-    /// server's, when several share a port).
-    pub fn gateway_ports(&self) -> BTreeMap<u16, Option<GatewayTls>> {
-        let mut out = BTreeMap::new();
+    /// The gateway ports to listen on, each with the certificates of its
+    /// HTTPS servers in order, for their hosts (none: plain HTTP).
+    pub fn gateway_ports(&self) -> BTreeMap<u16, Vec<GatewayTls>> {
+        let mut out: BTreeMap<u16, Vec<GatewayTls>> = BTreeMap::new();
         for l in &self.gateway_listeners {
-            out.entry(l.port).or_insert_with(|| l.tls.clone());
+            let certs = out.entry(l.port).or_default();
+            if let Some(t) = &l.tls {
+                certs.push(GatewayTls { hosts: l.hosts.clone(), ..t.clone() });
+            }
         }
         out
     }
@@ -1545,7 +1552,7 @@ mod tests {
         };
         let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [web.example.com]\n    tls: {mode: SIMPLE, credentialName: web-cert}\n";
         let m = compile(&(secret("istio-system") + gateway)).unwrap();
-        let tls = m.gateway_ports()[&443].clone().expect("TLS from the Secret");
+        let tls = m.gateway_ports()[&443].first().cloned().expect("TLS from the Secret");
         assert_eq!(tls.source, "Secret istio-system/web-cert");
         assert_eq!(&*tls.cert, cert.pem().as_bytes());
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
@@ -1561,7 +1568,7 @@ mod tests {
         let mut docs = Documents::default();
         let mut errors = Vec::new();
         load_text(std::path::Path::new("m.yaml"), &(secret("default") + gateway), &mut docs, &mut errors);
-        assert!(Mesh::compile_in(&docs, "default").unwrap().gateway_ports()[&443].is_some());
+        assert_eq!(Mesh::compile_in(&docs, "default").unwrap().gateway_ports()[&443].len(), 1);
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";

@@ -39,10 +39,23 @@ pub struct GatewayContext {
     pub access_log: bool,
 }
 
-fn acceptor(tls: Option<&GatewayTls>) -> Result<Acceptor> {
-    let Some(t) = tls else { return Ok(None) };
-    let config = crate::tls::gateway_server_config(&t.cert, &t.key).with_context(|| t.source.clone())?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
+/// The acceptor of a port's HTTPS servers (`None` for plain HTTP), which
+/// picks each server's certificate by the client's SNI.
+fn acceptor(certs: &[GatewayTls]) -> Result<Acceptor> {
+    if certs.is_empty() {
+        return Ok(None);
+    }
+    let mut servers = Vec::with_capacity(certs.len());
+    for t in certs {
+        let key = crate::tls::gateway_certified_key(&t.cert, &t.key).with_context(|| t.source.clone())?;
+        servers.push((t.hosts.clone(), key));
+    }
+    Ok(Some(tokio_rustls::TlsAcceptor::from(crate::tls::gateway_server_config(servers))))
+}
+
+/// For logs: where a port's certificates come from.
+fn sources(certs: &[GatewayTls]) -> String {
+    certs.iter().map(|t| t.source.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayContext) -> Result<JoinHandle<()>> {
@@ -92,16 +105,16 @@ async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayCont
 
 /// One open gateway port.
 struct Open {
-    tls: Option<GatewayTls>,
+    tls: Vec<GatewayTls>,
     acceptor: watch::Sender<Acceptor>,
     task: JoinHandle<()>,
 }
 
-async fn open(port: u16, tls: Option<GatewayTls>, ctx: GatewayContext) -> Result<Open> {
-    let a = acceptor(tls.as_ref()).with_context(|| format!("gateway port {port}"))?;
+async fn open(port: u16, tls: Vec<GatewayTls>, ctx: GatewayContext) -> Result<Open> {
+    let a = acceptor(&tls).with_context(|| format!("gateway port {port}"))?;
     let (acceptor, rx) = watch::channel(a);
     let task = listen(port, rx, ctx).await?;
-    info!(port, tls = tls.as_ref().map(|t| t.source.as_str()), "gateway listening");
+    info!(port, tls = %sources(&tls), "gateway listening");
     Ok(Open { tls, acceptor, task })
 }
 
@@ -140,10 +153,10 @@ impl Gateways {
             }
             // Same port, new certificate (or TLS turned on or off): taken
             // in place for the next connection.
-            match acceptor(tls.as_ref()) {
+            match acceptor(&tls) {
                 Ok(a) => {
                     o.acceptor.send_replace(a);
-                    info!(port, tls = tls.as_ref().map(|t| t.source.as_str()), "gateway certificate updated");
+                    info!(port, tls = %sources(&tls), "gateway certificate updated");
                     o.tls = tls;
                 }
                 Err(e) => {
