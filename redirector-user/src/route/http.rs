@@ -68,6 +68,14 @@ pub struct ConnContext {
     pub source: Option<(String, String)>,
 }
 
+/// Streams an HTTP/2 client may reset before they are answered, or make
+/// the proxy reset, before its connection is closed (h2's default for the
+/// first; Envoy closes at a similar count).
+const MAX_PENDING_RESETS: usize = 20;
+/// Requests in flight on one HTTP/2 connection (Envoy's gateway default is
+/// 100; a pod's connection shares a node proxy).
+const MAX_STREAMS: u32 = 100;
+
 /// Serve HTTP on a captured connection until the client closes it.
 pub async fn serve<S>(stream: S, ctx: ConnContext)
 where
@@ -86,6 +94,16 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Request heads over 60 KiB get 431, as Envoy's default limit.
     builder.http1().max_buf_size(MAX_HEAD);
+    // HTTP/2 from a pod: a client that opens streams and resets them before
+    // they are answered (the "rapid reset" flood) loses its connection
+    // (GOAWAY ENHANCE_YOUR_CALM) past MAX_PENDING_RESETS; at most
+    // MAX_STREAMS requests of one connection are in flight at once.
+    builder
+        .http2()
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_local_error_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .max_header_list_size(MAX_HEAD as u32);
     let (client, port) = (ctx_client, ctx_port);
     if let Err(e) = builder.serve_connection(io, svc).await {
         let malformed = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() && !h.is_parse_too_large());

@@ -380,3 +380,38 @@ async fn consistent_hashing_on_a_header_keeps_a_user_on_one_endpoint() {
     }
     assert!(by_user.values().all(|s| s.len() == 1), "{by_user:?}");
 }
+
+/// A pod's HTTP/2 client that opens requests and resets each at once (the
+/// "rapid reset" flood) loses its connection; another client of the same
+/// proxy is served as before.
+#[tokio::test]
+async fn an_h2_client_that_floods_resets_loses_its_connection_and_others_are_served() {
+    let v1 = Backend::start("v1").await;
+    let r = Router::start(&mesh(&[("v1", &v1, "v1")], "")).await;
+    let tcp = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        send = match send.ready().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let req = Request::get("http://web/").body(()).unwrap();
+        match send.send_request(req, true) {
+            Ok((_, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await.expect("the server ended the connection");
+    let e = ended.unwrap().expect_err("the connection ended with an error");
+    assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e} after {sent} resets");
+    // The flood did not become upstream work: few of its requests reached
+    // the backend before the connection was closed.
+    let reached = v1.seen().len();
+    assert!(reached < 200, "{reached} of {sent} reset requests reached the backend");
+    assert_eq!(r.get("/", &[]).await.0, 200, "another client is served");
+}
