@@ -346,6 +346,19 @@ spec:
     tls: {{mode: SIMPLE, credentialName: admin-cert}}
 ---
 apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec: {{clusterIP: 198.18.3.23, ports: [{{name: http, port: 80, targetPort: 8000}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: empty, namespace: default}}
+spec:
+  hosts: [empty]
+  http:
+  - route: [{{destination: {{host: empty}}}}]
+---
+apiVersion: v1
 kind: Secret
 metadata: {{name: admin-cert, namespace: istio-system}}
 type: Opaque
@@ -365,6 +378,7 @@ spec:
     c.extra_yaml = base.clone() + &tls_secret("api-cert", &cert1, &key1);
     c.start().unwrap();
     let v1 = c.start_httpbin("b1", 8000).unwrap();
+    let v2 = c.start_httpbin("a2", 8000).unwrap();
     let logs = || {
         format!(
             "node-a: {}\nnode-b: {}",
@@ -392,7 +406,7 @@ spec:
     assert!(h["X-Forwarded-For"].as_str().is_some_and(|x| x.ends_with("127.0.0.1")), "{body}");
     assert_eq!(h["X-Request-Id"].as_str().map(str::len), Some(36), "{body}");
     assert!(h.get("X-Forwarded-Client-Cert").is_none(), "the client's XFCC reached the pod: {body}");
-    assert!(served(&v1).iter().any(|l| l == "GET /headers 200"));
+    assert!(eventually(Duration::from_secs(5), || served(&v1).iter().any(|l| l == "GET /headers 200")));
     // b1 reported it from the gateway's identity, over mTLS.
     let m = c.metrics(1);
     assert!(
@@ -407,6 +421,28 @@ spec:
     // plaintext client outside the mesh is refused by STRICT.
     let (codes, body) = curl(&c, "a1", &[&format!("http://{API}/api/v1/get")]);
     assert_eq!((codes.as_slice(), body.as_str()), (&[403][..], "RBAC: access denied"));
+    // Bad input from a pod: a VirtualService whose destination has no
+    // endpoints answers 503 UH; a request head over 60 KiB gets 431; the
+    // pod's next request is served.
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.23/get"]);
+    assert_eq!(codes, [503], "{}", logs());
+    assert_eq!(
+        metric_sum(
+            &c,
+            0,
+            "istio_requests_total",
+            &["reporter=\"source\"", "response_flags=\"UH\"", "response_code=\"503\""]
+        ),
+        1.0,
+        "{}",
+        c.metrics(0)
+    );
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let (codes, _) = curl(&c, "a1", &["-H", &big, &format!("http://{API}/api/v2/get")]);
+    assert_eq!(codes, [431], "{}", logs());
+    let (codes, _) = curl(&c, "a1", &[&format!("http://{API}/api/v2/get")]);
+    assert_eq!(codes, [200], "{}", logs());
+    assert!(eventually(Duration::from_secs(5), || served(&v2) == ["GET /get 200"]), "{:?}", served(&v2));
     let (codes, _) = curl_node(&c, 0, &[&format!("http://{b1}:8000/get")]);
     assert_eq!(codes, [0], "a plaintext client reached the STRICT pod");
     assert!(eventually(Duration::from_secs(5), || c
