@@ -243,9 +243,8 @@ impl InPod {
         } else {
             anyhow::ensure!(
                 !cgroups.is_empty(),
-                "no cgroup found for pod UID {} (searched the kubepods tree for the systemd and cgroupfs drivers); set the {} annotation if the runtime puts pods elsewhere",
+                "no cgroup found for pod UID {} (searched the kubelet's kubepods tree for the systemd and cgroupfs drivers; a pod is served only from there)",
                 p.uid.as_deref().unwrap_or_default(),
-                crate::mesh::pods::CGROUP_ANNOTATION
             );
             netns_of_cgroups(&cgroups)?
         };

@@ -115,7 +115,7 @@ pub fn redirector_bin() -> PathBuf {
     bin
 }
 
-pub(crate) fn cgroup2_mount() -> PathBuf {
+pub fn cgroup2_mount() -> PathBuf {
     redirector::sys::cgroup::cgroup2_mount().expect("cgroup v2 mount")
 }
 

@@ -644,6 +644,77 @@ fn agents_read_the_cluster_from_the_api_server() {
         .iter()
         .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a1")));
 
+    // C1: a pod creator names host state in annotations: another pod's
+    // cgroup with a hold, a stand-in for the node's system.slice (a
+    // process of the node in it), the agent's own cgroup, another pod's
+    // network namespace and the node's. None of it touches the node.
+    let a1_pod_cgroup = c.pod("a1").cgroup.parent().unwrap().to_path_buf();
+    let system_slice = c.nodes[0].cgroup.join("system.slice");
+    std::fs::create_dir_all(&system_slice).unwrap();
+    let mut daemon = c
+        .in_node(0, "sh", &["-c", &format!("echo $$ > {}; exec sleep 60", system_slice.join("cgroup.procs").display())])
+        .spawn()
+        .unwrap();
+    let agent_pid = c.agent_pid(0).unwrap();
+    let agent_cgroup = std::fs::read_to_string(format!("/proc/{agent_pid}/cgroup")).unwrap();
+    let agent_cgroup =
+        agent_cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("the agent's cgroup2 path").to_string();
+    let b1_netns = redirector_tests::cluster::ns_path(&c.pod("b1").ns).display().to_string();
+    let node_netns = redirector_tests::cluster::ns_path(&c.nodes[0].ns).display().to_string();
+    let evil = [
+        ("evil-a1", a1_pod_cgroup.display().to_string(), b1_netns),
+        ("evil-system", system_slice.display().to_string(), node_netns.clone()),
+        ("evil-agent", agent_cgroup.clone(), node_netns),
+    ];
+    for (k, (name, cgroup, netns)) in evil.iter().enumerate() {
+        let mut o = new_pod(name, "default", "node-a", &format!("198.18.1.{}", 60 + k));
+        o["metadata"]["uid"] = json!(format!("evil-{k}-{}", std::process::id()));
+        o["metadata"]["annotations"] = json!({"redirector.dev/cgroup": cgroup, "redirector.dev/netns": netns, "redirector.dev/until-ready": "hold"});
+        api.apply(o).unwrap();
+    }
+    let ignored = |c: &Cluster| {
+        c.logged(0, "pod annotations ignored")
+            .iter()
+            .filter(|l| {
+                l["fields"]["annotations"] == "redirector.dev/cgroup, redirector.dev/netns, redirector.dev/until-ready"
+            })
+            .filter_map(|l| l["fields"]["pod"].as_str().map(str::to_string))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert!(eventually(Duration::from_secs(10), || ignored(&c).len() == 3), "{:?}\n{}", ignored(&c), logs(&c));
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .logged(0, "cannot serve this pod yet")
+            .iter()
+            .filter(|l| l["fields"]["pod"].as_str().is_some_and(|p| p.starts_with("default/evil-")))
+            .count()
+            >= 3),
+        "{}",
+        logs(&c)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for l in c.logged(0, "pod enrolled").iter().chain(c.logged(0, "pod held").iter()) {
+        assert!(!l["fields"]["pod"].as_str().unwrap_or_default().contains("evil"), "{l}\n{}", logs(&c));
+    }
+    for cg in [
+        a1_pod_cgroup.clone(),
+        system_slice.clone(),
+        redirector_tests::cgroup2_mount().join(agent_cgroup.trim_start_matches('/')),
+    ] {
+        // The root cgroup (where a test runner may keep the agent) has no
+        // freezer; the request below shows the agent is not stopped.
+        let Ok(events) = std::fs::read_to_string(cg.join("cgroup.events")) else { continue };
+        assert!(events.contains("frozen 0"), "{} was frozen: {events}", cg.display());
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "the node's process in system.slice is gone");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a1 -> b1 after the annotations: {err}\n{}", logs(&c));
+    for (name, _, _) in &evil {
+        api.delete("v1", "Pod", "default", name).unwrap();
+    }
+
     // An API server restart: watches resume, nothing is re-enrolled or let go.
     let (enrolled, left) = (c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len());
     let watches = api.requests("/api/v1/pods").1;

@@ -296,6 +296,7 @@ pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value>
         keep_only_tls(m);
     }
     if r.kind == "Pod" {
+        drop_host_annotations(m);
         // Finished pods hold no connections; their address is reused.
         let phase = m.get("status").and_then(|s| s.get("phase")).and_then(|p| p.as_str()).unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
@@ -307,6 +308,47 @@ pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value>
         }
     }
     Some(v)
+}
+
+/// The Pod annotations that name host state (a cgroup, a network
+/// namespace) or change what happens to a pod's processes. From the
+/// cluster they are the word of whoever may create a pod, so they are
+/// dropped as the pod arrives: the agent finds a pod's cgroup and network
+/// namespace from its UID under the kubelet's pod tree, and reads
+/// `until-ready` from the pod's Namespace. The directory source (a dev
+/// box, the tests) still honours them.
+const HOST_ANNOTATIONS: [&str; 3] = [
+    crate::mesh::pods::CGROUP_ANNOTATION,
+    crate::mesh::pods::NETNS_ANNOTATION,
+    crate::mesh::pods::UNTIL_READY_ANNOTATION,
+];
+
+fn drop_host_annotations(m: &mut serde_json::Map<String, serde_json::Value>) {
+    let Some(meta) = m.get_mut("metadata").and_then(|x| x.as_object_mut()) else { return };
+    let pod = format!(
+        "{}/{}",
+        meta.get("namespace").and_then(|v| v.as_str()).unwrap_or_default(),
+        meta.get("name").and_then(|v| v.as_str()).unwrap_or_default()
+    );
+    let Some(a) = meta.get_mut("annotations").and_then(|x| x.as_object_mut()) else { return };
+    let dropped: Vec<&str> = HOST_ANNOTATIONS.into_iter().filter(|k| a.remove(*k).is_some()).collect();
+    if dropped.is_empty() {
+        return;
+    }
+    // Once per pod and annotation set, however often the pod changes.
+    static WARNED: std::sync::LazyLock<Mutex<HashSet<String>>> = std::sync::LazyLock::new(Default::default);
+    let key = format!("{pod} {}", dropped.join(","));
+    let mut warned = WARNED.lock().expect("warned lock");
+    if warned.len() > 10_000 {
+        warned.clear();
+    }
+    if warned.insert(key) {
+        warn!(
+            pod = %pod,
+            annotations = %dropped.join(", "),
+            "pod annotations ignored: from the cluster, a pod's cgroup and network namespace are found from its UID and until-ready is read from its Namespace"
+        );
+    }
 }
 
 /// Of a Secret, only what a gateway can serve stays in memory: its type
@@ -605,5 +647,24 @@ mod tests {
         assert_eq!(kept["data"], serde_json::json!({"cert": "Y2VydA==", "key": "a2V5"}));
         assert!(kept["metadata"].get("annotations").is_none(), "{kept}");
         assert!(kept.get("stringData").is_none(), "{kept}");
+    }
+
+    /// A pod creator cannot name host state: the annotations that would
+    /// pick a cgroup, a network namespace or a hold are gone before the
+    /// mesh reads the pod; other annotations stay.
+    #[test]
+    fn a_pod_from_the_cluster_cannot_name_a_cgroup_a_namespace_or_a_hold() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "evil", "namespace": "default", "uid": "u1",
+                         "annotations": {"redirector.dev/cgroup": "/sys/fs/cgroup/system.slice",
+                                         "redirector.dev/netns": "/proc/1/ns/net",
+                                         "redirector.dev/until-ready": "hold",
+                                         "sidecar.istio.io/inject": "false"}},
+            "spec": {"nodeName": "node-a"}, "status": {"podIP": "198.18.1.2", "phase": "Running"}}))
+        .unwrap();
+        let pods = core_kinds("node-a");
+        let kept = normalise(o, &pods[0].resource).unwrap();
+        assert_eq!(kept["metadata"]["annotations"], serde_json::json!({"sidecar.istio.io/inject": "false"}));
     }
 }
