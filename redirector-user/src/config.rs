@@ -227,6 +227,25 @@ fn host_name() -> String {
 const MAX_CONCURRENCY: usize = 1024;
 
 impl AgentConfig {
+    /// The proxy's own ports (outbound, inbound, HBONE, DNS, metrics,
+    /// readiness, admin): a connection or CONNECT to a pod's address on one
+    /// of them is a self-call and is refused (see
+    /// [`crate::proxy::inbound`]).
+    pub fn own_ports(&self) -> Vec<u16> {
+        let mut v = vec![
+            self.outbound_port,
+            self.inbound_port,
+            self.hbone_port,
+            self.dns_port,
+            self.metrics_port,
+            self.readiness_port,
+            self.admin_port,
+        ];
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// The worker threads the proxy runs on: `proxy.concurrency`; 0: one
     /// per CPU the agent may run on; unset: half of those, at least one.
     /// The node proxy shares its node with the workloads it serves: a

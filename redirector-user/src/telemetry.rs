@@ -157,6 +157,9 @@ pub struct Metrics {
     pub hbone_refused_total: Family<ReasonLabel, Counter>,
     /// Connections refused by PeerAuthentication or AuthorizationPolicy.
     pub denied_total: Family<DeniedLabels, Counter>,
+    /// Connections and CONNECTs to a pod's address on one of the proxy's
+    /// own ports, refused (by listener: `inbound` plaintext, `hbone`).
+    pub self_calls_total: Family<ListenerLabel, Counter>,
     encode_lock: Mutex<()>,
     series: Mutex<std::collections::HashMap<RequestKey, RequestSeries>>,
     tcp: Mutex<std::collections::HashMap<Labels, TcpSeries>>,
@@ -212,6 +215,12 @@ impl Default for Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         let hbone_refused_total = Family::<ReasonLabel, Counter>::default();
         let denied_total = Family::<DeniedLabels, Counter>::default();
+        let self_calls_total = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "redirector_self_calls_refused",
+            "Connections to a pod's address on one of the proxy's own ports, refused",
+            self_calls_total.clone(),
+        );
         registry.register(
             "redirector_hbone_refused",
             "HBONE connections refused before a stream opened",
@@ -234,6 +243,7 @@ impl Default for Metrics {
             tcp_closed,
             hbone_refused_total,
             denied_total,
+            self_calls_total,
             encode_lock: Mutex::new(()),
             series: Mutex::new(std::collections::HashMap::new()),
             tcp: Mutex::new(std::collections::HashMap::new()),
@@ -247,6 +257,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeniedLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
@@ -254,6 +269,10 @@ pub struct DeniedLabels {
 }
 
 impl Metrics {
+    pub fn self_call(&self, listener: &'static str) -> Counter {
+        self.self_calls_total.get_or_create(&ListenerLabel { listener }).clone()
+    }
+
     pub fn hbone_refused(&self, reason: &str) -> Counter {
         self.hbone_refused_total.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
     }

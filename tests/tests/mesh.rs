@@ -28,6 +28,7 @@ in_both_modes!(
     authorization_policies_deny_and_allow,
     pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down,
     a_server_first_protocol_to_a_service_is_not_held_for_sniffing,
+    connections_to_a_pods_own_proxy_ports_are_refused_at_once,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -569,4 +570,87 @@ fn access_log_off_silences_connection_lines() {
         let access: Vec<_> = c.log_lines(node).into_iter().filter(|l| l["target"] == "access").collect();
         assert!(access.is_empty(), "node {node} wrote access lines with accessLog off: {access:?}");
     }
+}
+
+/// H4: connections to a pod's address on the proxy's own ports. 20
+/// plaintext connections from the node to the pod's 15006 (which steering
+/// leaves alone, so they land on the proxy's listener as if captured) and
+/// one each to its 15001, 15020 and 15021, and CONNECTs to the pod's 15008
+/// and 15006 from a mesh peer: each ends in exactly one refusal, and the
+/// proxy makes no connection to itself (before this check, 20 such
+/// connections made it dial itself about 200,000 times).
+fn connections_to_a_pods_own_proxy_ports_are_refused_at_once(mode: &'static str) {
+    use redirector::identity::Identity;
+    use redirector_tests::hbone_client as hc;
+    use std::time::{Instant, SystemTime};
+    let mut c = Cluster::new(mode).unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let b1 = c.pod("b1").ip.clone();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let node_b = redirector_tests::cluster::ns_path(&c.nodes[1].ns);
+    let log = |c: &Cluster| std::fs::read_to_string(&c.nodes[1].log).unwrap();
+    let closed_soon = |mut s: std::net::TcpStream| {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let t = Instant::now();
+        let mut b = [0u8; 64];
+        let _ = std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let n = std::io::Read::read(&mut s, &mut b);
+        matches!(n, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(2)
+    };
+    let mut plaintext = 0;
+    for i in 0..23usize {
+        let port = [15001, 15020, 15021].get(i.saturating_sub(20)).copied().filter(|_| i >= 20).unwrap_or(15006);
+        let to: std::net::SocketAddr = format!("{b1}:{port}").parse().unwrap();
+        // From node-b, where the pod's traffic is steered by its agent.
+        // A port with nothing on it in the pod and nothing steered is
+        // refused by the kernel, which is no self-call either.
+        if let Ok(s) = hc::connect_from(&node_b, to) {
+            assert!(closed_soon(s), "a connection to {to} was not closed at once");
+            plaintext += 1;
+        }
+    }
+    assert!(plaintext >= 20, "only {plaintext} connections reached the pod");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1 = Identity::new("cluster.local", "default", "sa-a1");
+    let now = SystemTime::now();
+    let hour = Duration::from_hours(1);
+    let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - hour, now + hour).unwrap();
+    let hbone: std::net::SocketAddr = format!("{b1}:15008").parse().unwrap();
+    let codes = rt.block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert).await.unwrap();
+        let mut h2 = hc::h2(tls).await.unwrap();
+        let mut codes = Vec::new();
+        for port in [15008, 15006, 8080] {
+            codes.push(hc::connect(&mut h2, format!("{b1}:{port}").parse().unwrap()).await.unwrap());
+        }
+        codes
+    });
+    assert_eq!(codes, vec![400, 400, 200], "CONNECT to 15008, 15006 (refused) and the app's 8080");
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = c.logged(1, "connection to one of the proxy's own ports refused");
+    let inbound = refused.iter().filter(|l| l["fields"]["listener"] == "inbound").count();
+    let hbone_refused = refused.iter().filter(|l| l["fields"]["listener"] == "hbone").count();
+    assert_eq!((inbound, hbone_refused), (plaintext, 2), "one refusal per attempt\n{}", log(&c));
+    // Not one connection was carried to a proxy port: no access-log line
+    // names one as its destination.
+    let own = [":15001", ":15006", ":15008", ":15020", ":15021"];
+    for l in c.logged(1, "plaintext connection closed").iter().chain(c.logged(1, "HBONE connection closed").iter()) {
+        let dst = l["fields"]["dst"].as_str().unwrap_or_default();
+        assert!(!own.iter().any(|p| dst.ends_with(p)), "carried to the proxy itself: {l}");
+    }
+    let m = c.metrics(1);
+    let count = |listener: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("redirector_self_calls_refused_total{") && l.contains(&format!("listener=\"{listener}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!((count("inbound"), count("hbone")), (plaintext, 2), "{m}");
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "{err}");
 }

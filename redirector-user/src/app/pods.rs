@@ -146,6 +146,7 @@ impl AgentPods {
             metrics: Arc::clone(&self.metrics),
             mesh: self.settings.mesh.clone(),
             access_log: self.settings.access_log,
+            own_ports: self.cfg.own_ports().into(),
             l7: Arc::new(crate::proxy::inbound::l7::Local {
                 workload: Arc::clone(w),
                 mesh: self.settings.mesh.clone(),

@@ -45,6 +45,9 @@ pub struct Inbound {
     /// `proxy.accessLog`: one access-log line per connection (per request
     /// on an HTTP port).
     pub access_log: bool,
+    /// The proxy's own ports ([`crate::config::AgentConfig::own_ports`]):
+    /// never a destination.
+    pub own_ports: Arc<[u16]>,
     /// Destination-side L7, for HTTP-declared ports.
     pub l7: Arc<l7::Local>,
 }
@@ -131,6 +134,20 @@ impl Inbound {
     }
 
     /// Whether plaintext is accepted on `port` (PeerAuthentication).
+    /// A destination on one of the proxy's own ports is a self-call: the
+    /// proxy would dial its own listener in the pod, again and again (each
+    /// hop a new connection to the same address), or nest a second hop
+    /// whose policy sees the pod as the source. Refused at once, counted
+    /// and logged, as ztunnel's self-call check does.
+    fn self_call(&self, listener: &'static str, peer: SocketAddr, dst: SocketAddr, peer_id: Option<&Identity>) -> bool {
+        if !self.own_ports.contains(&dst.port()) {
+            return false;
+        }
+        self.metrics.self_call(listener).inc();
+        warn!(%peer, peer_identity = ?peer_id.map(ToString::to_string), %dst, listener, workload = %self.workload.describe(), "connection to one of the proxy's own ports refused (a self-call)");
+        true
+    }
+
     pub fn accepts_plaintext(&self, port: u16) -> bool {
         let mesh = self.mesh.current();
         mesh.pods
@@ -200,6 +217,9 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
     };
     if !ctx.workload.ips.contains(&dst.ip()) {
         warn!(%peer, %dst, workload = %ctx.workload.describe(), "plaintext inbound connection to an address that is not this workload's; closed");
+        return;
+    }
+    if ctx.self_call("inbound", peer, dst, None) {
         return;
     }
     if !ctx.accepts_plaintext(dst.port()) {
@@ -365,6 +385,9 @@ async fn tunnel_inbound(
     if !ctx.workload.ips.contains(&dst.ip()) {
         ctx.metrics.hbone_refused("not_local").inc();
         warn!(%peer, peer_identity = %peer_id, %dst, workload = %ctx.workload.describe(), "HBONE CONNECT to an address that is not this workload's; refused");
+        return refuse(respond, StatusCode::BAD_REQUEST);
+    }
+    if ctx.self_call("hbone", peer, dst, Some(&peer_id)) {
         return refuse(respond, StatusCode::BAD_REQUEST);
     }
     let forwarded = req.headers().get("forwarded").and_then(|v| v.to_str().ok());
