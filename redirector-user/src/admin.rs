@@ -79,7 +79,10 @@ fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Res
         (Role::Admin | Role::Metrics, "/node") => json(serde_json::to_vec_pretty(&(src.node)()).expect("serializable")),
         (Role::Metrics, "/stats/prometheus" | "/metrics") => (
             StatusCode::OK,
-            src.metrics.encode().into_bytes(),
+            {
+                src.metrics.config_rejected.set(i64::try_from(src.mesh.current().rejected.len()).unwrap_or(i64::MAX));
+                src.metrics.encode().into_bytes()
+            },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => (StatusCode::NOT_FOUND, b"not found\n".to_vec(), "text/plain"),

@@ -356,6 +356,7 @@ fn node_status(
             "kernel": kernel,
             "configSource": source,
             "configVersion": mesh.version(),
+            "configRejected": mesh.current().rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "kubernetes": kube_status.as_ref().map(|s| serde_json::to_value(&*s.lock().expect("kubernetes status lock")).unwrap_or_default()),
             "pods": pods.served().iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
             "held": pods.pending().iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),

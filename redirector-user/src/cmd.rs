@@ -243,6 +243,13 @@ fn print_summary(st: &Status) {
                 println!("           {state} {p}: {}", why.as_str().unwrap_or_default());
             }
         }
+        let rejected = list("configRejected");
+        if !rejected.is_empty() {
+            println!("config     {} object problem(s); the rest of the config applies:", rejected.len());
+            for r in rejected {
+                println!("           REJECTED {r}");
+            }
+        }
     }
 }
 

@@ -19,13 +19,30 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 pub use model::Mesh;
-pub use source_dir::Problem;
+pub use source_dir::{Documents, Problem};
 
 /// Load and compile a directory for an agent in `namespace` (where its
 /// gateway reads Secrets). Errors: every problem that rejects it.
 pub fn load(dir: &Path, namespace: &str) -> Result<Mesh, Vec<Problem>> {
     let docs = source_dir::load_dir(dir)?;
     Mesh::compile_in(&docs, namespace)
+}
+
+/// The running agent's reload of a directory: YAML that does not parse
+/// keeps the last good config (a file being edited must not take its
+/// pods out of the mesh); a semantic error in an object rejects that
+/// object only ([`Mesh::compile_tolerant`]).
+pub fn reload(dir: &Path, namespace: &str, previous: Option<&Documents>) -> Result<(Mesh, Documents), Vec<Problem>> {
+    let docs = source_dir::load_dir(dir)?;
+    Ok(Mesh::compile_tolerant(&docs, previous, namespace))
+}
+
+/// Log the objects a tolerant compile left out (or compiled failing
+/// closed), each once per change.
+pub fn log_rejected(mesh: &Mesh) {
+    for p in &mesh.rejected {
+        error!(problem = %p, "object rejected; the rest of the config applies");
+    }
 }
 
 /// The mesh in force, swapped whole on a good change. Readers take an
@@ -101,6 +118,9 @@ pub fn watch(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = fingerprint(&dir);
+        // What the mesh in force was compiled from: a rejected change to
+        // an object falls back to its version here.
+        let mut accepted: Option<Arc<Documents>> = source_dir::load_dir(&dir).ok().map(Arc::new);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
@@ -114,10 +134,12 @@ pub fn watch(
             // Let a writer finish the file it is writing.
             tokio::time::sleep(Duration::from_millis(100)).await;
             last = fingerprint(&dir);
-            let (d, ns) = (dir.clone(), namespace.clone());
-            match tokio::task::spawn_blocking(move || load(&d, &ns)).await {
-                Ok(Ok(mesh)) => {
+            let (d, ns, prev) = (dir.clone(), namespace.clone(), accepted.clone());
+            match tokio::task::spawn_blocking(move || reload(&d, &ns, prev.as_deref())).await {
+                Ok(Ok((mesh, docs))) => {
+                    accepted = Some(Arc::new(docs));
                     log_warnings(&mesh);
+                    log_rejected(&mesh);
                     let services = mesh.services.len();
                     handle.replace(mesh);
                     info!(dir = %dir.display(), version = handle.version(), services, "mesh config applied");

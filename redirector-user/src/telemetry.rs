@@ -160,6 +160,9 @@ pub struct Metrics {
     /// Connections and CONNECTs to a pod's address on one of the proxy's
     /// own ports, refused (by listener: `inbound` plaintext, `hbone`).
     pub self_calls_total: Family<ListenerLabel, Counter>,
+    /// Objects of the config in force that were rejected (left out, or
+    /// compiled failing closed); set when metrics are read.
+    pub config_rejected: prometheus_client::metrics::gauge::Gauge,
     encode_lock: Mutex<()>,
     series: Mutex<std::collections::HashMap<RequestKey, RequestSeries>>,
     tcp: Mutex<std::collections::HashMap<Labels, TcpSeries>>,
@@ -216,6 +219,12 @@ impl Default for Metrics {
         let hbone_refused_total = Family::<ReasonLabel, Counter>::default();
         let denied_total = Family::<DeniedLabels, Counter>::default();
         let self_calls_total = Family::<ListenerLabel, Counter>::default();
+        let config_rejected = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "redirector_config_rejected_objects",
+            "Objects of the config in force rejected for an error (left out, or policies compiled failing closed)",
+            config_rejected.clone(),
+        );
         registry.register(
             "redirector_self_calls_refused",
             "Connections to a pod's address on one of the proxy's own ports, refused",
@@ -244,6 +253,7 @@ impl Default for Metrics {
             hbone_refused_total,
             denied_total,
             self_calls_total,
+            config_rejected,
             encode_lock: Mutex::new(()),
             series: Mutex::new(std::collections::HashMap::new()),
             tcp: Mutex::new(std::collections::HashMap::new()),

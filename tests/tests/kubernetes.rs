@@ -162,6 +162,81 @@ async fn the_cluster_feeds_the_mesh_and_the_watches_follow_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// H2: one object with a semantic error, from any namespace, rejects that
+/// object, not the mesh. While a broken VirtualService from namespace `x`
+/// is in the cluster, a new pod is enrolled and a new DENY policy applies;
+/// the broken object is named in the source's status and the mesh's
+/// rejected list. A broken AuthorizationPolicy is not left out (that would
+/// widen access): it is compiled failing closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_object_is_left_out_and_the_rest_keeps_applying() {
+    let dir = scratch("broken");
+    let api = KubeApi::start(&dir).unwrap();
+    api.load_list(&fixture()).unwrap();
+    let source = Source::start(&api).await;
+    let (handle, status) = (source.handle.clone(), std::sync::Arc::clone(&source.status));
+    let vs = |name: &str, ns: &str, weights: [u32; 2]| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"hosts": ["reviews.bookinfo.svc.cluster.local"],
+                        "http": [{"route": [
+                            {"destination": {"host": "reviews.bookinfo.svc.cluster.local", "subset": "v1"}, "weight": weights[0]},
+                            {"destination": {"host": "reviews.bookinfo.svc.cluster.local", "subset": "v2"}, "weight": weights[1]}]}]}})
+    };
+    api.apply(vs("broken", "x", [50, 20])).unwrap();
+    until("the broken VirtualService is named", || {
+        handle.current().rejected.iter().any(|p| p.origin.name == "x/broken" && p.reason.contains("weights sum to 70"))
+    })
+    .await;
+    api.apply(new_pod("curl", "bookinfo", "node-a", "198.18.1.20")).unwrap();
+    api.apply(json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                     "metadata": {"name": "deny-curl", "namespace": "bookinfo"},
+                     "spec": {"selector": {"matchLabels": {"app": "curl"}}, "action": "DENY", "rules": [{}]}}))
+        .unwrap();
+    until("the new pod is enrolled and the new DENY applies", || {
+        let m = handle.current();
+        pod(&m.pods, "bookinfo", "curl").is_some_and(|p| {
+            p.enrolled
+                && m.security
+                    .authorize(p, None, "198.18.1.9".parse().unwrap(), 80)
+                    .is_err_and(|e| e.contains("bookinfo/deny-curl"))
+        })
+    })
+    .await;
+    let m = handle.current();
+    let svc = m.service_by_host("reviews.bookinfo.svc.cluster.local").unwrap();
+    assert_eq!(m.http_routes.get(&svc).map(Vec::len), Some(2), "the good VirtualService still routes");
+    assert!(
+        status.lock().unwrap().rejected.iter().any(|r| r.contains("x/broken")),
+        "{:?}",
+        status.lock().unwrap().rejected
+    );
+    // Fixed: it applies, and nothing is rejected any more.
+    api.apply(vs("broken", "x", [50, 50])).unwrap();
+    until("the fixed object is no longer rejected", || handle.current().rejected.is_empty()).await;
+
+    // A broken ALLOW policy: its workload is denied everything until it is
+    // fixed, not opened to everyone.
+    api.apply(json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                     "metadata": {"name": "only-lan", "namespace": "bookinfo"},
+                     "spec": {"selector": {"matchLabels": {"app": "curl"}}, "action": "ALLOW",
+                              "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}}))
+        .unwrap();
+    api.delete("security.istio.io/v1", "AuthorizationPolicy", "bookinfo", "deny-curl").unwrap();
+    until("the broken policy is named and fails closed", || {
+        let m = handle.current();
+        m.rejected.iter().any(|p| p.origin.name == "bookinfo/only-lan")
+            && pod(&m.pods, "bookinfo", "curl").is_some_and(|p| {
+                m.security
+                    .authorize(p, None, "10.0.0.1".parse().unwrap(), 80)
+                    .is_err_and(|e| e.contains("bookinfo/only-lan"))
+            })
+    })
+    .await;
+    source.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A self-signed certificate for `host` and its key, PEM, made by openssl.
 fn certificate(dir: &std::path::Path, host: &str) -> (String, String) {
     let (cert, key) = (dir.join(format!("{host}.crt")), dir.join(format!("{host}.key")));

@@ -435,8 +435,16 @@ pub fn spawn(
             tokio::spawn(watch_kind(client.clone(), watched[i].clone(), i, Arc::clone(&store), Arc::clone(&changed)))
         })
         .collect();
-    let applier =
-        Applier { store, watched, status: Arc::clone(&status), namespace, handle, last: None, announced: false };
+    let applier = Applier {
+        store,
+        watched,
+        status: Arc::clone(&status),
+        namespace,
+        handle,
+        last: None,
+        announced: false,
+        accepted: None,
+    };
     let task = tokio::spawn(applier.run(changed, stop, tasks));
     (task, status)
 }
@@ -520,6 +528,9 @@ struct Applier {
     /// them all would double the source's memory).
     last: Option<String>,
     announced: bool,
+    /// What the mesh in force was compiled from: a rejected change to an
+    /// object falls back to its version here.
+    accepted: Option<Documents>,
 }
 
 impl Applier {
@@ -584,22 +595,21 @@ impl Applier {
             error!(problem = %e, "object from the cluster rejected; the rest of the config applies");
         }
         self.last = Some(content);
-        match Mesh::compile_in(docs, &self.namespace) {
-            Ok(mesh) => {
-                crate::mesh::log_warnings(&mesh);
-                let (services, pods) = (mesh.services.len(), mesh.pods.len());
-                self.handle.replace(mesh);
-                let mut st = self.status.lock().expect("kubernetes status lock");
-                st.applied += 1;
-                st.rejected = errors.iter().map(ToString::to_string).collect();
-                info!(version = self.handle.version(), services, pods, "mesh config applied from the cluster");
-            }
-            Err(problems) => {
-                for p in &problems {
-                    error!(problem = %p, "config from the cluster rejected; the last good config stays in force");
-                }
-            }
-        }
+        // One bad object rejects that object, not the mesh.
+        let (mut mesh, accepted) = Mesh::compile_tolerant(docs, self.accepted.as_ref(), &self.namespace);
+        self.accepted = Some(accepted);
+        crate::mesh::log_warnings(&mesh);
+        crate::mesh::log_rejected(&mesh);
+        let mut rejected = errors.to_vec();
+        rejected.append(&mut mesh.rejected);
+        let shown: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+        mesh.rejected = rejected;
+        let (services, pods) = (mesh.services.len(), mesh.pods.len());
+        self.handle.replace(mesh);
+        let mut st = self.status.lock().expect("kubernetes status lock");
+        st.applied += 1;
+        st.rejected = shown;
+        info!(version = self.handle.version(), services, pods, "mesh config applied from the cluster");
     }
 }
 

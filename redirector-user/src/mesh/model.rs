@@ -323,6 +323,10 @@ pub struct Mesh {
     pub security: super::security::Security,
     pods_by_ip: HashMap<IpAddr, usize>,
     pub warnings: Vec<Problem>,
+    /// Objects left out because of an error in them (by a tolerant
+    /// compile, [`Mesh::compile_tolerant`]); everything else applies.
+    /// Security objects with an error stay in, failing closed.
+    pub rejected: Vec<Problem>,
 }
 
 /// The endpoints Kubernetes would make for Service `s` from its selector:
@@ -641,6 +645,74 @@ impl Mesh {
     /// `POD_NAMESPACE`), where its ingress gateway runs and reads the
     /// Secrets that `credentialName` names.
     pub fn compile_in(docs: &Documents, gateway_namespace: &str) -> Result<Mesh, Vec<Problem>> {
+        let (mesh, errors) = Mesh::compile_all(docs, gateway_namespace);
+        if errors.is_empty() {
+            Ok(mesh)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The running agent's compile: one bad object rejects that object,
+    /// not the mesh. An object with an error is rejected as Istio's
+    /// validation rejects a change: its last accepted version (from
+    /// `previous`, the documents this returned last time) stays in force,
+    /// and an object never accepted is left out. Either way it is named in
+    /// [`Mesh::rejected`], and new pods, new policies and every other
+    /// object keep applying. A PeerAuthentication or AuthorizationPolicy
+    /// with an error is never left out (that would widen access): it is
+    /// compiled failing closed (see [`super::security`]) and named too.
+    /// Returns the mesh and the documents it was compiled from.
+    pub fn compile_tolerant(
+        docs: &Documents,
+        previous: Option<&Documents>,
+        gateway_namespace: &str,
+    ) -> (Mesh, Documents) {
+        let security = |p: &Problem| matches!(p.origin.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy");
+        let mut docs = docs.clone();
+        let mut rejected: Vec<Problem> = Vec::new();
+        let mut restored: Vec<super::source_dir::ObjectKey> = Vec::new();
+        // A previous version can fail against what changed around it, and
+        // leaving an object out can surface an error in another (a
+        // VirtualService naming a dropped Gateway): a few rounds.
+        for _ in 0..4 {
+            let (mut mesh, errors) = Mesh::compile_all(&docs, gateway_namespace);
+            let (kept, dropped): (Vec<Problem>, Vec<Problem>) = errors.into_iter().partition(security);
+            if dropped.is_empty() {
+                rejected.extend(kept);
+                mesh.rejected = rejected;
+                return (mesh, docs);
+            }
+            let origins: Vec<Origin> = dropped.iter().map(|p| p.origin.clone()).collect();
+            let keys: Vec<Vec<_>> = dropped.iter().map(|p| docs.keys_of(std::slice::from_ref(&p.origin))).collect();
+            docs.remove_origins(&origins);
+            let again: Vec<_> = keys.iter().flatten().filter(|k| !restored.contains(k)).cloned().collect();
+            let back = previous.map(|p| docs.restore_from(p, &again)).unwrap_or_default();
+            for (mut p, k) in dropped.into_iter().zip(keys) {
+                let kept = k.iter().any(|k| back.contains(k));
+                p.reason = format!(
+                    "{}; {}",
+                    p.reason,
+                    if kept { "this change is rejected, its last accepted version stays in force" } else { "left out" }
+                );
+                rejected.push(p);
+            }
+            restored.extend(back);
+        }
+        // Still not clean: keep only what cannot widen access.
+        let mut only = Documents::default();
+        only.pods.clone_from(&docs.pods);
+        only.namespaces.clone_from(&docs.namespaces);
+        only.peer_authentications.clone_from(&docs.peer_authentications);
+        only.authorization_policies.clone_from(&docs.authorization_policies);
+        let (mut mesh, errors) = Mesh::compile_all(&only, gateway_namespace);
+        rejected.extend(errors);
+        mesh.rejected = rejected;
+        (mesh, only)
+    }
+
+    /// Compile everything; the errors found on the way.
+    fn compile_all(docs: &Documents, gateway_namespace: &str) -> (Mesh, Vec<Problem>) {
         let mut errors = Vec::new();
         let mut warnings = docs.warnings.clone();
         let mut ctx = Ctx { errors: &mut errors, warnings: &mut warnings };
@@ -662,7 +734,7 @@ impl Mesh {
         }
 
         mesh.pods = pods(docs);
-        mesh.security = super::security::Security::compile(docs, ctx.errors);
+        mesh.security = super::security::Security::compile(docs, ctx.errors, ctx.warnings);
         for (i, p) in mesh.pods.iter().enumerate() {
             for ip in &p.ips {
                 mesh.pods_by_ip.insert(*ip, i);
@@ -702,12 +774,8 @@ impl Mesh {
             mesh.add_virtual_service(v, &mut ctx);
         }
         mesh.warn_http_policies_on_tcp_ports(docs, &mut ctx);
-        if errors.is_empty() {
-            mesh.warnings = warnings;
-            Ok(mesh)
-        } else {
-            Err(errors)
-        }
+        mesh.warnings = warnings;
+        (mesh, errors)
     }
 
     fn insert_service(&mut self, svc: Service, origin: &Origin, ctx: &mut Ctx) -> Option<usize> {

@@ -746,6 +746,17 @@ pub struct AuthzSource {
     pub ip_blocks: Vec<String>,
     #[serde(default)]
     pub not_ip_blocks: Vec<String>,
+    /// Read so that a rule naming them is known to need what this proxy
+    /// does not evaluate (JWT identities, the original client address
+    /// behind proxies): such a rule fails closed.
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -109,6 +109,12 @@ struct Rule {
     from: Vec<Source>,
     to: Vec<Operation>,
     when: Vec<Condition>,
+    /// The rule names something this proxy cannot evaluate (a field or
+    /// condition it does not implement, a value that does not parse): it
+    /// fails closed, as ztunnel does. In ALLOW it never matches; in DENY
+    /// it matches every connection and request of the workloads the
+    /// policy selects.
+    unevaluable: bool,
 }
 
 /// What a rule may look at in an HTTP request (destination-side L7).
@@ -269,6 +275,9 @@ impl Rule {
         action: Action,
         req: Option<&RequestAttrs<'_>>,
     ) -> bool {
+        if self.unevaluable {
+            return action == Action::Deny;
+        }
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(peer, src)))
             && (self.to.is_empty() || self.to.iter().any(|t| t.matches(port, action, req)))
             && self.when.iter().all(|w| w.matches(peer, src, port, action, req))
@@ -368,27 +377,34 @@ impl Security {
 
     /// Compile the documents' PeerAuthentications and
     /// AuthorizationPolicies; bad values are errors naming the field.
-    pub fn compile(docs: &Documents, errors: &mut Vec<Problem>) -> Security {
+    pub fn compile(docs: &Documents, errors: &mut Vec<Problem>, warnings: &mut Vec<Problem>) -> Security {
         let mut sec = Security::default();
         let err = |errors: &mut Vec<Problem>, origin: &super::source_dir::Origin, field: String, reason: String| {
             errors.push(Problem { origin: origin.clone(), field, reason });
         };
+        let warn = err;
         for d in &docs.peer_authentications {
+            // A mode that does not parse is taken as STRICT: the object is
+            // reported, and its workloads do not lose mTLS over a typo.
             let mode = match MtlsMode::parse(d.spec.mtls.as_ref().and_then(|m| m.mode.as_deref())) {
                 Ok(m) => m,
                 Err(e) => {
-                    err(errors, &d.origin, "spec.mtls.mode".into(), e);
-                    continue;
+                    err(errors, &d.origin, "spec.mtls.mode".into(), format!("{e}; STRICT applies until it is fixed"));
+                    MtlsMode::Strict
                 }
             };
             let mut ports = BTreeMap::new();
             for (p, m) in &d.spec.port_level_mtls {
-                match MtlsMode::parse(m.mode.as_deref()) {
-                    Ok(m) => {
-                        ports.insert(*p, m);
-                    }
-                    Err(e) => err(errors, &d.origin, format!("spec.portLevelMtls.{p}.mode"), e),
-                }
+                let m = MtlsMode::parse(m.mode.as_deref()).unwrap_or_else(|e| {
+                    err(
+                        errors,
+                        &d.origin,
+                        format!("spec.portLevelMtls.{p}.mode"),
+                        format!("{e}; STRICT applies until it is fixed"),
+                    );
+                    MtlsMode::Strict
+                });
+                ports.insert(*p, m);
             }
             let selector = d.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
             if !ports.is_empty() && selector.is_none() {
@@ -402,20 +418,52 @@ impl Security {
             sec.peer_auth.push(PeerAuth { namespace: d.namespace().to_string(), selector, mode, ports });
         }
         for d in &docs.authorization_policies {
-            let action = match d.spec.action.as_deref().unwrap_or("ALLOW") {
-                "ALLOW" => Action::Allow,
-                "DENY" => Action::Deny,
-                other => {
-                    err(
-                        errors,
+            // Fields of a rule the loader did not know (a newer Istio's):
+            // that rule cannot be evaluated.
+            let unknown: Vec<&str> = docs
+                .warnings
+                .iter()
+                .filter(|w| w.origin == d.origin && w.field.starts_with("spec.rules["))
+                .map(|w| w.field.as_str())
+                .collect();
+            let (action, mut rules): (Action, Vec<Rule>) = match d.spec.action.as_deref().unwrap_or("ALLOW") {
+                "ALLOW" => (Action::Allow, Vec::new()),
+                "DENY" => (Action::Deny, Vec::new()),
+                // The external authorizer cannot be asked: what it would
+                // decide on is denied.
+                "CUSTOM" => {
+                    warn(
+                        warnings,
                         &d.origin,
                         "spec.action".into(),
-                        format!("`{other}` is not supported; use ALLOW or DENY (CUSTOM and AUDIT are not yet)"),
+                        "CUSTOM (an external authorizer) is not supported: the requests its rules select are denied"
+                            .into(),
+                    );
+                    (Action::Deny, Vec::new())
+                }
+                // AUDIT decides nothing.
+                "AUDIT" => {
+                    warn(
+                        warnings,
+                        &d.origin,
+                        "spec.action".into(),
+                        "AUDIT is not supported; the policy changes no decision and is ignored".into(),
                     );
                     continue;
                 }
+                other => {
+                    err(errors, &d.origin, "spec.action".into(), format!("`{other}` is not an action; use ALLOW or DENY. Until it is fixed the policy denies every connection to the workloads it selects"));
+                    (Action::Deny, vec![Rule { unevaluable: true, ..Rule::default() }])
+                }
             };
-            let rules = d.spec.rules.iter().enumerate().map(|(i, r)| compile_rule(&d.origin, i, r, errors)).collect();
+            let compiled: Vec<Rule> = d
+                .spec
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| compile_rule(&d.origin, i, r, action, &unknown, errors, warnings))
+                .collect();
+            rules.extend(compiled);
             sec.authz.push(Authz {
                 namespace: d.namespace().to_string(),
                 name: d.meta.name.clone(),
@@ -429,16 +477,42 @@ impl Security {
 }
 
 /// One AuthorizationPolicy rule (`spec.rules[i]`); bad values are errors
-/// naming the field.
+/// naming the field. A rule with a bad value, a field this proxy does not
+/// evaluate (`unknown`: fields the loader did not know) or a condition key
+/// it does not implement fails closed ([`Rule::unevaluable`]), with a
+/// warning saying what that does.
 fn compile_rule(
     origin: &super::source_dir::Origin,
     i: usize,
     r: &super::resources::AuthzRule,
+    action: Action,
+    unknown: &[&str],
     errors: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
 ) -> Rule {
     let err = |errors: &mut Vec<Problem>, origin: &super::source_dir::Origin, field: String, reason: String| {
         errors.push(Problem { origin: origin.clone(), field, reason });
     };
+    let errors_before = errors.len();
+    let prefix = format!("spec.rules[{i}]");
+    let mut unsupported: Vec<String> = unknown
+        .iter()
+        .filter(|f| f.starts_with(&prefix) && f[prefix.len()..].starts_with(['.', '[']))
+        .map(ToString::to_string)
+        .collect();
+    for (j, f) in r.from.iter().enumerate() {
+        let s = &f.source;
+        for (name, list) in [
+            ("requestPrincipals", &s.request_principals),
+            ("notRequestPrincipals", &s.not_request_principals),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ] {
+            if !list.is_empty() {
+                unsupported.push(format!("{prefix}.from[{j}].source.{name}"));
+            }
+        }
+    }
     let mut rule = Rule::default();
     for (j, f) in r.from.iter().enumerate() {
         let cidrs = |list: &[String], name: &str, errors: &mut Vec<Problem>| -> Vec<Cidr> {
@@ -493,8 +567,25 @@ fn compile_rule(
     for (j, w) in r.when.iter().enumerate() {
         match Condition::parse(&w.key) {
             Ok(key) => rule.when.push(Condition { key, values: w.values.clone(), not_values: w.not_values.clone() }),
-            Err(e) => err(errors, origin, format!("spec.rules[{i}].when[{j}].key"), e),
+            Err(e) => {
+                warnings.push(Problem { origin: origin.clone(), field: format!("{prefix}.when[{j}].key"), reason: e });
+                unsupported.push(format!("{prefix}.when[{j}].key"));
+            }
         }
+    }
+    if !unsupported.is_empty() || errors.len() > errors_before {
+        rule.unevaluable = true;
+        let what =
+            if unsupported.is_empty() { "a value that does not parse".to_string() } else { unsupported.join(", ") };
+        let effect = match action {
+            Action::Allow => "in ALLOW this rule never matches",
+            Action::Deny => "in DENY this rule denies every connection and request to the workloads the policy selects",
+        };
+        warnings.push(Problem {
+            origin: origin.clone(),
+            field: prefix,
+            reason: format!("names {what}, which this proxy cannot evaluate: {effect} (fail closed)"),
+        });
     }
     rule
 }
@@ -509,8 +600,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("p.yaml"), yaml).unwrap();
         let docs = crate::mesh::source_dir::load_dir(&dir).unwrap();
-        let mut errors = Vec::new();
-        let s = Security::compile(&docs, &mut errors);
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        let s = Security::compile(&docs, &mut errors, &mut warnings);
         assert!(errors.is_empty(), "{errors:?}");
         let _ = std::fs::remove_dir_all(&dir);
         s
@@ -611,22 +702,75 @@ mod tests {
         assert_eq!(sec.http_policies(&web), ["default/no-admin", "default/readers"]);
     }
 
+    /// H1: what the proxy cannot evaluate fails closed. Each field:
+    /// `requestPrincipals`, `notRequestPrincipals`, `remoteIpBlocks`,
+    /// `notRemoteIpBlocks`, a condition key it does not implement, a field
+    /// the loader does not know, and a value that does not parse. In ALLOW
+    /// the rule never matches (Istio's "require a JWT" policy does not
+    /// become "allow everyone"); in DENY it denies everything it could.
     #[test]
-    fn an_unknown_condition_key_is_an_error_naming_the_field() {
-        let dir = std::env::temp_dir().join(format!("redirector-sec-when-{}", std::process::id()));
+    fn what_the_proxy_cannot_evaluate_never_allows_and_always_denies() {
+        let a = Identity::new("cluster.local", "default", "a");
+        let src: IpAddr = "10.0.0.1".parse().unwrap();
+        let web = pod("default", "web");
+        let fields = [
+            "from: [{source: {requestPrincipals: ['*']}}]",
+            "from: [{source: {notRequestPrincipals: ['*']}}]",
+            "from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]",
+            "from: [{source: {notRemoteIpBlocks: [192.0.2.0/24]}}]",
+            "when: [{key: 'request.auth.claims[iss]', values: [x]}]",
+            "from: [{source: {principals: ['*'], serviceAccounts: [a]}}]",
+            "from: [{source: {ipBlocks: [not-a-cidr]}}]",
+            "to: [{operation: {ports: [http]}}]",
+        ];
+        for f in fields {
+            for action in ["ALLOW", "DENY"] {
+                let yaml = format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: default}}\nspec:\n  action: {action}\n  rules:\n  - {f}\n");
+                let dir = std::env::temp_dir().join(format!("redirector-sec-h1-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("p.yaml"), &yaml).unwrap();
+                let docs = crate::mesh::source_dir::load_dir(&dir).unwrap();
+                let _ = std::fs::remove_dir_all(&dir);
+                let (mut errors, mut warnings) = (Vec::new(), docs.warnings.clone());
+                let sec = Security::compile(&docs, &mut errors, &mut warnings);
+                let headers = hyper::HeaderMap::new();
+                let req = RequestAttrs { method: "GET", path: "/", host: "web", headers: &headers };
+                let (conn, request) =
+                    (sec.authorize(&web, Some(&a), src, 8080), sec.authorize_request(&web, Some(&a), src, 8080, &req));
+                assert!(conn.is_err() && request.is_err(), "{action} with `{f}` must refuse: {conn:?} {request:?}");
+                let said =
+                    warnings.iter().find(|w| w.field == "spec.rules[0]").unwrap_or_else(|| panic!("{f}: {warnings:?}"));
+                let effect = if action == "ALLOW" { "never matches" } else { "denies every connection" };
+                assert!(said.reason.contains(effect) && said.reason.contains("fail closed"), "{said}");
+            }
+        }
+    }
+
+    /// A PeerAuthentication whose mode does not parse is reported and
+    /// taken as STRICT; an unknown action denies until it is fixed;
+    /// CUSTOM denies what its rules select; AUDIT decides nothing.
+    #[test]
+    fn broken_security_objects_fail_closed() {
+        let dir = std::env::temp_dir().join(format!("redirector-sec-broken-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("p.yaml"),
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: jwt, namespace: default}\nspec:\n  rules:\n  - when: [{key: 'request.auth.claims[iss]', values: [x]}]\n",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRIKT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: default}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENNY\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: default}\nspec:\n  selector: {matchLabels: {app: api}}\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {ports: ['9000']}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit, namespace: default}\nspec:\n  action: AUDIT\n  rules: [{}]\n",
         )
         .unwrap();
         let docs = crate::mesh::source_dir::load_dir(&dir).unwrap();
-        let mut errors = Vec::new();
-        Security::compile(&docs, &mut errors);
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert_eq!(errors[0].field, "spec.rules[0].when[0].key");
-        assert!(errors[0].reason.contains("request.auth.claims[iss]"), "{}", errors[0].reason);
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        let sec = Security::compile(&docs, &mut errors, &mut warnings);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.mtls.mode", "spec.action"], "{errors:?}");
+        assert_eq!(sec.mtls_mode(&pod("default", "x"), 80), MtlsMode::Strict);
+        let src: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(sec.authorize(&pod("default", "web"), None, src, 80).unwrap_err().contains("typo"));
+        assert!(sec.authorize(&pod("default", "api"), None, src, 9000).unwrap_err().contains("ext"));
+        assert!(sec.authorize(&pod("default", "api"), None, src, 9001).is_ok());
+        assert!(sec.authorize(&pod("default", "other"), None, src, 80).is_ok(), "AUDIT decides nothing");
     }
 }

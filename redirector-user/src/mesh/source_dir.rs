@@ -99,6 +99,79 @@ pub struct Documents {
     pub warnings: Vec<Problem>,
 }
 
+/// An object's identity across versions: kind, namespace, name.
+pub type ObjectKey = (String, String, String);
+
+/// The same for every kind of [`Documents`]: `$f!(field)` per field.
+macro_rules! each_kind {
+    ($m:ident) => {
+        $m!(services);
+        $m!(endpoints);
+        $m!(slices);
+        $m!(pods);
+        $m!(namespaces);
+        $m!(service_entries);
+        $m!(workload_entries);
+        $m!(virtual_services);
+        $m!(destination_rules);
+        $m!(gateways);
+        $m!(peer_authentications);
+        $m!(authorization_policies);
+        $m!(secrets);
+    };
+}
+
+impl<T> Doc<T> {
+    pub fn key(&self) -> ObjectKey {
+        (self.origin.kind.clone(), self.namespace().to_string(), self.meta.name.clone())
+    }
+}
+
+impl Documents {
+    /// The keys of the objects that came from `origins`.
+    pub fn keys_of(&self, origins: &[Origin]) -> Vec<ObjectKey> {
+        let mut keys = Vec::new();
+        macro_rules! find {
+            ($f:ident) => {
+                keys.extend(self.$f.iter().filter(|d| origins.contains(&d.origin)).map(Doc::key));
+            };
+        }
+        each_kind!(find);
+        keys
+    }
+
+    /// Leave out the objects that came from `origins` (and the warnings
+    /// about them).
+    pub fn remove_origins(&mut self, origins: &[Origin]) {
+        macro_rules! remove {
+            ($f:ident) => {
+                self.$f.retain(|d| !origins.contains(&d.origin));
+            };
+        }
+        each_kind!(remove);
+        self.warnings.retain(|w| !origins.contains(&w.origin));
+    }
+
+    /// Put back `prev`'s version of each object of `keys` that this set
+    /// does not hold: the last version that was accepted. Returns the keys
+    /// put back.
+    pub fn restore_from(&mut self, prev: &Documents, keys: &[ObjectKey]) -> Vec<ObjectKey> {
+        let mut restored = Vec::new();
+        macro_rules! restore {
+            ($f:ident) => {
+                for d in prev.$f.iter().filter(|d| keys.contains(&d.key())) {
+                    if !self.$f.iter().any(|x| x.key() == d.key()) {
+                        restored.push(d.key());
+                        self.$f.push(d.clone());
+                    }
+                }
+            };
+        }
+        each_kind!(restore);
+        restored
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceDoc {
