@@ -290,7 +290,11 @@ pub fn normalise(o: DynamicObject, r: &ApiResource) -> Option<serde_json::Value>
         meta.remove("managedFields");
         meta.remove("resourceVersion");
         meta.remove("generation");
-        meta.remove("creationTimestamp");
+        // Istio's objects keep their creation time: of two that conflict,
+        // the older wins ([`documents`] orders them by it).
+        if matches!(r.kind.as_str(), "Pod" | "Secret" | "Namespace" | "Service" | "EndpointSlice" | "Endpoints") {
+            meta.remove("creationTimestamp");
+        }
     }
     if r.kind == "Secret" {
         keep_only_tls(m);
@@ -390,7 +394,12 @@ fn documents(store: &Store, watched: &[Watched]) -> (Documents, Vec<Problem>) {
     let mut errors = Vec::new();
     let mut pods_seen = HashSet::new();
     for (i, w) in watched.iter().enumerate() {
-        for ((ns, name), value) in &store.objects[i] {
+        // Oldest first, as Istio resolves two objects that claim the same
+        // thing (a host of two VirtualServices, a subset of two
+        // DestinationRules): the older wins. Name order breaks a tie.
+        let mut objects: Vec<_> = store.objects[i].iter().collect();
+        objects.sort_by_key(|(key, v)| (created(v), *key));
+        for ((ns, name), value) in objects {
             if w.resource.kind == "Pod" && !pods_seen.insert((ns.clone(), name.clone())) {
                 continue;
             }
@@ -406,6 +415,12 @@ fn documents(store: &Store, watched: &[Watched]) -> (Documents, Vec<Problem>) {
     }
     docs.warnings.retain(|w| !CORE_KINDS.contains(&w.origin.kind.as_str()));
     (docs, errors)
+}
+
+/// An object's `metadata.creationTimestamp` (RFC 3339 in UTC, so the
+/// text sorts as the time does); empty when absent.
+fn created(v: &serde_json::Value) -> &str {
+    v.pointer("/metadata/creationTimestamp").and_then(|t| t.as_str()).unwrap_or_default()
 }
 
 /// Watch every kind and keep `handle` compiled from what the cluster
@@ -676,5 +691,32 @@ mod tests {
         let pods = core_kinds("node-a");
         let kept = normalise(o, &pods[0].resource).unwrap();
         assert_eq!(kept["metadata"]["annotations"], serde_json::json!({"sidecar.istio.io/inject": "false"}));
+    }
+
+    /// Of two VirtualServices for one host, the older comes first (its
+    /// routes match first), whatever their names: a namespace cannot get
+    /// ahead of an existing route by picking a name that sorts first.
+    #[test]
+    fn the_older_of_two_objects_comes_first() {
+        let w = Watched::new("networking.istio.io", "v1", "VirtualService", "virtualservices", None, "vs");
+        let vs = |ns: &str, name: &str, created: &str| {
+            let o: DynamicObject = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+                "spec": {"hosts": ["web.default.svc.cluster.local"], "http": [{"route": [{"destination": {"host": "web"}}]}]}}))
+            .unwrap();
+            ((ns.to_string(), name.to_string()), normalise(o, &w.resource).unwrap())
+        };
+        let store = Store {
+            objects: vec![BTreeMap::from([
+                vs("aaa", "first-by-name", "2026-12-02T10:00:00Z"),
+                vs("default", "web", "2026-01-01T00:00:00Z"),
+            ])],
+            relisting: vec![None],
+            listed: vec![true],
+        };
+        let (docs, errors) = documents(&store, std::slice::from_ref(&w));
+        assert!(errors.is_empty(), "{errors:?}");
+        let names: Vec<&str> = docs.virtual_services.iter().map(|v| v.origin.name.as_str()).collect();
+        assert_eq!(names, ["default/web", "aaa/first-by-name"]);
     }
 }
