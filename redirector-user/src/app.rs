@@ -54,7 +54,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = &opts.config;
     // The mesh config and the cluster first: a bad config or missing RBAC
     // fails the start before anything is bound or attached.
-    let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.namespace)?);
+    let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.scope())?);
     let kube = prepare_kube(&opts).await?;
     let signals = catch_signals()?;
     let missing = crate::sys::machine::missing_capabilities();
@@ -109,14 +109,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         s.set_nonblocking(true)?;
         let socket = tokio::net::UdpSocket::from_std(s)?;
         let upstreams = Arc::clone(&shared.dns_upstreams);
-        tasks.push(crate::proxy::dns::serve(socket, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
+        tasks.push(crate::proxy::dns::serve(socket, None, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
     }
     if let Some(dir) = opts.config_dir.clone() {
-        tasks.push(crate::mesh::watch(dir, cfg.namespace.clone(), mesh.clone(), rx.clone()));
+        tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), rx.clone()));
     }
     let kube_status = kube.map(|(client, watched, warnings)| {
         let (task, status) =
-            crate::mesh::kubernetes::spawn(client, watched, warnings, cfg.namespace.clone(), mesh.clone(), rx.clone());
+            crate::mesh::kubernetes::spawn(client, watched, warnings, cfg.scope(), mesh.clone(), rx.clone());
         tasks.push(task);
         status
     });
@@ -160,10 +160,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 }
 
 /// Load and compile the mesh directory; a config with errors fails the
-/// start, naming the first problem.
-fn load_mesh(dir: Option<&std::path::Path>, namespace: &str) -> Result<crate::mesh::Mesh> {
+/// start, naming the first problem (the directory is the user's own YAML:
+/// a mistake is said at once, and nothing is half-started). Once running,
+/// a bad change rejects only the object it breaks ([`crate::mesh::watch`]).
+fn load_mesh(dir: Option<&std::path::Path>, scope: &crate::mesh::Scope) -> Result<crate::mesh::Mesh> {
     let Some(dir) = dir else { return Ok(crate::mesh::Mesh::default()) };
-    match crate::mesh::load(dir, namespace) {
+    let compiled = crate::mesh::source_dir::load_dir(dir).and_then(|docs| crate::mesh::Mesh::compile_in(&docs, scope));
+    match compiled {
         Ok(m) => {
             crate::mesh::log_warnings(&m);
             info!(dir = %dir.display(), services = m.services.len(), "mesh config loaded");

@@ -393,7 +393,7 @@ pub fn analyze(dir: &Path) -> Result<()> {
         Ok(d) => d,
         Err(problems) => return report_problems(&[], &problems),
     };
-    match crate::mesh::Mesh::compile_in(&docs, &crate::config::agent_namespace()) {
+    match crate::mesh::Mesh::compile_in(&docs, &crate::mesh::Scope::new(&crate::config::agent_namespace())) {
         Ok(mesh) => {
             report_problems(&mesh.warnings, &[])?;
             let routes: usize = mesh.http_routes.values().map(Vec::len).sum();

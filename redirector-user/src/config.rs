@@ -48,6 +48,10 @@ struct RawMesh {
     cert_lifetime: Option<String>,
     hbone_port: Option<u16>,
     handshake_timeout: Option<String>,
+    /// Istio's MeshConfig fields: `exportTo` of objects that set none.
+    default_service_export_to: Option<Vec<String>>,
+    default_virtual_service_export_to: Option<Vec<String>>,
+    default_destination_rule_export_to: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -201,6 +205,17 @@ pub struct AgentConfig {
     pub hbone_port: u16,
     /// An inbound mTLS handshake not finished by then is dropped.
     pub handshake_timeout: Duration,
+    /// `mesh.defaultServiceExportTo`, `defaultVirtualServiceExportTo`,
+    /// `defaultDestinationRuleExportTo` (empty: `*`, as Istio's).
+    pub exports: crate::mesh::export::ExportDefaults,
+}
+
+impl AgentConfig {
+    /// What the agent compiles the mesh for: its namespace and the
+    /// exportTo defaults.
+    pub fn scope(&self) -> crate::mesh::Scope {
+        crate::mesh::Scope { namespace: self.namespace.clone(), exports: self.exports.clone() }
+    }
 }
 
 /// The environment variable naming the node (Kubernetes' downward API).
@@ -413,6 +428,24 @@ impl AgentConfig {
                 .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
                 .unwrap_or_else(host_name),
             namespace: agent_namespace(),
+            exports: {
+                let field = |name: &'static str, v: &Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
+                    let v = v.clone().unwrap_or_default();
+                    crate::mesh::export::check(&v).map_err(|e| invalid(name, e))?;
+                    Ok(v)
+                };
+                crate::mesh::export::ExportDefaults {
+                    services: field("mesh.defaultServiceExportTo", &raw.mesh.default_service_export_to)?,
+                    virtual_services: field(
+                        "mesh.defaultVirtualServiceExportTo",
+                        &raw.mesh.default_virtual_service_export_to,
+                    )?,
+                    destination_rules: field(
+                        "mesh.defaultDestinationRuleExportTo",
+                        &raw.mesh.default_destination_rule_export_to,
+                    )?,
+                }
+            },
             trust_domain: {
                 let td = raw.mesh.trust_domain.unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
                 if td.is_empty() || td.contains('/') {

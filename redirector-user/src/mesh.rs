@@ -11,6 +11,7 @@ pub mod resources;
 pub mod pods;
 pub mod model;
 pub mod security;
+pub mod export;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -18,23 +19,17 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-pub use model::Mesh;
+pub use model::{Mesh, Scope};
 pub use source_dir::{Documents, Problem};
 
-/// Load and compile a directory for an agent in `namespace` (where its
-/// gateway reads Secrets). Errors: every problem that rejects it.
-pub fn load(dir: &Path, namespace: &str) -> Result<Mesh, Vec<Problem>> {
-    let docs = source_dir::load_dir(dir)?;
-    Mesh::compile_in(&docs, namespace)
-}
-
-/// The running agent's reload of a directory: YAML that does not parse
+/// The agent's load of a directory (at start and on each change), for an
+/// agent of `scope`: YAML that does not parse
 /// keeps the last good config (a file being edited must not take its
 /// pods out of the mesh); a semantic error in an object rejects that
 /// object only ([`Mesh::compile_tolerant`]).
-pub fn reload(dir: &Path, namespace: &str, previous: Option<&Documents>) -> Result<(Mesh, Documents), Vec<Problem>> {
+pub fn reload(dir: &Path, scope: &Scope, previous: Option<&Documents>) -> Result<(Mesh, Documents), Vec<Problem>> {
     let docs = source_dir::load_dir(dir)?;
-    Ok(Mesh::compile_tolerant(&docs, previous, namespace))
+    Ok(Mesh::compile_tolerant(&docs, previous, scope))
 }
 
 /// Log the objects a tolerant compile left out (or compiled failing
@@ -112,7 +107,7 @@ pub fn log_warnings(mesh: &Mesh) {
 /// file, document, field and reason, and the last good mesh stays.
 pub fn watch(
     dir: PathBuf,
-    namespace: String,
+    scope: Scope,
     handle: MeshHandle,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -134,7 +129,7 @@ pub fn watch(
             // Let a writer finish the file it is writing.
             tokio::time::sleep(Duration::from_millis(100)).await;
             last = fingerprint(&dir);
-            let (d, ns, prev) = (dir.clone(), namespace.clone(), accepted.clone());
+            let (d, ns, prev) = (dir.clone(), scope.clone(), accepted.clone());
             match tokio::task::spawn_blocking(move || reload(&d, &ns, prev.as_deref())).await {
                 Ok(Ok((mesh, docs))) => {
                     accepted = Some(Arc::new(docs));

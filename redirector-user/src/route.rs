@@ -14,20 +14,22 @@ use std::net::SocketAddr;
 use crate::endpoint::Balancer;
 use crate::mesh::model::{Address, Mesh, WeightedDestination};
 
-/// Where a TCP connection to a mesh service goes: its TCP route (weighted)
-/// or the service's endpoints. `None`: the service has no endpoint.
+/// Where a TCP connection to a mesh service goes: its TCP route (weighted;
+/// the rules a client in `client_ns` sees, [`crate::mesh::export::visible`]) or
+/// the service's endpoints. `None`: the service has no endpoint.
 pub(crate) async fn tcp_target(
     mesh: &Mesh,
     balancer: &Balancer,
     svc: usize,
     dst: SocketAddr,
+    client_ns: Option<&str>,
 ) -> Option<(SocketAddr, usize, Option<String>, u16)> {
     let service = &mesh.services[svc];
     if service.passthrough {
         return Some((dst, svc, None, dst.port()));
     }
-    let rule =
-        mesh.tcp_routes.get(&svc).and_then(|rules| rules.iter().find(|r| r.port.is_none_or(|p| p == dst.port())));
+    let rules = crate::mesh::export::visible(mesh.tcp_routes.get(&svc).map_or(&[][..], Vec::as_slice), client_ns);
+    let rule = rules.into_iter().find(|r| r.port.is_none_or(|p| p == dst.port()));
     let (target_svc, subset, port) = match rule {
         Some(r) => {
             let d = weighted(&r.route, mesh.random(total_weight(&r.route).max(1) as usize) as u32)?;

@@ -68,7 +68,8 @@ impl Source {
         let (client, watched, warnings) = prepare(&access(api), "node-a", GATEWAY_NS).await.expect("prepare");
         let handle = MeshHandle::default();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (task, status) = spawn(client, watched, warnings.clone(), GATEWAY_NS.into(), handle.clone(), stop_rx);
+        let (task, status) =
+            spawn(client, watched, warnings.clone(), redirector::mesh::Scope::new(GATEWAY_NS), handle.clone(), stop_rx);
         until("the first config from the cluster is applied", || handle.version() > 1).await;
         Source { handle, warnings, status, stop, task }
     }

@@ -23,6 +23,15 @@ macro_rules! in_both_modes {
     };
 }
 
+/// The isolation between namespaces is the proxy's (the capture mode only
+/// brings the connection): one mode.
+#[test]
+fn a_namespace_cannot_take_another_namespaces_traffic_or_names() {
+    if privileged() && httpbin_available() {
+        namespaces_keep_their_traffic("ebpf");
+    }
+}
+
 in_both_modes!(
     the_tutorials_routing_works_between_pods,
     the_gateway_reaches_a_strict_pod_over_hbone,
@@ -635,4 +644,124 @@ spec:
     let (codes, _) = curl(&c, "a1", &["http://198.18.3.32/anything/pool?[1-10]"]);
     assert_eq!(codes, vec![200; 10], "an ejected pod was still chosen");
     assert!(eventually(Duration::from_secs(10), || health("HEALTHY")), "b2 never came back");
+}
+
+/// A DNS query for `name` (type A) to the pod's DNS proxy on 127.0.0.1:15053;
+/// the IPv4 addresses answered (empty: none, or no mesh answer in time).
+fn mesh_dns(c: &Cluster, pod: &str, name: &str) -> Vec<String> {
+    let script = r#"
+import socket, struct, sys
+name = sys.argv[1]
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(q, ("127.0.0.1", 15053))
+try:
+    r = s.recv(4096)
+except socket.timeout:
+    sys.exit(0)
+an = struct.unpack(">H", r[6:8])[0]
+i = len(q)
+for _ in range(an):
+    i += 2 if r[i] & 0xC0 == 0xC0 else r.index(b"\0", i) + 1 - i
+    t, _, _, l = struct.unpack(">HHIH", r[i:i + 10])
+    i += 10
+    if t == 1:
+        print(".".join(str(b) for b in r[i:i + 4]))
+    i += l
+"#;
+    let out = c.output(c.in_pod(pod, "python3", &["-c", script, name]));
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// H5: pod a2 is in namespace `evil`, a1 in `default`. `evil` routes
+/// `default`'s `web` to its own `sink`, once kept to itself (`exportTo:
+/// .`) and once exported (Istio's default) but newer than `default`'s own
+/// VirtualService; it binds `*` to the mesh, writes a DestinationRule for
+/// `web` and a ServiceEntry it keeps to itself. `default`'s client still
+/// reaches `web` and cannot resolve evil's name; evil's own client sees
+/// what evil configured; the `*` is rejected, the DestinationRule ignored.
+fn namespaces_keep_their_traffic(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    c.pods[1].namespace = "evil".into();
+    let (b1, b2) = (c.pod("b1").ip.clone(), c.pod("b2").ip.clone());
+    let web = service_at("web", "198.18.3.50", &[&b1]);
+    let sink = service_at("sink", "198.18.3.51", &[&b2]).replace("namespace: default", "namespace: evil");
+    let take = |name: &str, export: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: evil}}\nspec:\n  hosts: [web.default.svc.cluster.local]\n{export}  http: [{{route: [{{destination: {{host: sink.evil.svc.cluster.local}}}}]}}]\n"
+        )
+    };
+    c.extra_yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: evil, labels: {istio-injection: enabled}}\n"
+        .to_string()
+        + &web
+        + &sink
+        + &take("keep-to-itself", "  exportTo: ['.']\n")
+        + &take("exported", "")
+        + r"---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: evil}
+spec:
+  host: web.default.svc.cluster.local
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: evil}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 443, name: tls}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.9.9}]
+  exportTo: ['.']
+";
+    c.start().unwrap();
+    let (web_log, sink_log) = (c.start_httpbin("b1", 8000).unwrap(), c.start_httpbin("b2", 8000).unwrap());
+    let logs = || format!("node-a: {}\n", std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default());
+
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.50/anything/from-default-[1-5]"]);
+    assert_eq!(codes, [200; 5], "{}", logs());
+    assert_eq!(served(&web_log).iter().filter(|l| l.contains("from-default")).count(), 5, "{}", logs());
+    assert!(!served(&sink_log).iter().any(|l| l.contains("from-default")), "evil took default's traffic");
+    // evil's own client: evil's routes, its own first.
+    let (codes, _) = curl(&c, "a2", &["http://198.18.3.50/anything/from-evil"]);
+    assert_eq!(codes, [200], "{}", logs());
+    assert!(served(&sink_log).iter().any(|l| l.contains("from-evil")), "{}", logs());
+
+    // evil adds a VirtualService for `*` bound to the mesh: that object
+    // is rejected, the rest applies, and default's client is unmoved.
+    let everything = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: everything, namespace: evil}\nspec:\n  hosts: ['*']\n  tcp: [{route: [{destination: {host: sink.evil.svc.cluster.local}}]}]\n";
+    c.write_mesh(0, &(c.mesh_yaml() + everything));
+    let rejected = |c: &Cluster| {
+        c.logged(0, "object rejected").iter().any(|l| {
+            l["fields"]["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("evil/everything") && p.contains("`*` is not allowed"))
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || rejected(&c)), "{}", logs());
+    let (codes, _) = curl(&c, "a1", &["http://198.18.3.50/anything/from-default-again"]);
+    assert_eq!(codes, [200], "{}", logs());
+    assert!(served(&web_log).iter().any(|l| l.contains("from-default-again")), "{}", logs());
+    assert!(
+        c.logged(0, "mesh config")
+            .iter()
+            .any(|l| l["fields"]["problem"].as_str().is_some_and(|p| p.contains("evil/web") && p.contains("ignored"))),
+        "{}",
+        logs()
+    );
+    // default's pod does not get evil's name; evil's does.
+    assert!(!mesh_dns(&c, "a1", "api.example.com").contains(&"240.0.0.9".to_string()));
+    assert_eq!(mesh_dns(&c, "a2", "api.example.com"), ["240.0.0.9"], "{}", logs());
 }

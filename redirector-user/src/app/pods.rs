@@ -165,6 +165,7 @@ impl AgentPods {
             let upstreams = Arc::clone(&self.dns_upstreams);
             tokio::spawn(crate::proxy::dns::serve(
                 s,
+                Some(w.namespace.clone()),
                 self.settings.mesh.clone(),
                 upstreams,
                 self.cfg.proxy_mark,

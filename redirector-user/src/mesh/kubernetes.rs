@@ -429,7 +429,7 @@ pub fn spawn(
     client: kube::Client,
     watched: Vec<Watched>,
     warnings: Vec<String>,
-    namespace: String,
+    scope: crate::mesh::Scope,
     handle: MeshHandle,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<SourceStatus>>) {
@@ -454,7 +454,7 @@ pub fn spawn(
         store,
         watched,
         status: Arc::clone(&status),
-        namespace,
+        scope,
         handle,
         last: None,
         announced: false,
@@ -536,8 +536,9 @@ struct Applier {
     store: Arc<Mutex<Store>>,
     watched: Arc<Vec<Watched>>,
     status: Arc<Mutex<SourceStatus>>,
-    /// The agent's namespace, whose Secrets the gateway reads.
-    namespace: String,
+    /// The agent's namespace (whose Secrets the gateway reads) and the
+    /// mesh-wide exportTo defaults.
+    scope: crate::mesh::Scope,
     handle: MeshHandle,
     /// What the last compile saw, as a digest of every object (a copy of
     /// them all would double the source's memory).
@@ -611,7 +612,7 @@ impl Applier {
         }
         self.last = Some(content);
         // One bad object rejects that object, not the mesh.
-        let (mut mesh, accepted) = Mesh::compile_tolerant(docs, self.accepted.as_ref(), &self.namespace);
+        let (mut mesh, accepted) = Mesh::compile_tolerant(docs, self.accepted.as_ref(), &self.scope);
         self.accepted = Some(accepted);
         crate::mesh::log_warnings(&mesh);
         crate::mesh::log_rejected(&mesh);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use super::export::{Export, ExportDefaults, Exported};
 use super::pods::{pods, PodInfo};
 use super::resources::{
     DestinationRuleSpec, GatewaySpec, Headers, HttpRedirect, HttpRewrite, IntOrString, LoadBalancer, Percent,
@@ -100,6 +101,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// ServiceEntry `resolution: NONE`: forward to the original destination.
     pub passthrough: bool,
+    /// Which client namespaces see it (a ServiceEntry's `exportTo`, a
+    /// Service's `networking.istio.io/exportTo` annotation).
+    pub export: Export,
 }
 
 impl Service {
@@ -171,6 +175,9 @@ pub struct Fault {
 pub struct HttpRouteRule {
     /// `<namespace>/<VirtualService>` and the rule's index or name.
     pub source: String,
+    /// The VirtualService's namespace and which client namespaces see it.
+    pub namespace: String,
+    pub export: Export,
     pub matches: Vec<RequestMatch>,
     pub action: Action,
     pub rewrite: Option<HttpRewrite>,
@@ -186,8 +193,28 @@ pub struct HttpRouteRule {
 #[derive(Debug, Clone)]
 pub struct TcpRouteRule {
     pub source: String,
+    pub namespace: String,
+    pub export: Export,
     pub port: Option<u16>,
     pub route: Vec<WeightedDestination>,
+}
+
+impl Exported for HttpRouteRule {
+    fn export(&self) -> &Export {
+        &self.export
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}
+
+impl Exported for TcpRouteRule {
+    fn export(&self) -> &Export {
+        &self.export
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -239,6 +266,9 @@ pub struct EffectivePolicy {
 
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The DestinationRule's namespace: of two for one host, the host's
+    /// own namespace's wins over the root namespace's.
+    pub namespace: String,
     pub top: EffectivePolicy,
     pub subsets: BTreeMap<String, EffectivePolicy>,
     /// portLevelSettings: (subset, destination port) -> the policy with
@@ -634,18 +664,34 @@ fn effective_policy(
     p
 }
 
+/// What an agent compiles the mesh for: its namespace (where its gateway
+/// runs and reads Secrets) and the mesh-wide `exportTo` defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub namespace: String,
+    pub exports: ExportDefaults,
+}
+
+impl Scope {
+    /// An agent in `namespace` with Istio's defaults (everything exported).
+    pub fn new(namespace: &str) -> Scope {
+        Scope { namespace: namespace.to_string(), exports: ExportDefaults::default() }
+    }
+}
+
 impl Mesh {
     /// Compile the documents for an agent in the default namespace
     /// (`istio-system`). Errors reject the whole configuration.
     pub fn compile(docs: &Documents) -> Result<Mesh, Vec<Problem>> {
-        Mesh::compile_in(docs, super::security::ROOT_NAMESPACE)
+        Mesh::compile_in(docs, &Scope::new(super::security::ROOT_NAMESPACE))
     }
 
-    /// Compile the documents for an agent in `gateway_namespace` (its
+    /// Compile the documents for an agent in `scope.namespace` (its
     /// `POD_NAMESPACE`), where its ingress gateway runs and reads the
-    /// Secrets that `credentialName` names.
-    pub fn compile_in(docs: &Documents, gateway_namespace: &str) -> Result<Mesh, Vec<Problem>> {
-        let (mesh, errors) = Mesh::compile_all(docs, gateway_namespace);
+    /// Secrets that `credentialName` names, with the mesh-wide `exportTo`
+    /// defaults of `scope`.
+    pub fn compile_in(docs: &Documents, scope: &Scope) -> Result<Mesh, Vec<Problem>> {
+        let (mesh, errors) = Mesh::compile_all(docs, scope);
         if errors.is_empty() {
             Ok(mesh)
         } else {
@@ -663,11 +709,7 @@ impl Mesh {
     /// with an error is never left out (that would widen access): it is
     /// compiled failing closed (see [`super::security`]) and named too.
     /// Returns the mesh and the documents it was compiled from.
-    pub fn compile_tolerant(
-        docs: &Documents,
-        previous: Option<&Documents>,
-        gateway_namespace: &str,
-    ) -> (Mesh, Documents) {
+    pub fn compile_tolerant(docs: &Documents, previous: Option<&Documents>, scope: &Scope) -> (Mesh, Documents) {
         let security = |p: &Problem| matches!(p.origin.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy");
         let mut docs = docs.clone();
         let mut rejected: Vec<Problem> = Vec::new();
@@ -676,7 +718,7 @@ impl Mesh {
         // leaving an object out can surface an error in another (a
         // VirtualService naming a dropped Gateway): a few rounds.
         for _ in 0..4 {
-            let (mut mesh, errors) = Mesh::compile_all(&docs, gateway_namespace);
+            let (mut mesh, errors) = Mesh::compile_all(&docs, scope);
             let (kept, dropped): (Vec<Problem>, Vec<Problem>) = errors.into_iter().partition(security);
             if dropped.is_empty() {
                 rejected.extend(kept);
@@ -705,14 +747,14 @@ impl Mesh {
         only.namespaces.clone_from(&docs.namespaces);
         only.peer_authentications.clone_from(&docs.peer_authentications);
         only.authorization_policies.clone_from(&docs.authorization_policies);
-        let (mut mesh, errors) = Mesh::compile_all(&only, gateway_namespace);
+        let (mut mesh, errors) = Mesh::compile_all(&only, scope);
         rejected.extend(errors);
         mesh.rejected = rejected;
         (mesh, only)
     }
 
     /// Compile everything; the errors found on the way.
-    fn compile_all(docs: &Documents, gateway_namespace: &str) -> (Mesh, Vec<Problem>) {
+    fn compile_all(docs: &Documents, scope: &Scope) -> (Mesh, Vec<Problem>) {
         let mut errors = Vec::new();
         let mut warnings = docs.warnings.clone();
         let mut ctx = Ctx { errors: &mut errors, warnings: &mut warnings };
@@ -758,20 +800,21 @@ impl Mesh {
                 mesh.workloads_by_ip.insert(ip, (name, w.namespace().to_string()));
             }
         }
+        let exports = &scope.exports;
         for s in &docs.services {
-            mesh.add_kubernetes_service(s, docs, &labels_by_ip, &mut ctx);
+            mesh.add_kubernetes_service(s, docs, &labels_by_ip, exports, &mut ctx);
         }
         for se in &docs.service_entries {
-            mesh.add_service_entry(se, docs, &mut ctx);
+            mesh.add_service_entry(se, docs, exports, &mut ctx);
         }
         for d in &docs.destination_rules {
-            mesh.add_destination_rule(d, &mut ctx);
+            mesh.add_destination_rule(d, exports, &mut ctx);
         }
         for g in &docs.gateways {
-            mesh.add_gateway(g, docs, gateway_namespace, &mut ctx);
+            mesh.add_gateway(g, docs, &scope.namespace, &mut ctx);
         }
         for v in &docs.virtual_services {
-            mesh.add_virtual_service(v, &mut ctx);
+            mesh.add_virtual_service(v, exports, &mut ctx);
         }
         mesh.warn_http_policies_on_tcp_ports(docs, &mut ctx);
         mesh.warnings = warnings;
@@ -812,9 +855,21 @@ impl Mesh {
         s: &Doc<ServiceSpec>,
         docs: &Documents,
         labels_by_ip: &HashMap<(String, IpAddr), BTreeMap<String, String>>,
+        exports: &ExportDefaults,
         ctx: &mut Ctx,
     ) {
         let ns = s.namespace().to_string();
+        // Istio's Service annotation: a comma-separated exportTo.
+        let annotated_export: Vec<String> = s
+            .meta
+            .annotations
+            .get("networking.istio.io/exportTo")
+            .map(|a| a.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+            .unwrap_or_default();
+        if let Err(e) = super::export::check(&annotated_export) {
+            ctx.error(&s.origin, "metadata.annotations[networking.istio.io/exportTo]", e);
+            return;
+        }
         let mut vips = Vec::new();
         let ips = s.spec.cluster_ip.iter().chain(s.spec.cluster_ips.iter());
         for ip in ips {
@@ -924,14 +979,33 @@ impl Mesh {
             }
         }
         self.insert_service(
-            Service { hostname: fqdn(&s.meta.name, &ns), namespace: ns, vips, ports, endpoints, passthrough: false },
+            Service {
+                hostname: fqdn(&s.meta.name, &ns),
+                export: Export::resolve(&annotated_export, &exports.services, &ns),
+                namespace: ns,
+                vips,
+                ports,
+                endpoints,
+                passthrough: false,
+            },
             &s.origin,
             ctx,
         );
     }
 
-    fn add_service_entry(&mut self, se: &Doc<ServiceEntrySpec>, docs: &Documents, ctx: &mut Ctx) {
+    fn add_service_entry(
+        &mut self,
+        se: &Doc<ServiceEntrySpec>,
+        docs: &Documents,
+        exports: &ExportDefaults,
+        ctx: &mut Ctx,
+    ) {
         let ns = se.namespace().to_string();
+        if let Err(e) = super::export::check(&se.spec.export_to) {
+            ctx.error(&se.origin, "spec.exportTo", e);
+            return;
+        }
+        let export = Export::resolve(&se.spec.export_to, &exports.services, &ns);
         let mut vips = Vec::new();
         for (i, a) in se.spec.addresses.iter().enumerate() {
             match a.split('/').next().unwrap_or(a).parse::<IpAddr>() {
@@ -1009,6 +1083,7 @@ impl Mesh {
                     ports: ports.clone(),
                     endpoints: eps,
                     passthrough: resolution == "NONE",
+                    export: export.clone(),
                 },
                 &se.origin,
                 ctx,
@@ -1016,7 +1091,7 @@ impl Mesh {
         }
     }
 
-    fn add_destination_rule(&mut self, d: &Doc<DestinationRuleSpec>, ctx: &mut Ctx) {
+    fn add_destination_rule(&mut self, d: &Doc<DestinationRuleSpec>, exports: &ExportDefaults, ctx: &mut Ctx) {
         let host = fqdn(&d.spec.host, d.namespace());
         let Some(&svc) = self.by_host.get(&host) else {
             ctx.warn(
@@ -1026,6 +1101,40 @@ impl Mesh {
             );
             return;
         };
+        if let Err(e) = super::export::check(&d.spec.export_to) {
+            ctx.error(&d.origin, "spec.exportTo", e);
+            return;
+        }
+        // Istio applies a DestinationRule from the client's namespace, the
+        // host's or the root namespace. The proxy keeps one per host for
+        // every client, so it takes the host's namespace's or the root's:
+        // a rule from a third namespace would apply to other tenants'
+        // clients, and is left out.
+        let (own, host_ns) = (d.namespace().to_string(), self.services[svc].namespace.clone());
+        let root = super::security::ROOT_NAMESPACE;
+        if own != host_ns && own != root {
+            ctx.warn(
+                &d.origin,
+                "metadata.namespace",
+                format!("a DestinationRule for {host} is taken only from its namespace {host_ns} (or {root}); this one, from {own}, would change how other namespaces reach it: ignored"),
+            );
+            return;
+        }
+        let export = Export::resolve(&d.spec.export_to, &exports.destination_rules, &own);
+        if !export.visible_to(Some(&host_ns)) && !export.visible_to(Some(&own)) {
+            ctx.warn(&d.origin, "spec.exportTo", "exported to neither its own namespace nor the host's: ignored");
+            return;
+        }
+        if let Some(p) = self.policies.get(&svc) {
+            if p.namespace == host_ns || own == root {
+                ctx.warn(
+                    &d.origin,
+                    "spec.host",
+                    format!("another DestinationRule (of {}) already applies to {host}; the older one is used, this one is ignored", p.namespace),
+                );
+                return;
+            }
+        }
         let origin = d.origin.clone();
         let top = effective_policy(None, d.spec.traffic_policy.as_ref(), None, &origin, "spec.trafficPolicy", ctx);
         let mut ports = BTreeMap::new();
@@ -1062,13 +1171,7 @@ impl Mesh {
                 ctx.error(&d.origin, format!("{field}.name"), format!("subset `{}` is defined twice", s.name));
             }
         }
-        if self.policies.insert(svc, Policy { top, subsets, ports }).is_some() {
-            ctx.warn(
-                &d.origin,
-                "spec.host",
-                format!("another DestinationRule already applies to {host}; this one replaces it"),
-            );
-        }
+        self.policies.insert(svc, Policy { namespace: own, top, subsets, ports });
     }
 
     fn destinations(
@@ -1135,7 +1238,7 @@ impl Mesh {
         out
     }
 
-    fn add_virtual_service(&mut self, v: &Doc<VirtualServiceSpec>, ctx: &mut Ctx) {
+    fn add_virtual_service(&mut self, v: &Doc<VirtualServiceSpec>, exports: &ExportDefaults, ctx: &mut Ctx) {
         let ns = v.namespace().to_string();
         if v.spec.hosts.is_empty() {
             ctx.error(&v.origin, "spec.hosts", "at least one host is needed");
@@ -1143,6 +1246,20 @@ impl Mesh {
         }
         // Bound to the mesh (sidecar traffic) unless only gateways are named.
         let mesh_bound = v.spec.gateways.is_empty() || v.spec.gateways.iter().any(|g| g == "mesh");
+        if mesh_bound && v.spec.hosts.iter().any(|h| h == "*") {
+            // It would take every service's traffic from every pod.
+            ctx.error(
+                &v.origin,
+                "spec.hosts",
+                "`*` is not allowed in a VirtualService bound to the mesh (Istio's validation rejects it too); name the hosts, or bind it to a Gateway only",
+            );
+            return;
+        }
+        if let Err(e) = super::export::check(&v.spec.export_to) {
+            ctx.error(&v.origin, "spec.exportTo", e);
+            return;
+        }
+        let export = Export::resolve(&v.spec.export_to, &exports.virtual_services, &ns);
         let hosts: Vec<String> = v.spec.hosts.iter().map(|h| fqdn(h, &ns)).collect();
         let targets: Vec<usize> = (0..self.services.len())
             .filter(|i| hosts.iter().any(|h| host_matches(h, &self.services[*i].hostname)))
@@ -1264,6 +1381,8 @@ impl Mesh {
             };
             http.push(HttpRouteRule {
                 source: format!("{source} http[{}]", r.name.clone().unwrap_or_else(|| i.to_string())),
+                namespace: ns.clone(),
+                export: export.clone(),
                 matches,
                 action,
                 rewrite: r.rewrite.clone(),
@@ -1288,7 +1407,13 @@ impl Mesh {
             let ports: Vec<Option<u16>> =
                 if r.match_.is_empty() { vec![None] } else { r.match_.iter().map(|m| m.port).collect() };
             for port in ports {
-                tcp.push(TcpRouteRule { source: format!("{source} tcp[{i}]"), port, route: route.clone() });
+                tcp.push(TcpRouteRule {
+                    source: format!("{source} tcp[{i}]"),
+                    namespace: ns.clone(),
+                    export: export.clone(),
+                    port,
+                    route: route.clone(),
+                });
             }
         }
         let gateways: Vec<String> = v
@@ -1298,6 +1423,17 @@ impl Mesh {
             .filter(|g| *g != "mesh")
             .map(|g| if g.contains('/') { g.clone() } else { format!("{ns}/{g}") })
             .collect();
+        // A gateway takes only the VirtualServices exported to its
+        // namespace, as Istio's.
+        let (gateways, hidden): (Vec<String>, Vec<String>) =
+            gateways.into_iter().partition(|g| export.visible_to(g.split('/').next()));
+        for g in &hidden {
+            ctx.warn(
+                &v.origin,
+                "spec.exportTo",
+                format!("not exported to the namespace of Gateway {g}: not bound to it"),
+            );
+        }
         if !gateways.is_empty() {
             for g in &gateways {
                 if !self.gateway_listeners.iter().any(|l| &l.gateway == g) {
@@ -1636,7 +1772,7 @@ mod tests {
         let mut docs = Documents::default();
         let mut errors = Vec::new();
         load_text(std::path::Path::new("m.yaml"), &(secret("default") + gateway), &mut docs, &mut errors);
-        assert_eq!(Mesh::compile_in(&docs, "default").unwrap().gateway_ports()[&443].len(), 1);
+        assert_eq!(Mesh::compile_in(&docs, &Scope::new("default")).unwrap().gateway_ports()[&443].len(), 1);
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}, {name: http-admin, port: 9000}]}\n---\n";

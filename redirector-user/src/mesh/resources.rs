@@ -242,6 +242,8 @@ pub struct ServiceEntrySpec {
     pub endpoints: Vec<WorkloadEntrySpec>,
     #[serde(default)]
     pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

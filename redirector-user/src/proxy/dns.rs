@@ -34,8 +34,15 @@ pub fn system_resolvers() -> Vec<SocketAddr> {
 }
 
 impl Mesh {
-    /// The service a DNS name means, if it is a mesh name.
-    pub fn resolve_name(&self, name: &str) -> Option<usize> {
+    /// The service a DNS name means to a client in namespace `client_ns`,
+    /// if it is a mesh name exported to that namespace (a name another
+    /// namespace keeps to itself is forwarded, as if the mesh did not
+    /// know it).
+    pub fn resolve_name(&self, name: &str, client_ns: Option<&str>) -> Option<usize> {
+        self.resolve_any(name).filter(|i| self.services[*i].export.visible_to(client_ns))
+    }
+
+    fn resolve_any(&self, name: &str) -> Option<usize> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(i) = self.service_by_host(&name) {
             return Some(i);
@@ -69,13 +76,13 @@ impl Mesh {
 
 /// The answer to a query, when it is for a mesh name with addresses;
 /// `None`: forward it.
-pub fn answer(mesh: &Mesh, query: &[u8]) -> Option<Vec<u8>> {
+pub fn answer(mesh: &Mesh, query: &[u8], client_ns: Option<&str>) -> Option<Vec<u8>> {
     let req = Message::from_vec(query).ok()?;
     if req.metadata.message_type != MessageType::Query || req.metadata.op_code != OpCode::Query {
         return None;
     }
     let q = req.queries.first()?.clone();
-    let svc = mesh.resolve_name(&q.name().to_ascii())?;
+    let svc = mesh.resolve_name(&q.name().to_ascii(), client_ns)?;
     let vips = &mesh.services[svc].vips;
     if vips.is_empty() {
         return None;
@@ -121,9 +128,12 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     m.to_vec().ok()
 }
 
-/// Serve DNS on `socket` until `stop`.
+/// Serve DNS on `socket` until `stop`, for clients in namespace
+/// `client_ns` (a pod's; `None` on the node: only names exported to every
+/// namespace).
 pub fn serve(
     socket: UdpSocket,
+    client_ns: Option<String>,
     mesh: MeshHandle,
     upstreams: Arc<Vec<SocketAddr>>,
     mark: u32,
@@ -144,7 +154,7 @@ pub fn serve(
                 _ = stop.changed() => return,
             };
             let query = buf[..n].to_vec();
-            if let Some(reply) = answer(&mesh.current(), &query) {
+            if let Some(reply) = answer(&mesh.current(), &query, client_ns.as_deref()) {
                 let _ = socket.send_to(&reply, client).await;
                 continue;
             }
@@ -186,7 +196,7 @@ mod tests {
     fn ask(m: &Mesh, name: &str, t: RecordType) -> Option<Message> {
         let mut q = Message::query();
         q.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
-        answer(m, &q.to_vec().unwrap()).map(|b| Message::from_vec(&b).unwrap())
+        answer(m, &q.to_vec().unwrap(), None).map(|b| Message::from_vec(&b).unwrap())
     }
 
     #[test]

@@ -110,7 +110,8 @@ pub(crate) async fn proxy_to(
     let open = stats.open(client, dst, started);
     let mesh = settings.mesh.current();
     let source = source_of(&client_stream, client, settings, &mesh);
-    let tcp = match decide(&mesh, &client_stream, dst, settings).await {
+    let client_ns = source.as_ref().map(|s| s.1.as_str());
+    let tcp = match decide(&mesh, &client_stream, dst, client_ns, settings).await {
         Decision::Http { service, protocol } => {
             stats.forwarded.fetch_add(1, Ordering::Relaxed);
             let ctx = l7::ConnContext {
@@ -195,8 +196,16 @@ fn source_of(
 /// The route step: a mesh service's HTTP port is routed per request; its
 /// TCP goes to the service's endpoints (or its TCP route); anything else
 /// goes where the client was going.
-async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &ProxySettings) -> Decision {
-    let Some((svc, port)) = mesh.service_at(dst) else {
+async fn decide(
+    mesh: &Mesh,
+    stream: &TcpStream,
+    dst: SocketAddr,
+    client_ns: Option<&str>,
+    settings: &ProxySettings,
+) -> Decision {
+    // A service not exported to the client's namespace is not a mesh
+    // service for it: the connection goes where it was going.
+    let Some((svc, port)) = mesh.service_at(dst).filter(|(s, _)| mesh.services[*s].export.visible_to(client_ns)) else {
         return Decision::Tcp(TcpDecision { target: dst, labels: None, _slot: None });
     };
     let protocol = match port.protocol {
@@ -212,7 +221,9 @@ async fn decide(mesh: &Mesh, stream: &TcpStream, dst: SocketAddr, settings: &Pro
     if matches!(protocol, Protocol::Http | Protocol::Http2) {
         return Decision::Http { service: svc, protocol };
     }
-    let Some((target, tsvc, subset, tport)) = crate::route::tcp_target(mesh, &settings.balancer, svc, dst).await else {
+    let Some((target, tsvc, subset, tport)) =
+        crate::route::tcp_target(mesh, &settings.balancer, svc, dst, client_ns).await
+    else {
         return Decision::Refused {
             flags: "UH",
             reason: "no endpoint for this service",

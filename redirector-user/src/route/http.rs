@@ -361,7 +361,8 @@ async fn route(mut req: Request<Incoming>, ctx: &ConnContext, mesh: &Mesh, targe
         filters::edge_headers(req.headers_mut(), ctx.client.ip(), proto, |n| mesh.random(n));
     }
     let port = ctx.original_dst.port();
-    let selected = match select::select(mesh, ctx.service, ctx.gateway_port, &req, port) {
+    let client_ns = ctx.source.as_ref().map(|s| s.1.as_str());
+    let selected = match select::select(mesh, ctx.service, ctx.gateway_port, client_ns, &req, port) {
         Ok(s) => s,
         Err(no) => return Outcome::refuse(no.status, no.body, no.flags, None),
     };

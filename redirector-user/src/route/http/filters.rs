@@ -217,6 +217,8 @@ mod tests {
     fn rule(fault: Option<RuleFault>) -> HttpRouteRule {
         HttpRouteRule {
             source: "default/web/0".into(),
+            namespace: "default".into(),
+            export: crate::mesh::export::Export::All,
             matches: Vec::new(),
             action: Action::Route(Vec::new()),
             rewrite: None,

@@ -36,17 +36,21 @@ impl NoRoute {
 }
 
 /// Select the rule for `req`, which arrived for `service` (a captured
-/// connection) or on gateway port `gateway_port`, at destination `port`.
+/// connection from a client in namespace `client_ns`) or on gateway port
+/// `gateway_port`, at destination `port`.
 pub(crate) fn select<'m, B>(
     mesh: &'m Mesh,
     service: Option<usize>,
     gateway_port: Option<u16>,
+    client_ns: Option<&str>,
     req: &Request<B>,
     port: u16,
 ) -> Result<Selected<'m>, NoRoute> {
     let rules: Vec<&HttpRouteRule> = match (gateway_port, service) {
         (Some(gp), _) => mesh.gateway_rules(gp, request_host(req)).ok_or(NoRoute::new("no route for this host\n"))?,
-        (None, Some(svc)) => mesh.http_routes.get(&svc).map(|v| v.iter().collect()).unwrap_or_default(),
+        (None, Some(svc)) => {
+            crate::mesh::export::visible(mesh.http_routes.get(&svc).map_or(&[][..], Vec::as_slice), client_ns)
+        }
         (None, None) => Vec::new(),
     };
     if rules.is_empty() {
@@ -64,6 +68,8 @@ pub(crate) fn select<'m, B>(
 fn default_rule(service: usize) -> HttpRouteRule {
     HttpRouteRule {
         source: "default".into(),
+        namespace: String::new(),
+        export: crate::mesh::export::Export::All,
         matches: Vec::new(),
         action: Action::Route(vec![WeightedDestination {
             service,
@@ -195,7 +201,7 @@ spec:
     }
 
     fn rule_of(m: &Mesh, r: &Request<()>) -> Result<String, NoRoute> {
-        select(m, Some(web(m)), None, r, 80).map(|s| s.rule.source.clone())
+        select(m, Some(web(m)), None, None, r, 80).map(|s| s.rule.source.clone())
     }
 
     #[test]
@@ -206,7 +212,7 @@ spec:
         // (a header) does not hold either.
         assert_eq!(rule_of(&m, &req("POST", "/api/v1/users", &[])).unwrap_err().flags, "NR");
         assert!(rule_of(&m, &req("POST", "/other", &[("x-canary", "yes")])).unwrap().ends_with("http[v1]"));
-        let s = select(&m, Some(web(&m)), None, &req("POST", "/x", &[("x-canary", "yes")]), 80).unwrap();
+        let s = select(&m, Some(web(&m)), None, None, &req("POST", "/x", &[("x-canary", "yes")]), 80).unwrap();
         assert_eq!(s.matched, Some(1), "the second match block");
     }
 
@@ -222,7 +228,7 @@ spec:
     fn a_service_without_a_virtual_service_routes_to_itself() {
         let m = compile(MESH);
         let api = m.service_by_host("api.default.svc.cluster.local").unwrap();
-        let s = select(&m, Some(api), None, &req("GET", "/", &[]), 80).unwrap();
+        let s = select(&m, Some(api), None, None, &req("GET", "/", &[]), 80).unwrap();
         assert_eq!(s.rule.source, "default");
         match &s.rule.action {
             Action::Route(d) => assert_eq!((d[0].service, d[0].weight), (api, 100)),
@@ -233,8 +239,8 @@ spec:
     #[test]
     fn a_gateway_port_with_no_virtual_service_for_the_host_is_no_route() {
         let m = compile(MESH);
-        let no =
-            select(&m, None, Some(8080), &req("GET", "/", &[("host", "shop.example.com:8080")]), 8080).unwrap_err();
+        let no = select(&m, None, Some(8080), None, &req("GET", "/", &[("host", "shop.example.com:8080")]), 8080)
+            .unwrap_err();
         assert_eq!(no, NoRoute { status: StatusCode::NOT_FOUND, body: "no route for this host\n", flags: "NR" });
     }
 
