@@ -46,11 +46,41 @@ pub enum Role {
     Readiness,
 }
 
-pub async fn serve(listener: TcpListener, role: Role, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+/// Connections one of these listeners serves at once, and from one
+/// address; more are closed as they arrive (a scraper or a probe needs a
+/// few, and one client holding its share leaves the rest to others).
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_PER_PEER: usize = 32;
+
+/// Serve `role`'s endpoints on `listener` until `shutdown`. A connection
+/// whose request head has not arrived within `header_read_timeout` (from
+/// its opening or its previous response) is closed, so slow or idle
+/// clients cannot hold the listener; at most [`MAX_CONNECTIONS`] at once,
+/// [`MAX_PER_PEER`] from one address.
+pub async fn serve(
+    listener: TcpListener,
+    role: Role,
+    sources: Sources,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = crate::proxy::caps::Caps::new(MAX_CONNECTIONS, MAX_PER_PEER);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             _ = shutdown.changed() => return,
+        };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            sources.stats.rejected_over_limit.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
         };
         let sources = sources.clone();
         tokio::spawn(async move {
@@ -58,10 +88,15 @@ pub async fn serve(listener: TcpListener, role: Role, sources: Sources, mut shut
                 let sources = sources.clone();
                 async move { Ok::<_, Infallible>(route(&req, role, &sources)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            if let Err(e) = served {
                 debug!(error = %e, "admin connection");
             }
+            drop(slot);
         });
     }
 }

@@ -137,9 +137,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         metrics: Arc::clone(&shared.metrics),
         node,
     };
-    tasks.push(tokio::spawn(admin::serve(host.admin, admin::Role::Admin, sources.clone(), rx.clone())));
-    tasks.push(tokio::spawn(admin::serve(host.metrics, admin::Role::Metrics, sources.clone(), rx.clone())));
-    tasks.push(tokio::spawn(admin::serve(host.ready, admin::Role::Readiness, sources, rx)));
+    let heads = cfg.header_read_timeout;
+    tasks.push(tokio::spawn(admin::serve(host.admin, admin::Role::Admin, sources.clone(), heads, rx.clone())));
+    tasks.push(tokio::spawn(admin::serve(host.metrics, admin::Role::Metrics, sources.clone(), heads, rx.clone())));
+    tasks.push(tokio::spawn(admin::serve(host.ready, admin::Role::Readiness, sources, heads, rx)));
     give_back_startup_pages();
 
     wait_for_signal(signals).await;
@@ -264,6 +265,9 @@ impl Shared {
             balancer: Arc::clone(&self.balancer),
             metrics: Arc::clone(&self.metrics),
             access_log: cfg.access_log,
+            header_read_timeout: cfg.header_read_timeout,
+            handshake_timeout: cfg.handshake_timeout,
+            max_connections: cfg.max_connections,
         }
     }
 

@@ -92,6 +92,7 @@ struct RawProxy {
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
     concurrency: Option<usize>,
+    header_read_timeout: Option<String>,
 }
 
 /// How connections are captured.
@@ -185,6 +186,11 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The gateway's and the agent's own HTTP servers (admin, 15020,
+    /// 15021) close a connection whose request head has not arrived by
+    /// then, counted from its opening or its previous response (a slow
+    /// client, or one idle between requests).
+    pub header_read_timeout: Duration,
     /// Proxy worker threads (Istio's ProxyConfig `concurrency`); 0: one
     /// per CPU the agent may run on; unset: half of those, at least one.
     /// One worker is a single-threaded runtime.
@@ -421,6 +427,13 @@ impl AgentConfig {
             connect_timeout: dur("proxy.connectTimeout", &raw.proxy.connect_timeout, Duration::from_secs(10))?,
             idle_timeout: dur("proxy.idleTimeout", &raw.proxy.idle_timeout, Duration::from_hours(1))?,
             drain_timeout: dur("proxy.drainTimeout", &raw.proxy.drain_timeout, Duration::from_secs(5))?,
+            header_read_timeout: {
+                let d = dur("proxy.headerReadTimeout", &raw.proxy.header_read_timeout, Duration::from_secs(30))?;
+                if d.is_zero() {
+                    return Err(invalid("proxy.headerReadTimeout", "must be more than 0s".into()));
+                }
+                d
+            },
             concurrency: raw.proxy.concurrency,
             node_name: std::env::var(ENV_NODE_NAME)
                 .ok()

@@ -16,6 +16,7 @@ pub(crate) mod source;
 pub(crate) mod inbound;
 pub(crate) mod gateway;
 pub(crate) mod dns;
+pub(crate) mod caps;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -160,6 +160,9 @@ pub struct Metrics {
     /// Connections and CONNECTs to a pod's address on one of the proxy's
     /// own ports, refused (by listener: `inbound` plaintext, `hbone`).
     pub self_calls_total: Family<ListenerLabel, Counter>,
+    /// Connections closed as they arrived: a listener's cap, or a peer's
+    /// (by listener: `inbound`, `hbone`, `hbone_handshakes`).
+    pub over_limit_total: Family<ListenerLabel, Counter>,
     /// Objects of the config in force that were rejected (left out, or
     /// compiled failing closed); set when metrics are read.
     pub config_rejected: prometheus_client::metrics::gauge::Gauge,
@@ -219,6 +222,12 @@ impl Default for Metrics {
         let hbone_refused_total = Family::<ReasonLabel, Counter>::default();
         let denied_total = Family::<DeniedLabels, Counter>::default();
         let self_calls_total = Family::<ListenerLabel, Counter>::default();
+        let over_limit_total = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "redirector_connections_over_limit",
+            "Connections to a pod closed as they arrived: over the listener's cap, or over one peer's",
+            over_limit_total.clone(),
+        );
         let config_rejected = prometheus_client::metrics::gauge::Gauge::default();
         registry.register(
             "redirector_config_rejected_objects",
@@ -253,6 +262,7 @@ impl Default for Metrics {
             hbone_refused_total,
             denied_total,
             self_calls_total,
+            over_limit_total,
             config_rejected,
             encode_lock: Mutex::new(()),
             series: Mutex::new(std::collections::HashMap::new()),
@@ -279,6 +289,10 @@ pub struct DeniedLabels {
 }
 
 impl Metrics {
+    pub fn over_limit(&self, listener: &'static str) -> Counter {
+        self.over_limit_total.get_or_create(&ListenerLabel { listener }).clone()
+    }
+
     pub fn self_call(&self, listener: &'static str) -> Counter {
         self.self_calls_total.get_or_create(&ListenerLabel { listener }).clone()
     }

@@ -654,3 +654,98 @@ fn connections_to_a_pods_own_proxy_ports_are_refused_at_once(mode: &'static str)
     let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "{err}");
 }
+
+/// Run a `tests/scripts/flood.py` command to its end; its JSON.
+fn flood(c: &Cluster, command: std::process::Command) -> serde_json::Value {
+    let out = c.output(command);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+fn flood_script() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/flood.py").to_string()
+}
+
+/// The agent's peak resident memory (VmHWM) and open descriptors.
+fn agent_memory_and_fds(c: &Cluster, node: usize) -> (u64, usize) {
+    let pid = c.agent_pid(node).expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    (hwm.parse::<u64>().unwrap() / 1024, fds)
+}
+
+/// M2, M3, M9: slow, idle and flooding clients cannot take the agent from
+/// anyone else. 200 slowloris connections to the gateway and 200 to
+/// 15020 are each closed at the header-read timeout while the gateway
+/// and the metrics endpoint serve others; 10,000 idle TCP connections to
+/// a pod's 15008 from one address are closed (over that peer's cap at
+/// once, the rest at the handshake timeout) while another node's pods
+/// still reach the pod; a flood of DNS queries for unknown names leaves
+/// the agent's descriptors bounded and mesh names answered. One capture
+/// mode: these are the proxy's own listeners.
+#[test]
+fn slow_idle_and_flooding_clients_leave_the_agent_serving() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.proxy_settings = "  headerReadTimeout: 2s\n".into();
+    c.mesh_settings = "  handshakeTimeout: 2s\n".into();
+    let b1 = c.pod("b1").ip.clone();
+    c.extra_yaml = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 198.18.3.60\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: default}}\nsubsets:\n- addresses: [{{ip: {b1}}}]\n  ports: [{{name: http, port: 8080}}]\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: default}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers: [{{port: {{number: 8081, name: http, protocol: HTTP}}, hosts: ['*']}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: edge, namespace: default}}\nspec:\n  hosts: ['*']\n  gateways: [edge]\n  http: [{{route: [{{destination: {{host: web}}}}]}}]\n"
+    );
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    c.start_nginx("a1", 8080).unwrap();
+    let logs = |c: &Cluster| std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
+    let node_ip = |c: &Cluster, n: usize| c.nodes[n].ip.clone();
+    let (_, fds_before) = agent_memory_and_fds(&c, 0);
+
+    // Slowloris on the gateway and on 15020 (node-a's host addresses).
+    for port in ["8081", "15020"] {
+        let ip = node_ip(&c, 0);
+        let mut attack = c.in_node(1, "python3", &[&flood_script(), "slow", &ip, port, "200", "6"]);
+        let attack = attack.stdout(std::process::Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let served = c.output(c.in_node(
+            0,
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &format!("http://127.0.0.1:{port}/")],
+        ));
+        let code = String::from_utf8_lossy(&served.stdout).to_string();
+        assert!(code == "200" || (port == "15020" && code == "404"), "port {port} did not serve: {code}\n{}", logs(&c));
+        let out = attack.wait_with_output().unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        assert_eq!(r["connected"], 200, "{r}");
+        assert_eq!(r["closed"], 200, "port {port}: every slow head is closed at the timeout: {r}");
+        assert!(r["last_close"].as_f64().unwrap() < 5.0, "{r}");
+    }
+
+    // 10,000 idle connections to a1's HBONE port from node-b's address.
+    let a1 = c.pod("a1").ip.clone();
+    let mut attack = c.in_node(1, "python3", &[&flood_script(), "idle", &a1, "15008", "10000", "8"]);
+    let attack = attack.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, err) = c.curl("b1", &format!("http://{a1}:8080/"));
+    assert_eq!(code, 200, "b1 to a1 during the idle flood: {err}\n{}", logs(&c));
+    let out = attack.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert!(r["connected"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(r["connected"], r["closed"], "every idle connection is closed: {r}");
+    let m = c.metrics(0);
+    assert!(m.contains("redirector_connections_over_limit_total{listener=\"hbone_handshakes\"}"), "not counted: {m}");
+
+    // A DNS flood from a1: forwards are bounded, mesh names still answered.
+    let flood_dns = c.in_pod("a1", "python3", &[&flood_script(), "dns", "127.0.0.1", "15053", "20000"]);
+    let r = flood(&c, flood_dns);
+    assert_eq!(r["sent"], 20000);
+    let (_, fds_during) = agent_memory_and_fds(&c, 0);
+    assert!(fds_during < fds_before + 64 + 100, "descriptors {fds_before} -> {fds_during}");
+    let (code, _) = c.curl("a1", "http://198.18.3.60/");
+    assert_eq!(code, 200, "{}", logs(&c));
+    let (peak_mib, _) = agent_memory_and_fds(&c, 0);
+    println!("agent peak resident memory through the floods: {peak_mib} MiB");
+    assert!(peak_mib < 256, "peak {peak_mib} MiB");
+}

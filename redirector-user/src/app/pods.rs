@@ -147,11 +147,14 @@ impl AgentPods {
             mesh: self.settings.mesh.clone(),
             access_log: self.settings.access_log,
             own_ports: self.cfg.own_ports().into(),
+            idle_timeout: self.cfg.idle_timeout,
+            caps: crate::proxy::inbound::InboundCaps::new(self.cfg.max_connections),
             l7: Arc::new(crate::proxy::inbound::l7::Local {
                 workload: Arc::clone(w),
                 mesh: self.settings.mesh.clone(),
                 metrics: Arc::clone(&self.metrics),
                 access_log: self.settings.access_log,
+                header_read_timeout: self.cfg.idle_timeout,
                 app: crate::proxy::inbound::l7::AppClients::new(
                     Arc::clone(w),
                     self.cfg.proxy_mark,

@@ -22,6 +22,12 @@ use crate::mesh::{Mesh, MeshHandle};
 /// TTL of mesh answers: short, so changes reach clients soon.
 const TTL: u32 = 30;
 
+/// Queries one DNS listener forwards to the node's resolvers at once.
+/// Past that a query is dropped (the client's resolver asks again), so a
+/// flood of names the mesh does not know cannot pile up tasks and sockets
+/// in the agent; mesh names are answered inline either way.
+const MAX_FORWARDS: usize = 64;
+
 /// The nameservers of /etc/resolv.conf.
 pub fn system_resolvers() -> Vec<SocketAddr> {
     std::fs::read_to_string("/etc/resolv.conf")
@@ -140,8 +146,10 @@ pub fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let socket = Arc::new(socket);
+    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65535];
+        let mut dropped: u64 = 0;
         loop {
             let (n, client) = tokio::select! {
                 r = socket.recv_from(&mut buf) => match r {
@@ -158,9 +166,17 @@ pub fn serve(
                 let _ = socket.send_to(&reply, client).await;
                 continue;
             }
+            let Ok(slot) = Arc::clone(&forwards).try_acquire_owned() else {
+                dropped += 1;
+                if dropped.is_power_of_two() {
+                    warn!(dropped, limit = MAX_FORWARDS, "DNS forwards at their limit: query dropped");
+                }
+                continue;
+            };
             let socket = Arc::clone(&socket);
             let upstreams = Arc::clone(&upstreams);
             tokio::spawn(async move {
+                let _slot = slot;
                 let reply = match forward(&query, &upstreams, mark).await {
                     Some(r) => Some(r),
                     None => servfail(&query),

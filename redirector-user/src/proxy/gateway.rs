@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::endpoint::Balancer;
 use crate::mesh::model::{GatewayTls, Protocol};
@@ -37,6 +37,14 @@ pub struct GatewayContext {
     pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
+    /// A request head not in by then (from the connection's opening or
+    /// its previous response) closes the connection.
+    pub header_read_timeout: Duration,
+    /// A TLS handshake not finished by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Connections one gateway port serves at once; more are closed as
+    /// they arrive.
+    pub max_connections: usize,
 }
 
 /// The acceptor of a port's HTTPS servers (`None` for plain HTTP), which
@@ -62,6 +70,7 @@ async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayCont
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listener =
         TcpListener::bind(addr).await.with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(ctx.max_connections));
     Ok(tokio::spawn(async move {
         loop {
             let (stream, client) = match listener.accept().await {
@@ -71,6 +80,10 @@ async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayCont
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                warn!(%client, port, limit = ctx.max_connections, "gateway connection limit reached; closing");
+                continue;
             };
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(addr);
@@ -89,15 +102,19 @@ async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayCont
                 metrics: Arc::clone(&ctx.metrics),
                 access_log: ctx.access_log,
                 source: None,
+                header_read_timeout: Some(ctx.header_read_timeout),
             };
+            let handshake = ctx.handshake_timeout;
             tokio::spawn(async move {
                 match acceptor {
                     None => l7::serve(stream, conn).await,
-                    Some(a) => match a.accept(stream).await {
-                        Ok(tls) => l7::serve(tls, conn).await,
-                        Err(e) => debug!(%client, error = %e, "gateway TLS handshake failed"),
+                    Some(a) => match tokio::time::timeout(handshake, a.accept(stream)).await {
+                        Ok(Ok(tls)) => l7::serve(tls, conn).await,
+                        Ok(Err(e)) => debug!(%client, error = %e, "gateway TLS handshake failed"),
+                        Err(_) => debug!(%client, "gateway TLS handshake timed out"),
                     },
                 }
+                drop(slot);
             });
         }
     }))

@@ -23,8 +23,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::copy::{until_idle, Tracked};
 use crate::identity::{CertStore, Identity};
 use crate::mesh::model::Protocol;
+use crate::proxy::caps::Caps;
 use crate::telemetry::connection::{ConnectionRecord, Ended, Side};
 use crate::telemetry::Metrics;
 use crate::transport::h2stream::H2Stream;
@@ -50,6 +52,10 @@ pub struct Inbound {
     pub own_ports: Arc<[u16]>,
     /// Destination-side L7, for HTTP-declared ports.
     pub l7: Arc<l7::Local>,
+    /// A delivered connection or tunnel on which nothing has moved for
+    /// this long is closed (`proxy.idleTimeout`, as outbound).
+    pub idle_timeout: Duration,
+    pub caps: InboundCaps,
 }
 
 impl Inbound {
@@ -76,26 +82,34 @@ impl Inbound {
         let side = Side::Inbound { peer, dst, workload, hbone: peer_id.is_some() };
         let record = ConnectionRecord::open(&self.metrics, labels, side, self.access_log, Instant::now())
             .principals(peer_id, self.workload.identity.as_ref());
+        // Both directions cross the app's socket: its activity is the
+        // connection's, for the idle timeout.
+        let (activity, epoch) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Instant::now());
         let (upstream_read, upstream_write) = upstream.split();
-        let r = match client {
-            Delivered::Plain(mut client) => {
-                let (client_read, client_write) = client.split();
-                tokio::try_join!(
-                    crate::copy::copy_one_way(client_read, upstream_write),
-                    crate::copy::copy_one_way(upstream_read, client_write),
-                )
-            }
-            // Straight between h2's frames and the app's socket.
-            Delivered::Hbone(tunnel) => {
-                let (mut from_peer, mut to_peer) = tunnel.into_split();
-                tokio::try_join!(
-                    crate::transport::h2stream::copy_out(&mut from_peer, upstream_write),
-                    crate::transport::h2stream::copy_into(upstream_read, &mut to_peer),
-                )
+        let upstream_read = Tracked::new(upstream_read, Arc::clone(&activity), epoch, Arc::default());
+        let upstream_write = Tracked::new(upstream_write, Arc::clone(&activity), epoch, Arc::default());
+        let copied = async {
+            match client {
+                Delivered::Plain(mut client) => {
+                    let (client_read, client_write) = client.split();
+                    tokio::try_join!(
+                        crate::copy::copy_one_way(client_read, upstream_write),
+                        crate::copy::copy_one_way(upstream_read, client_write),
+                    )
+                }
+                // Straight between h2's frames and the app's socket.
+                Delivered::Hbone(tunnel) => {
+                    let (mut from_peer, mut to_peer) = tunnel.into_split();
+                    tokio::try_join!(
+                        crate::transport::h2stream::copy_out(&mut from_peer, upstream_write),
+                        crate::transport::h2stream::copy_into(upstream_read, &mut to_peer),
+                    )
+                }
             }
         };
-        let ((request, response), ended) = match r {
-            Ok(bytes) => (bytes, Ended::Closed),
+        let ((request, response), ended) = match until_idle(copied, &activity, epoch, self.idle_timeout).await {
+            Ok(Some(bytes)) => (bytes, Ended::Closed),
+            Ok(None) => ((0, 0), Ended::IdleTimeout),
             Err(e) => ((0, 0), Ended::Failed(e)),
         };
         record.close(request, response, &ended);
@@ -167,11 +181,42 @@ enum Delivered {
 /// outside the mesh, steered here by the pod's inbound capture. STRICT
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
 pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
-    accept_until_stopped(listener, stop, "inbound", move |client, peer| {
+    let (caps, metrics) = (Arc::clone(&ctx.caps.plaintext), Arc::clone(&ctx.metrics));
+    accept_until_stopped(listener, stop, "inbound", caps, metrics, move |client, peer| {
         plaintext_connection(client, peer, Arc::clone(&ctx))
     })
     .await;
 }
+
+/// The caps of a pod's inbound listeners ([`crate::proxy::caps`]).
+pub struct InboundCaps {
+    /// Plaintext connections (15006), in total.
+    pub plaintext: Arc<Caps>,
+    /// HBONE connections (15008), in total and per peer address.
+    pub hbone: Arc<Caps>,
+    /// HBONE handshakes in progress (before the peer is authenticated), in
+    /// total and per peer address: a peer that opens connections and
+    /// never finishes them holds only its own share.
+    pub handshakes: Arc<Caps>,
+}
+
+impl InboundCaps {
+    /// Caps for at most `max_connections` connections per listener.
+    pub fn new(max_connections: usize) -> InboundCaps {
+        InboundCaps {
+            plaintext: Caps::new(max_connections, max_connections),
+            hbone: Caps::new(max_connections, HBONE_PER_PEER),
+            handshakes: Caps::new(HANDSHAKES, HANDSHAKES_PER_PEER),
+        }
+    }
+}
+
+/// HBONE connections from one peer address: a node multiplexes its pods'
+/// streams over a few; this leaves a wide margin.
+const HBONE_PER_PEER: usize = 256;
+/// HBONE handshakes in progress on one listener, and from one peer.
+const HANDSHAKES: usize = 512;
+const HANDSHAKES_PER_PEER: usize = 64;
 
 /// Accept until `stop` turns true; each connection's task ends with
 /// `stop` too (a pod that leaves has its connections closed).
@@ -179,6 +224,8 @@ async fn accept_until_stopped<F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     what: &'static str,
+    caps: Arc<Caps>,
+    metrics: Arc<Metrics>,
     handle: F,
 ) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
@@ -196,9 +243,18 @@ async fn accept_until_stopped<F, Fut>(
             },
             _ = stop.changed() => return,
         };
+        let Some(slot) = caps.admit(peer.ip()) else {
+            let refused = metrics.over_limit(what);
+            refused.inc();
+            if refused.get().is_power_of_two() {
+                warn!(%peer, listener = what, refused = refused.get(), "connection over the listener's cap or its peer's; closed (counted in redirector_connections_over_limit_total)");
+            }
+            continue;
+        };
         let conn = handle(tcp, peer);
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 () = conn => {}
                 _ = stop.changed() => {}
@@ -255,7 +311,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
             return;
         }
     };
-    accept_until_stopped(listener, stop, "HBONE", move |tcp, peer| {
+    let (caps, metrics) = (Arc::clone(&ctx.caps.hbone), Arc::clone(&ctx.metrics));
+    accept_until_stopped(listener, stop, "hbone", caps, metrics, move |tcp, peer| {
         serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx))
     })
     .await;
@@ -267,6 +324,11 @@ async fn serve_connection(
     tls: tokio_rustls::TlsAcceptor,
     ctx: Arc<Inbound>,
 ) {
+    let Some(handshaking) = ctx.caps.handshakes.admit(peer.ip()) else {
+        ctx.metrics.over_limit("hbone_handshakes").inc();
+        ctx.metrics.hbone_refused("handshakes_over_limit").inc();
+        return;
+    };
     let stream = match tokio::time::timeout(ctx.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -308,6 +370,7 @@ async fn serve_connection(
             return;
         }
     };
+    drop(handshaking);
     let dead = Arc::new(tokio::sync::Notify::new());
     let pinger = conn.ping_pong().map(|p| {
         tokio::spawn(crate::transport::h2stream::keep_alive(

@@ -127,6 +127,9 @@ pub(crate) async fn proxy_to(
                 metrics: Arc::clone(&settings.metrics),
                 access_log: settings.access_log,
                 source,
+                // A pod's keep-alive connections live as long as an idle
+                // L4 connection does (Envoy's idle timeout is an hour too).
+                header_read_timeout: Some(settings.idle_timeout),
             };
             drop(mesh);
             l7::serve(client_stream, ctx).await;

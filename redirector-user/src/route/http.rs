@@ -66,6 +66,10 @@ pub struct ConnContext {
     pub access_log: bool,
     /// The source workload (name, namespace), where known.
     pub source: Option<(String, String)>,
+    /// A request head not in by then, from the connection's opening or
+    /// its previous response, closes the connection (a slow client, or
+    /// one idle between requests); `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// Streams an HTTP/2 client may reset before they are answered, or make
@@ -81,7 +85,7 @@ pub async fn serve<S>(stream: S, ctx: ConnContext)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (ctx_client, ctx_port) = (ctx.client, ctx.original_dst.port());
+    let (ctx_client, ctx_port, head_timeout) = (ctx.client, ctx.original_dst.port(), ctx.header_read_timeout);
     let (back, returned) = tokio::sync::oneshot::channel();
     let io = TokioIo::new(Returned { io: Some(stream), back: Some(back) });
     let svc = hyper::service::service_fn(move |req| {
@@ -94,6 +98,9 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Request heads over 60 KiB get 431, as Envoy's default limit.
     builder.http1().max_buf_size(MAX_HEAD);
+    if let Some(t) = head_timeout {
+        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(t);
+    }
     // HTTP/2 from a pod: a client that opens streams and resets them before
     // they are answered (the "rapid reset" flood) loses its connection
     // (GOAWAY ENHANCE_YOUR_CALM) past MAX_PENDING_RESETS; at most

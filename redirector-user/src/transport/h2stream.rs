@@ -58,19 +58,22 @@ fn to_io(e: h2::Error) -> io::Error {
 }
 
 impl H2Reader {
-    /// The next DATA the peer sent; `None` once it has ended its side.
+    /// Give the peer back `n` bytes of window: called once they are written
+    /// onward (or handed to the reader), so a slow reader on our side
+    /// slows the peer instead of filling the proxy's memory.
+    fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    /// The next DATA the peer sent (its window not yet given back, see
+    /// [`H2Reader::release`]); `None` once it has ended its side.
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
             let next = match ready!(self.recv.poll_data(cx)) {
                 // END_STREAM: the peer's side is done.
                 None => Ok(None),
                 Some(Ok(data)) if data.is_empty() => continue,
-                Some(Ok(data)) => {
-                    // The window opens again as soon as the bytes are ours:
-                    // what the copy holds, not h2, bounds what is buffered.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    Ok(Some(data))
-                }
+                Some(Ok(data)) => Ok(Some(data)),
                 Some(Err(e)) => match e.reason() {
                     // A peer that cancels or ends cleanly ends the stream.
                     Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(None),
@@ -146,6 +149,7 @@ impl AsyncRead for H2Stream {
         }
         let n = reader.pending.len().min(buf.remaining());
         buf.put_slice(&reader.pending.split_to(n));
+        reader.release(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -220,6 +224,7 @@ pub async fn copy_out<W: AsyncWrite + Unpin>(from: &mut H2Reader, mut to: W) -> 
     let mut total = 0u64;
     while let Some(data) = std::future::poll_fn(|cx| from.poll_chunk(cx)).await? {
         to.write_all(&data).await?;
+        from.release(data.len());
         total += data.len() as u64;
     }
     to.shutdown().await?;

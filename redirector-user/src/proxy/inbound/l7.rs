@@ -100,6 +100,9 @@ pub struct Local {
     /// One access-log line per request.
     pub access_log: bool,
     pub app: AppClients,
+    /// A request head not in by then (from the connection's opening or
+    /// its previous response) closes the connection.
+    pub header_read_timeout: std::time::Duration,
 }
 
 /// One inbound HTTP connection: who it is from and where it goes.
@@ -122,6 +125,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
+    let head_timeout = ctx.header_read_timeout;
     let svc = hyper::service::service_fn(move |req| {
         let (conn, ctx) = (Arc::clone(&conn), Arc::clone(&ctx));
         async move { Ok::<_, Infallible>(handle(req, &conn, &ctx).await) }
@@ -129,7 +133,7 @@ where
     // A port declared HTTP that carries something else gets hyper's 400
     // and the connection closes.
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEAD);
+    builder.http1().max_buf_size(MAX_HEAD).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(head_timeout);
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         debug!(error = %e, "inbound HTTP connection ended with an error");
     }

@@ -166,6 +166,7 @@ impl Router {
                     metrics: Arc::clone(&metrics),
                     access_log: false,
                     source: None,
+                    header_read_timeout: None,
                 };
                 tokio::spawn(serve(tcp, ctx));
             }
