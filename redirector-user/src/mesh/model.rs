@@ -1922,4 +1922,39 @@ subsets: [{addresses: [{ip: 10.1.0.9}], ports: [{name: http, port: 80}]}]
         assert!(parse_duration("5").unwrap_err().contains("no unit"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
     }
+
+    /// A YAML string for `s` (quoted, escaped), to fill a document's hole.
+    fn q(s: &str) -> String {
+        serde_json::to_string(s).unwrap()
+    }
+
+    proptest::proptest! {
+        /// Any text as a file: documents or problems, never a panic; the
+        /// tolerant compile (the running agent's) never panics either.
+        #[test]
+        fn any_text_loads_or_is_reported(text in "(?s).{0,400}") {
+            let (mut docs, mut errors) = (Documents::default(), Vec::new());
+            crate::mesh::source_dir::load_text(std::path::Path::new("x.yaml"), &text, &mut docs, &mut errors);
+            let _ = Mesh::compile(&docs);
+            let _ = Mesh::compile_tolerant(&docs, None, &Scope::new("istio-system"));
+        }
+
+        /// Istio objects whose values are arbitrary (hosts, regexes,
+        /// durations, weights, ports, CIDRs, principals, exportTo): each
+        /// compiles or is reported, never a panic.
+        #[test]
+        fn istio_objects_with_any_values_compile_or_are_reported(
+            a in ".{0,30}", b in ".{0,30}", c in ".{0,30}",
+            n in proptest::num::i64::ANY, port in proptest::num::u16::ANY,
+        ) {
+            let (a, b, c) = (q(&a), q(&b), q(&c));
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.5, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [{a}, web]\n  exportTo: [{c}]\n  http:\n  - match: [{{uri: {{regex: {b}}}, headers: {{x: {{prefix: {c}}}}}, queryParams: {{q: {{exact: {a}}}}}}}]\n    timeout: {c}\n    retries: {{attempts: {n}, perTryTimeout: {b}, retryOn: {a}}}\n    fault: {{delay: {{fixedDelay: {b}, percentage: {{value: {n}}}}}}}\n    route: [{{destination: {{host: {a}, subset: {b}, port: {{number: {port}}}}}, weight: {n}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: {a}\n  exportTo: [{b}]\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: {n}}}}}, outlierDetection: {{consecutive5xxErrors: {n}, baseEjectionTime: {c}}}, loadBalancer: {{consistentHash: {{httpHeaderName: {b}}}}}}}\n  subsets: [{{name: {b}, labels: {{version: {c}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s}}\nspec: {{hosts: [{b}], addresses: [{c}], ports: [{{number: {port}, name: {a}}}], resolution: {a}, endpoints: [{{address: {c}}}], exportTo: [{a}]}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g}}\nspec: {{servers: [{{port: {{number: {port}, name: {a}, protocol: {b}}}, hosts: [{c}], tls: {{mode: {a}, credentialName: {b}}}}}]}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec:\n  action: {a}\n  rules:\n  - from: [{{source: {{principals: [{b}], ipBlocks: [{c}], namespaces: [{a}]}}}}]\n    to: [{{operation: {{ports: [{b}], paths: [{c}], hosts: [{a}]}}}}]\n    when: [{{key: {a}, values: [{b}]}}]\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default}}\nspec: {{mtls: {{mode: {b}}}, portLevelMtls: {{{port}: {{mode: {c}}}}}}}\n"
+            );
+            let (mut docs, mut errors) = (Documents::default(), Vec::new());
+            crate::mesh::source_dir::load_text(std::path::Path::new("x.yaml"), &yaml, &mut docs, &mut errors);
+            let _ = Mesh::compile(&docs);
+            let _ = Mesh::compile_tolerant(&docs, Some(&docs), &Scope::new("istio-system"));
+        }
+    }
 }

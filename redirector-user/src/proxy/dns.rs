@@ -235,4 +235,25 @@ mod tests {
         assert!(ask(&m, "httpbin", RecordType::AAAA).unwrap().answers.is_empty());
         assert!(ask(&m, "example.org", RecordType::A).is_none(), "not a mesh name: forwarded");
     }
+
+    proptest::proptest! {
+        /// Any datagram: an answer, or nothing to say (forwarded), never a
+        /// panic; a query for any name of the mesh's shape likewise.
+        #[test]
+        fn any_datagram_is_answered_or_forwarded(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let m = mesh();
+            let _ = answer(&m, &bytes, None);
+            let _ = answer(&m, &bytes, Some("bookinfo"));
+        }
+
+        #[test]
+        fn a_query_for_any_name_is_answered_or_forwarded(labels in proptest::collection::vec("[a-z0-9-]{1,20}", 1..6), t in 0u16..300) {
+            let m = mesh();
+            if let Ok(name) = Name::from_ascii(labels.join(".")) {
+                let mut q = Message::query();
+                q.add_query(Query::query(name, RecordType::from(t)));
+                let _ = answer(&m, &q.to_vec().unwrap(), Some("default"));
+            }
+        }
+    }
 }

@@ -147,7 +147,6 @@ impl Inbound {
         mesh.workload_at(ip)
     }
 
-    /// Whether plaintext is accepted on `port` (PeerAuthentication).
     /// A destination on one of the proxy's own ports is a self-call: the
     /// proxy would dial its own listener in the pod, again and again (each
     /// hop a new connection to the same address), or nest a second hop
@@ -162,6 +161,7 @@ impl Inbound {
         true
     }
 
+    /// Whether plaintext is accepted on `port` (PeerAuthentication).
     pub fn accepts_plaintext(&self, port: u16) -> bool {
         let mesh = self.mesh.current();
         mesh.pods
@@ -423,6 +423,12 @@ fn h2_failed(ctx: &Inbound, peer: SocketAddr, peer_id: &Identity, e: &h2::Error)
     }
 }
 
+/// Where a CONNECT goes: its authority, which must be `ip:port` (HBONE
+/// names addresses, never host names).
+pub(crate) fn connect_target(uri: &hyper::Uri) -> Option<SocketAddr> {
+    uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+}
+
 /// Answer a CONNECT that is not carried out.
 fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: StatusCode) {
     let mut r = Response::new(());
@@ -440,7 +446,7 @@ async fn tunnel_inbound(
     if req.method() != Method::CONNECT {
         return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+    let Some(dst) = connect_target(req.uri()) else {
         warn!(%peer, peer_identity = %peer_id, uri = %req.uri(), "HBONE CONNECT without an ip:port authority; refused");
         return refuse(respond, StatusCode::BAD_REQUEST);
     };
@@ -487,4 +493,29 @@ async fn tunnel_inbound(
     };
     let tunnel = H2Stream::new(send, req.into_body());
     ctx.deliver(Delivered::Hbone(tunnel), upstream, peer, Some(&peer_id), dst, source.as_ref()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Any CONNECT authority and any `Forwarded` header: an address or
+        /// nothing, never a panic; an `ip:port` is read back exactly.
+        #[test]
+        fn any_connect_authority_is_an_address_or_refused(authority in "[ -~]{0,60}", forwarded in "[ -~]{0,80}") {
+            if let Ok(uri) = hyper::Uri::builder().authority(authority.as_str()).build() {
+                let _ = connect_target(&uri);
+            }
+            let _ = crate::transport::hbone::forwarded_ip(&forwarded);
+        }
+
+        #[test]
+        fn an_address_and_port_are_read_back(ip in proptest::num::u32::ANY, v6 in proptest::num::u128::ANY, port in proptest::num::u16::ANY) {
+            for addr in [SocketAddr::from((std::net::Ipv4Addr::from(ip), port)), SocketAddr::from((std::net::Ipv6Addr::from(v6), port))] {
+                let uri = hyper::Uri::builder().authority(addr.to_string().as_str()).build().unwrap();
+                proptest::prop_assert_eq!(connect_target(&uri), Some(addr));
+            }
+        }
+    }
 }

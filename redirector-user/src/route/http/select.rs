@@ -254,4 +254,24 @@ spec:
             vec![("a".into(), "1".into()), ("b".into(), String::new()), ("c".into(), String::new())]
         );
     }
+
+    proptest::proptest! {
+        /// Any request head a client can send selects a rule or answers
+        /// no route: regexes, prefixes, headers and query parameters over
+        /// arbitrary text never panic.
+        #[test]
+        fn any_request_head_selects_or_answers_no_route(
+            method in "[A-Z]{1,10}",
+            path in "/[!-~]{0,80}",
+            header in "[ -~]{0,80}",
+            host in "[a-z0-9.:-]{0,40}",
+        ) {
+            let m = compile(MESH);
+            let Ok(req) = Request::builder().method(method.as_str()).uri(path.as_str()).header("x-canary", header.as_str()).header("host", host.as_str()).body(()) else {
+                return Ok(());
+            };
+            let _ = select(&m, Some(web(&m)), None, Some("default"), &req, 80);
+            let _ = select(&m, None, Some(8080), None, &req, 8080);
+        }
+    }
 }
