@@ -101,10 +101,29 @@ pub async fn serve(
     }
 }
 
+/// Why the agent is not ready, from its node status: the cluster not yet
+/// listed (so pods it should serve may be unknown), or pods held until
+/// their listeners are open. The capture is attached and the host
+/// listeners open before this server starts.
+fn not_ready(node: &serde_json::Value) -> Option<String> {
+    if node["kubernetes"].is_object() && node["kubernetes"]["synced"] != true {
+        return Some("the cluster's objects are not yet listed".into());
+    }
+    let held: Vec<&str> =
+        node["held"].as_array().map(|a| a.iter().filter_map(|p| p.as_str()).collect()).unwrap_or_default();
+    if !held.is_empty() {
+        return Some(format!("{} pod(s) held until their listeners are open: {}", held.len(), held.join(", ")));
+    }
+    None
+}
+
 fn route(req: &Request<hyper::body::Incoming>, role: Role, src: &Sources) -> Response<Full<Bytes>> {
     let json = |v: Vec<u8>| (StatusCode::OK, v, "application/json");
     let (status, body, ctype) = match (role, req.uri().path()) {
-        (_, "/healthz/ready") => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
+        (_, "/healthz/ready") => match not_ready(&(src.node)()) {
+            None => (StatusCode::OK, b"ready\n".to_vec(), "text/plain"),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n").into_bytes(), "text/plain"),
+        },
         (Role::Admin, "/stats") => json(serde_json::to_vec(&src.stats.snapshot()).expect("serializable")),
         (Role::Admin, "/config_dump") => {
             let mut dump = config_dump::dump(&src.mesh.current(), &|host, ip| src.balancer.is_ejected(host, ip));
@@ -146,4 +165,21 @@ pub fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 /// Fetch `/stats` from a running agent (blocking; for the CLI).
 pub fn fetch_stats(addr: SocketAddr) -> std::io::Result<StatsSnapshot> {
     serde_json::from_str(&fetch(addr, "/stats")?).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_ready;
+    use serde_json::json;
+
+    /// Ready only once the cluster is listed and no pod is held.
+    #[test]
+    fn readiness_waits_for_the_cluster_and_the_held_pods() {
+        assert_eq!(not_ready(&json!({"kubernetes": null, "held": []})), None);
+        let unsynced = not_ready(&json!({"kubernetes": {"synced": false}, "held": []})).unwrap();
+        assert!(unsynced.contains("not yet listed"), "{unsynced}");
+        let held = not_ready(&json!({"kubernetes": {"synced": true}, "held": ["default/a2"]})).unwrap();
+        assert!(held.contains("1 pod(s) held") && held.contains("default/a2"), "{held}");
+        assert_eq!(not_ready(&json!({"kubernetes": {"synced": true}, "held": []})), None);
+    }
 }

@@ -497,6 +497,17 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
             && status.contains("HELD default/a2: no process runs in the pod's containers yet"),
         "{status}"
     );
+    // Readiness (15021) says not ready while a pod is held.
+    let ready = |c: &Cluster| {
+        let out = c.output(c.in_node(
+            0,
+            "curl",
+            &["-s", "-w", " %{http_code}", "--max-time", "5", "http://127.0.0.1:15021/healthz/ready"],
+        ));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let r = ready(&c);
+    assert!(r.ends_with("503") && r.contains("held") && r.contains("default/a2"), "{r}");
     // A process of a2 the agent cannot serve (it runs in the node's
     // network namespace, where b1 is reachable directly).
     std::fs::create_dir_all(&a2).unwrap();
@@ -535,6 +546,14 @@ fn pods_found_from_their_uid_are_captured(mode: &'static str) {
     assert!(
         !std::fs::read_to_string(pod_cgroup.join("cgroup.events")).unwrap().contains("frozen 1"),
         "a served pod stays frozen"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let r = ready(&c);
+            r.starts_with("ready") && r.ends_with("200")
+        }),
+        "{}",
+        ready(&c)
     );
     let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "curl a2 -> b1: {err}\n{}", logs(&c));
