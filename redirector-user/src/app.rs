@@ -115,8 +115,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), rx.clone()));
     }
     let kube_status = kube.map(|(client, watched, warnings)| {
-        let (task, status) =
-            crate::mesh::kubernetes::spawn(client, watched, warnings, cfg.scope(), mesh.clone(), rx.clone());
+        let (task, status) = {
+            // From the cluster, Gateway certificate files only from the
+            // directories the settings name (none unless set).
+            let mut scope = cfg.scope();
+            scope.certificate_dirs.get_or_insert_with(Vec::new);
+            crate::mesh::kubernetes::spawn(client, watched, warnings, scope, mesh.clone(), rx.clone())
+        };
         tasks.push(task);
         status
     });

@@ -52,6 +52,7 @@ struct RawMesh {
     default_service_export_to: Option<Vec<String>>,
     default_virtual_service_export_to: Option<Vec<String>>,
     default_destination_rule_export_to: Option<Vec<String>>,
+    gateway_certificate_dirs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -214,13 +215,21 @@ pub struct AgentConfig {
     /// `mesh.defaultServiceExportTo`, `defaultVirtualServiceExportTo`,
     /// `defaultDestinationRuleExportTo` (empty: `*`, as Istio's).
     pub exports: crate::mesh::export::ExportDefaults,
+    /// `mesh.gatewayCertificateDirs`: where a Gateway's certificate files
+    /// may be (unset: anywhere from a directory source, nowhere from the
+    /// cluster).
+    pub gateway_certificate_dirs: Option<Vec<PathBuf>>,
 }
 
 impl AgentConfig {
     /// What the agent compiles the mesh for: its namespace and the
     /// exportTo defaults.
     pub fn scope(&self) -> crate::mesh::Scope {
-        crate::mesh::Scope { namespace: self.namespace.clone(), exports: self.exports.clone() }
+        crate::mesh::Scope {
+            namespace: self.namespace.clone(),
+            exports: self.exports.clone(),
+            certificate_dirs: self.gateway_certificate_dirs.clone(),
+        }
     }
 }
 
@@ -441,6 +450,10 @@ impl AgentConfig {
                 .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
                 .unwrap_or_else(host_name),
             namespace: agent_namespace(),
+            gateway_certificate_dirs: raw
+                .mesh
+                .gateway_certificate_dirs
+                .map(|v| v.into_iter().filter(|s| !s.is_empty()).map(PathBuf::from).collect()),
             exports: {
                 let field = |name: &'static str, v: &Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
                     let v = v.clone().unwrap_or_default();

@@ -523,7 +523,13 @@ fn percent(p: &Option<Percent>, origin: &Origin, field: &str, ctx: &mut Ctx) -> 
 /// A gateway server's `serverCertificate` and `privateKey` files, read
 /// and checked now; a missing or unreadable file, or a key that does not
 /// match, rejects the configuration (the user named the files).
-fn tls_files(t: &ServerTls, origin: &Origin, field: &str, ctx: &mut Ctx) -> Option<GatewayTls> {
+fn tls_files(
+    t: &ServerTls,
+    origin: &Origin,
+    field: &str,
+    dirs: Option<&[std::path::PathBuf]>,
+    ctx: &mut Ctx,
+) -> Option<GatewayTls> {
     let mut read = |path: &Option<String>, name: &str| -> Option<Vec<u8>> {
         let path = path.as_deref().unwrap_or_default();
         if path.is_empty() {
@@ -533,6 +539,22 @@ fn tls_files(t: &ServerTls, origin: &Origin, field: &str, ctx: &mut Ctx) -> Opti
                 "missing; name the PEM file, or the Secret in credentialName",
             );
             return None;
+        }
+        if let Some(dirs) = dirs {
+            // The file itself, links resolved, must lie under an allowed
+            // directory (so `..` and symlinks cannot leave it).
+            let real = std::fs::canonicalize(path).ok();
+            let allowed = real
+                .as_ref()
+                .is_some_and(|r| dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| r.starts_with(&d)));
+            if !allowed {
+                ctx.error(
+                    origin,
+                    format!("{field}.tls.{name}"),
+                    format!("{path} is not under a directory of mesh.gatewayCertificateDirs in the agent settings; use credentialName (a TLS Secret of the gateway's namespace), or list its directory there"),
+                );
+                return None;
+            }
         }
         std::fs::read(path)
             .map_err(|e| ctx.error(origin, format!("{field}.tls.{name}"), format!("cannot read {path}: {e}")))
@@ -670,12 +692,17 @@ fn effective_policy(
 pub struct Scope {
     pub namespace: String,
     pub exports: ExportDefaults,
+    /// Where a Gateway's `serverCertificate` and `privateKey` files may
+    /// be: `None`, anywhere (a dev box's own YAML); otherwise only under
+    /// these directories (from the cluster a Gateway is a tenant's word,
+    /// and must not name the agent's own keys).
+    pub certificate_dirs: Option<Vec<std::path::PathBuf>>,
 }
 
 impl Scope {
     /// An agent in `namespace` with Istio's defaults (everything exported).
     pub fn new(namespace: &str) -> Scope {
-        Scope { namespace: namespace.to_string(), exports: ExportDefaults::default() }
+        Scope { namespace: namespace.to_string(), exports: ExportDefaults::default(), certificate_dirs: None }
     }
 }
 
@@ -811,7 +838,7 @@ impl Mesh {
             mesh.add_destination_rule(d, exports, &mut ctx);
         }
         for g in &docs.gateways {
-            mesh.add_gateway(g, docs, &scope.namespace, &mut ctx);
+            mesh.add_gateway(g, docs, &scope.namespace, scope.certificate_dirs.as_deref(), &mut ctx);
         }
         for v in &docs.virtual_services {
             mesh.add_virtual_service(v, exports, &mut ctx);
@@ -1514,7 +1541,14 @@ impl Mesh {
         }
     }
 
-    fn add_gateway(&mut self, g: &Doc<GatewaySpec>, docs: &Documents, gateway_namespace: &str, ctx: &mut Ctx) {
+    fn add_gateway(
+        &mut self,
+        g: &Doc<GatewaySpec>,
+        docs: &Documents,
+        gateway_namespace: &str,
+        certificate_dirs: Option<&[std::path::PathBuf]>,
+        ctx: &mut Ctx,
+    ) {
         let mut seen: BTreeMap<u16, (String, usize)> = BTreeMap::new();
         for (i, s) in g.spec.servers.iter().enumerate() {
             let proto = s.port.protocol.clone().unwrap_or_default().to_ascii_uppercase();
@@ -1573,7 +1607,7 @@ impl Mesh {
                 ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("SIMPLE") == "SIMPLE" => {
                     let tls = match &t.credential_name {
                         Some(secret) => credential(secret, docs, gateway_namespace, &g.origin, &field, ctx),
-                        None => tls_files(t, &g.origin, &field, ctx),
+                        None => tls_files(t, &g.origin, &field, certificate_dirs, ctx),
                     };
                     let Some(tls) = tls else { continue };
                     Some(tls)
@@ -1956,5 +1990,37 @@ subsets: [{addresses: [{ip: 10.1.0.9}], ports: [{name: http, port: 80}]}]
             let _ = Mesh::compile(&docs);
             let _ = Mesh::compile_tolerant(&docs, Some(&docs), &Scope::new("istio-system"));
         }
+    }
+
+    /// From the cluster, a Gateway cannot name the agent's own files: a
+    /// certificate path outside the allowed directories (directly, or
+    /// through `..` or a link from inside one) is an error naming the
+    /// field and the setting.
+    #[test]
+    fn a_gateway_cannot_read_files_outside_the_allowed_directories() {
+        let base = std::env::temp_dir().join(format!("redirector-gw-dirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (allowed, outside) = (base.join("certs"), base.join("ca"));
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("ca-key.pem"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::os::unix::fs::symlink(outside.join("ca-key.pem"), allowed.join("link.pem")).unwrap();
+        let mut scope = Scope::new("istio-system");
+        scope.certificate_dirs = Some(vec![allowed.clone()]);
+        for path in [outside.join("ca-key.pem"), allowed.join("../ca/ca-key.pem"), allowed.join("link.pem")] {
+            let yaml = format!(
+                "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g, namespace: evil}}\nspec:\n  servers:\n  - port: {{number: 8443, name: https, protocol: HTTPS}}\n    hosts: ['*']\n    tls: {{mode: SIMPLE, serverCertificate: {p}, privateKey: {p}}}\n",
+                p = path.display()
+            );
+            let (mut docs, mut errors) = (Documents::default(), Vec::new());
+            load_text(std::path::Path::new("g.yaml"), &yaml, &mut docs, &mut errors);
+            let e = Mesh::compile_in(&docs, &scope).unwrap_err();
+            assert!(
+                e.iter().any(|p| p.field == "spec.servers[0].tls.serverCertificate"
+                    && p.reason.contains("mesh.gatewayCertificateDirs")),
+                "{path:?}: {e:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
