@@ -101,6 +101,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pod_server,
         mesh.clone(),
         Arc::clone(&certs),
+        crate::config::agent_identity(cfg),
         rx.clone(),
     ))];
     let stats = Arc::new(ProxyStats::default());
@@ -120,6 +121,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             // directories the settings name (none unless set).
             let mut scope = cfg.scope();
             scope.certificate_dirs.get_or_insert_with(Vec::new);
+            // and host ports only for the agent's own namespace's Gateways
+            // unless the settings say more.
+            scope.gateway_namespaces.get_or_insert_with(|| vec![scope.namespace.clone()]);
             crate::mesh::kubernetes::spawn(client, watched, warnings, scope, mesh.clone(), rx.clone())
         };
         tasks.push(task);
@@ -229,7 +233,10 @@ impl Shared {
     fn new(cfg: &AgentConfig, mesh: &MeshHandle, certs: &Arc<CertStore>) -> Shared {
         let hbone = crate::transport::hbone::Pool::new(Arc::clone(certs), cfg.proxy_mark, cfg.connect_timeout);
         let transport = Transport { mark: cfg.proxy_mark, connect_timeout: cfg.connect_timeout, hbone: Some(hbone) };
-        let host_identity = crate::identity::Identity::new(&cfg.trust_domain, "default", "default");
+        // What the agent's own namespace sends (the node's, in a cluster):
+        // the agent's identity, which no tenant's policy names by accident
+        // (not `default/default`, a tenant's).
+        let host_identity = crate::config::agent_identity(cfg);
         let host_workload = Arc::new(WorkloadNet::host(Some(host_identity)));
         let upstreams = Upstreams::new(crate::transport::http_client::Connector {
             transport: transport.clone(),

@@ -36,6 +36,8 @@ pub type Undo = Box<dyn FnOnce() + Send + Sync>;
 /// A pod's proxy listeners, as inbound steering needs them.
 pub struct PodListeners<'a> {
     pub inbound: &'a tokio::net::TcpListener,
+    /// The IPv6 plaintext listener, where the pod's namespace has IPv6.
+    pub inbound6: Option<&'a tokio::net::TcpListener>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub hbone_port: u16,
@@ -175,11 +177,9 @@ impl Capture for Ebpf {
 
     fn steer_inbound(&self, pod: &WorkloadNet, listeners: &PodListeners<'_>) -> Result<Undo> {
         let ns = Arc::clone(pod.netns.as_ref().context("an in-pod workload has a namespace")?);
-        // sk_lookup for IPv4 pods on kernels that have it; otherwise the nat
-        // rule, as ztunnel's in-pod mode does.
-        let Some(steering) =
-            self.steering.as_ref().filter(|_| !pod.ips.is_empty() && pod.ips.iter().all(std::net::IpAddr::is_ipv4))
-        else {
+        // sk_lookup, both families, on kernels that have it; otherwise the
+        // nat rules (iptables and ip6tables), as ztunnel's in-pod mode does.
+        let Some(steering) = self.steering.as_ref().filter(|_| !pod.ips.is_empty()) else {
             return nat_steering(ns, &self.cfg, false);
         };
         // Rules an iptables-mode agent left in this namespace go first.
@@ -191,7 +191,14 @@ impl Capture for Ebpf {
             _pad: 0,
         };
         steering
-            .steer(ns.as_fd(), ns.inode, &pod.ips, listeners.inbound.as_fd(), ports)
+            .steer(
+                ns.as_fd(),
+                ns.inode,
+                &pod.ips,
+                listeners.inbound.as_fd(),
+                listeners.inbound6.map(AsFd::as_fd),
+                ports,
+            )
             .context("steering the pod's inbound connections (sk_lookup)")?;
         let (steering, inode, ips) = (Arc::clone(steering), ns.inode, pod.ips.clone());
         Ok(Box::new(move || steering.unsteer(inode, &ips)))

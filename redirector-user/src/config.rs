@@ -53,6 +53,7 @@ struct RawMesh {
     default_virtual_service_export_to: Option<Vec<String>>,
     default_destination_rule_export_to: Option<Vec<String>>,
     gateway_certificate_dirs: Option<Vec<String>>,
+    gateway_namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -219,6 +220,10 @@ pub struct AgentConfig {
     /// may be (unset: anywhere from a directory source, nowhere from the
     /// cluster).
     pub gateway_certificate_dirs: Option<Vec<PathBuf>>,
+    /// `mesh.gatewayNamespaces`: the namespaces whose Gateways may open
+    /// ports on the node (unset: any from a directory source, the agent's
+    /// own from the cluster; `*`: any).
+    pub gateway_namespaces: Option<Vec<String>>,
 }
 
 impl AgentConfig {
@@ -229,6 +234,7 @@ impl AgentConfig {
             namespace: self.namespace.clone(),
             exports: self.exports.clone(),
             certificate_dirs: self.gateway_certificate_dirs.clone(),
+            gateway_namespaces: self.gateway_namespaces.clone(),
         }
     }
 }
@@ -238,6 +244,22 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 
 /// The environment variable naming the agent's namespace (downward API).
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+
+/// The environment variable naming the agent's service account (downward
+/// API `spec.serviceAccountName`).
+pub const ENV_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+
+/// The agent's own service account: `SERVICE_ACCOUNT`, else `redirector`
+/// (the DaemonSet's). Traffic the agent captures in its own namespace (the
+/// node's, in a cluster) speaks as this identity, never as a tenant's.
+pub fn agent_service_account() -> String {
+    std::env::var(ENV_SERVICE_ACCOUNT).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "redirector".into())
+}
+
+/// The agent's own identity: its service account in its namespace.
+pub fn agent_identity(cfg: &AgentConfig) -> crate::identity::Identity {
+    crate::identity::Identity::new(&cfg.trust_domain, &cfg.namespace, &agent_service_account())
+}
 
 /// The agent's namespace: `POD_NAMESPACE`, else `istio-system`.
 pub fn agent_namespace() -> String {
@@ -454,6 +476,20 @@ impl AgentConfig {
                 .mesh
                 .gateway_certificate_dirs
                 .map(|v| v.into_iter().filter(|s| !s.is_empty()).map(PathBuf::from).collect()),
+            gateway_namespaces: match raw.mesh.gateway_namespaces {
+                Some(v) => {
+                    for n in &v {
+                        if n != "*" && !crate::mesh::export::is_namespace_name(n) {
+                            return Err(invalid(
+                                "mesh.gatewayNamespaces",
+                                format!("{n:?} is not a namespace name; list namespaces, or \"*\" for any"),
+                            ));
+                        }
+                    }
+                    Some(v)
+                }
+                None => None,
+            },
             exports: {
                 let field = |name: &'static str, v: &Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
                     let v = v.clone().unwrap_or_default();

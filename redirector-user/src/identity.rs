@@ -319,19 +319,25 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
     let werr = |path: &Path, source| IdentityError::Write { path: path.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
     let (pem, key_pem) = self_signed_ca_pem(trust_domain)?;
+    // Never through a link planted in the directory, and the key's mode
+    // is 0600 also when the file was there before.
+    let open = |p: &Path, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+            .and_then(|f| f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode)).map(|()| f))
+            .map_err(|e| werr(p, e))
+    };
     for name in [CA_CERT_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
         let p = dir.join(name);
-        std::fs::write(&p, &pem).map_err(|e| werr(&p, e))?;
+        open(&p, 0o644)?.write_all(pem.as_bytes()).map_err(|e| werr(&p, e))?;
     }
     let p = dir.join(CA_KEY_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&p)
-        .map_err(|e| werr(&p, e))?;
-    f.write_all(key_pem.as_bytes()).map_err(|e| werr(&p, e))?;
+    open(&p, 0o600)?.write_all(key_pem.as_bytes()).map_err(|e| werr(&p, e))?;
     Ok(())
 }
 
@@ -437,6 +443,28 @@ pub fn now() -> UnixTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// L9: the CA files are never written through a link planted in the
+    /// directory, and an existing key file is left 0600.
+    #[test]
+    fn the_ca_files_are_not_written_through_links_and_the_key_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("redirector-ca-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join(CA_KEY_FILE)).unwrap();
+        assert!(write_self_signed_ca(&dir, "cluster.local").is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        std::fs::write(dir.join(CA_KEY_FILE), "old").unwrap();
+        std::fs::set_permissions(dir.join(CA_KEY_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_self_signed_ca(&dir, "cluster.local").unwrap();
+        let mode = std::fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("redirector-identity-{name}-{}", std::process::id()));

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -81,15 +81,29 @@ pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
 /// The listeners the proxy opens in a pod's namespace.
 pub struct PodListeners {
     pub outbound: tokio::net::TcpListener,
+    /// Plaintext inbound (15006), IPv4.
     pub inbound: tokio::net::TcpListener,
+    /// Plaintext inbound, IPv6 only; `None` where the pod's namespace has
+    /// no IPv6 (then its IPv6 connections, if any, are refused).
+    pub inbound6: Option<tokio::net::TcpListener>,
     pub hbone: tokio::net::TcpListener,
+    pub hbone6: Option<tokio::net::TcpListener>,
 }
 
 pub fn open_listeners(w: &WorkloadNet, outbound: u16, inbound: u16, hbone: u16) -> io::Result<PodListeners> {
+    // One listener per family, each seeing its own family's addresses
+    // (no v4-mapped addresses to unwrap).
+    let v6 = |port: u16| match w.listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) => Ok(None),
+        Err(e) => Err(e),
+    };
     Ok(PodListeners {
         outbound: w.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, outbound)))?,
         inbound: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound)))?,
+        inbound6: v6(inbound)?,
         hbone: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, hbone)))?,
+        hbone6: v6(hbone)?,
     })
 }
 
@@ -256,15 +270,29 @@ impl InPod {
         );
         let path = netns.path.display().to_string();
         let path = path.as_str();
+        // Every address of the pod is steered: the API's (`podIPs`, both
+        // families) and whatever its interfaces carry (a second network,
+        // IPv6 link-local), so no address reaches the app past policy.
+        let mut ips = p.ips.clone();
+        let found = netns
+            .run(crate::sys::netns::interface_addresses)
+            .and_then(|r| r)
+            .context("listing the addresses of the pod's interfaces")?;
+        for ip in found {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
         let w = Arc::new(WorkloadNet::pod(
             Arc::new(netns),
             p.name.clone(),
             p.namespace.clone(),
             Some(Identity::new(trust_domain, &p.namespace, &p.service_account)),
-            p.ips.clone(),
+            ips,
         ));
+        let ips = w.ips.clone();
         let h = server.start(p, w, cgroups)?;
-        info!(pod = %format!("{}/{}", p.namespace, p.name), netns = path, ips = ?p.ips, "pod enrolled: listeners open in its network namespace");
+        info!(pod = %format!("{}/{}", p.namespace, p.name), netns = path, ips = ?ips, "pod enrolled: listeners open in its network namespace");
         Ok(h)
     }
 

@@ -247,7 +247,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => (|| {
+            // Before any thread: the threads inherit it.
+            let entered = redirector::sys::cgroup::enter_host_cgroup_namespace();
             init_logging(a.log_format == "json");
+            match entered {
+                Ok(true) => {
+                    tracing::info!("entered the host's cgroup namespace (the agent was started in a private one)");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot enter the host's cgroup namespace; cgroups are named as this namespace shows them");
+                }
+            }
             let mut config = match &a.config {
                 Some(p) => AgentConfig::load(p)?,
                 None => AgentConfig::embedded(),

@@ -77,9 +77,13 @@ impl AgentState {
         std::fs::rename(&tmp, &path).map_err(werr)
     }
 
-    /// Whether the process that wrote this record is alive.
+    /// Whether the process that wrote this record is alive, and still an
+    /// agent: a pid reused by another process after a crash is not ours to
+    /// signal.
     pub fn agent_running(&self) -> bool {
         pid_alive(self.pid)
+            && std::fs::read_to_string(format!("/proc/{}/comm", self.pid))
+                .is_ok_and(|c| c.trim_end().starts_with("redirector"))
     }
 }
 

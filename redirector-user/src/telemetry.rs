@@ -92,10 +92,13 @@ impl Labels {
         }
     }
 
-    /// A connection to no mesh service (Istio's PassthroughCluster).
-    pub fn passthrough(dst: std::net::SocketAddr) -> Labels {
+    /// A connection to no mesh service (Istio's PassthroughCluster). The
+    /// destination address is not a label: a pod that dials many
+    /// addresses would grow one series per address, for good (the access
+    /// log names it).
+    pub fn passthrough() -> Labels {
         Labels {
-            destination_service: Cow::Owned(dst.ip().to_string()),
+            destination_service: Cow::Borrowed("unknown"),
             destination_service_name: Cow::Borrowed("PassthroughCluster"),
             ..NOTHING_KNOWN
         }

@@ -74,6 +74,10 @@ pub fn server_config(store: &Arc<CertStore>, identity: &Identity) -> Result<Arc<
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Presents { store: Arc::clone(store), identity: identity.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection proves its certificate afresh (a
+    // resumed session would carry a rotated or removed identity on).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 

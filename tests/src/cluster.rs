@@ -45,6 +45,9 @@ pub struct Pod {
     pub node: usize,
     pub ns: String,
     pub ip: String,
+    /// IPv6 addresses listed in the pod's `status.podIPs` after `ip`
+    /// (see [`Cluster::dual_stack`]).
+    pub ips6: Vec<String>,
     pub cgroup: PathBuf,
 }
 
@@ -70,6 +73,19 @@ pub struct Cluster {
     /// Per node: a kubeconfig; the agents then read the cluster from that
     /// API server (`run --kubernetes`) instead of their YAML directory.
     pub kubeconfigs: Option<Vec<PathBuf>>,
+    /// Start each agent as a DaemonSet pod's container runs: in a cgroup
+    /// of its own (`<node cgroup>/agent-pod`) under a private cgroup
+    /// namespace.
+    pub agent_in_pod_cgroup: bool,
+}
+
+/// A pod's `podIPs` lines (nothing for a single-stack pod, as a
+/// single-stack cluster's API server may leave it out).
+fn pod_ips(p: &Pod) -> String {
+    if p.ips6.is_empty() {
+        return String::new();
+    }
+    std::iter::once(&p.ip).chain(&p.ips6).map(|a| format!("  - ip: {a}\n")).fold("  podIPs:\n".into(), |s, l| s + &l)
 }
 
 pub const POD_NAMES: [(&str, usize); 4] = [("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)];
@@ -115,6 +131,7 @@ impl Cluster {
             kubernetes_layout,
             late: Vec::new(),
             kubeconfigs: None,
+            agent_in_pod_cgroup: false,
         };
         for (i, n) in ["node-a", "node-b"].iter().enumerate() {
             let node = Node {
@@ -180,6 +197,7 @@ impl Cluster {
                 node: *node,
                 ns: format!("{name}p{p}"),
                 ip: format!("198.18.{subnet}.{}", base + 2),
+                ips6: Vec::new(),
                 cgroup,
             };
             let gw = format!("198.18.{subnet}.{}", base + 1);
@@ -214,6 +232,25 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Make a pod dual-stack, as a CNI does: an IPv6 address on its eth0
+    /// (listed in `status.podIPs`) with its node's side on the veth, and a
+    /// second IPv6 address the API does not list (a second network's, as
+    /// Multus adds). Addresses from 2001:2::/48 (RFC 5180). Returns
+    /// (listed, unlisted).
+    pub fn dual_stack(&mut self, pod: &str) -> Result<(String, String)> {
+        let k = POD_NAMES.iter().position(|(p, _)| *p == pod).context("a pod of the cluster")?;
+        let p = &self.pods[k];
+        let prefix = format!("2001:2:{}:{k}", p.node + 1);
+        let (listed, unlisted) = (format!("{prefix}::2"), format!("{prefix}::12"));
+        let node_ns = &self.nodes[p.node].ns;
+        for a in [&listed, &unlisted] {
+            ip(&["-n", &p.ns, "-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
+        }
+        ip(&["-n", node_ns, "-6", "addr", "add", &format!("{prefix}::1/64"), "dev", &format!("veth-{pod}"), "nodad"])?;
+        self.pods[k].ips6.push(listed.clone());
+        Ok((listed, unlisted))
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).expect("a pod of the cluster")
     }
@@ -236,18 +273,19 @@ impl Cluster {
         if self.kubernetes_layout {
             // As the API server has it: UID and node, nothing of ours.
             return format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    app: {name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  phase: Running\n  podIP: {ip}\n  hostIP: {host}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    app: {name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  phase: Running\n  podIP: {ip}\n{ips}  hostIP: {host}\n",
                 name = p.name,
                 ns = p.namespace,
                 uid = p.uid,
                 node = self.nodes[p.node].name,
                 sa = service_account,
                 ip = p.ip,
+                ips = pod_ips(p),
                 host = self.nodes[p.node].ip,
             );
         }
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {cluster}-{name}\n  labels:\n    app: {name}\n  annotations:\n    redirector.dev/netns: {netns}\n    redirector.dev/cgroup: {cgroup}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n  hostIP: {host}\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {cluster}-{name}\n  labels:\n    app: {name}\n  annotations:\n    redirector.dev/netns: {netns}\n    redirector.dev/cgroup: {cgroup}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n{ips}  hostIP: {host}\n",
             name = p.name,
             ns = p.namespace,
             cluster = self.name,
@@ -256,6 +294,7 @@ impl Cluster {
             node = self.nodes[p.node].name,
             sa = service_account,
             ip = p.ip,
+            ips = pod_ips(p),
             host = self.nodes[p.node].ip,
         )
     }
@@ -345,7 +384,19 @@ impl Cluster {
             ),
         )?;
         let log = fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        if self.agent_in_pod_cgroup {
+            let procs = self.agent_pod_cgroup(i).join("cgroup.procs");
+            fs::create_dir_all(self.agent_pod_cgroup(i))?;
+            command = Command::new("unshare");
+            command.arg("--cgroup").arg("nsenter");
+            // SAFETY: moves the child into the agent's pod cgroup before
+            // exec (the cgroup namespace is then rooted there).
+            unsafe {
+                command.pre_exec(move || fs::write(&procs, "0"));
+            }
+        }
+        let child = command
             .arg(format!("--net={}", ns_path(&n.ns).display()))
             .arg(redirector_bin())
             .arg("--state-dir")
@@ -385,6 +436,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The cgroup an agent runs in with [`Cluster::agent_in_pod_cgroup`].
+    pub fn agent_pod_cgroup(&self, node: usize) -> PathBuf {
+        self.nodes[node].cgroup.join("agent-pod")
     }
 
     pub fn log_lines(&self, node: usize) -> Vec<Value> {
@@ -436,9 +492,11 @@ impl Cluster {
         fs::write(
             &conf,
             format!(
-                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {ip}:{port} backlog=4096;\n    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen {ip}:{port} backlog=4096;\n{listen6}    location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
                 d = dir.display(),
                 ip = p.ip,
+                // A dual-stack pod's app takes every IPv6 address of the pod.
+                listen6 = if p.ips6.is_empty() { String::new() } else { format!("    listen [::]:{port};\n") },
                 body = "x".repeat(1024),
             ),
         )?;

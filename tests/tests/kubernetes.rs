@@ -810,6 +810,43 @@ fn agents_read_the_cluster_from_the_api_server() {
         api.delete("v1", "Pod", "default", name).unwrap();
     }
 
+    // M5: a Gateway of a tenant's namespace asks every node for a host
+    // port (etcd's, here); only the agent's own namespace may open one.
+    for (ns, port) in [("evil", 2379), ("istio-system", 18080)] {
+        api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+            "metadata": {"name": "gw", "namespace": ns, "uid": format!("gw-{ns}")},
+            "spec": {"selector": {"istio": "ingressgateway"},
+                     "servers": [{"port": {"number": port, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}}))
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .logged(0, "gateway listening")
+            .iter()
+            .any(|l| l["fields"]["port"] == 18080)),
+        "{}",
+        logs(&c)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || c.logged(0, "mesh config").iter().any(|l| {
+            l["fields"]["problem"].as_str().is_some_and(|p| p.contains("mesh.gatewayNamespaces") && p.contains("evil"))
+        })),
+        "{}",
+        logs(&c)
+    );
+    assert!(c.logged(0, "gateway listening").iter().all(|l| l["fields"]["port"] != 2379), "{}", logs(&c));
+    let probe = |port: u16| {
+        let url = format!("http://127.0.0.1:{port}/");
+        let out =
+            c.output(c.in_node(0, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", &url]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(probe(2379), "000", "a tenant's Gateway opened a port on the node");
+    assert_ne!(probe(18080), "000", "the agent namespace's Gateway must listen");
+    for ns in ["evil", "istio-system"] {
+        api.delete("networking.istio.io/v1", "Gateway", ns, "gw").unwrap();
+    }
+
     // An API server restart: watches resume, nothing is re-enrolled or let go.
     let (enrolled, left) = (c.logged(0, "pod enrolled").len(), c.logged(0, "pod left the mesh").len());
     let watches = api.requests("/api/v1/pods").1;

@@ -29,6 +29,7 @@ in_both_modes!(
     pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down,
     a_server_first_protocol_to_a_service_is_not_held_for_sniffing,
     connections_to_a_pods_own_proxy_ports_are_refused_at_once,
+    a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -243,6 +244,46 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
         .any(|l| l.starts_with("redirector_policy_denied_total{") && l.contains("source_principal=\"unknown\"")));
 }
 
+/// A dual-stack pod (IPv4 and IPv6 in `podIPs`, and a second IPv6 address
+/// the API does not list): every one of its addresses is steered to the
+/// proxy. PERMISSIVE carries a plaintext client on each (seen by the
+/// proxy); STRICT refuses it on each, while a mesh client keeps working.
+fn a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families(mode: &'static str) {
+    let mut c = Cluster::new(mode).unwrap();
+    let (listed, unlisted) = c.dual_stack("b1").unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let v4 = c.pod("b1").ip.clone();
+    let urls = [format!("http://{v4}:8080/"), format!("http://[{listed}]:8080/"), format!("http://[{unlisted}]:8080/")];
+    let outside = |c: &Cluster, url: &str| {
+        let args = ["-g", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url];
+        String::from_utf8_lossy(&c.output(c.in_node(1, "curl", &args)).stdout).trim().to_string()
+    };
+    let seen = |c: &Cluster, message: &str, dst: &str| {
+        c.logged(1, message).iter().any(|l| l["fields"]["dst"].as_str().is_some_and(|d| d.contains(dst)))
+    };
+    for (url, addr) in urls.iter().zip([&v4, &listed, &unlisted]) {
+        assert_eq!(outside(&c, url), "200", "PERMISSIVE must carry a plaintext client to {url}");
+        assert!(
+            eventually(Duration::from_secs(3), || seen(&c, "plaintext connection closed", addr)),
+            "the proxy did not carry the plaintext connection to {addr}: it reached the app past the mesh"
+        );
+    }
+    c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n".into();
+    let yaml = c.mesh_yaml();
+    c.write_mesh(0, &yaml);
+    c.write_mesh(1, &yaml);
+    assert!(eventually(Duration::from_secs(5), || !c.logged(1, "mesh config applied").is_empty()));
+    for (url, addr) in urls.iter().zip([&v4, &listed, &unlisted]) {
+        assert_ne!(outside(&c, url), "200", "STRICT must refuse a plaintext client to {url}");
+        assert!(
+            eventually(Duration::from_secs(3), || seen(&c, "connection denied by policy", addr)),
+            "no STRICT refusal logged for {addr}"
+        );
+    }
+    assert_eq!(c.curl("a1", &urls[0]).0, 200, "a mesh client must still get through under STRICT");
+}
+
 /// DENY blocks the principal it names; ALLOW admits only its principals.
 /// Denials are logged with the peer identity and counted.
 fn authorization_policies_deny_and_allow(mode: &'static str) {
@@ -380,6 +421,19 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
         .unwrap_or_default()
         .to_lowercase()
         .contains("expired"))));
+
+    // Another trust domain under the mesh's own root (L2): not a member.
+    let evil = Identity::new("evil.example", "default", "sa-a1");
+    let other_domain = hc::certificate(&c.ca_dir, "evil.example", &evil, now - day, now + day).unwrap();
+    let before = refusals(&c, 1, "foreign_trust_domain");
+    let refused = rt.block_on(async {
+        match hc::tls(hc::connect_from(&node_a, hbone).unwrap(), other_domain).await {
+            Ok(mut s) => hc::closed_by_server(&mut s, Duration::from_secs(3)).await,
+            Err(_) => true,
+        }
+    });
+    assert!(refused, "a certificate of another trust domain must be refused");
+    assert!(eventually(Duration::from_secs(3), || refusals(&c, 1, "foreign_trust_domain") > before));
 
     // Foreign: a valid certificate from a CA the mesh does not trust.
     let foreign_ca = c.dir.join("foreign-ca");
@@ -748,4 +802,97 @@ fn slow_idle_and_flooding_clients_leave_the_agent_serving() {
     let (peak_mib, _) = agent_memory_and_fds(&c, 0);
     println!("agent peak resident memory through the floods: {peak_mib} MiB");
     assert!(peak_mib < 256, "peak {peak_mib} MiB");
+}
+
+/// M6: what the agent captures in its own namespace (the node's) speaks
+/// as the agent's own identity, never as a tenant's: a policy that admits
+/// `default/default` does not admit a node process.
+#[test]
+fn the_nodes_own_traffic_speaks_as_the_agent_not_as_a_tenant() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: tenant-default-only, namespace: default}\nspec:\n  selector: {matchLabels: {app: b1}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]\n".into();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    // A process of the node, in a cgroup the node's agent captures.
+    let daemon = c.nodes[0].cgroup.join("node-daemon");
+    std::fs::create_dir_all(&daemon).unwrap();
+    let enroll = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", redirector_tests::cluster::ns_path(&c.nodes[0].ns).display()))
+        .arg(redirector_tests::redirector_bin())
+        .arg("--state-dir")
+        .arg(&c.nodes[0].state)
+        .arg("enroll")
+        .arg(&daemon)
+        .output()
+        .unwrap();
+    assert!(enroll.status.success(), "{enroll:?}");
+    let url = format!("http://{}:8080/", c.pod("b1").ip);
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; exec curl -s -o /dev/null -w %{{http_code}} --max-time 5 {url}",
+        daemon.display()
+    );
+    let out = c.output(c.in_node(0, "sh", &["-c", &script]));
+    assert_ne!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200",
+        "the node's process was admitted as default/default"
+    );
+    let agent = "spiffe://cluster.local/ns/istio-system/sa/redirector";
+    assert!(
+        eventually(Duration::from_secs(3), || c
+            .logged(1, "connection denied by policy")
+            .iter()
+            .any(|l| l["fields"]["peer_identity"] == agent)),
+        "the node's process did not reach b1 over HBONE as {agent}: {:?}",
+        c.logged(1, "connection denied")
+    );
+    let _ = std::fs::remove_dir(&daemon);
+}
+
+/// M10: each agent runs as a DaemonSet pod's container does, in a cgroup
+/// of its own under a private cgroup namespace. It enters the host's
+/// cgroup namespace (else neither the hierarchy nor pods' cgroups could be
+/// named), its proxy cgroup is a child of its own cgroup (so the pod's
+/// limits bind the proxy), not a top-level cgroup, and the mesh works. Where cgroup v2 has
+/// the memory controller, the pod's cgroup is also seen charged for the
+/// agent's memory.
+#[test]
+fn the_agent_stays_under_its_pods_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.agent_in_pod_cgroup = true;
+    c.start().unwrap();
+    let mount = redirector_tests::cgroup2_mount();
+    for node in 0..2 {
+        let pid = c.agent_pid(node).unwrap();
+        // This process is in the host's cgroup namespace: the full path.
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let at = mount.join(rel.trim_start_matches('/'));
+        assert_eq!(at, c.agent_pod_cgroup(node).join("redirector-proxy"), "node {node}'s agent left its pod's cgroup");
+        // Started in a private cgroup namespace, it names cgroups as the
+        // host does.
+        assert!(!c.logged(node, "entered the host's cgroup namespace").is_empty(), "node {node}");
+        let controllers =
+            std::fs::read_to_string(c.agent_pod_cgroup(node).join("cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|x| x == "memory") {
+            let current: u64 = std::fs::read_to_string(c.agent_pod_cgroup(node).join("memory.current"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(current > 1 << 20, "the pod's cgroup is not charged for the agent ({current} bytes)");
+        } else {
+            eprintln!("cgroup v2 has no memory controller here: the charge is not checked");
+        }
+    }
+    c.start_nginx("b1", 8080).unwrap();
+    let url = format!("http://{}:8080/", c.pod("b1").ip);
+    assert_eq!(c.curl("a1", &url).0, 200, "the mesh must work with the agents in their pods' cgroups");
+    assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE connection closed").is_empty()));
 }

@@ -737,7 +737,11 @@ spec:
     // evil's own client: evil's routes, its own first.
     let (codes, _) = curl(&c, "a2", &["http://198.18.3.50/anything/from-evil"]);
     assert_eq!(codes, [200], "{}", logs());
-    assert!(served(&sink_log).iter().any(|l| l.contains("from-evil")), "{}", logs());
+    assert!(
+        eventually(Duration::from_secs(3), || served(&sink_log).iter().any(|l| l.contains("from-evil"))),
+        "{}",
+        logs()
+    );
 
     // evil adds a VirtualService for `*` bound to the mesh: that object
     // is rejected, the rest applies, and default's client is unmoved.

@@ -162,8 +162,13 @@ impl AgentPods {
                 ),
             }),
         });
-        tokio::spawn(crate::proxy::inbound::serve(listeners.hbone, Arc::clone(&inbound), stop.clone()));
-        tokio::spawn(crate::proxy::inbound::serve_plaintext(listeners.inbound, inbound, stop.clone()));
+        // Each family's listener, with the pod's caps shared between them.
+        for l in std::iter::once(listeners.hbone).chain(listeners.hbone6) {
+            tokio::spawn(crate::proxy::inbound::serve(l, Arc::clone(&inbound), stop.clone()));
+        }
+        for l in std::iter::once(listeners.inbound).chain(listeners.inbound6) {
+            tokio::spawn(crate::proxy::inbound::serve_plaintext(l, Arc::clone(&inbound), stop.clone()));
+        }
         if let Some(s) = dns {
             let upstreams = Arc::clone(&self.dns_upstreams);
             tokio::spawn(crate::proxy::dns::serve(
@@ -208,6 +213,7 @@ impl crate::inpod::PodServer for AgentPods {
         let mut handle = PodHandle { stop, undo: Vec::new() };
         let at = PodListeners {
             inbound: &listeners.inbound,
+            inbound6: listeners.inbound6.as_ref(),
             outbound_port: ports.0,
             inbound_port: ports.1,
             hbone_port: ports.2,
@@ -234,6 +240,7 @@ pub(super) async fn run_pod_loop(
     server: Arc<AgentPods>,
     mesh: crate::mesh::MeshHandle,
     certs: Arc<CertStore>,
+    own: crate::identity::Identity,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = 0;
@@ -249,7 +256,7 @@ pub(super) async fn run_pod_loop(
         {
             let m = mesh.current();
             certs.rotate_due(&|id| {
-                (id.namespace == "default" && id.service_account == "default")
+                *id == own
                     || m.pods.iter().any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
             });
         }

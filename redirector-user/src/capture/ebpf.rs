@@ -412,19 +412,25 @@ impl PodSteering {
     }
 
     /// Steer TCP connections to `ips` in the namespace `netns` (its
-    /// descriptor and inode) to `listener`, except those to `ports`' ports.
+    /// descriptor and inode) to `listener` (IPv4) or `listener6` (IPv6),
+    /// except those to `ports`' ports. An IPv6 address without an IPv6
+    /// listener is still the pod's: connections to it are refused.
     pub fn steer(
         &self,
         netns: BorrowedFd<'_>,
         netns_inode: u64,
         ips: &[IpAddr],
         listener: BorrowedFd<'_>,
+        listener6: Option<BorrowedFd<'_>>,
         ports: PodInbound,
     ) -> Result<(), EbpfError> {
         let (mut listeners, mut inbound) = self.maps()?;
         for ip in ips {
             let key = steering_key(*ip);
-            listeners.insert(key, listener.as_raw_fd(), 0).map_err(map_err(maps::POD_LISTENERS))?;
+            let to = if ip.is_ipv4() { Some(listener) } else { listener6 };
+            if let Some(to) = to {
+                listeners.insert(key, to.as_raw_fd(), 0).map_err(map_err(maps::POD_LISTENERS))?;
+            }
             inbound.insert(key, ports, 0).map_err(map_err(maps::POD_INBOUND))?;
         }
         let mut attr = LinkCreateAttr {

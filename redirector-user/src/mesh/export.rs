@@ -47,16 +47,21 @@ impl Export {
     }
 }
 
+/// Whether `x` is a namespace name (a DNS label: lower-case letters,
+/// digits and `-`, at most 63, not starting or ending with `-`).
+pub fn is_namespace_name(x: &str) -> bool {
+    !x.is_empty()
+        && x.len() <= 63
+        && x.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !x.starts_with('-')
+        && !x.ends_with('-')
+}
+
 /// What is wrong with an `exportTo` list, if anything: each value is `.`,
 /// `*`, `~` or a namespace name, and `~` stands alone.
 pub fn check(list: &[String]) -> Result<(), String> {
     for x in list {
-        let name_ok = !x.is_empty()
-            && x.len() <= 63
-            && x.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !x.starts_with('-')
-            && !x.ends_with('-');
-        if !(name_ok || x == "." || x == "*" || x == "~") {
+        if !(is_namespace_name(x) || x == "." || x == "*" || x == "~") {
             return Err(format!("`{x}` is not `.`, `*`, `~` or a namespace name"));
         }
     }

@@ -371,7 +371,7 @@ fn selected_pods(s: &Doc<ServiceSpec>, docs: &Documents) -> Vec<Endpoint> {
         let status = &p.spec.status;
         let running = status.phase.as_deref().is_none_or(|ph| ph == "Running");
         let ready = !status.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "True");
-        let Some(ip) = status.pod_ip.as_deref().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+        let Some(ip) = status.ips().first().copied() else { continue };
         if !running || !ready {
             continue;
         }
@@ -697,12 +697,25 @@ pub struct Scope {
     /// these directories (from the cluster a Gateway is a tenant's word,
     /// and must not name the agent's own keys).
     pub certificate_dirs: Option<Vec<std::path::PathBuf>>,
+    /// The namespaces whose Gateways may open ports on the node: `None`,
+    /// any (a dev box's own YAML); otherwise only these (`*`: any).
+    pub gateway_namespaces: Option<Vec<String>>,
 }
 
 impl Scope {
     /// An agent in `namespace` with Istio's defaults (everything exported).
     pub fn new(namespace: &str) -> Scope {
-        Scope { namespace: namespace.to_string(), exports: ExportDefaults::default(), certificate_dirs: None }
+        Scope {
+            namespace: namespace.to_string(),
+            exports: ExportDefaults::default(),
+            certificate_dirs: None,
+            gateway_namespaces: None,
+        }
+    }
+
+    /// Whether a Gateway of `namespace` may bind the node's ports.
+    pub fn may_bind_gateway(&self, namespace: &str) -> bool {
+        self.gateway_namespaces.as_ref().is_none_or(|v| v.iter().any(|n| n == "*" || n == namespace))
     }
 }
 
@@ -790,7 +803,7 @@ impl Mesh {
         // Labels of a workload by IP, from Pods and WorkloadEntries.
         let mut labels_by_ip: HashMap<(String, IpAddr), BTreeMap<String, String>> = HashMap::new();
         for p in &docs.pods {
-            if let Some(ip) = p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+            for ip in p.spec.status.ips() {
                 labels_by_ip.insert((p.namespace().into(), ip), p.meta.labels.clone());
             }
         }
@@ -810,9 +823,9 @@ impl Mesh {
             }
         }
         for p in &docs.pods {
-            if let Some(ip) = p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-                let name = p.meta.labels.get("app").cloned().unwrap_or_else(|| p.meta.name.clone());
-                mesh.workloads_by_ip.insert(ip, (name, p.namespace().to_string()));
+            let name = p.meta.labels.get("app").cloned().unwrap_or_else(|| p.meta.name.clone());
+            for ip in p.spec.status.ips() {
+                mesh.workloads_by_ip.insert(ip, (name.clone(), p.namespace().to_string()));
             }
         }
         for w in &docs.workload_entries {
@@ -838,6 +851,15 @@ impl Mesh {
             mesh.add_destination_rule(d, exports, &mut ctx);
         }
         for g in &docs.gateways {
+            if !scope.may_bind_gateway(g.namespace()) {
+                let allowed = scope.gateway_namespaces.as_deref().unwrap_or_default().join(", ");
+                ctx.warn(
+                    &g.origin,
+                    "metadata.namespace",
+                    format!("ignored: Gateways may open the node's ports only from the namespaces in mesh.gatewayNamespaces ({allowed}); add {} there to allow it", g.namespace()),
+                );
+                continue;
+            }
             mesh.add_gateway(g, docs, &scope.namespace, scope.certificate_dirs.as_deref(), &mut ctx);
         }
         for v in &docs.virtual_services {
@@ -1990,6 +2012,27 @@ subsets: [{addresses: [{ip: 10.1.0.9}], ports: [{name: http, port: 80}]}]
             let _ = Mesh::compile(&docs);
             let _ = Mesh::compile_tolerant(&docs, Some(&docs), &Scope::new("istio-system"));
         }
+    }
+
+    /// From the cluster, only the namespaces the settings name may open
+    /// ports on the node with a Gateway; another's is ignored with a
+    /// warning naming the setting, and the rest of the mesh applies.
+    #[test]
+    fn only_allowed_namespaces_bind_gateway_ports() {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g, namespace: evil}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 2379, name: http, protocol: HTTP}\n    hosts: ['*']\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 8080, name: http, protocol: HTTP}\n    hosts: ['*']\n";
+        let (mut docs, mut errors) = (Documents::default(), Vec::new());
+        load_text(std::path::Path::new("g.yaml"), yaml, &mut docs, &mut errors);
+        let mut scope = Scope::new("istio-system");
+        scope.gateway_namespaces = Some(vec!["istio-system".into()]);
+        let m = Mesh::compile_in(&docs, &scope).unwrap();
+        let ports: Vec<u16> = m.gateway_ports().keys().copied().collect();
+        assert_eq!(ports, [8080], "only the agent's namespace binds");
+        assert!(m.warnings.iter().any(|w| w.field == "metadata.namespace"
+            && w.reason.contains("mesh.gatewayNamespaces")
+            && w.reason.contains("evil")));
+        scope.gateway_namespaces = Some(vec!["*".into()]);
+        let ports: Vec<u16> = Mesh::compile_in(&docs, &scope).unwrap().gateway_ports().keys().copied().collect();
+        assert_eq!(ports, [2379, 8080]);
     }
 
     /// From the cluster, a Gateway cannot name the agent's own files: a

@@ -91,7 +91,7 @@ pub(crate) fn pods(docs: &Documents) -> Vec<PodInfo> {
                 uid: p.meta.uid.clone(),
                 node_name: p.spec.spec.node_name.clone(),
                 service_account: p.spec.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-                ips: p.spec.status.pod_ip.as_deref().and_then(|s| s.parse().ok()).into_iter().collect(),
+                ips: p.spec.status.ips(),
                 host_ip: p.spec.status.host_ip.as_deref().and_then(|s| s.parse().ok()),
                 labels: l.clone(),
                 netns: a.get(NETNS_ANNOTATION).cloned(),

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
@@ -201,16 +202,42 @@ pub struct ContainerPort {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+pub struct PodIp {
+    #[serde(default)]
+    pub ip: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
+    /// Every address of the pod, one per family on a dual-stack cluster
+    /// (the first is `podIP`).
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
     #[serde(default, rename = "hostIP")]
     pub host_ip: Option<String>,
     #[serde(default)]
     pub phase: Option<String>,
     #[serde(default)]
     pub conditions: Vec<PodCondition>,
+}
+
+impl PodStatus {
+    /// The pod's addresses: `podIP`, then the others of `podIPs` (what
+    /// does not parse is left out).
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = Vec::new();
+        for a in self.pod_ip.iter().map(String::as_str).chain(self.pod_ips.iter().map(|p| p.ip.as_str())) {
+            if let Ok(ip) = a.trim().parse::<IpAddr>() {
+                if !v.contains(&ip) {
+                    v.push(ip);
+                }
+            }
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

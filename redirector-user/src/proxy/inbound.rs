@@ -121,7 +121,9 @@ impl Inbound {
         let mesh = self.mesh.current();
         match mesh.pods.iter().find(|p| p.namespace == self.workload.namespace && p.name == self.workload.name) {
             Some(pod) => mesh.security.authorize(pod, peer, src.ip(), dst.port()),
-            None => Ok(()),
+            // Served but gone from the mesh (leaving as we speak): its
+            // policy is unknown, so nothing is admitted.
+            None => Err("the pod is no longer in the mesh's configuration".into()),
         }
     }
 
@@ -130,7 +132,11 @@ impl Inbound {
     /// TCP ports are carried as bytes.
     fn http_port(&self, dst: SocketAddr) -> Option<(usize, Protocol)> {
         let mesh = self.mesh.current();
-        let (svc, port) = mesh.inbound_port(dst.ip(), dst.port())?;
+        // An address of the pod the API does not list (a second network,
+        // link-local) is served as the pod's listed addresses are.
+        let (svc, port) = std::iter::once(dst.ip())
+            .chain(self.workload.ips.iter().copied())
+            .find_map(|ip| mesh.inbound_port(ip, dst.port()))?;
         matches!(port.protocol, Protocol::Http | Protocol::Http2).then_some((svc, port.protocol))
     }
 
@@ -167,7 +173,7 @@ impl Inbound {
         mesh.pods
             .iter()
             .find(|p| p.namespace == self.workload.namespace && p.name == self.workload.name)
-            .is_none_or(|pod| mesh.security.mtls_mode(pod, port).accepts_plaintext())
+            .is_some_and(|pod| mesh.security.mtls_mode(pod, port).accepts_plaintext())
     }
 }
 
@@ -347,6 +353,13 @@ async fn serve_connection(
         warn!(%peer, "HBONE peer certificate carries no SPIFFE identity; closed");
         return;
     };
+    // A certificate of the mesh's root naming another trust domain is not
+    // a member of this mesh (policies name principals without one).
+    if peer_id.trust_domain != ctx.certs.trust_domain() {
+        ctx.metrics.hbone_refused("foreign_trust_domain").inc();
+        warn!(%peer, peer_identity = %peer_id, trust_domain = ctx.certs.trust_domain(), "HBONE peer of another trust domain; closed");
+        return;
+    }
     debug!(%peer, peer_identity = %peer_id, "HBONE connection");
     let mut builder = h2::server::Builder::new();
     builder

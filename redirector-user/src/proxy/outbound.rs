@@ -162,7 +162,6 @@ pub(crate) async fn proxy_to(
     };
     let labels = tcp_labels(
         tcp.labels.clone(),
-        dst,
         source.as_ref(),
         settings.workload.identity.as_ref(),
         connected.peer_identity.as_ref(),
@@ -261,12 +260,11 @@ async fn decide(
 /// the connection went over mTLS.
 fn tcp_labels(
     service: Option<Labels>,
-    dst: SocketAddr,
     source: Option<&(String, String)>,
     own: Option<&Identity>,
     peer: Option<&Identity>,
 ) -> Labels {
-    let mut labels = service.unwrap_or_else(|| Labels::passthrough(dst));
+    let mut labels = service.unwrap_or_else(Labels::passthrough);
     if let Some((name, ns)) = source {
         labels.source_workload = label(name);
         labels.source_workload_namespace = label(ns);
@@ -449,6 +447,9 @@ mod tests {
         assert_eq!((stats.bytes_up.load(Ordering::SeqCst), stats.bytes_down.load(Ordering::SeqCst)), (5, 5));
         let text = settings.metrics.encode();
         assert!(text.contains("destination_service_name=\"PassthroughCluster\""), "{text}");
+        // One series for every address outside the mesh (L5).
+        assert!(text.contains("destination_service=\"unknown\""), "{text}");
+        assert!(!text.contains(&format!("destination_service=\"{}\"", server.ip())), "{text}");
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@ use thiserror::Error;
 pub enum CgroupError {
     #[error("cgroup v2 is not mounted; mount it with `mount -t cgroup2 none /sys/fs/cgroup` (or boot with systemd.unified_cgroup_hierarchy=1)")]
     NotMounted,
+    #[error("the agent runs in a private cgroup namespace and could not enter the host's: run it with hostPID: true and CAP_SYS_ADMIN (as the DaemonSet does)")]
+    PrivateNamespace,
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("cgroup {0} does not exist; create it (mkdir) or name an existing cgroup v2 directory")]
@@ -74,7 +76,11 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })?;
-    find_cgroup2_mount_in(&text).ok_or(CgroupError::NotMounted)
+    find_cgroup2_mount_in(&text).ok_or(if text.lines().any(|l| l.contains(" - cgroup2 ")) {
+        CgroupError::PrivateNamespace
+    } else {
+        CgroupError::NotMounted
+    })
 }
 
 /// The id of the cgroup at `path` (the inode number of its directory).
@@ -102,6 +108,45 @@ pub fn cgroup_of_pid(mount: &Path, pid: u32) -> Result<PathBuf, CgroupError> {
     };
     let rel = v2_relative_path(&text).ok_or(CgroupError::NoV2Membership(pid))?;
     Ok(mount.join(rel.trim_start_matches('/')))
+}
+
+/// Enter the host's cgroup namespace when the agent starts in a private
+/// one (a container's default on cgroup v2): there the cgroup2 mount and
+/// every `/proc/<pid>/cgroup` are shown relative to the container's own
+/// cgroup, so neither the hierarchy nor any pod's cgroup could be named.
+/// The host's is PID 1's (the agent shares the host's PID namespace);
+/// entering it takes CAP_SYS_ADMIN. Call from the main thread before any
+/// other thread starts (a thread's namespace is inherited by the threads
+/// it creates). Returns whether it moved.
+pub fn enter_host_cgroup_namespace() -> io::Result<bool> {
+    let ino = |pid: u32| fs::metadata(format!("/proc/{pid}/ns/cgroup")).map(|m| m.ino());
+    let own = fs::metadata("/proc/self/ns/cgroup")?.ino();
+    // PID 1, else the nearest ancestor in another cgroup namespace (the
+    // container runtime's shim), where PID 1 keeps its namespaces to itself.
+    let mut candidates = vec![1];
+    let mut pid = std::os::unix::process::parent_id();
+    while pid > 1 && candidates.len() < 16 {
+        candidates.push(pid);
+        pid = parent_of(pid).unwrap_or(0);
+    }
+    // None in another namespace (or none readable): this one is the
+    // host's, the usual case.
+    let Some(host) = candidates.into_iter().find(|p| ino(*p).is_ok_and(|i| i != own)) else {
+        return Ok(false);
+    };
+    let ns = fs::File::open(format!("/proc/{host}/ns/cgroup"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a namespace descriptor, entered by this (the only) thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// The parent of `pid` (`PPid` of its status).
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// Resolve a cgroup given by the user: absolute (under the mount) or relative

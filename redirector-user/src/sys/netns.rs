@@ -58,13 +58,63 @@ impl Netns {
         let home = HOME
             .get()
             .ok_or_else(|| io::Error::other("the agent's own network namespace was not recorded at start"))?;
+        /// Back home on every way out of `f`, a panic's unwinding too.
+        struct Return<'a>(&'a OwnedFd);
+        impl Drop for Return<'_> {
+            fn drop(&mut self) {
+                // A thread left in a pod's namespace would put the next
+                // socket it makes there: not recoverable.
+                if setns(self.0).is_err() {
+                    std::process::abort();
+                }
+            }
+        }
         setns(&self.fd)?;
-        let r = f();
-        // A thread left in a pod's namespace would put the next socket
-        // it makes there: not recoverable.
-        setns(home).expect("returning to the agent's network namespace");
-        Ok(r)
+        let _back = Return(home);
+        Ok(f())
     }
+}
+
+/// The addresses of the current thread's network namespace's interfaces,
+/// loopback left out (call inside [`Netns::run`] for a pod's).
+pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below; its
+    // netlink socket is made in this thread's namespace.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not freed yet;
+        // `ifa_addr` is null or points at a sockaddr of its family.
+        let ip = unsafe {
+            let a = (*cur).ifa_addr;
+            cur = (*cur).ifa_next;
+            if a.is_null() {
+                continue;
+            }
+            match i32::from((*a).sa_family) {
+                libc::AF_INET => {
+                    let s = std::ptr::read_unaligned(a.cast::<libc::sockaddr_in>());
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let s = std::ptr::read_unaligned(a.cast::<libc::sockaddr_in6>());
+                    IpAddr::V6(Ipv6Addr::from(s.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            }
+        };
+        if !ip.is_loopback() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 /// The agent's own network namespace's inode.

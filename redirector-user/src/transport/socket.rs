@@ -102,6 +102,10 @@ impl WorkloadNet {
         s.set_nonblocking(true)?;
         // Accepted connections inherit it (no Nagle delay on replies).
         s.set_nodelay(true)?;
+        if addr.is_ipv6() {
+            // An IPv6 listener takes IPv6 alone; IPv4 has its own.
+            s.set_only_v6(true)?;
+        }
         if addr.ip().is_unspecified() {
             // Accept connections to any address (the pod's, and the
             // original destinations of redirected connections).
