@@ -123,13 +123,32 @@ pub trait PodServer: Send + Sync {
 /// listeners and connections) and runs the undo steps.
 pub struct PodHandle {
     pub stop: tokio::sync::watch::Sender<bool>,
+    /// Undoes the pod's state in the kernel (its enrollment or refusal,
+    /// its inbound steering): run when the pod leaves the mesh, never when
+    /// the agent stops (see [`PodHandle::keep_capture`]).
+    pub capture: Vec<Box<dyn FnOnce() + Send>>,
+    /// Undoes the rest (a freeze, pooled tunnels).
     pub undo: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl PodHandle {
+    pub fn new(stop: tokio::sync::watch::Sender<bool>) -> PodHandle {
+        PodHandle { stop, capture: Vec::new(), undo: Vec::new() }
+    }
+
+    /// The agent is stopping, not the pod leaving: its capture stays in
+    /// the kernel, where with no listener behind it the pod's connections
+    /// are refused (as after a crash) until the next agent serves it,
+    /// rather than pass around the mesh.
+    pub fn keep_capture(&mut self) {
+        self.capture.clear();
+    }
 }
 
 impl Drop for PodHandle {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        for u in self.undo.drain(..) {
+        for u in self.capture.drain(..).chain(self.undo.drain(..)) {
             u();
         }
     }
@@ -137,7 +156,7 @@ impl Drop for PodHandle {
 
 struct Served {
     pod: PodInfo,
-    _handle: PodHandle,
+    handle: PodHandle,
 }
 
 /// The pods this node serves, kept in step with the config.
@@ -206,7 +225,7 @@ impl InPod {
             match self.start(p, server, trust_domain) {
                 Ok(h) => {
                     problems.remove(&key);
-                    served.insert(key.clone(), Served { pod: p.clone(), _handle: h });
+                    served.insert(key.clone(), Served { pod: p.clone(), handle: h });
                     // After the capture is in place: nothing slips between.
                     pending.remove(&key);
                 }
@@ -227,7 +246,7 @@ impl InPod {
                         match server.hold(p, &cgroups) {
                             Ok(h) => {
                                 info!(pod = %format!("{}/{}", p.namespace, p.name), until_ready = ?p.until_ready, "pod held until its proxy is ready: nothing it sends goes around the mesh");
-                                slot.insert(Served { pod: p.clone(), _handle: h });
+                                slot.insert(Served { pod: p.clone(), handle: h });
                             }
                             Err(e) => {
                                 warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %format!("{e:#}"), "cannot hold this pod until it is served");
@@ -303,9 +322,17 @@ impl InPod {
         v
     }
 
-    /// Stop serving every pod, and let every held pod go.
-    pub fn clear(&self) {
-        self.served.lock().expect("in-pod lock").clear();
-        self.pending.lock().expect("in-pod lock").clear();
+    /// The agent stops: stop serving every pod and every hold, with each
+    /// pod's capture left in the kernel, so a pod fails closed until the
+    /// next agent (only `redirector uninstall` or the pod leaving the mesh
+    /// removes it).
+    pub fn stop_keeping_capture(&self) {
+        for map in [&self.served, &self.pending] {
+            let mut m = map.lock().expect("in-pod lock");
+            for s in m.values_mut() {
+                s.handle.keep_capture();
+            }
+            m.clear();
+        }
     }
 }

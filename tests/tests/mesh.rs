@@ -322,9 +322,10 @@ fn authorization_policies_deny_and_allow(mode: &'static str) {
 /// Inbound steering: eBPF mode does it with the sk_lookup program attached
 /// to the pod's namespace (no netfilter rule there), iptables mode with a
 /// nat PREROUTING chain. Either way a plaintext client reaches the proxy's
-/// inbound listener, and while the node's agent is down (killed, not
-/// stopped) it does not reach the app past the mesh: the steering stays and
-/// has no listener to hand the connection to. A restarted agent takes over.
+/// inbound listener, and while the node's agent is down (killed, or
+/// stopped cleanly) it does not reach the app past the mesh: the steering
+/// stays and has no listener to hand the connection to, and the pod's own
+/// connects are refused. A restarted agent takes over.
 fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'static str) {
     let mut c = Cluster::new(mode).unwrap();
     c.start().unwrap();
@@ -369,6 +370,34 @@ fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'stati
         eventually(Duration::from_secs(15), || outside(&c) == "200"),
         "a restarted agent takes the pod's inbound over again"
     );
+    // A pod's capture goes only when it leaves the mesh (here: its
+    // namespace's label), and comes back when it returns.
+    let carried = |c: &Cluster| c.logged(1, "plaintext connection closed").len();
+    let yaml = c.mesh_yaml().replace("istio-injection: enabled", "istio-injection: disabled");
+    c.write_mesh(1, &yaml);
+    assert!(eventually(Duration::from_secs(5), || !c.logged(1, "pod left the mesh").is_empty()));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = carried(&c);
+    assert_eq!(outside(&c), "200", "a pod that left the mesh is reached directly");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(carried(&c), before, "a pod that left the mesh is no longer steered to the proxy");
+    c.write_mesh(1, &c.mesh_yaml());
+    assert!(eventually(Duration::from_secs(15), || outside(&c) == "200" && carried(&c) > before));
+
+    // H3: a clean stop (SIGTERM: a rollout, a drain) fails closed too.
+    // The inbound steering stays, and so does the pod's outbound capture:
+    // its connects are refused at once instead of leaving around the mesh.
+    c.stop_agent(1);
+    assert_ne!(outside(&c), "200", "after a clean stop, a plaintext client must not reach the app directly");
+    let a1 = format!("http://{}:8080/", c.pod("a1").ip);
+    c.start_nginx("a1", 8080).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _) = c.curl("b2", &a1);
+    assert_ne!(code, 200, "after a clean stop, a pod's connects must not bypass the mesh");
+    assert!(started.elapsed() < Duration::from_secs(2), "a refused connect must not hang: {:?}", started.elapsed());
+    c.start_agent(1).unwrap();
+    assert!(eventually(Duration::from_secs(15), || outside(&c) == "200"), "the next agent serves the pod again");
+    assert!(eventually(Duration::from_secs(15), || c.curl("b2", &a1).0 == 200));
 }
 
 // Bad input at the HBONE listener. What the listener does does not depend

@@ -187,10 +187,10 @@ impl crate::inpod::PodServer for AgentPods {
     fn hold(&self, pod: &PodInfo, cgroups: &[PathBuf]) -> Result<PodHandle> {
         // Each undo step is in the handle before its action: a step that
         // fails drops the handle, which undoes what was done.
-        let mut handle = PodHandle { stop: watch::channel(false).0, undo: Vec::new() };
+        let mut handle = PodHandle::new(watch::channel(false).0);
         let refused = match self.capture.refuse_until_ready(cgroups)? {
             Some(undo) => {
-                handle.undo.push(undo);
+                handle.capture.push(undo);
                 true
             }
             None => false,
@@ -210,7 +210,7 @@ impl crate::inpod::PodServer for AgentPods {
         let (stop, stop_rx) = watch::channel(false);
         // As in `hold`: a step that fails drops the handle, undoing the
         // steps before it.
-        let mut handle = PodHandle { stop, undo: Vec::new() };
+        let mut handle = PodHandle::new(stop);
         let at = PodListeners {
             inbound: &listeners.inbound,
             inbound6: listeners.inbound6.as_ref(),
@@ -218,10 +218,10 @@ impl crate::inpod::PodServer for AgentPods {
             inbound_port: ports.1,
             hbone_port: ports.2,
         };
-        handle.undo.push(self.capture.steer_inbound(&w, &at)?);
+        handle.capture.push(self.capture.steer_inbound(&w, &at)?);
         // The last step that can fail: a pending pod's refusal is replaced
         // only when everything else is in place.
-        handle.undo.push(self.capture.enroll(&cgroups)?);
+        handle.capture.push(self.capture.enroll(&cgroups)?);
         if let Some(pool) = &self.settings.transport.hbone {
             let pool = Arc::clone(pool);
             let inode = w.netns.as_ref().map_or(0, |n| n.inode);
@@ -270,5 +270,5 @@ pub(super) async fn run_pod_loop(
         let m = mesh.current();
         pods.reconcile(&m.pods, server.as_ref(), certs.trust_domain());
     }
-    pods.clear();
+    pods.stop_keeping_capture();
 }
