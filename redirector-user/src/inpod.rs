@@ -81,6 +81,9 @@ pub fn netns_of_cgroups(cgroups: &[PathBuf]) -> anyhow::Result<Netns> {
 /// The listeners the proxy opens in a pod's namespace.
 pub struct PodListeners {
     pub outbound: tokio::net::TcpListener,
+    /// Outbound on `[::1]`, where the pod's IPv6 connects are sent; `None`
+    /// where the pod's namespace has no IPv6.
+    pub outbound6: Option<tokio::net::TcpListener>,
     /// Plaintext inbound (15006), IPv4.
     pub inbound: tokio::net::TcpListener,
     /// Plaintext inbound, IPv6 only; `None` where the pod's namespace has
@@ -93,17 +96,18 @@ pub struct PodListeners {
 pub fn open_listeners(w: &WorkloadNet, outbound: u16, inbound: u16, hbone: u16) -> io::Result<PodListeners> {
     // One listener per family, each seeing its own family's addresses
     // (no v4-mapped addresses to unwrap).
-    let v6 = |port: u16| match w.listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+    let v6 = |port: u16, ip: Ipv6Addr| match w.listen(SocketAddr::from((ip, port))) {
         Ok(l) => Ok(Some(l)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) => Ok(None),
         Err(e) => Err(e),
     };
     Ok(PodListeners {
         outbound: w.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, outbound)))?,
+        outbound6: v6(outbound, Ipv6Addr::LOCALHOST)?,
         inbound: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound)))?,
-        inbound6: v6(inbound)?,
+        inbound6: v6(inbound, Ipv6Addr::UNSPECIFIED)?,
         hbone: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, hbone)))?,
-        hbone6: v6(hbone)?,
+        hbone6: v6(hbone, Ipv6Addr::UNSPECIFIED)?,
     })
 }
 

@@ -241,12 +241,24 @@ impl Cluster {
         let k = POD_NAMES.iter().position(|(p, _)| *p == pod).context("a pod of the cluster")?;
         let p = &self.pods[k];
         let prefix = format!("2001:2:{}:{k}", p.node + 1);
-        let (listed, unlisted) = (format!("{prefix}::2"), format!("{prefix}::12"));
+        // Written as the agent prints them (2001:2:1:0::2 is 2001:2:1::2).
+        let canonical = |a: String| a.parse::<std::net::Ipv6Addr>().map_or(a.clone(), |ip| ip.to_string());
+        let (listed, unlisted) = (canonical(format!("{prefix}::2")), canonical(format!("{prefix}::12")));
         let node_ns = &self.nodes[p.node].ns;
         for a in [&listed, &unlisted] {
             ip(&["-n", &p.ns, "-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
         }
         ip(&["-n", node_ns, "-6", "addr", "add", &format!("{prefix}::1/64"), "dev", &format!("veth-{pod}"), "nodad"])?;
+        ip(&["-n", &p.ns, "-6", "route", "add", "default", "via", &format!("{prefix}::1")])?;
+        // The node routes between its pods' IPv6 networks, as a CNI does.
+        crate::run(Command::new("ip").args([
+            "netns",
+            "exec",
+            node_ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ]))?;
         self.pods[k].ips6.push(listed.clone());
         Ok((listed, unlisted))
     }
@@ -573,7 +585,7 @@ impl Cluster {
         let out = self.output(self.in_pod(
             pod,
             "curl",
-            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", url],
+            &["-g", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", url],
         ));
         let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
         (code, String::from_utf8_lossy(&out.stderr).into_owned())

@@ -251,6 +251,8 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
 fn a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families(mode: &'static str) {
     let mut c = Cluster::new(mode).unwrap();
     let (listed, unlisted) = c.dual_stack("b1").unwrap();
+    let dual_a1 = c.dual_stack("a1").unwrap();
+    c.dual_stack("a2").unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let v4 = c.pod("b1").ip.clone();
@@ -282,6 +284,20 @@ fn a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families(mode: &'stat
         );
     }
     assert_eq!(c.curl("a1", &urls[0]).0, 200, "a mesh client must still get through under STRICT");
+
+    // And out: a dual-stack pod's IPv6 connects are captured and carried
+    // over HBONE to a dual-stack pod of its node, which STRICT admits.
+    let a1_v6 = dual_a1.0.clone();
+    c.start_nginx("a1", 8080).unwrap();
+    let (code, err) = c.curl("a2", &format!("http://[{a1_v6}]:8080/"));
+    assert_eq!(code, 200, "a2 -> a1 over IPv6: {err}");
+    assert!(
+        eventually(Duration::from_secs(3), || c
+            .logged(0, "HBONE connection closed")
+            .iter()
+            .any(|l| l["fields"]["dst"].as_str().is_some_and(|d| d.contains(&a1_v6)))),
+        "the IPv6 connection did not go over HBONE"
+    );
 }
 
 /// DENY blocks the principal it names; ALLOW admits only its principals.

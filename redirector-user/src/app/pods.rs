@@ -131,7 +131,7 @@ impl AgentPods {
         });
         let drain = self.cfg.drain_timeout;
         tokio::spawn(crate::proxy::outbound::run(
-            vec![listeners.outbound],
+            std::iter::once(listeners.outbound).chain(listeners.outbound6).collect(),
             settings,
             Arc::clone(&self.stats),
             stop.clone(),
