@@ -62,7 +62,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         bail!("redirector run needs root or the capabilities {}: run it with sudo", missing.join(", "));
     }
     crate::sys::netns::init_home().context("recording the agent's network namespace")?;
-    let (certs, ca_origin) = identity(&opts)?;
+    let (certs, ca_origin) = identity(&opts, &mesh)?;
 
     // The agent's cgroup, then its listeners before any program: a taken
     // port must fail the start before anything is attached (the placement
@@ -201,9 +201,39 @@ async fn prepare_kube(opts: &RunOptions) -> Result<Option<Kube>> {
 }
 
 /// The mesh CA and the certificate store: a file that does not parse or a
-/// key that does not match fails the start here.
-fn identity(opts: &RunOptions) -> Result<(Arc<CertStore>, String)> {
+/// key that does not match fails the start here. With `mesh.caAddress`
+/// the node holds no key: each certificate is asked for (the agent's own
+/// and its gateway's at once, pods' as they come).
+fn identity(opts: &RunOptions, mesh: &MeshHandle) -> Result<(Arc<CertStore>, String)> {
     let cfg = &opts.config;
+    if let Some(remote) = &cfg.ca {
+        let bundle = remote.root_cert.clone();
+        crate::identity::remote::read_bundle(&bundle).map_err(|e| anyhow!("mesh CA: {e}"))?;
+        let roots: crate::identity::istio_api::Roots = Arc::new(move || {
+            Arc::new(
+                crate::identity::remote::read_bundle(&bundle).map_or_else(|_| rustls::RootCertStore::empty(), |r| r.0),
+            )
+        });
+        let client = crate::identity::istio_api::CaClient::new(
+            &remote.address,
+            ca_resolver(&remote.address, mesh),
+            roots,
+            std::time::Duration::from_secs(5),
+        )
+        .map_err(|e| anyhow!("mesh CA: {e}"))?;
+        let ca = Arc::new(crate::identity::remote::RemoteCa {
+            client,
+            token_path: remote.token_path.clone(),
+            root_path: remote.root_cert.clone(),
+            own: crate::config::agent_identity(cfg),
+        });
+        let store = CertStore::remote(ca, &cfg.trust_domain, cfg.cert_lifetime).map_err(|e| anyhow!("mesh CA: {e}"))?;
+        let gateway =
+            crate::identity::Identity::new(&cfg.trust_domain, &cfg.namespace, crate::config::GATEWAY_SERVICE_ACCOUNT);
+        store.want([&crate::config::agent_identity(cfg), &gateway]);
+        let origin = store.origin();
+        return Ok((store, origin));
+    }
     let ca = match &cfg.ca_dir {
         Some(dir) => crate::identity::MeshCa::load_plugin(dir, &cfg.trust_domain),
         None => crate::identity::MeshCa::load_or_generate(&opts.state_dir, &cfg.trust_domain),
@@ -211,6 +241,50 @@ fn identity(opts: &RunOptions) -> Result<(Arc<CertStore>, String)> {
     .map_err(|e| anyhow!("mesh CA: {e}"))?;
     let origin = ca.origin.clone();
     Ok((CertStore::new(ca, cfg.cert_lifetime), origin))
+}
+
+/// Where the CA at `address` is, asked again at each connection: an
+/// address as it is; a Service of the mesh (`name.namespace.svc[...]`)
+/// by its endpoints, so every replica is used and none behind a VIP the
+/// node may not route; any other name through DNS.
+fn ca_resolver(address: &str, mesh: &MeshHandle) -> crate::identity::istio_api::Resolve {
+    let (address, mesh) = (address.to_string(), mesh.clone());
+    Arc::new(move || {
+        let (address, mesh) = (address.clone(), mesh.clone());
+        Box::pin(async move {
+            let Some((host, port)) = address.rsplit_once(':') else { return Vec::new() };
+            let port: u16 = port.parse().unwrap_or(crate::identity::istio_api::CA_PORT);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                return vec![std::net::SocketAddr::new(ip, port)];
+            }
+            let from_mesh = service_endpoints(&mesh.current(), host, port);
+            if !from_mesh.is_empty() {
+                return from_mesh;
+            }
+            tokio::net::lookup_host(address.as_str()).await.map(Iterator::collect).unwrap_or_default()
+        })
+    })
+}
+
+/// The endpoint addresses of the mesh's Service `host` for its `port`.
+fn service_endpoints(m: &crate::mesh::model::Mesh, host: &str, port: u16) -> Vec<std::net::SocketAddr> {
+    let labels = host.split('.').count();
+    let fqdn = match labels {
+        2 => format!("{host}.svc.cluster.local"),
+        3 if host.ends_with(".svc") => format!("{host}.cluster.local"),
+        _ => host.to_string(),
+    };
+    let Some(svc) = m.service_by_host(&fqdn).map(|i| &m.services[i]) else { return Vec::new() };
+    let Some(def) = svc.port(port) else { return Vec::new() };
+    svc.endpoints
+        .iter()
+        .filter_map(|e| {
+            let crate::mesh::model::Address::Ip(ip) = e.address else { return None };
+            let p = e.ports.get(&def.name).copied().or(def.target_port).unwrap_or(port);
+            Some(std::net::SocketAddr::new(ip, p))
+        })
+        .collect()
 }
 
 /// The data path's parts every listener shares.

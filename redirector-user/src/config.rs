@@ -45,6 +45,9 @@ struct RawMesh {
     node_name: Option<String>,
     trust_domain: Option<String>,
     ca_dir: Option<String>,
+    ca_address: Option<String>,
+    ca_root_cert: Option<String>,
+    ca_token_path: Option<String>,
     cert_lifetime: Option<String>,
     hbone_port: Option<u16>,
     handshake_timeout: Option<String>,
@@ -209,6 +212,10 @@ pub struct AgentConfig {
     /// Istio's plug-in CA files; `None`: a CA generated into the state
     /// directory.
     pub ca_dir: Option<PathBuf>,
+    /// `mesh.caAddress`: an Istio-compatible CA (`redirector-ca.<ns>.svc:15012`,
+    /// or an istiod's `istiod.istio-system.svc:15012`) the agent asks for
+    /// every certificate; the node then holds no CA key.
+    pub ca: Option<RemoteCaSettings>,
     pub cert_lifetime: Duration,
     pub hbone_port: u16,
     /// An inbound mTLS handshake not finished by then is dropped.
@@ -237,6 +244,53 @@ impl AgentConfig {
             gateway_namespaces: self.gateway_namespaces.clone(),
         }
     }
+}
+
+/// Where a remote CA is and what the agent shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCaSettings {
+    /// `host:port`; `host` is the name the CA's certificate carries.
+    pub address: String,
+    /// The trust bundle (`mesh.caRootCert`): the ConfigMap
+    /// `istio-ca-root-cert`'s `root-cert.pem`, as Istio mounts it.
+    pub root_cert: PathBuf,
+    /// The projected service-account token with audience `istio-ca`
+    /// (`mesh.caTokenPath`).
+    pub token_path: PathBuf,
+}
+
+pub const DEFAULT_CA_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+pub const DEFAULT_CA_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+
+fn remote_ca(origin: &str, m: &RawMesh) -> Result<Option<RemoteCaSettings>, ConfigError> {
+    let invalid = |field: &'static str, message: String| ConfigError::Invalid { path: origin.into(), field, message };
+    let Some(address) = m.ca_address.clone().filter(|s| !s.is_empty()) else {
+        for (field, set) in [("mesh.caRootCert", &m.ca_root_cert), ("mesh.caTokenPath", &m.ca_token_path)] {
+            if set.is_some() {
+                return Err(invalid(field, "is read only with mesh.caAddress; set that too, or remove it".into()));
+            }
+        }
+        return Ok(None);
+    };
+    if m.ca_dir.as_deref().is_some_and(|d| !d.is_empty()) {
+        return Err(invalid(
+            "mesh.caAddress",
+            "and mesh.caDir are both set: either the agent signs with a CA key (caDir) or asks a CA (caAddress); remove one".into(),
+        ));
+    }
+    let port_ok =
+        address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
+        return Err(invalid(
+            "mesh.caAddress",
+            format!("`{address}` is not host:port (e.g. redirector-ca.redirector-system.svc:15012)"),
+        ));
+    }
+    Ok(Some(RemoteCaSettings {
+        address,
+        root_cert: PathBuf::from(m.ca_root_cert.clone().unwrap_or_else(|| DEFAULT_CA_ROOT_CERT.into())),
+        token_path: PathBuf::from(m.ca_token_path.clone().unwrap_or_else(|| DEFAULT_CA_TOKEN_PATH.into())),
+    }))
 }
 
 /// The environment variable naming the node (Kubernetes' downward API).
@@ -359,6 +413,7 @@ impl AgentConfig {
     }
 
     fn validate(origin: &str, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
+        let remote = remote_ca(origin, &raw.mesh)?;
         let invalid =
             |field: &'static str, message: String| ConfigError::Invalid { path: origin.into(), field, message };
         let exclude_cidrs = raw
@@ -518,7 +573,8 @@ impl AgentConfig {
                 }
                 td
             },
-            ca_dir: raw.mesh.ca_dir.filter(|s| !s.is_empty()).map(PathBuf::from),
+            ca_dir: raw.mesh.ca_dir.clone().filter(|s| !s.is_empty()).map(PathBuf::from),
+            ca: remote,
             cert_lifetime: {
                 let d = dur("mesh.certLifetime", &raw.mesh.cert_lifetime, crate::identity::DEFAULT_CERT_LIFETIME)?;
                 if d < Duration::from_secs(2) {

@@ -14,6 +14,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod csr;
+pub mod istio_api;
+pub mod remote;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -175,6 +179,7 @@ pub struct MeshCa {
     /// root: sent after each workload certificate.
     chain: Vec<CertificateDer<'static>>,
     roots: Arc<RootCertStore>,
+    root_ders: Vec<CertificateDer<'static>>,
     pub trust_domain: String,
     /// Where it came from, for the start-up log.
     pub origin: String,
@@ -222,7 +227,7 @@ impl MeshCa {
             fix: "it must be a CA certificate",
         })?;
         let mut roots = RootCertStore::empty();
-        for r in roots_der {
+        for r in roots_der.clone() {
             roots.add(r).map_err(|e| IdentityError::CaFile {
                 path: root_path.clone(),
                 message: e.to_string(),
@@ -233,6 +238,7 @@ impl MeshCa {
             issuer,
             chain,
             roots: Arc::new(roots),
+            root_ders: roots_der,
             trust_domain: trust_domain.to_string(),
             origin: format!("plug-in CA files in {}", dir.display()),
         })
@@ -269,27 +275,101 @@ impl MeshCa {
     ) -> Result<WorkloadCert, IdentityError> {
         let err = |m: String| IdentityError::Issue { identity: id.to_string(), message: m };
         let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
+        let cert = workload_params(id, not_before, not_after)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err(e.to_string()))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        WorkloadCert::new(chain, &key, not_after).map_err(err)
+    }
+
+    /// Sign a checked CSR's key as `id` for `lifetime`: the chain in PEM,
+    /// leaf first and the root last, as Istio's CA answers.
+    pub fn sign_csr(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        id: &Identity,
+        lifetime: Duration,
+    ) -> Result<Vec<String>, IdentityError> {
+        let now = SystemTime::now();
+        let cert = workload_params(id, now - Duration::from_mins(1), now + lifetime)?
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| IdentityError::Issue { identity: id.to_string(), message: e.to_string() })?;
+        let mut pems = vec![cert.pem()];
+        pems.extend(self.chain.iter().map(|c| der_to_pem(c)));
+        let last = self.chain.last().unwrap_or_else(|| cert.der());
+        pems.push(der_to_pem(self.root_of(last)));
+        Ok(pems)
+    }
+
+    /// The root that issued `cert` (by subject; the first root if none
+    /// matches, as during a rotation's overlap every root is sent anyway).
+    fn root_of(&self, cert: &CertificateDer<'_>) -> &CertificateDer<'static> {
+        let issuer = x509_parser::parse_x509_certificate(cert.as_ref()).map(|(_, c)| c.issuer().as_raw().to_vec());
+        self.root_ders
+            .iter()
+            .find(|r| {
+                let subject =
+                    x509_parser::parse_x509_certificate(r.as_ref()).map(|(_, c)| c.subject().as_raw().to_vec());
+                matches!((&issuer, subject), (Ok(i), Ok(s)) if *i == s)
+            })
+            .unwrap_or(&self.root_ders[0])
+    }
+
+    /// The mesh's root certificates in PEM (the bundle every agent trusts).
+    pub fn root_bundle_pem(&self) -> String {
+        self.root_ders.iter().map(|c| der_to_pem(c)).collect()
+    }
+
+    /// A server certificate for the CA's own TLS, for `dns_names`, signed
+    /// by the mesh CA, with its key.
+    pub fn serving_cert(&self, dns_names: &[String], lifetime: Duration) -> Result<Arc<CertifiedKey>, IdentityError> {
+        let err = |m: String| IdentityError::Issue { identity: "the CA's serving certificate".into(), message: m };
+        let key = KeyPair::generate().map_err(|e| err(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = id.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.distinguished_name.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_default());
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| n.clone().try_into().map(SanType::DnsName).map_err(|e: rcgen::Error| err(format!("{n}: {e}"))))
+            .collect::<Result<_, _>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = time::OffsetDateTime::from(not_before);
-        params.not_after = time::OffsetDateTime::from(not_after);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::try_from(lifetime).map_err(|e| err(e.to_string()))?;
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        let provider = provider();
-        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = provider.key_provider.load_private_key(private).map_err(|e| err(e.to_string()))?;
-        Ok(WorkloadCert {
-            key: Arc::new(CertifiedKey::new(chain, signing)),
-            issued: SystemTime::now(),
-            expires: not_after,
-        })
+        WorkloadCert::new(chain, &key, SystemTime::now() + lifetime).map(|c| c.key).map_err(err)
     }
+}
+
+/// What every workload certificate says, whoever asked: the one SPIFFE
+/// URI, signing and key-agreement use, client and server auth, no CA bit.
+fn workload_params(
+    id: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, IdentityError> {
+    let err = |m: String| IdentityError::Issue { identity: id.to_string(), message: m };
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = id.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = time::OffsetDateTime::from(not_before);
+    params.not_after = time::OffsetDateTime::from(not_after);
+    Ok(params)
+}
+
+/// One certificate in PEM.
+pub fn der_to_pem(der: &CertificateDer<'_>) -> String {
+    let cfg = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der.to_vec()), cfg)
 }
 
 /// A self-signed mesh root, used directly as the signing CA: (certificate
@@ -351,78 +431,294 @@ pub struct WorkloadCert {
     pub key: Arc<CertifiedKey>,
     pub issued: SystemTime,
     pub expires: SystemTime,
+    /// When to ask for the next one: half-life (Istio rotates at 50%),
+    /// earlier by up to 5% of the life for a remote CA's, so pods
+    /// started together do not renew together.
+    pub renew_at: SystemTime,
 }
 
 impl WorkloadCert {
-    /// Past half its life: time for a new one (Istio rotates at 50%).
+    /// A chain (leaf first) and the leaf's key, for presenting.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: &KeyPair,
+        expires: SystemTime,
+    ) -> Result<WorkloadCert, String> {
+        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = provider().key_provider.load_private_key(private).map_err(|e| e.to_string())?;
+        let issued = SystemTime::now();
+        let renew_at = issued + expires.duration_since(issued).unwrap_or_default() / 2;
+        Ok(WorkloadCert { key: Arc::new(CertifiedKey::new(chain, signing)), issued, expires, renew_at })
+    }
+
+    /// Valid from `issued`; renewed at half-life less up to `jitter` of
+    /// the life.
+    pub fn valid_from(mut self, issued: SystemTime, jitter: f64) -> WorkloadCert {
+        let life = self.expires.duration_since(issued).unwrap_or_default();
+        self.issued = issued;
+        self.renew_at = issued + life.mul_f64(0.5 - jitter.clamp(0.0, 0.5));
+        self
+    }
+
+    /// Time for a new one.
     fn due(&self) -> bool {
-        let life = self.expires.duration_since(self.issued).unwrap_or_default();
-        SystemTime::now() >= self.issued + life / 2
+        SystemTime::now() >= self.renew_at
+    }
+
+    fn expired(&self) -> bool {
+        SystemTime::now() >= self.expires
     }
 }
 
-/// Workload certificates by identity, issued on first use and rotated at
-/// half-life.
+/// A CA asked over the network ([`remote::RemoteCa`]).
+pub trait RemoteSigner: Send + Sync {
+    /// A new key and certificate for `id`.
+    fn fetch<'a>(
+        &'a self,
+        id: &'a Identity,
+        lifetime: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<WorkloadCert, IdentityError>> + Send + 'a>>;
+    /// The trust bundle now, and its bytes.
+    fn roots(&self) -> Result<(RootCertStore, Vec<u8>), IdentityError>;
+    /// Where it is, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Backoff after a failed request: 200 ms doubling to 30 s, with up to a
+/// quarter added at random so agents do not retry in step.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1 << failures.min(8)).min(Duration::from_secs(30));
+    base + base.mul_f64(rand::random::<f64>() / 4.0)
+}
+
+/// Who signs the store's certificates: a CA key this process holds (a dev
+/// box, files shared by hand), or a control-plane CA asked over Istio's
+/// API (a cluster: no key on the node).
+pub enum Signer {
+    Local(Box<MeshCa>),
+    Remote(Arc<dyn RemoteSigner>),
+}
+
+/// A remote identity's request state: asked now, or when to ask again.
+#[derive(Default)]
+struct Asking {
+    in_flight: bool,
+    failures: u32,
+    not_before: Option<std::time::Instant>,
+}
+
+/// Workload certificates by identity, rotated at half-life: issued on
+/// first use by a local CA; asked for ahead of use from a remote one
+/// ([`CertStore::want`]), as a pod is served only once its certificate is
+/// here.
 pub struct CertStore {
-    ca: MeshCa,
+    signer: Signer,
+    trust_domain: String,
     lifetime: Duration,
     certs: RwLock<HashMap<Identity, WorkloadCert>>,
+    roots: RwLock<(Arc<RootCertStore>, Vec<u8>)>,
+    roots_generation: std::sync::atomic::AtomicU64,
+    asking: std::sync::Mutex<HashMap<Identity, Asking>>,
+    /// Bumped when a remote certificate arrives (the pod loop serves the
+    /// pods that waited for it).
+    arrived: tokio::sync::watch::Sender<u64>,
     pub rotations: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 impl CertStore {
     pub fn new(ca: MeshCa, lifetime: Duration) -> Arc<CertStore> {
-        Arc::new(CertStore { ca, lifetime, certs: RwLock::new(HashMap::new()), rotations: Default::default() })
+        let (td, roots) = (ca.trust_domain.clone(), ca.roots());
+        CertStore::with_signer(Signer::Local(Box::new(ca)), td, roots, lifetime)
+    }
+
+    /// A store whose certificates come from a remote CA; fails when the
+    /// trust bundle cannot be read.
+    pub fn remote(
+        ca: Arc<dyn RemoteSigner>,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Arc<CertStore>, IdentityError> {
+        let (roots, bytes) = ca.roots()?;
+        let store = CertStore::with_signer(Signer::Remote(ca), trust_domain.to_string(), Arc::new(roots), lifetime);
+        store.roots.write().expect("roots lock").1 = bytes;
+        Ok(store)
+    }
+
+    fn with_signer(
+        signer: Signer,
+        trust_domain: String,
+        roots: Arc<RootCertStore>,
+        lifetime: Duration,
+    ) -> Arc<CertStore> {
+        Arc::new(CertStore {
+            signer,
+            trust_domain,
+            lifetime,
+            certs: RwLock::new(HashMap::new()),
+            roots: RwLock::new((roots, Vec::new())),
+            roots_generation: Default::default(),
+            asking: std::sync::Mutex::default(),
+            arrived: tokio::sync::watch::channel(0).0,
+            rotations: Default::default(),
+            failures: Default::default(),
+        })
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.ca.trust_domain
+        &self.trust_domain
     }
 
-    pub fn ca(&self) -> &MeshCa {
-        &self.ca
+    /// Where certificates come from, for the start-up log.
+    pub fn origin(&self) -> String {
+        match &self.signer {
+            Signer::Local(ca) => ca.origin.clone(),
+            Signer::Remote(r) => format!("{} (no CA key on this node)", r.describe()),
+        }
     }
 
+    /// The roots peers' chains must reach now.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.ca.roots()
+        Arc::clone(&self.roots.read().expect("roots lock").0)
+    }
+
+    /// Changes when the trust bundle does.
+    pub fn roots_generation(&self) -> u64 {
+        self.roots_generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes when a certificate arrives from a remote CA.
+    pub fn arrivals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.arrived.subscribe()
+    }
+
+    /// Whether `id` has a certificate to present now (always, with a
+    /// local CA).
+    pub fn ready(&self, id: &Identity) -> bool {
+        match self.signer {
+            Signer::Local(_) => true,
+            Signer::Remote(_) => self.certs.read().expect("cert store lock").get(id).is_some_and(|c| !c.expired()),
+        }
     }
 
     /// The certificate to present as `id` now.
     pub fn get(&self, id: &Identity) -> Result<WorkloadCert, IdentityError> {
         if let Some(c) = self.certs.read().expect("cert store lock").get(id) {
-            if !c.due() {
+            // A remote CA's certificate is renewed ahead, in the
+            // background; until then (a CA outage) it serves to expiry.
+            if !c.due() || matches!(self.signer, Signer::Remote(_)) && !c.expired() {
                 return Ok(c.clone());
             }
         }
+        let Signer::Local(ca) = &self.signer else {
+            return Err(IdentityError::Issue {
+                identity: id.to_string(),
+                message: "no certificate from the mesh CA yet".into(),
+            });
+        };
         let mut certs = self.certs.write().expect("cert store lock");
         if let Some(c) = certs.get(id) {
             if !c.due() {
                 return Ok(c.clone());
             }
         }
-        let fresh = self.ca.issue(id, self.lifetime)?;
-        if certs.insert(id.clone(), fresh.clone()).is_some() {
-            self.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(identity = %id, "workload certificate rotated");
-        } else {
-            tracing::info!(identity = %id, lifetime_s = self.lifetime.as_secs(), "workload certificate issued");
-        }
+        let fresh = ca.issue(id, self.lifetime)?;
+        self.stored(&mut certs, id, fresh.clone());
         Ok(fresh)
     }
 
+    fn stored(&self, certs: &mut HashMap<Identity, WorkloadCert>, id: &Identity, fresh: WorkloadCert) {
+        let expires_in = fresh.expires.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
+        if certs.insert(id.clone(), fresh).is_some() {
+            self.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(identity = %id, expires_in_s = expires_in, "workload certificate rotated");
+        } else {
+            tracing::info!(identity = %id, expires_in_s = expires_in, "workload certificate issued");
+        }
+    }
+
+    /// Ask a remote CA for each of `ids` that has no certificate yet (or
+    /// one due), unless asked already or backing off after a failure.
+    pub fn want<'a>(self: &Arc<Self>, ids: impl IntoIterator<Item = &'a Identity>) {
+        let Signer::Remote(_) = &self.signer else { return };
+        for id in ids {
+            let needed = self.certs.read().expect("cert store lock").get(id).is_none_or(WorkloadCert::due);
+            if needed {
+                self.ask(id);
+            }
+        }
+    }
+
+    fn ask(self: &Arc<Self>, id: &Identity) {
+        let Signer::Remote(ca) = &self.signer else { return };
+        {
+            let mut asking = self.asking.lock().expect("asking lock");
+            let a = asking.entry(id.clone()).or_default();
+            if a.in_flight || a.not_before.is_some_and(|t| std::time::Instant::now() < t) {
+                return;
+            }
+            a.in_flight = true;
+        }
+        let (store, ca, id) = (Arc::clone(self), Arc::clone(ca), id.clone());
+        tokio::spawn(async move {
+            let result = ca.fetch(&id, store.lifetime).await;
+            let mut asking = store.asking.lock().expect("asking lock");
+            let a = asking.entry(id.clone()).or_default();
+            a.in_flight = false;
+            match result {
+                Ok(cert) => {
+                    a.failures = 0;
+                    a.not_before = None;
+                    drop(asking);
+                    store.stored(&mut store.certs.write().expect("cert store lock"), &id, cert);
+                    store.arrived.send_modify(|n| *n += 1);
+                }
+                Err(e) => {
+                    let wait = backoff(a.failures);
+                    a.failures += 1;
+                    a.not_before = Some(std::time::Instant::now() + wait);
+                    store.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(identity = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "no certificate from the mesh CA; the current one (if any) serves until it expires");
+                }
+            }
+        });
+    }
+
     /// Re-issue every certificate that is due (the agent calls this
-    /// periodically so idle identities are rotated too) and forget
-    /// identities no workload has any more.
-    pub fn rotate_due(&self, keep: &dyn Fn(&Identity) -> bool) {
+    /// periodically so idle identities are rotated too), forget identities
+    /// no workload has any more, and read a remote CA's trust bundle again.
+    pub fn rotate_due(self: &Arc<Self>, keep: &dyn Fn(&Identity) -> bool) {
         let ids: Vec<Identity> = self.certs.read().expect("cert store lock").keys().cloned().collect();
         for id in ids {
             if !keep(&id) {
                 self.certs.write().expect("cert store lock").remove(&id);
+                self.asking.lock().expect("asking lock").remove(&id);
                 continue;
             }
-            if let Err(e) = self.get(&id) {
-                tracing::warn!(identity = %id, error = %e, "certificate rotation failed; the current one stays until it expires");
+            match &self.signer {
+                Signer::Remote(_) => self.want([&id]),
+                Signer::Local(_) => {
+                    if let Err(e) = self.get(&id) {
+                        tracing::warn!(identity = %id, error = %e, "certificate rotation failed; the current one stays until it expires");
+                    }
+                }
             }
+        }
+        self.reload_roots();
+    }
+
+    fn reload_roots(&self) {
+        let Signer::Remote(ca) = &self.signer else { return };
+        match ca.roots() {
+            Ok((roots, bytes)) => {
+                let mut current = self.roots.write().expect("roots lock");
+                if current.1 != bytes {
+                    tracing::info!(roots = roots.len(), bundle = %ca.describe(), "trust bundle changed: peers chained to any of its roots are trusted");
+                    *current = (Arc::new(roots), bytes);
+                    self.roots_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "trust bundle unreadable; the current roots stay"),
         }
     }
 

@@ -202,6 +202,15 @@ impl InPod {
             .collect()
     }
 
+    /// The identities of the pods this node serves (or will).
+    pub fn identities(&self, pods: &[PodInfo], trust_domain: &str) -> Vec<Identity> {
+        let mut ids: Vec<Identity> =
+            self.wanted(pods).iter().map(|p| Identity::new(trust_domain, &p.namespace, &p.service_account)).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// Start serving new pods, stop serving removed (or changed) ones.
     pub fn reconcile(&self, pods: &[PodInfo], server: &dyn PodServer, trust_domain: &str) {
         let wanted = self.wanted(pods);

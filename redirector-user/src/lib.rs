@@ -26,7 +26,9 @@
 //! The control plane, which never imports the data path: [`config`] (the
 //! agent's settings), [`net`], [`mesh`] (sources: [`mesh::source_dir`],
 //! [`mesh::kubernetes`]; [`mesh::resources`] → [`mesh::model`] and
-//! [`mesh::security`]), [`identity`] and [`tls`].
+//! [`mesh::security`]), [`identity`] and [`tls`]; and [`ca`], the mesh's
+//! CA service (`redirector ca serve`, a Deployment of its own: the only
+//! holder of the signing key).
 //!
 //! The node around them: [`inpod`] (the pods this node serves), [`sys`]
 //! (cgroups, namespaces, machine facts: the system calls), [`state`],
@@ -52,6 +54,7 @@ pub(crate) mod net;
 pub mod mesh;
 pub mod identity;
 pub(crate) mod tls;
+pub mod ca;
 
 // The node.
 pub(crate) mod inpod;

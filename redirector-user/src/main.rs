@@ -101,16 +101,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Make a mesh CA in Istio's plug-in layout (ca-cert.pem, ca-key.pem,
-    /// root-cert.pem, cert-chain.pem) for `mesh.caDir`, so several nodes
-    /// trust one root.
-    Ca {
-        #[arg(value_parser = ["create"])]
-        action: String,
-        dir: PathBuf,
-        #[arg(long, default_value = redirector::identity::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
-    },
+    /// `create`: make a mesh CA in Istio's plug-in layout (ca-cert.pem,
+    /// ca-key.pem, root-cert.pem, cert-chain.pem) for `mesh.caDir` or for
+    /// `serve`. `serve`: answer Istio's certificate API on 15012 with the
+    /// CA in DIR (the cluster's CA Deployment; node agents then hold no
+    /// key).
+    Ca(CaArgs),
     /// Print the version; with --cluster, the API server's and every node
     /// agent's too.
     Version {
@@ -119,6 +115,33 @@ enum Command {
     },
     /// Stop the agent if it runs, detach every program and remove every pin.
     Uninstall,
+}
+
+#[derive(Args)]
+struct CaArgs {
+    #[arg(value_parser = ["create", "serve"])]
+    action: String,
+    dir: PathBuf,
+    #[arg(long, default_value = redirector::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// serve: the gRPC-over-TLS address.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// serve: /ready and /metrics over HTTP ("off" for none).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    monitoring: String,
+    /// serve: a DNS name or address the serving certificate carries
+    /// (repeat; default the Service redirector-ca's names in
+    /// POD_NAMESPACE).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// serve: a node agent's service account, namespace/name (repeat);
+    /// it may get its pods' identities.
+    #[arg(long = "node-agent", default_values = ["redirector-system/redirector"])]
+    node_agents: Vec<String>,
+    /// serve: the longest certificate life granted.
+    #[arg(long, default_value = "24h")]
+    max_cert_lifetime: String,
 }
 
 #[derive(Args)]
@@ -243,6 +266,59 @@ where
     rt.block_on(f(access))
 }
 
+/// `ca create DIR` and `ca serve DIR`.
+fn ca(kube: &KubeArgs, c: CaArgs) -> anyhow::Result<()> {
+    let CaArgs { action, dir, trust_domain, listen, monitoring, dns_names, node_agents, max_cert_lifetime } = c;
+    if action == "create" {
+        if dir.join(redirector::identity::CA_KEY_FILE).exists() {
+            anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
+        }
+        redirector::identity::write_self_signed_ca(&dir, &trust_domain)?;
+        println!(
+            "mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node",
+            dir.display()
+        );
+        return Ok(());
+    }
+    init_logging(false);
+    let settings = ca_settings(trust_domain, listen, &monitoring, dns_names, &node_agents, &max_cert_lifetime)?;
+    let access = kube.access()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let client = redirector::mesh::kubernetes::client(&access).await?;
+        redirector::ca::serve(&dir, settings, client).await
+    })
+}
+
+fn ca_settings(
+    trust_domain: String,
+    listen: std::net::SocketAddr,
+    monitoring: &str,
+    dns_names: Vec<String>,
+    node_agents: &[String],
+    max_cert_lifetime: &str,
+) -> anyhow::Result<redirector::ca::Settings> {
+    let monitoring = match monitoring {
+        "off" => None,
+        m => Some(m.parse().map_err(|_| anyhow::anyhow!("--monitoring `{m}` is not an address:port (or off)"))?),
+    };
+    let node_agents = node_agents
+        .iter()
+        .map(|s| redirector::ca::parse_service_account(s).map_err(|e| anyhow::anyhow!("--node-agent: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let max_lifetime = redirector::config::parse_duration(max_cert_lifetime)
+        .map_err(|e| anyhow::anyhow!("--max-cert-lifetime: {e}"))?;
+    if max_lifetime < std::time::Duration::from_secs(10) {
+        anyhow::bail!("--max-cert-lifetime {max_cert_lifetime} is too short; give at least 10s");
+    }
+    let dns_names = if dns_names.is_empty() {
+        redirector::ca::default_dns_names(&redirector::config::agent_namespace())
+    } else {
+        dns_names
+    };
+    Ok(redirector::ca::Settings { listen, monitoring, dns_names, node_agents, max_lifetime, trust_domain })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -320,17 +396,7 @@ fn main() -> ExitCode {
         Command::Accelerate { state } => cmd::accelerate(&cli.state_dir, state == "on"),
         Command::Analyze { dir } => cmd::analyze(&dir),
         Command::ProxyConfig { what, json } => cmd::proxy_config(&cli.state_dir, &what, json),
-        Command::Ca { dir, trust_domain, .. } => (|| {
-            if dir.join(redirector::identity::CA_KEY_FILE).exists() {
-                anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
-            }
-            redirector::identity::write_self_signed_ca(&dir, &trust_domain)?;
-            println!(
-                "mesh CA written to {} (trust domain {trust_domain}); set mesh.caDir to it on every node",
-                dir.display()
-            );
-            Ok(())
-        })(),
+        Command::Ca(c) => ca(&cli.kube, c),
         Command::Version { cluster: false } => {
             println!("redirector {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, Error, ServerConfig, SignatureScheme};
@@ -63,12 +64,11 @@ impl ResolvesClientCert for Presents {
 }
 
 /// The server side of HBONE for one workload: requires a client certificate
-/// chained to the mesh root.
+/// chained to the mesh's roots (those of the trust bundle now: a root
+/// rotation's overlap trusts both).
 pub fn server_config(store: &Arc<CertStore>, identity: &Identity) -> Result<Arc<ServerConfig>, Error> {
     let provider = crate::identity::provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(store.roots(), Arc::clone(&provider))
-        .build()
-        .map_err(|e| Error::General(e.to_string()))?;
+    let verifier = Arc::new(BundleClientVerifier::new(store, &provider)?);
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -81,6 +81,94 @@ pub fn server_config(store: &Arc<CertStore>, identity: &Identity) -> Result<Arc<
     Ok(Arc::new(cfg))
 }
 
+/// WebPKI client verification against the store's roots, rebuilt when the
+/// trust bundle changes.
+#[derive(Debug)]
+struct BundleClientVerifier {
+    store: Arc<CertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl BundleClientVerifier {
+    fn new(store: &Arc<CertStore>, provider: &Arc<rustls::crypto::CryptoProvider>) -> Result<Self, Error> {
+        let generation = store.roots_generation();
+        let v = Self::build(store, provider)?;
+        Ok(BundleClientVerifier {
+            store: Arc::clone(store),
+            provider: Arc::clone(provider),
+            current: std::sync::RwLock::new((generation, v)),
+        })
+    }
+
+    fn build(
+        store: &CertStore,
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        WebPkiClientVerifier::builder_with_provider(store.roots(), Arc::clone(provider))
+            .build()
+            .map_err(|e| Error::General(e.to_string()))
+    }
+
+    fn now(&self) -> Arc<dyn ClientCertVerifier> {
+        let generation = self.store.roots_generation();
+        {
+            let cur = self.current.read().expect("verifier lock");
+            if cur.0 == generation {
+                return Arc::clone(&cur.1);
+            }
+        }
+        match Self::build(&self.store, &self.provider) {
+            Ok(v) => {
+                *self.current.write().expect("verifier lock") = (generation, Arc::clone(&v));
+                v
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the new trust bundle cannot verify clients; the previous roots stay");
+                Arc::clone(&self.current.read().expect("verifier lock").1)
+            }
+        }
+    }
+}
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Peers have one identity each; no hint is needed.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, Error> {
+        self.now().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.now().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.now().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.now().supported_verify_schemes()
+    }
+}
+
 /// The client side of HBONE: presents `source`, accepts only a server
 /// certificate chained to the mesh root that carries one of `expected`.
 pub fn client_config(
@@ -89,8 +177,11 @@ pub fn client_config(
     expected: Vec<Identity>,
 ) -> Result<Arc<ClientConfig>, Error> {
     let provider = crate::identity::provider();
-    let verifier =
-        Arc::new(ExpectIdentity { roots: store.roots(), expected, algs: provider.signature_verification_algorithms });
+    let verifier = Arc::new(ExpectIdentity {
+        store: Arc::clone(store),
+        expected,
+        algs: provider.signature_verification_algorithms,
+    });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -110,7 +201,9 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
 /// dialled is an address, never what is checked.
 #[derive(Debug)]
 struct ExpectIdentity {
-    roots: Arc<rustls::RootCertStore>,
+    /// Its roots are read at each handshake (a rotated bundle applies to
+    /// the next connection).
+    store: Arc<CertStore>,
     expected: Vec<Identity>,
     algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
@@ -127,7 +220,7 @@ impl ServerCertVerifier for ExpectIdentity {
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &self.store.roots(),
             intermediates,
             now,
             self.algs.all,

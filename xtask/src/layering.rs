@@ -5,7 +5,7 @@
 //! 2. The data path imports forward only, in the order a connection meets
 //!    it: capture → proxy → route → endpoint → transport → copy →
 //!    telemetry (`capture::orig_dst` is a leaf any stage may read).
-//! 3. The control plane (config, net, mesh, identity, tls) never imports
+//! 3. The control plane (config, net, mesh, identity, tls, ca) never imports
 //!    the data path or the node (inpod, app, cmd, admin, state).
 //! 4. `sys`, `net` and `copy` are leaves: they import nothing of the crate.
 //! 5. Nothing imports `app` or `cmd` from outside their own files.
@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 /// Stages of the data path, in order.
 const DATA_PATH: [&str; 7] = ["capture", "proxy", "route", "endpoint", "transport", "copy", "telemetry"];
-const CONTROL_PLANE: [&str; 5] = ["config", "net", "mesh", "identity", "tls"];
+const CONTROL_PLANE: [&str; 6] = ["config", "net", "mesh", "identity", "tls", "ca"];
 const LEAVES: [&str; 4] = ["sys", "net", "copy", "capture::orig_dst"];
 
 /// One file: its module path and the modules it refers to.

@@ -203,6 +203,11 @@ impl crate::inpod::PodServer for AgentPods {
     }
 
     fn start(&self, _pod: &PodInfo, w: Arc<WorkloadNet>, cgroups: Vec<PathBuf>) -> Result<PodHandle> {
+        // A pod is served only with its certificate in hand: from a
+        // remote CA it may still be on its way (the pod is held).
+        if let Some(id) = w.identity.as_ref().filter(|id| !self.certs.ready(id)) {
+            anyhow::bail!("waiting for its certificate ({id}) from {}", self.certs.origin());
+        }
         let ports = (self.cfg.outbound_port, self.cfg.inbound_port, self.cfg.hbone_port);
         let listeners = crate::inpod::open_listeners(&w, ports.0, ports.1, ports.2)
             .context("opening the proxy's listeners in the pod's network namespace")?;
@@ -244,6 +249,7 @@ pub(super) async fn run_pod_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = 0;
+    let mut arrivals = certs.arrivals();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut retry = tokio::time::Instant::now();
     loop {
@@ -260,9 +266,20 @@ pub(super) async fn run_pod_loop(
                     || m.pods.iter().any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
             });
         }
+        // A remote CA's certificates are asked for ahead of serving, and
+        // a pod waiting for one is served when it arrives.
+        {
+            let m = mesh.current();
+            let ids = pods.identities(&m.pods, certs.trust_domain());
+            certs.want(ids.iter());
+        }
+        let arrived = arrivals.has_changed().unwrap_or(false);
+        if arrived {
+            arrivals.borrow_and_update();
+        }
         let v = mesh.version();
         let has_problems = !pods.problems.lock().expect("in-pod lock").is_empty();
-        if v == seen && !(has_problems && retry.elapsed() >= Duration::from_secs(2)) {
+        if v == seen && !(has_problems && (arrived || retry.elapsed() >= Duration::from_secs(2))) {
             continue;
         }
         seen = v;
