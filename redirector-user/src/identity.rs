@@ -331,7 +331,12 @@ impl MeshCa {
         params.distinguished_name.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_default());
         params.subject_alt_names = dns_names
             .iter()
-            .map(|n| n.clone().try_into().map(SanType::DnsName).map_err(|e: rcgen::Error| err(format!("{n}: {e}"))))
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => {
+                    n.clone().try_into().map(SanType::DnsName).map_err(|e: rcgen::Error| err(format!("{n}: {e}")))
+                }
+            })
             .collect::<Result<_, _>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

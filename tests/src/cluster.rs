@@ -77,7 +77,27 @@ pub struct Cluster {
     /// of its own (`<node cgroup>/agent-pod`) under a private cgroup
     /// namespace.
     pub agent_in_pod_cgroup: bool,
+    /// `mesh.caAddress`: the agents hold no CA key and ask this CA service
+    /// (see [`Cluster::use_ca_service`]).
+    pub ca_address: Option<String>,
+    /// CA services started by [`Cluster::start_ca_server`].
+    pub ca_servers: Vec<CaServer>,
 }
+
+/// A `redirector ca serve` process in a node's network namespace.
+pub struct CaServer {
+    pub node: usize,
+    pub child: Option<std::process::Child>,
+    pub log: PathBuf,
+    /// Its gRPC address and its monitoring (`/ready`, `/metrics`) address.
+    pub listen: String,
+    pub monitoring: String,
+}
+
+/// The namespace and service account the agents run as in these tests
+/// (no `POD_NAMESPACE` is set: the agent's default).
+pub const AGENT_NAMESPACE: &str = "istio-system";
+pub const AGENT_SERVICE_ACCOUNT: &str = "redirector";
 
 /// A pod's `podIPs` lines (nothing for a single-stack pod, as a
 /// single-stack cluster's API server may leave it out).
@@ -132,6 +152,8 @@ impl Cluster {
             late: Vec::new(),
             kubeconfigs: None,
             agent_in_pod_cgroup: false,
+            ca_address: None,
+            ca_servers: Vec::new(),
         };
         for (i, n) in ["node-a", "node-b"].iter().enumerate() {
             let node = Node {
@@ -322,6 +344,14 @@ impl Cluster {
     /// Start both agents with the shared CA and wait until each serves its
     /// two pods.
     pub fn start(&mut self) -> Result<()> {
+        let before = self.launch()?;
+        self.wait_served(&before)
+    }
+
+    /// Start both agents (and, in the Kubernetes layout, the pods'
+    /// processes) without waiting for any pod to be served; returns each
+    /// node's count of served pods before, for [`Cluster::wait_served`].
+    pub fn launch(&mut self) -> Result<Vec<usize>> {
         let yaml = self.mesh_yaml();
         for i in 0..self.nodes.len() {
             self.write_mesh(i, &yaml);
@@ -339,7 +369,13 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.start_agent(i)?;
         }
-        for (i, before) in before.into_iter().enumerate() {
+        Ok(before)
+    }
+
+    /// Wait until each node serves its pods (beyond `before`, from
+    /// [`Cluster::launch`]).
+    pub fn wait_served(&self, before: &[usize]) -> Result<()> {
+        for (i, &before) in before.iter().enumerate() {
             let n = &self.nodes[i];
             let want = self.pods.iter().filter(|p| p.node == i && !self.late.contains(&p.name)).count();
             if !eventually(Duration::from_secs(15), || self.served(i) >= before + want) {
@@ -389,9 +425,16 @@ impl Cluster {
         fs::write(
             &cfg,
             format!(
-                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n{}mesh:\n  caDir: {}\n{}",
+                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n{}mesh:\n{}{}",
                 self.proxy_settings,
-                self.ca_dir.display(),
+                match &self.ca_address {
+                    None => format!("  caDir: {}\n", self.ca_dir.display()),
+                    Some(a) => format!(
+                        "  caAddress: {a}\n  caRootCert: {}\n  caTokenPath: {}\n",
+                        self.ca_dir.join("root-cert.pem").display(),
+                        self.token_path(i).display()
+                    ),
+                },
                 self.mesh_settings
             ),
         )?;
@@ -601,6 +644,106 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Where node `i`'s agent reads its projected service-account token.
+    pub fn token_path(&self, i: usize) -> PathBuf {
+        self.nodes[i].state.parent().unwrap().join("istio-token")
+    }
+
+    /// The agents ask the CA service at `address` for every certificate,
+    /// as in a cluster: each runs as a pod of the DaemonSet
+    /// (`agent-<node>`, scheduled on its node) whose projected token, for
+    /// the audience `istio-ca` and bound to that pod, the API server
+    /// `api` vouches for.
+    pub fn use_ca_service(&mut self, api: &crate::kubeapi::KubeApi, address: &str) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            let (pod, uid) = (format!("agent-{}", self.nodes[i].name), format!("{}-agent-{i}", self.name));
+            api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": AGENT_NAMESPACE, "uid": uid, "labels": {"app": "redirector"}},
+                "spec": {"nodeName": self.nodes[i].name, "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+                         "containers": [{"name": "agent", "image": "redirector"}]},
+                "status": {"phase": "Running"}}))?;
+            let token = api.issue_token(
+                AGENT_NAMESPACE,
+                AGENT_SERVICE_ACCOUNT,
+                Some((&pod, &uid)),
+                &["istio-ca"],
+                Duration::from_hours(1),
+            );
+            fs::create_dir_all(self.token_path(i).parent().unwrap())?;
+            fs::write(self.token_path(i), token)?;
+        }
+        self.ca_address = Some(address.into());
+        Ok(())
+    }
+
+    /// Start `redirector ca serve` with the cluster's CA in node `node`'s
+    /// network namespace on its address (port 15012, monitoring 15014),
+    /// reading the API server through `kubeconfig`, with `args` added;
+    /// waits until it listens. Returns its index in `ca_servers`.
+    pub fn start_ca_server(&mut self, node: usize, kubeconfig: &Path, args: &[&str]) -> Result<usize> {
+        let n = &self.nodes[node];
+        let k = self.ca_servers.len();
+        let log = self.dir.join(format!("ca-{k}.log"));
+        let (listen, monitoring) = (format!("{}:15012", n.ip), format!("{}:15014", n.ip));
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns_path(&n.ns).display()))
+            .arg(redirector_bin())
+            .args(["--kubeconfig"])
+            .arg(kubeconfig)
+            .arg("ca")
+            .arg("serve")
+            .arg(&self.ca_dir)
+            .args(["--listen", &listen, "--monitoring", &monitoring, "--dns-name", &n.ip])
+            .args(["--dns-name", &format!("redirector-ca.{AGENT_NAMESPACE}.svc")])
+            .args(["--node-agent", &format!("{AGENT_NAMESPACE}/{AGENT_SERVICE_ACCOUNT}")])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        self.ca_servers.push(CaServer { node, child: Some(child), log, listen, monitoring });
+        self.wait_ca_ready(k)?;
+        Ok(k)
+    }
+
+    fn wait_ca_ready(&mut self, k: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = &mut self.ca_servers[k];
+            if fs::read_to_string(&s.log).unwrap_or_default().contains("mesh CA serving") {
+                return Ok(());
+            }
+            if let Some(status) = s.child.as_mut().unwrap().try_wait()? {
+                bail!("the CA service exited with {status}: {}", fs::read_to_string(&s.log).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                bail!("the CA service is not serving after 15 s: {}", fs::read_to_string(&s.log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop a CA service (SIGKILL: as its node going away).
+    pub fn stop_ca_server(&mut self, k: usize) {
+        if let Some(mut c) = self.ca_servers[k].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A CA service's `/metrics`, read inside its node.
+    pub fn ca_metrics(&self, k: usize) -> String {
+        let s = &self.ca_servers[k];
+        let url = format!("http://{}/metrics", s.monitoring);
+        let out = self.output(self.in_node(s.node, "curl", &["-s", "--max-time", "3", &url]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A counter of a CA service's `/metrics` (0 if absent).
+    pub fn ca_counter(&self, k: usize, series: &str) -> u64 {
+        self.ca_metrics(k).lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+    }
+
     /// Kill a node's agent as a crash would: nothing is cleaned up.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
@@ -678,6 +821,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
+        for k in 0..self.ca_servers.len() {
+            self.stop_ca_server(k);
+        }
         remove_cgroup_tree(&self.cgroup);
         for p in &self.pods {
             let _ = ip(&["netns", "del", &p.ns]);

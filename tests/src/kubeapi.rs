@@ -1,7 +1,9 @@
 //! A Kubernetes API server for tests that need no cluster: the agent's
 //! kube-rs client talks HTTP/1.1 to it on loopback, as to a real one. It
 //! answers lists, watches (chunked streams of watch events), API group
-//! discovery and SelfSubjectAccessReviews in the API server's wire format,
+//! discovery, single-object reads, SelfSubjectAccessReviews and
+//! TokenReviews (of tokens a test issues, bound to a pod or not) in the API
+//! server's wire format,
 //! from objects a test loads from a List in the API's own form
 //! (`tests/fixtures/kube`) and changes while the agent watches. A test can withhold a permission,
 //! leave Istio's CRDs out, or end every watch stream at once as an API
@@ -67,6 +69,19 @@ struct Inner {
     nodes: usize,
     /// Agent pods (name, node) and what their `/node` endpoint answers.
     agents: Vec<(String, String, Option<Value>)>,
+    /// Service-account tokens issued by `issue_token`.
+    tokens: HashMap<String, Token>,
+    token_reviews: usize,
+}
+
+/// A service-account token as the API server knows it.
+struct Token {
+    namespace: String,
+    service_account: String,
+    /// The pod it is bound to: (name, uid).
+    pod: Option<(String, String)>,
+    audiences: Vec<String>,
+    expires: Instant,
 }
 
 pub struct KubeApi {
@@ -249,6 +264,39 @@ impl KubeApi {
         self.inner.0.lock().unwrap().applied.keys().cloned().collect()
     }
 
+    /// A service-account token for `namespace/service_account`, valid for
+    /// `audiences` during `ttl`, bound to `pod` (name, uid) if given, as a
+    /// kubelet's projected token is. Anything else presented is a forgery.
+    pub fn issue_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<(&str, &str)>,
+        audiences: &[&str],
+        ttl: Duration,
+    ) -> String {
+        let mut s = self.inner.0.lock().unwrap();
+        s.rv += 1;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let token = format!("eyJ{:x}{:x}.{namespace}.{service_account}", s.rv, nanos);
+        s.tokens.insert(
+            token.clone(),
+            Token {
+                namespace: namespace.into(),
+                service_account: service_account.into(),
+                pod: pod.map(|(n, u)| (n.into(), u.into())),
+                audiences: audiences.iter().map(|a| (*a).to_string()).collect(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        token
+    }
+
+    /// How many TokenReviews were asked for.
+    pub fn token_reviews(&self) -> usize {
+        self.inner.0.lock().unwrap().token_reviews
+    }
+
     /// How many lists and watches a collection path (`/api/v1/pods`) got.
     pub fn requests(&self, collection: &str) -> (usize, usize) {
         let s = self.inner.0.lock().unwrap();
@@ -316,6 +364,62 @@ fn collection_path(path: &str) -> (String, Option<String>) {
         ["apis", g, v, "namespaces", ns, plural] => (format!("/apis/{g}/{v}/{plural}"), Some((*ns).to_string())),
         _ => (path.to_string(), None),
     }
+}
+
+/// A namespaced object's path (`/api/v1/namespaces/NS/pods/NAME`) as its
+/// key: (collection, namespace, name).
+fn object_path(path: &str) -> Option<(String, String, String)> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (coll, ns, name) = match parts.as_slice() {
+        ["api", v, "namespaces", ns, plural, name] => (format!("/api/{v}/{plural}"), ns, name),
+        ["apis", g, v, "namespaces", ns, plural, name] => (format!("/apis/{g}/{v}/{plural}"), ns, name),
+        _ => return None,
+    };
+    COLLECTIONS.iter().any(|c| c.0 == coll).then(|| (coll, (*ns).to_string(), (*name).to_string()))
+}
+
+/// A TokenReview's status for `spec`, as the API server's service-account
+/// authenticator answers: the audiences must meet, the token must not have
+/// expired, the pod it is bound to must still exist with its UID.
+fn token_status(s: &Inner, spec: &Value) -> Value {
+    let refused = |why: String| json!({"authenticated": false, "error": why});
+    let Some(t) = spec["token"].as_str().and_then(|t| s.tokens.get(t)) else {
+        return refused("invalid bearer token, square/go-jose: error in cryptographic primitive".into());
+    };
+    if Instant::now() > t.expires {
+        return refused("invalid bearer token, service account token has expired".into());
+    }
+    let wanted: Vec<String> = spec["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let audiences: Vec<String> = if wanted.is_empty() {
+        t.audiences.clone()
+    } else {
+        wanted.iter().filter(|a| t.audiences.contains(a)).cloned().collect()
+    };
+    if audiences.is_empty() {
+        return refused(format!(
+            "invalid bearer token, token audiences {:?} is invalid for the target audiences {wanted:?}",
+            t.audiences
+        ));
+    }
+    let mut extra = serde_json::Map::new();
+    if let Some((name, uid)) = &t.pod {
+        let pod = s.objects.get(&("/api/v1/pods".to_string(), t.namespace.clone(), name.clone()));
+        if pod.is_none_or(|p| p["metadata"]["uid"].as_str() != Some(uid)) {
+            return refused(format!(
+                "invalid bearer token, pod \"{name}\" not found or its UID is not {uid}: the token was invalidated"
+            ));
+        }
+        extra.insert("authentication.kubernetes.io/pod-name".into(), json!([name]));
+        extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+    }
+    json!({"authenticated": true, "audiences": audiences,
+           "user": {"username": format!("system:serviceaccount:{}:{}", t.namespace, t.service_account),
+                    "uid": format!("sa-uid-{}-{}", t.namespace, t.service_account),
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", t.namespace), "system:authenticated"],
+                    "extra": extra}})
 }
 
 /// Whether `obj` is in `namespace`, when one is asked for.
@@ -389,6 +493,15 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
             respond(&mut w, 201, &review)?;
             continue;
         }
+        if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let mut review: Value = serde_json::from_slice(&body)?;
+            let mut st = inner.0.lock().unwrap();
+            st.token_reviews += 1;
+            review["status"] = token_status(&st, &review["spec"]);
+            drop(st);
+            respond(&mut w, 201, &review)?;
+            continue;
+        }
         // API group discovery for Istio's groups.
         if let Some(gv) =
             path.strip_prefix("/apis/").filter(|p| p.contains(".istio.io/") && p.matches('/').count() == 1)
@@ -409,6 +522,16 @@ fn serve(conn: TcpStream, inner: &Arc<(Mutex<Inner>, Condvar)>, stop: &AtomicBoo
                 )?;
             }
             continue;
+        }
+        if method == "GET" {
+            if let Some((coll, ns, name)) = object_path(path) {
+                let found = inner.0.lock().unwrap().objects.get(&(coll, ns, name)).cloned();
+                match found {
+                    Some(o) => respond(&mut w, 200, &o)?,
+                    None => respond(&mut w, 404, &not_found(path))?,
+                }
+                continue;
+            }
         }
         let (cluster_path, namespace) = collection_path(path);
         let Some(&(coll, api, kind, _)) = COLLECTIONS.iter().find(|c| c.0 == cluster_path) else {

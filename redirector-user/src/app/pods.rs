@@ -258,11 +258,12 @@ pub(super) async fn run_pod_loop(
             _ = stop.changed() => break,
         }
         // Idle identities are rotated too; identities of pods that left
-        // are forgotten.
+        // are forgotten (not the agent's own, nor its gateway's).
         {
             let m = mesh.current();
             certs.rotate_due(&|id| {
                 *id == own
+                    || id.namespace == own.namespace && id.service_account == crate::config::GATEWAY_SERVICE_ACCOUNT
                     || m.pods.iter().any(|p| p.namespace == id.namespace && p.service_account == id.service_account)
             });
         }
@@ -271,7 +272,12 @@ pub(super) async fn run_pod_loop(
         {
             let m = mesh.current();
             let ids = pods.identities(&m.pods, certs.trust_domain());
-            certs.want(ids.iter());
+            let gateway = crate::identity::Identity::new(
+                &own.trust_domain,
+                &own.namespace,
+                crate::config::GATEWAY_SERVICE_ACCOUNT,
+            );
+            certs.want(ids.iter().chain([&own, &gateway]));
         }
         let arrived = arrivals.has_changed().unwrap_or(false);
         if arrived {

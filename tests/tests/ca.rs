@@ -1,0 +1,386 @@
+//! The control-plane CA (`redirector ca serve`) with real node agents:
+//! Istio's certificate API over gRPC and TLS, callers authenticated by
+//! TokenReview against the test API server and authorized by the node
+//! their token's pod runs on. No node agent here holds the CA key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redirector::identity::istio_api::{CaClient, IstioCertificateRequest, IstioCertificateResponse};
+use redirector::identity::Identity;
+use redirector_tests::cluster::{ns_path, Cluster, AGENT_NAMESPACE};
+use redirector_tests::kubeapi::KubeApi;
+use redirector_tests::{eventually, privileged};
+use serde_json::json;
+
+const TD: &str = "cluster.local";
+/// The CA's Service, as agents are told it (`mesh.caAddress`).
+const CA_SERVICE: &str = "redirector-ca.istio-system.svc:15012";
+
+fn id(sa: &str) -> Identity {
+    Identity::new(TD, "default", sa)
+}
+
+/// Run `f` on a thread inside the network namespace `netns` (with a
+/// runtime of its own): the CA listens on a node's address.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send) -> T {
+    let ns = std::fs::File::open(netns).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a namespace descriptor; only this thread moves.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            f(&rt)
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A client of the CA replicas at `addresses`, trusting the mesh's roots.
+fn client(ca_dir: &Path, addresses: Vec<std::net::SocketAddr>) -> CaClient {
+    let bundle = ca_dir.join("root-cert.pem");
+    let roots = redirector::identity::remote::read_bundle(&bundle).unwrap().0;
+    let roots = std::sync::Arc::new(roots);
+    let addresses = std::sync::Arc::new(addresses);
+    CaClient::new(
+        CA_SERVICE,
+        std::sync::Arc::new(move || {
+            let a = (*addresses).clone();
+            Box::pin(async move { a })
+        }),
+        std::sync::Arc::new(move || std::sync::Arc::clone(&roots)),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+/// (gRPC code name, message), or the response.
+type Answer = Result<IstioCertificateResponse, (String, String)>;
+
+fn ask(rt: &tokio::runtime::Runtime, c: &CaClient, token: &str, req: IstioCertificateRequest) -> Answer {
+    rt.block_on(c.create_certificate(token, req)).map_err(|s| (format!("{:?}", s.code()), s.message().to_string()))
+}
+
+/// A fresh key's CSR for `csr_for`, asked as `as_of` (ImpersonatedIdentity).
+fn request(csr_for: &Identity, as_of: Option<&Identity>) -> IstioCertificateRequest {
+    let (_key, csr) = redirector::identity::csr::new_key_and_csr(csr_for).unwrap();
+    IstioCertificateRequest::new(csr, Duration::from_hours(1), as_of)
+}
+
+/// A CSR made by OpenSSL with `newkey` (e.g. `rsa:1024`) and `sans`.
+fn openssl_csr(dir: &Path, newkey: &str, sans: &str) -> String {
+    let key = dir.join("openssl.key");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-newkey", newkey, "-nodes", "-subj", "/O=test", "-keyout"])
+        .arg(&key)
+        .args(["-addext", &format!("subjectAltName={sans}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The CSR with one bit of its signature flipped.
+fn with_bad_signature(pem: &str) -> String {
+    use base64::Engine as _;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let last = der.len() - 1;
+    der[last] ^= 0x01;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).map(str::trim).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+fn logs(c: &Cluster) -> String {
+    let mut s = String::new();
+    for n in &c.nodes {
+        s += &format!("{}: {}\n", n.name, std::fs::read_to_string(&n.log).unwrap_or_default());
+    }
+    for (k, ca) in c.ca_servers.iter().enumerate() {
+        s += &format!("ca-{k}: {}\n", std::fs::read_to_string(&ca.log).unwrap_or_default());
+    }
+    s
+}
+
+/// The cluster of the test: both agents read the API server and ask the
+/// CA Service `redirector-ca` (two endpoints: node-a's and node-b's
+/// address) for every certificate.
+fn cluster(dir_name: &str) -> (Cluster, KubeApi, Vec<PathBuf>) {
+    let mut c = Cluster::kubernetes("ebpf").unwrap();
+    let api = KubeApi::start(&c.dir.join(dir_name)).unwrap();
+    let mut kubeconfigs = Vec::new();
+    for n in &c.nodes {
+        let k = c.dir.join(format!("{}.kubeconfig", n.name));
+        api.listen_in_netns(&ns_path(&n.ns), &k).unwrap();
+        kubeconfigs.push(k);
+    }
+    c.kubeconfigs = Some(kubeconfigs.clone());
+    for o in redirector::cmd::manifest::yaml_objects(&c.mesh_yaml()).unwrap() {
+        api.apply(o).unwrap();
+    }
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "redirector-ca", "namespace": AGENT_NAMESPACE, "uid": "svc-ca"},
+        "spec": {"clusterIP": "198.19.0.12", "ports": [{"name": "grpc", "port": 15012, "protocol": "TCP", "targetPort": 15012}],
+                 "selector": {"app": "redirector-ca"}}}))
+    .unwrap();
+    let endpoints: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| json!({"addresses": [n.ip], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": n.name}))
+        .collect();
+    api.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "redirector-ca-x1", "namespace": AGENT_NAMESPACE, "uid": "eps-ca",
+                     "labels": {"kubernetes.io/service-name": "redirector-ca"}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": "grpc", "port": 15012, "protocol": "TCP"}]}))
+        .unwrap();
+    c.use_ca_service(&api, CA_SERVICE).unwrap();
+    (c, api, kubeconfigs)
+}
+
+/// Deliverables 3 and 6: with the CA down at start the pods are held;
+/// once one replica is up every pod is served with a certificate from
+/// it and traffic flows over HBONE between the nodes. Then, with
+/// certificates of 20 s: renewals under an open connection, from either
+/// replica, and through a CA outage the open connection is not lost and
+/// renewal is retried until the CA is back.
+#[test]
+fn agents_ask_the_ca_service_and_keep_serving_through_its_outages() {
+    use std::io::{BufRead, BufReader, Write};
+    if !privileged() {
+        return;
+    }
+    let (mut c, _api, kubeconfigs) = cluster("api");
+    let before = c.launch().unwrap();
+    // No CA yet: the pods wait for their certificates.
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .logged(0, "cannot serve this pod yet")
+            .iter()
+            .any(|l| l.to_string().contains("waiting for its certificate"))),
+        "{}",
+        logs(&c)
+    );
+    assert_eq!(c.served(0), before[0], "a pod was served without a certificate: {}", logs(&c));
+    assert!(
+        !c.logged(0, "no certificate from the mesh CA").is_empty(),
+        "the agent does not say it cannot reach the CA: {}",
+        logs(&c)
+    );
+    let ca0 = c.start_ca_server(0, &kubeconfigs[0], &["--max-cert-lifetime", "20s"]).unwrap();
+    c.wait_served(&before).unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
+    // The agents' own, their gateways' and the four pods' identities.
+    assert!(c.ca_counter(ca0, "redirector_ca_certificates_issued_total") >= 8, "{}", c.ca_metrics(ca0));
+    let b1 = c.pod("b1").ip.clone();
+    c.start_nginx("b1", 8080).unwrap();
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a1 -> b1: {err}\n{}", logs(&c));
+    assert!(eventually(Duration::from_secs(5), || c
+        .logged(1, "HBONE connection closed")
+        .iter()
+        .any(|l| l["fields"]["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-a1")));
+
+    // A long-lived connection a1 -> b1 while certificates are renewed, a
+    // second replica takes over from the first, and both go away a while.
+    let mut server = c
+        .in_pod("b1", "python3", &["-c", &format!(
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{b1}', 7000)); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n")])
+        .spawn()
+        .unwrap();
+    c.wait_listening("b1", 7000).unwrap();
+    let mut client = c
+        .in_pod("a1", "python3", &["-u", "-c", &format!(
+            "import socket,sys\ns=socket.create_connection(('{b1}', 7000)); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = client.stdin.take().unwrap();
+    let mut from = BufReader::new(client.stdout.take().unwrap());
+    let mut n = 0;
+    let mut exchange = |c: &Cluster, for_how_long: Duration| {
+        let started = std::time::Instant::now();
+        while started.elapsed() < for_how_long {
+            n += 1;
+            writeln!(to, "ping {n}").unwrap();
+            let mut line = String::new();
+            from.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), format!("ping {n}"), "the long-lived connection broke\n{}", logs(c));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let rotated = |c: &Cluster| {
+        c.logged(0, "workload certificate rotated").len() + c.logged(1, "workload certificate rotated").len()
+    };
+    // Renewed at half-life (10 s less jitter) by replica 0.
+    exchange(&c, Duration::from_secs(11));
+    assert!(rotated(&c) >= 2, "no renewal in 11 s of certificates of 20 s\n{}", logs(&c));
+
+    // Replica 1 comes up, replica 0 goes: renewals go on through the
+    // Service's other endpoint.
+    let ca1 = c.start_ca_server(1, &kubeconfigs[1], &["--max-cert-lifetime", "20s"]).unwrap();
+    c.stop_ca_server(ca0);
+    let (issued1, rotated1) = (c.ca_counter(ca1, "redirector_ca_certificates_issued_total"), rotated(&c));
+    exchange(&c, Duration::from_secs(11));
+    assert!(rotated(&c) > rotated1, "no renewal after replica 0 went away\n{}", logs(&c));
+    assert!(c.ca_counter(ca1, "redirector_ca_certificates_issued_total") > issued1, "replica 1 issued nothing");
+
+    // No CA at all for 4 s (less than the 10 s a renewed certificate has
+    // left): the connection stays, renewal is retried and logged, then
+    // succeeds when the CA is back.
+    let failures =
+        c.logged(0, "no certificate from the mesh CA").len() + c.logged(1, "no certificate from the mesh CA").len();
+    c.stop_ca_server(ca1);
+    exchange(&c, Duration::from_secs(4));
+    let back = c.start_ca_server(0, &kubeconfigs[0], &["--max-cert-lifetime", "20s"]).unwrap();
+    let rotated2 = rotated(&c);
+    exchange(&c, Duration::from_secs(8));
+    assert!(
+        c.logged(0, "no certificate from the mesh CA").len() + c.logged(1, "no certificate from the mesh CA").len()
+            > failures,
+        "no renewal was attempted during the outage\n{}",
+        logs(&c)
+    );
+    assert!(rotated(&c) > rotated2, "renewal did not resume when the CA came back\n{}", logs(&c));
+    assert!(c.ca_counter(back, "redirector_ca_certificates_issued_total") > 0);
+    drop(to);
+    let _ = client.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    // New connections use the renewed certificates.
+    let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "curl a2 -> b1 after the outage: {err}\n{}", logs(&c));
+}
+
+/// Deliverables 2 and 6, and the bad input: what the CA refuses, with
+/// which status, and that it serves others meanwhile.
+#[test]
+fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
+    if !privileged() {
+        return;
+    }
+    let (mut c, api, kubeconfigs) = cluster("api");
+    let ca = c.start_ca_server(0, &kubeconfigs[0], &[]).unwrap();
+    let agent_a = std::fs::read_to_string(c.token_path(0)).unwrap();
+    let a1 = (c.pod("a1").name.clone(), c.pod("a1").uid.clone());
+    let a1_token = api.issue_token("default", "sa-a1", Some((&a1.0, &a1.1)), &["istio-ca"], Duration::from_mins(10));
+    let forged = "eyJhbGciOiJSUzI1NiJ9.forged.signature".to_string();
+    let expired = api.issue_token(
+        AGENT_NAMESPACE,
+        "redirector",
+        Some(("agent-node-a", &format!("{}-agent-0", c.name))),
+        &["istio-ca"],
+        Duration::ZERO,
+    );
+    let wrong_audience = api.issue_token(
+        AGENT_NAMESPACE,
+        "redirector",
+        Some(("agent-node-a", &format!("{}-agent-0", c.name))),
+        &["https://kubernetes.default.svc.cluster.local"],
+        Duration::from_mins(10),
+    );
+    let gone_pod = api.issue_token(
+        AGENT_NAMESPACE,
+        "redirector",
+        Some(("agent-gone", "uid-gone")),
+        &["istio-ca"],
+        Duration::from_mins(10),
+    );
+    let addr: std::net::SocketAddr = c.ca_servers[ca].listen.parse().unwrap();
+    let root = pem_der(&std::fs::read_to_string(c.ca_dir.join("root-cert.pem")).unwrap());
+    let scratch = c.dir.clone();
+    let netns = ns_path(&c.nodes[0].ns);
+    let results = in_netns(&netns, |rt| {
+        let ca = rt.block_on(async { client(&c.ca_dir, vec![addr]) });
+        let mut r: Vec<(&str, Answer)> = Vec::new();
+        // Granted: a pod on the agent's node, the agent's own identity, a
+        // workload's own identity.
+        r.push(("a1 by node-a", ask(rt, &ca, &agent_a, request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        let own = Identity::new(TD, AGENT_NAMESPACE, "redirector");
+        r.push(("agent's own", ask(rt, &ca, &agent_a, request(&own, None))));
+        r.push(("a1's own", ask(rt, &ca, &a1_token, request(&id("sa-a1"), None))));
+        // Refused.
+        r.push(("b1 by node-a", ask(rt, &ca, &agent_a, request(&id("sa-b1"), Some(&id("sa-b1"))))));
+        r.push(("no pod", ask(rt, &ca, &agent_a, request(&id("sa-nobody"), Some(&id("sa-nobody"))))));
+        r.push(("a2 by a1", ask(rt, &ca, &a1_token, request(&id("sa-a2"), None))));
+        r.push(("forged", ask(rt, &ca, &forged, request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        r.push(("expired", ask(rt, &ca, &expired, request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        r.push(("audience", ask(rt, &ca, &wrong_audience, request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        r.push(("deleted pod", ask(rt, &ca, &gone_pod, request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        r.push(("no token", ask(rt, &ca, "", request(&id("sa-a1"), Some(&id("sa-a1"))))));
+        let sans = "URI:spiffe://cluster.local/ns/default/sa/sa-a1,URI:spiffe://cluster.local/ns/default/sa/sa-a2";
+        let csr = openssl_csr(&scratch, "rsa:2048", sans);
+        r.push((
+            "second SAN",
+            ask(rt, &ca, &agent_a, IstioCertificateRequest::new(csr, Duration::from_mins(1), Some(&id("sa-a1")))),
+        ));
+        r.push(("other SAN", ask(rt, &ca, &agent_a, request(&id("sa-a2"), Some(&id("sa-a1"))))));
+        let weak = openssl_csr(&scratch, "rsa:1024", "URI:spiffe://cluster.local/ns/default/sa/sa-a1");
+        r.push((
+            "weak key",
+            ask(rt, &ca, &agent_a, IstioCertificateRequest::new(weak, Duration::from_mins(1), Some(&id("sa-a1")))),
+        ));
+        let (_k, good) = redirector::identity::csr::new_key_and_csr(&id("sa-a1")).unwrap();
+        let bad = with_bad_signature(&good);
+        r.push((
+            "bad signature",
+            ask(rt, &ca, &agent_a, IstioCertificateRequest::new(bad, Duration::from_mins(1), Some(&id("sa-a1")))),
+        ));
+        let huge = "A".repeat(1 << 20);
+        r.push((
+            "1 MiB CSR",
+            ask(rt, &ca, &agent_a, IstioCertificateRequest::new(huge, Duration::from_mins(1), Some(&id("sa-a1")))),
+        ));
+        // Still serving others after all of it.
+        r.push(("a2 by node-a", ask(rt, &ca, &agent_a, request(&id("sa-a2"), Some(&id("sa-a2"))))));
+        r
+    });
+    let get = |name: &str| results.iter().find(|(n, _)| *n == name).map(|(_, a)| a.clone()).unwrap();
+    for name in ["a1 by node-a", "agent's own", "a1's own", "a2 by node-a"] {
+        let chain = get(name).unwrap_or_else(|e| panic!("{name}: refused {e:?}\n{}", logs(&c))).cert_chain;
+        assert!(chain.len() >= 2, "{name}: chain of {}", chain.len());
+        assert_eq!(pem_der(chain.last().unwrap()), root, "{name}: the chain does not end at the root");
+    }
+    let refused = |name: &str, code: &str, says: &str| {
+        let (got, message) = get(name).err().unwrap_or_else(|| panic!("{name}: granted\n{}", logs(&c)));
+        assert_eq!(got, code, "{name}: {message}");
+        assert!(message.contains(says), "{name}: `{message}` does not say `{says}`");
+    };
+    refused("b1 by node-a", "PermissionDenied", "no pod with service account default/sa-b1 runs on node node-a");
+    refused("no pod", "PermissionDenied", "no pod with service account default/sa-nobody");
+    refused("a2 by a1", "PermissionDenied", "may get only its own identity");
+    refused("forged", "Unauthenticated", "invalid bearer token");
+    refused("expired", "Unauthenticated", "expired");
+    refused("audience", "Unauthenticated", "audiences");
+    refused("deleted pod", "Unauthenticated", "agent-gone");
+    refused("no token", "Unauthenticated", "token");
+    refused("second SAN", "InvalidArgument", "2 subject alternative names");
+    refused("other SAN", "InvalidArgument", "is not the ImpersonatedIdentity");
+    refused("weak key", "InvalidArgument", "1024 bits");
+    refused("bad signature", "InvalidArgument", "signature");
+    let (code, message) = get("1 MiB CSR").unwrap_err();
+    assert!(
+        code == "OutOfRange" || code == "ResourceExhausted" || code == "InvalidArgument",
+        "1 MiB CSR: {code} {message}"
+    );
+    // Counted by reason, and logged.
+    let metrics = c.ca_metrics(ca);
+    for reason in ["no_pod_on_node", "not_authorized", "token_refused", "no_token", "bad_csr", "identity_mismatch"] {
+        assert!(
+            metrics.contains(&format!("redirector_ca_requests_refused_total{{reason=\"{reason}\"}}")),
+            "{reason} not counted: {metrics}"
+        );
+    }
+    let log = std::fs::read_to_string(&c.ca_servers[ca].log).unwrap();
+    assert!(log.contains("certificate refused"), "{log}");
+    assert!(eventually(Duration::from_secs(1), || api.token_reviews() > 0));
+}
