@@ -72,6 +72,9 @@ struct Inner {
     /// Service-account tokens issued by `issue_token`.
     tokens: HashMap<String, Token>,
     token_reviews: usize,
+    /// (user, verb, resource, namespace) a SubjectAccessReview allows;
+    /// everything else it denies.
+    grants: HashSet<[String; 4]>,
 }
 
 /// A service-account token as the API server knows it.
@@ -290,6 +293,12 @@ impl KubeApi {
             },
         );
         token
+    }
+
+    /// Let SubjectAccessReviews allow `user` to `verb` `resource` in
+    /// `namespace`.
+    pub fn grant(&self, user: &str, verb: &str, resource: &str, namespace: &str) {
+        self.inner.0.lock().unwrap().grants.insert([user, verb, resource, namespace].map(str::to_string));
     }
 
     /// How many TokenReviews were asked for.
@@ -640,15 +649,42 @@ fn serve_install(
         respond(w, 200, &obj)?;
         return Ok(Some(true));
     }
-    if method == "POST" && path == format!("{NS}/secrets") {
+    let secrets_of = |p: &str| {
+        p.strip_prefix("/api/v1/namespaces/").and_then(|r| r.split_once('/')).is_some_and(|(_, r)| r == "secrets")
+    };
+    if method == "POST" && secrets_of(path) {
         let obj: Value = serde_json::from_slice(body)?;
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        s.applied.insert(format!("{NS}/secrets/{name}"), obj.clone());
+        s.applied.insert(format!("{path}/{name}"), obj.clone());
         drop(s);
         respond(w, 201, &obj)?;
         return Ok(Some(true));
     }
-    if method == "GET" && path.starts_with(&format!("{NS}/secrets/")) {
+    if method == "POST" && path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+        let mut review: Value = serde_json::from_slice(body)?;
+        let spec = &review["spec"];
+        let attrs = &spec["resourceAttributes"];
+        let key = [&spec["user"], &attrs["verb"], &attrs["resource"], &attrs["namespace"]]
+            .map(|v| v.as_str().unwrap_or_default().to_string());
+        let allowed = s.grants.contains(&key);
+        drop(s);
+        review["status"] = json!({"allowed": allowed});
+        respond(w, 201, &review)?;
+        return Ok(Some(true));
+    }
+    if method == "GET" && path == "/apis/apps/v1/namespaces/redirector-ca/deployments/redirector-ca" {
+        let Some(mut d) = s.applied.get(path).cloned() else {
+            drop(s);
+            respond(w, 404, &not_found(path))?;
+            return Ok(Some(true));
+        };
+        let replicas = d["spec"]["replicas"].as_u64().unwrap_or(1);
+        d["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas});
+        drop(s);
+        respond(w, 200, &d)?;
+        return Ok(Some(true));
+    }
+    if method == "GET" && path.rsplit_once('/').is_some_and(|(p, _)| secrets_of(p)) {
         let found = s.applied.get(path).cloned();
         drop(s);
         match found {

@@ -585,21 +585,37 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     let (ok, out, err) =
         cli(&api, &["install", "--profile", "demo", "--image", "registry.example/redirector:test", "--timeout", "60"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("[1/10] applied Namespace redirector-system"), "{out}");
-    assert!(out.contains("[10/10] applied Service redirector-metrics"), "{out}");
-    assert!(out.contains("mesh CA: generated into Secret redirector-system/cacerts"), "{out}");
+    assert!(out.contains("[1/18] applied Namespace redirector-system"), "{out}");
+    assert!(out.contains("[18/18] applied Service redirector-metrics"), "{out}");
+    assert!(out.contains("applied Deployment redirector-ca"), "{out}");
+    assert!(out.contains("mesh CA: generated into Secret redirector-ca/cacerts"), "{out}");
+    assert!(out.contains("trust bundle: ConfigMap redirector-system/istio-ca-root-cert"), "{out}");
     assert!(out.contains("0/2 nodes ready") && out.contains("2/2 nodes ready, 2 updated"), "progress is shown: {out}");
     assert!(out.contains("redirector (demo profile) is ready on 2 node(s)"), "{out}");
     let ds = api
         .applied("/apis/apps/v1/namespaces/redirector-system/daemonsets/redirector")
         .expect("the DaemonSet was applied");
     assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/redirector:test");
-    let secret =
-        api.applied("/api/v1/namespaces/redirector-system/secrets/cacerts").expect("the CA Secret was created");
+    // The key only in the CA's namespace; the agents get the roots and no
+    // key (no CA Secret mounted, a projected token for istio-ca instead).
+    assert!(api.applied("/api/v1/namespaces/redirector-system/secrets/cacerts").is_none());
+    let secret = api.applied("/api/v1/namespaces/redirector-ca/secrets/cacerts").expect("the CA Secret was created");
     for f in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
         assert!(secret["stringData"][f].as_str().unwrap().starts_with("-----BEGIN CERTIFICATE-----"), "{f}");
     }
     assert!(secret["stringData"]["ca-key.pem"].as_str().unwrap().contains("PRIVATE KEY"));
+    let bundle = api
+        .applied("/api/v1/namespaces/redirector-system/configmaps/istio-ca-root-cert")
+        .expect("the trust bundle was applied");
+    assert_eq!(bundle["data"]["root-cert.pem"], secret["stringData"]["root-cert.pem"]);
+    let pod = &ds["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].to_string();
+    assert!(!volumes.contains("cacerts") && volumes.contains("\"audience\":\"istio-ca\""), "{volumes}");
+    let ca = api
+        .applied("/apis/apps/v1/namespaces/redirector-ca/deployments/redirector-ca")
+        .expect("the CA Deployment was applied");
+    assert_eq!(ca["spec"]["replicas"], 2);
+    assert_eq!(ca["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/redirector:test");
     assert!(api.applied("/api/v1/namespaces/redirector-system/services/istio-ingressgateway").is_some());
     let role = api
         .applied("/apis/rbac.authorization.k8s.io/v1/namespaces/redirector-system/roles/redirector-gateway-secrets")
@@ -607,7 +623,7 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     assert_eq!(role["rules"][0]["resources"][0], "secrets");
     // A second install keeps the CA (workload certificates stay valid).
     let (ok, out, _) = cli(&api, &["install", "--profile", "minimal", "--timeout", "60"]);
-    assert!(ok && out.contains("Secret redirector-system/cacerts exists; kept"), "{out}");
+    assert!(ok && out.contains("Secret redirector-ca/cacerts exists; kept"), "{out}");
     // A profile that does not exist fails before anything is applied.
     let fresh = KubeApi::start(&dir.join("fresh")).unwrap();
     let (ok, out, err) = cli(&fresh, &["install", "--profile", "default"]);
@@ -687,6 +703,19 @@ fn verify_passes_on_a_ready_cluster_and_names_an_unreachable_agent() {
     let (ok, out, err) = cli(&api, &["verify", "--cluster"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("ok   daemonset            2/2 nodes ready"), "{out}");
+    assert!(out.contains("ok   mesh CA              2/2 replicas ready"), "{out}");
+    assert!(
+        out.contains("ok   CA key               Secret redirector-ca/cacerts is not readable by the node agents"),
+        "{out}"
+    );
+    // An RBAC rule that lets the agents read the key fails verify.
+    api.grant("system:serviceaccount:redirector-system:redirector", "get", "secrets", "redirector-ca");
+    let (ok, out, _) = cli(&api, &["verify", "--cluster"]);
+    assert!(!ok && out.contains("FAIL CA key") && out.contains("can read Secret redirector-ca/cacerts"), "{out}");
+    let api = KubeApi::start(&dir.join("again")).unwrap();
+    api.without_istio();
+    assert!(cli(&api, &["install", "--timeout", "60"]).0);
+    api.add_agent("redirector-a1b2c", "node-a", Some(json!({"version": "0.1.0", "mode": "iptables", "kernel": {"release": "5.10.0-35-amd64", "tier": "ebpf", "missing": []}})));
     assert!(out.contains("the Istio CRDs of networking.istio.io are not installed"), "{out}");
     api.add_agent("redirector-zzzzz", "node-b", None);
     let (ok, out, _) = cli(&api, &["verify", "--cluster"]);

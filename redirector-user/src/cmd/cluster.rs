@@ -10,15 +10,17 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
 
-use crate::cmd::manifest::{DAEMONSET, NAMESPACE};
+use crate::cmd::manifest::{CA_DEPLOYMENT, CA_NAMESPACE, DAEMONSET, NAMESPACE, ROOT_CONFIGMAP};
 use crate::mesh::kubernetes::{client, explain, Access};
 
-/// The Istio plug-in CA Secret the agents mount.
+/// The Istio plug-in CA Secret the CA service mounts (in its namespace
+/// only).
 pub const CA_SECRET: &str = "cacerts";
 
 fn resource_of(doc: &Value) -> Result<(ApiResource, bool)> {
@@ -34,6 +36,7 @@ fn resource_of(doc: &Value) -> Result<(ApiResource, bool)> {
         "RoleBinding" => ("rolebindings", true),
         "ConfigMap" => ("configmaps", true),
         "DaemonSet" => ("daemonsets", true),
+        "Deployment" => ("deployments", true),
         "Service" => ("services", true),
         other => bail!("the manifest holds a {other}, which install does not know how to apply"),
     };
@@ -61,7 +64,7 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
             .await
             .map_err(|e| explain(e, &format!("apply {} {name}", ar.kind)))?;
         println!("[{}/{total}] applied {} {name}", i + 1, ar.kind);
-        if ar.kind == "Namespace" {
+        if ar.kind == "Namespace" && name == CA_NAMESPACE {
             ensure_ca_secret(&client).await?;
         }
     }
@@ -107,43 +110,121 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
     }
 }
 
-/// The mesh CA in Istio's plug-in layout, as a Secret, unless one exists
-/// (an operator's own CA, or one made by an earlier install, is kept).
+/// The mesh CA in Istio's plug-in layout, as a Secret of the CA's
+/// namespace, unless one exists (an operator's own CA, or one made by an
+/// earlier install, is kept); then its roots as the agents' trust bundle,
+/// the ConfigMap `istio-ca-root-cert` of their namespace (no key in it).
 async fn ensure_ca_secret(client: &kube::Client) -> Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
-    if secrets
-        .get_opt(CA_SECRET)
-        .await
-        .map_err(|e| explain(e, &format!("read Secret {NAMESPACE}/{CA_SECRET}")))?
-        .is_some()
-    {
-        println!("      mesh CA: Secret {NAMESPACE}/{CA_SECRET} exists; kept");
-        return Ok(());
-    }
-    let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN)
-        .map_err(|e| anyhow!("mesh CA: {e}"))?;
-    let mut data = BTreeMap::new();
-    for name in [crate::identity::CA_CERT_FILE, crate::identity::ROOT_CERT_FILE, crate::identity::CERT_CHAIN_FILE] {
-        data.insert(name.to_string(), cert.clone());
-    }
-    data.insert(crate::identity::CA_KEY_FILE.to_string(), key);
-    let secret = Secret {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), CA_NAMESPACE);
+    let existing =
+        secrets.get_opt(CA_SECRET).await.map_err(|e| explain(e, &format!("read Secret {CA_NAMESPACE}/{CA_SECRET}")))?;
+    let root = if let Some(s) = existing {
+        println!("      mesh CA: Secret {CA_NAMESPACE}/{CA_SECRET} exists; kept");
+        let file = crate::identity::ROOT_CERT_FILE;
+        let from_data = s.data.as_ref().and_then(|d| d.get(file)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+        let from_string = s.string_data.as_ref().and_then(|d| d.get(file)).cloned();
+        from_data.or(from_string).filter(|r| r.contains("BEGIN CERTIFICATE")).ok_or_else(|| {
+            anyhow!("Secret {CA_NAMESPACE}/{CA_SECRET} has no {file}; give it Istio's plug-in layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)")
+        })?
+    } else {
+        let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN)
+            .map_err(|e| anyhow!("mesh CA: {e}"))?;
+        let mut data = BTreeMap::new();
+        for name in [crate::identity::CA_CERT_FILE, crate::identity::ROOT_CERT_FILE, crate::identity::CERT_CHAIN_FILE] {
+            data.insert(name.to_string(), cert.clone());
+        }
+        data.insert(crate::identity::CA_KEY_FILE.to_string(), key);
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(CA_SECRET.into()),
+                namespace: Some(CA_NAMESPACE.into()),
+                labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".to_string(), "redirector".to_string())])),
+                ..Default::default()
+            },
+            string_data: Some(data),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .map_err(|e| explain(e, &format!("create Secret {CA_NAMESPACE}/{CA_SECRET}")))?;
+        println!("      mesh CA: generated into Secret {CA_NAMESPACE}/{CA_SECRET} (Istio's plug-in layout; readable by the CA only)");
+        cert
+    };
+    let bundle = ConfigMap {
         metadata: kube::api::ObjectMeta {
-            name: Some(CA_SECRET.into()),
+            name: Some(ROOT_CONFIGMAP.into()),
             namespace: Some(NAMESPACE.into()),
             labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".to_string(), "redirector".to_string())])),
             ..Default::default()
         },
-        string_data: Some(data),
-        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(crate::identity::ROOT_CERT_FILE.to_string(), root)])),
         ..Default::default()
     };
-    secrets
-        .create(&PostParams::default(), &secret)
+    let mut doc = serde_json::to_value(&bundle)?;
+    doc["apiVersion"] = "v1".into();
+    doc["kind"] = "ConfigMap".into();
+    Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE)
+        .patch(ROOT_CONFIGMAP, &PatchParams::apply("redirector").force(), &Patch::Apply(&doc))
         .await
-        .map_err(|e| explain(e, &format!("create Secret {NAMESPACE}/{CA_SECRET}")))?;
-    println!("      mesh CA: generated into Secret {NAMESPACE}/{CA_SECRET} (Istio's plug-in layout)");
+        .map_err(|e| explain(e, &format!("apply ConfigMap {NAMESPACE}/{ROOT_CONFIGMAP}")))?;
+    println!("      trust bundle: ConfigMap {NAMESPACE}/{ROOT_CONFIGMAP} (roots only)");
     Ok(())
+}
+
+/// Whether the node agents' service account may read the CA key (it must
+/// not): a SubjectAccessReview.
+async fn agents_can_read_ca_key(client: &kube::Client) -> Result<bool> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{NAMESPACE}:{DAEMONSET}")),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{NAMESPACE}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(CA_NAMESPACE.into()),
+                verb: Some("get".into()),
+                resource: Some("secrets".into()),
+                name: Some(CA_SECRET.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| explain(e, "create a SubjectAccessReview"))?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// The CA Deployment's check line: (ok, detail).
+async fn ca_check(client: &kube::Client) -> Result<(bool, String)> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), CA_NAMESPACE);
+    let d = deployments
+        .get_opt(CA_DEPLOYMENT)
+        .await
+        .map_err(|e| explain(e, &format!("read Deployment {CA_NAMESPACE}/{CA_DEPLOYMENT}")))?;
+    Ok(match d {
+        None => {
+            (false, format!("{CA_NAMESPACE}/{CA_DEPLOYMENT} not found: run `redirector install --profile minimal`"))
+        }
+        Some(d) => {
+            let want = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            (
+                ready > 0,
+                format!(
+                    "{ready}/{want} replicas ready{}",
+                    if ready == 0 { "; no node gets new certificates" } else { "" }
+                ),
+            )
+        }
+    })
 }
 
 /// One node agent as the cluster shows it.
@@ -315,6 +396,18 @@ pub async fn verify(access: &Access, json: bool) -> Result<()> {
             ));
         }
     }
+    let (ok, detail) = ca_check(&client).await?;
+    checks.push(("mesh CA".into(), ok, detail));
+    let readable = agents_can_read_ca_key(&client).await?;
+    checks.push((
+        "CA key".into(),
+        !readable,
+        if readable {
+            format!("the node agents ({NAMESPACE}/{DAEMONSET}) can read Secret {CA_NAMESPACE}/{CA_SECRET}: remove the RBAC rule that grants it")
+        } else {
+            format!("Secret {CA_NAMESPACE}/{CA_SECRET} is not readable by the node agents")
+        },
+    ));
     for a in agents(&client).await? {
         let name = format!("node {}", a.node);
         match &a.info {

@@ -8,11 +8,12 @@
 use anyhow::{bail, Result};
 
 /// The base (minimal profile), in its kustomization's order.
-const BASE: [(&str, &str); 5] = [
+const BASE: [(&str, &str); 6] = [
     ("namespace.yaml", include_str!("../../../deploy/kubernetes/base/namespace.yaml")),
     ("serviceaccount.yaml", include_str!("../../../deploy/kubernetes/base/serviceaccount.yaml")),
     ("rbac.yaml", include_str!("../../../deploy/kubernetes/base/rbac.yaml")),
     ("configmap.yaml", include_str!("../../../deploy/kubernetes/base/configmap.yaml")),
+    ("ca.yaml", include_str!("../../../deploy/kubernetes/base/ca.yaml")),
     ("daemonset.yaml", include_str!("../../../deploy/kubernetes/base/daemonset.yaml")),
 ];
 
@@ -27,6 +28,10 @@ pub const PROFILES: [&str; 2] = ["minimal", "demo"];
 pub const DEFAULT_IMAGE: &str = "ghcr.io/redirector-mesh/redirector:0.1.0";
 pub const NAMESPACE: &str = "redirector-system";
 pub const DAEMONSET: &str = "redirector";
+/// The CA's namespace, Deployment, Service and the agents' trust bundle.
+pub const CA_NAMESPACE: &str = "redirector-ca";
+pub const CA_DEPLOYMENT: &str = "redirector-ca";
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 
 /// The YAML documents of `profile`, each as written in deploy/ (comments
 /// kept), with the agent image replaced by `image`.
@@ -105,6 +110,14 @@ mod tests {
                 "Role/redirector-gateway-secrets",
                 "RoleBinding/redirector-gateway-secrets",
                 "ConfigMap/redirector",
+                "Namespace/redirector-ca",
+                "ServiceAccount/redirector-ca",
+                "ClusterRole/redirector-ca",
+                "ClusterRoleBinding/redirector-ca",
+                "Role/redirector-ca-key",
+                "RoleBinding/redirector-ca-key",
+                "Deployment/redirector-ca",
+                "Service/redirector-ca",
                 "DaemonSet/redirector"
             ]
         );
