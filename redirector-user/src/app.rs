@@ -50,8 +50,18 @@ pub struct RunOptions {
 /// What the Kubernetes source needs once the agent is up.
 type Kube = (kube::Client, Vec<crate::mesh::kubernetes::Watched>, Vec<String>);
 
+/// One TLS policy for every endpoint, fixed before any is built.
+fn set_compliance_policy(cfg: &AgentConfig) -> Result<()> {
+    crate::identity::set_compliance_policy(cfg.compliance_policy).map_err(anyhow::Error::msg)?;
+    if cfg.compliance_policy == crate::identity::CompliancePolicy::Pqc {
+        tracing::info!("compliance policy pqc: TLS 1.3, AES-GCM and the X25519MLKEM768 key exchange only");
+    }
+    Ok(())
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = &opts.config;
+    set_compliance_policy(cfg)?;
     // The mesh config and the cluster first: a bad config or missing RBAC
     // fails the start before anything is bound or attached.
     let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.scope())?);

@@ -48,6 +48,7 @@ struct RawMesh {
     ca_address: Option<String>,
     ca_root_cert: Option<String>,
     ca_token_path: Option<String>,
+    compliance_policy: Option<String>,
     cert_lifetime: Option<String>,
     hbone_port: Option<u16>,
     handshake_timeout: Option<String>,
@@ -216,6 +217,9 @@ pub struct AgentConfig {
     /// or an istiod's `istiod.istio-system.svc:15012`) the agent asks for
     /// every certificate; the node then holds no CA key.
     pub ca: Option<RemoteCaSettings>,
+    /// `mesh.compliancePolicy` (else Istio's `COMPLIANCE_POLICY` from the
+    /// environment): `pqc` allows only the X25519MLKEM768 key exchange.
+    pub compliance_policy: crate::identity::CompliancePolicy,
     pub cert_lifetime: Duration,
     pub hbone_port: u16,
     /// An inbound mTLS handshake not finished by then is dropped.
@@ -291,6 +295,20 @@ fn remote_ca(origin: &str, m: &RawMesh) -> Result<Option<RemoteCaSettings>, Conf
         root_cert: PathBuf::from(m.ca_root_cert.clone().unwrap_or_else(|| DEFAULT_CA_ROOT_CERT.into())),
         token_path: PathBuf::from(m.ca_token_path.clone().unwrap_or_else(|| DEFAULT_CA_TOKEN_PATH.into())),
     }))
+}
+
+/// Istio's environment variable for the compliance policy (ztunnel's and
+/// istiod's), read when `mesh.compliancePolicy` is not set.
+pub const ENV_COMPLIANCE_POLICY: &str = "COMPLIANCE_POLICY";
+
+fn compliance_policy(m: &RawMesh) -> Result<crate::identity::CompliancePolicy, String> {
+    match &m.compliance_policy {
+        Some(p) => p.parse(),
+        None => std::env::var(ENV_COMPLIANCE_POLICY)
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("(from {ENV_COMPLIANCE_POLICY} in the environment) {e}")),
+    }
 }
 
 /// The environment variable naming the node (Kubernetes' downward API).
@@ -488,6 +506,7 @@ impl AgentConfig {
         if raw.capture.inbound_ports.contains(&0) {
             return Err(invalid("capture.inboundPorts", "port 0 is not a port".into()));
         }
+        let compliance_policy = compliance_policy(&raw.mesh).map_err(|m| invalid("mesh.compliancePolicy", m))?;
         Ok(AgentConfig {
             mode,
             inbound_ports: raw.capture.inbound_ports,
@@ -527,6 +546,7 @@ impl AgentConfig {
                 .or(raw.mesh.node_name.filter(|s| !s.is_empty()))
                 .unwrap_or_else(host_name),
             namespace: agent_namespace(),
+            compliance_policy,
             gateway_certificate_dirs: raw
                 .mesh
                 .gateway_certificate_dirs

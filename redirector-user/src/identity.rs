@@ -426,8 +426,88 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
     Ok(())
 }
 
+/// Istio's `COMPLIANCE_POLICY` (`mesh.compliancePolicy`): which TLS key
+/// exchanges and cipher suites every TLS endpoint of the process offers and
+/// accepts (HBONE both ways, gateway ports, the CA's API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompliancePolicy {
+    /// The post-quantum hybrid X25519MLKEM768 preferred, with X25519,
+    /// P-256 and P-384 beside it for peers that lack it.
+    #[default]
+    Default,
+    /// Istio's `pqc`: TLS 1.3 with AES-GCM only, and X25519MLKEM768 as the
+    /// only key exchange; a peer without it is refused.
+    Pqc,
+}
+
+impl FromStr for CompliancePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Ok(CompliancePolicy::Default),
+            "pqc" => Ok(CompliancePolicy::Pqc),
+            "fips-140-2" => Err("`fips-140-2` needs a FIPS-validated crypto module, which this build does not have; use `pqc` or leave it empty".into()),
+            other => Err(format!("`{other}` is not a compliance policy: use `pqc` (Istio's values: \"\", pqc) or leave it empty")),
+        }
+    }
+}
+
+impl fmt::Display for CompliancePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CompliancePolicy::Default => "default",
+            CompliancePolicy::Pqc => "pqc",
+        })
+    }
+}
+
+static PROVIDER: std::sync::OnceLock<(CompliancePolicy, Arc<CryptoProvider>)> = std::sync::OnceLock::new();
+
+/// Fix the process's compliance policy; call before any TLS is set up.
+/// Setting another after the first (or after [`provider`] fixed the
+/// default) is an error: one process speaks one policy.
+pub fn set_compliance_policy(policy: CompliancePolicy) -> Result<(), String> {
+    let (set, _) = PROVIDER.get_or_init(|| (policy, Arc::new(provider_for(policy))));
+    if *set == policy {
+        Ok(())
+    } else {
+        Err(format!("the compliance policy is already `{set}`; it cannot become `{policy}` in a running process"))
+    }
+}
+
+/// The process's compliance policy.
+pub fn compliance_policy() -> CompliancePolicy {
+    PROVIDER.get().map_or(CompliancePolicy::Default, |(p, _)| *p)
+}
+
+/// The crypto provider every TLS configuration of the process is built
+/// with (aws-lc-rs, which has ML-KEM), restricted by its policy.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::clone(
+        &PROVIDER.get_or_init(|| (CompliancePolicy::Default, Arc::new(provider_for(CompliancePolicy::Default)))).1,
+    )
+}
+
+/// The provider of a policy (tests and benchmarks compare them).
+pub fn provider_for(policy: CompliancePolicy) -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs;
+    let mut p = aws_lc_rs::default_provider();
+    // rustls' default order already puts X25519MLKEM768 first; say so
+    // rather than depend on it.
+    p.kx_groups = match policy {
+        CompliancePolicy::Default => vec![
+            aws_lc_rs::kx_group::X25519MLKEM768,
+            aws_lc_rs::kx_group::X25519,
+            aws_lc_rs::kx_group::SECP256R1,
+            aws_lc_rs::kx_group::SECP384R1,
+        ],
+        CompliancePolicy::Pqc => vec![aws_lc_rs::kx_group::X25519MLKEM768],
+    };
+    if policy == CompliancePolicy::Pqc {
+        p.cipher_suites =
+            vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384];
+    }
+    p
 }
 
 /// A workload's current certificate and key.
@@ -744,6 +824,22 @@ pub fn now() -> UnixTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compliance_policies_parse_as_istios_and_pqc_offers_only_the_hybrid() {
+        assert_eq!("".parse::<CompliancePolicy>(), Ok(CompliancePolicy::Default));
+        assert_eq!("pqc".parse::<CompliancePolicy>(), Ok(CompliancePolicy::Pqc));
+        assert!("fips-140-2".parse::<CompliancePolicy>().unwrap_err().contains("FIPS"));
+        assert!("PQC".parse::<CompliancePolicy>().unwrap_err().contains("`PQC` is not a compliance policy"));
+        let names = |p: CompliancePolicy| {
+            provider_for(p).kx_groups.iter().map(|g| format!("{:?}", g.name())).collect::<Vec<_>>()
+        };
+        assert_eq!(names(CompliancePolicy::Pqc), ["X25519MLKEM768"]);
+        assert_eq!(names(CompliancePolicy::Default)[..2], ["X25519MLKEM768", "X25519"]);
+        let pqc = provider_for(CompliancePolicy::Pqc);
+        assert!(pqc.cipher_suites.iter().all(|c| c.tls13().is_some()));
+        assert_eq!(pqc.cipher_suites.len(), 2);
+    }
 
     /// L9: the CA files are never written through a link planted in the
     /// directory, and an existing key file is left 0600.

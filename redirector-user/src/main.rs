@@ -142,6 +142,10 @@ struct CaArgs {
     /// serve: the longest certificate life granted.
     #[arg(long, default_value = "24h")]
     max_cert_lifetime: String,
+    /// serve: Istio's compliance policy for the CA's TLS ("pqc": only the
+    /// X25519MLKEM768 key exchange).
+    #[arg(long, env = "COMPLIANCE_POLICY", default_value = "")]
+    compliance_policy: String,
 }
 
 #[derive(Args)]
@@ -268,7 +272,17 @@ where
 
 /// `ca create DIR` and `ca serve DIR`.
 fn ca(kube: &KubeArgs, c: CaArgs) -> anyhow::Result<()> {
-    let CaArgs { action, dir, trust_domain, listen, monitoring, dns_names, node_agents, max_cert_lifetime } = c;
+    let CaArgs {
+        action,
+        dir,
+        trust_domain,
+        listen,
+        monitoring,
+        dns_names,
+        node_agents,
+        max_cert_lifetime,
+        compliance_policy,
+    } = c;
     if action == "create" {
         if dir.join(redirector::identity::CA_KEY_FILE).exists() {
             anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
@@ -281,6 +295,8 @@ fn ca(kube: &KubeArgs, c: CaArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(false);
+    let policy = compliance_policy.parse().map_err(|e| anyhow::anyhow!("--compliance-policy: {e}"))?;
+    redirector::identity::set_compliance_policy(policy).map_err(anyhow::Error::msg)?;
     let settings = ca_settings(trust_domain, listen, &monitoring, dns_names, &node_agents, &max_cert_lifetime)?;
     let access = kube.access()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

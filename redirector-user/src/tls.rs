@@ -143,7 +143,19 @@ impl ClientCertVerifier for BundleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, Error> {
-        self.now().verify_client_cert(end_entity, intermediates, now)
+        let verified = self.now().verify_client_cert(end_entity, intermediates, now).map_err(chain_error)?;
+        // A member of the mesh, judged in the handshake so the peer hears
+        // why (a bad_certificate alert) instead of a bare close after it.
+        let Some(id) = identities_in(end_entity).into_iter().next() else {
+            return Err(PeerRefused::error("no_identity", "the certificate carries no SPIFFE identity".into()));
+        };
+        if id.trust_domain != self.store.trust_domain() {
+            return Err(PeerRefused::error(
+                "foreign_trust_domain",
+                format!("{id} is of another trust domain than {}", self.store.trust_domain()),
+            ));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -224,16 +236,20 @@ impl ServerCertVerifier for ExpectIdentity {
             intermediates,
             now,
             self.algs.all,
-        )?;
+        )
+        .map_err(chain_error)?;
         let presented = identities_in(end_entity);
         if presented.iter().any(|p| self.expected.contains(p)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(Error::General(format!(
-                "the peer presented {} but {} was expected",
-                presented.first().map_or_else(|| "no SPIFFE identity".into(), std::string::ToString::to_string),
-                self.expected.iter().map(std::string::ToString::to_string).collect::<Vec<_>>().join(" or ")
-            )))
+            Err(PeerRefused::error(
+                "wrong_identity",
+                format!(
+                    "the peer presented {} but {} was expected",
+                    presented.first().map_or_else(|| "no SPIFFE identity".into(), std::string::ToString::to_string),
+                    self.expected.iter().map(std::string::ToString::to_string).collect::<Vec<_>>().join(" or ")
+                ),
+            ))
         }
     }
 
@@ -259,6 +275,57 @@ impl ServerCertVerifier for ExpectIdentity {
         self.algs.supported_schemes()
     }
 }
+
+/// A chain that names one of the mesh's roots (or another CA with the same
+/// name, as every `cluster.local` CA has) but whose signature does not
+/// verify with its key was issued by a CA the mesh does not know: say so
+/// (`unknown_ca`), not `decrypt_error`, which reads as a broken handshake.
+fn chain_error(e: Error) -> Error {
+    #[allow(deprecated, reason = "webpki still reports a chain's bad signature as BadSignature")]
+    match e {
+        Error::InvalidCertificate(rustls::CertificateError::BadSignature) => {
+            Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+        }
+        e => e,
+    }
+}
+
+/// A peer certificate that chains to the mesh's roots but is refused by
+/// the mesh's own rules. It reaches rustls as an invalid certificate, so
+/// the peer gets a `bad_certificate` alert (a chain that does not verify
+/// gets `unknown_ca`, `certificate_expired` and so on from WebPKI), and
+/// the log and counters get [`PeerRefused::reason`].
+#[derive(Debug)]
+pub struct PeerRefused {
+    /// The refusal counter's `reason` label.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl PeerRefused {
+    fn error(reason: &'static str, message: String) -> Error {
+        Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(PeerRefused {
+            reason,
+            message,
+        }))))
+    }
+
+    /// The mesh's refusal inside a failed handshake's error, if it is one.
+    pub fn of(e: &std::io::Error) -> Option<&PeerRefused> {
+        match e.get_ref()?.downcast_ref::<Error>()? {
+            Error::InvalidCertificate(rustls::CertificateError::Other(o)) => o.0.downcast_ref::<PeerRefused>(),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PeerRefused {}
 
 /// What is wrong with a gateway server's certificate and key.
 #[derive(Debug, thiserror::Error)]

@@ -85,7 +85,7 @@ impl ServerCertVerifier for AnyServer {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -103,9 +103,21 @@ impl rustls::client::ResolvesClientCert for Fixed {
 
 pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-/// mTLS (TLS 1.3, ALPN h2) over `tcp`, presenting `cert`.
+/// mTLS (TLS 1.3, ALPN h2) over `tcp`, presenting `cert`, offering the
+/// key exchanges of rustls' aws-lc-rs provider.
 pub async fn tls(tcp: std::net::TcpStream, cert: Arc<CertifiedKey>) -> std::io::Result<Tls> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    tls_offering(tcp, cert, rustls::crypto::aws_lc_rs::DEFAULT_KX_GROUPS).await
+}
+
+/// [`tls`] offering only the key exchange groups `groups` (in order).
+pub async fn tls_offering(
+    tcp: std::net::TcpStream,
+    cert: Arc<CertifiedKey>,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> std::io::Result<Tls> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups.to_vec();
+    let provider = Arc::new(provider);
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")
@@ -126,6 +138,26 @@ pub async fn closed_by_server(tls: &mut Tls, wait: Duration) -> bool {
     use tokio::io::AsyncReadExt;
     let mut b = [0u8; 64];
     matches!(tokio::time::timeout(wait, tls.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// The alert the server ended the session with, if it sent one within
+/// `wait` (a refused client certificate is judged after the client's
+/// side of the TLS 1.3 handshake, so it shows on the first read).
+pub async fn alert_from_server(tls: &mut Tls, wait: Duration) -> Option<rustls::AlertDescription> {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 64];
+    match tokio::time::timeout(wait, tls.read(&mut b)).await {
+        Ok(Err(e)) => match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+            rustls::Error::AlertReceived(a) => Some(*a),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The name of the key exchange a finished handshake used.
+pub fn key_exchange(tls: &Tls) -> Option<String> {
+    tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))
 }
 
 /// HTTP/2 over an established mTLS stream.

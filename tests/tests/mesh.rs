@@ -471,13 +471,12 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     let evil = Identity::new("evil.example", "default", "sa-a1");
     let other_domain = hc::certificate(&c.ca_dir, "evil.example", &evil, now - day, now + day).unwrap();
     let before = refusals(&c, 1, "foreign_trust_domain");
-    let refused = rt.block_on(async {
-        match hc::tls(hc::connect_from(&node_a, hbone).unwrap(), other_domain).await {
-            Ok(mut s) => hc::closed_by_server(&mut s, Duration::from_secs(3)).await,
-            Err(_) => true,
-        }
+    let alert = rt.block_on(async {
+        let mut s = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), other_domain).await.unwrap();
+        hc::alert_from_server(&mut s, Duration::from_secs(3)).await
     });
-    assert!(refused, "a certificate of another trust domain must be refused");
+    // Refused in the handshake with a certificate alert, not a bare close.
+    assert_eq!(alert, Some(rustls::AlertDescription::CertificateUnknown), "another trust domain");
     assert!(eventually(Duration::from_secs(3), || refusals(&c, 1, "foreign_trust_domain") > before));
 
     // Foreign: a valid certificate from a CA the mesh does not trust.
@@ -490,13 +489,11 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
         .unwrap()
         .success());
     let foreign = hc::certificate(&foreign_ca, "cluster.local", &a1, now - day, now + day).unwrap();
-    let refused = rt.block_on(async {
-        match hc::tls(hc::connect_from(&node_a, hbone).unwrap(), foreign).await {
-            Ok(mut s) => hc::closed_by_server(&mut s, Duration::from_secs(3)).await,
-            Err(_) => true,
-        }
+    let alert = rt.block_on(async {
+        let mut s = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), foreign).await.unwrap();
+        hc::alert_from_server(&mut s, Duration::from_secs(3)).await
     });
-    assert!(refused, "a certificate from a foreign CA must be refused");
+    assert_eq!(alert, Some(rustls::AlertDescription::UnknownCA), "a certificate from a foreign CA");
     assert!(eventually(Duration::from_secs(3), || c.logged(1, "HBONE handshake refused").len() >= 2));
     assert!(refusals(&c, 1, "handshake") >= 2, "{}", c.metrics(1));
 
@@ -519,6 +516,76 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     // The pod's mesh clients never noticed.
     let (code, err) = c.curl("a1", &format!("http://{}:8080/", c.pod("b1").ip));
     assert_eq!(code, 200, "{err}");
+
+    // A peer offering only the post-quantum hybrid (ztunnel under
+    // COMPLIANCE_POLICY=pqc) is served, and the hybrid is what was used.
+    let b1_app: std::net::SocketAddr = format!("{}:8080", c.pod("b1").ip).parse().unwrap();
+    let valid = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - day, now + day).unwrap();
+    let (group, status) = rt.block_on(async {
+        let tcp = hc::connect_from(&node_a, hbone).unwrap();
+        let tls = hc::tls_offering(tcp, valid, &[rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768]).await.unwrap();
+        let group = hc::key_exchange(&tls);
+        let mut h2 = hc::h2(tls).await.unwrap();
+        (group, hc::connect(&mut h2, b1_app).await.unwrap())
+    });
+    assert_eq!(group.as_deref(), Some("X25519MLKEM768"));
+    assert_eq!(status, 200, "CONNECT over X25519MLKEM768");
+}
+
+/// `mesh.compliancePolicy: pqc` (Istio's COMPLIANCE_POLICY=pqc): the agents
+/// speak only X25519MLKEM768, between themselves and to any peer; a peer
+/// offering only X25519 is refused in the handshake, logged and counted.
+#[test]
+fn the_pqc_compliance_policy_allows_only_the_hybrid_key_exchange() {
+    if !privileged() {
+        return;
+    }
+    use redirector::identity::Identity;
+    use redirector_tests::hbone_client as hc;
+    use rustls::crypto::aws_lc_rs::kx_group;
+    use std::time::SystemTime;
+    let mut c = Cluster::new("ebpf").unwrap();
+    c.mesh_settings = "  compliancePolicy: pqc\n".into();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    assert!(!c.logged(1, "compliance policy pqc").is_empty(), "the agent must say it runs under pqc");
+    // Agent to agent, under the policy on both sides.
+    let (code, err) = c.curl("a1", &format!("http://{}:8080/", c.pod("b1").ip));
+    assert_eq!(code, 200, "{err}");
+
+    let hbone: std::net::SocketAddr = format!("{}:15008", c.pod("b1").ip).parse().unwrap();
+    let b1_app: std::net::SocketAddr = format!("{}:8080", c.pod("b1").ip).parse().unwrap();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1 = Identity::new("cluster.local", "default", "sa-a1");
+    let now = SystemTime::now();
+    let hour = Duration::from_hours(1);
+    let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - hour, now + hour).unwrap();
+
+    // A client offering the hybrid and X25519 (the default) gets the hybrid.
+    let (group, status) = rt.block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), std::sync::Arc::clone(&cert)).await.unwrap();
+        let group = hc::key_exchange(&tls);
+        let mut h2 = hc::h2(tls).await.unwrap();
+        (group, hc::connect(&mut h2, b1_app).await.unwrap())
+    });
+    assert_eq!((group.as_deref(), status), (Some("X25519MLKEM768"), 200));
+
+    // X25519 only: no group in common, refused before any certificate.
+    let before = refusals(&c, 1, "handshake");
+    let x25519 = rt.block_on(async {
+        let tcp = hc::connect_from(&node_a, hbone).unwrap();
+        hc::tls_offering(tcp, std::sync::Arc::clone(&cert), &[kx_group::X25519]).await.map(|_| ())
+    });
+    let e = x25519.expect_err("an X25519-only client must be refused under pqc");
+    let alert = e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()).cloned();
+    assert_eq!(alert, Some(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)), "{e}");
+    assert!(eventually(Duration::from_secs(3), || refusals(&c, 1, "handshake") > before), "{}", c.metrics(1));
+    assert!(c.logged(1, "HBONE handshake refused").iter().any(|l| l["fields"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("NoKxGroupsInCommon")
+        || l["fields"]["error"].as_str().unwrap_or_default().contains("no kx group")));
 }
 
 /// A mesh peer that asks to CONNECT to an address that is not the pod's is

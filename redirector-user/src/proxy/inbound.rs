@@ -338,8 +338,9 @@ async fn serve_connection(
     let stream = match tokio::time::timeout(ctx.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            ctx.metrics.hbone_refused("handshake").inc();
-            warn!(%peer, workload = %ctx.workload.describe(), error = %e, "HBONE handshake refused");
+            let reason = crate::tls::PeerRefused::of(&e).map_or("handshake", |r| r.reason);
+            ctx.metrics.hbone_refused(reason).inc();
+            warn!(%peer, workload = %ctx.workload.describe(), error = %e, reason, "HBONE handshake refused");
             return;
         }
         Err(_) => {
