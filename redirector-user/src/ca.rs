@@ -145,12 +145,22 @@ pub struct CaService {
     per_address: Limiter,
     /// At most this many API calls at once (TokenReview, pod reads).
     api: tokio::sync::Semaphore,
+    /// Every pod, kept by a watch (as istiod's informer): the node check
+    /// reads it, and asks the API only for a pod it does not show yet.
+    pods: kube::runtime::reflector::Store<Pod>,
     counts: Counts,
 }
 
 impl CaService {
-    pub fn new(ca: MeshCa, kube: kube::Client, settings: Settings) -> Arc<CaService> {
-        Arc::new(CaService {
+    /// The service, and the pod watch to run beside it.
+    pub fn new(
+        ca: MeshCa,
+        kube: kube::Client,
+        settings: Settings,
+    ) -> (Arc<CaService>, impl std::future::Future<Output = ()> + Send) {
+        let (pods, writer) = kube::runtime::reflector::store();
+        let watch = watch_pods(kube.clone(), writer);
+        let service = Arc::new(CaService {
             ca,
             kube,
             settings,
@@ -159,8 +169,10 @@ impl CaService {
             per_caller: Limiter::new(500, 50),
             per_address: Limiter::new(2_000, 200),
             api: tokio::sync::Semaphore::new(64),
+            pods,
             counts: Counts::default(),
-        })
+        });
+        (service, watch)
     }
 
     /// One `CreateCertificate` call from `peer`.
@@ -327,14 +339,7 @@ impl CaService {
             ));
         };
         let node = self.node_of(&me.namespace, pod_name, pod_uid).await?;
-        let on_node = self.pods_on(&requested.namespace, &node).await?;
-        let found = on_node.iter().any(|p| {
-            let spec = p.spec.as_ref();
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            spec.and_then(|s| s.service_account_name.as_deref()).unwrap_or("default") == requested.service_account
-                && !matches!(phase, Some("Succeeded" | "Failed"))
-        });
-        if found {
+        if self.has_pod_on(&requested.namespace, &requested.service_account, &node).await? {
             Ok(())
         } else {
             Err(refuse(
@@ -350,6 +355,13 @@ impl CaService {
 
     /// The node the caller's own pod is scheduled on.
     async fn node_of(&self, namespace: &str, name: &str, uid: &str) -> Result<String, Refusal> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        if let Some(pod) = self.pods.get(&key).filter(|p| p.metadata.uid.as_deref() == Some(uid)) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) {
+                return Ok(node);
+            }
+        }
+        // Not in the watch yet (or unscheduled there): the API decides.
         let pod = {
             let _permit =
                 self.api.acquire().await.map_err(|_| refuse(Code::Unavailable, "api_unavailable", "shutting down"))?;
@@ -371,6 +383,24 @@ impl CaService {
                 format!("the caller's pod {namespace}/{name} is on no node"),
             )
         })
+    }
+
+    /// Whether a pod of `namespace`/`service_account` that has not ended
+    /// is scheduled on `node`: the watch's pods first, and only if it
+    /// shows none, the API's (a pod created a moment ago).
+    async fn has_pod_on(&self, namespace: &str, service_account: &str, node: &str) -> Result<bool, Refusal> {
+        let matches = |p: &Pod| {
+            let spec = p.spec.as_ref();
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && spec.and_then(|s| s.node_name.as_deref()) == Some(node)
+                && spec.and_then(|s| s.service_account_name.as_deref()).unwrap_or("default") == service_account
+                && !matches!(phase, Some("Succeeded" | "Failed"))
+        };
+        if self.pods.state().iter().any(|p| matches(p)) {
+            return Ok(true);
+        }
+        Ok(self.pods_on(namespace, node).await?.iter().any(matches))
     }
 
     async fn pods_on(&self, namespace: &str, node: &str) -> Result<Vec<Pod>, Refusal> {
@@ -470,7 +500,8 @@ pub async fn serve(dir: &Path, settings: Settings, kube: kube::Client) -> Result
         max_lifetime_s = settings.max_lifetime.as_secs(),
         "mesh CA serving Istio's certificate API (istio.v1.auth.IstioCertificateService)"
     );
-    let service = CaService::new(ca, kube, settings);
+    let (service, watch) = CaService::new(ca, kube, settings);
+    tokio::spawn(watch);
     if let Some(l) = monitoring {
         tokio::spawn(serve_monitoring(l, Arc::clone(&service)));
     }
@@ -492,6 +523,39 @@ pub async fn serve(dir: &Path, settings: Settings, kube: kube::Client) -> Result
             let _permit = permit;
             serve_connection(acceptor, tcp, peer, service).await;
         });
+    }
+}
+
+/// Keep `writer` (the service's pod store) in step with the cluster's
+/// pods; the watcher backs off and relists by itself after an error.
+async fn watch_pods(kube: kube::Client, writer: kube::runtime::reflector::store::Writer<Pod>) {
+    use futures_util::StreamExt as _;
+    use kube::runtime::{reflector, watcher, WatchStreamExt as _};
+    let pods = Api::<Pod>::all(kube);
+    // Only what the node check reads is kept: a pod's containers, labels
+    // and status would be most of the CA's memory in a large cluster.
+    let slim = watcher(pods, watcher::Config::default()).modify(|p| {
+        p.metadata.managed_fields = None;
+        p.metadata.annotations = None;
+        p.metadata.labels = None;
+        p.metadata.owner_references = None;
+        if let Some(s) = p.spec.as_mut() {
+            *s = k8s_openapi::api::core::v1::PodSpec {
+                node_name: s.node_name.take(),
+                service_account_name: s.service_account_name.take(),
+                ..Default::default()
+            };
+        }
+        if let Some(st) = p.status.as_mut() {
+            *st = k8s_openapi::api::core::v1::PodStatus { phase: st.phase.take(), ..Default::default() };
+        }
+    });
+    let stream = reflector(writer, slim).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "the CA's pod watch failed; retrying (node checks ask the API meanwhile)");
+        }
     }
 }
 
