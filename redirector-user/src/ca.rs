@@ -136,6 +136,9 @@ struct Counts {
     refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+/// Refusals of one reason logged a second, at most.
+const LOGGED_PER_SECOND: u32 = 20;
+
 /// The CA service's state.
 pub struct CaService {
     ca: MeshCa,
@@ -148,6 +151,9 @@ pub struct CaService {
     /// Every pod, kept by a watch (as istiod's informer): the node check
     /// reads it, and asks the API only for a pod it does not show yet.
     pods: kube::runtime::reflector::Store<Pod>,
+    /// Per refusal reason: (second, logged in it, left out in it).
+    log_gate: Mutex<HashMap<&'static str, (u64, u32, u32)>>,
+    started: Instant,
     counts: Counts,
 }
 
@@ -170,6 +176,8 @@ impl CaService {
             per_address: Limiter::new(2_000, 200),
             api: tokio::sync::Semaphore::new(64),
             pods,
+            log_gate: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             counts: Counts::default(),
         });
         (service, watch)
@@ -198,7 +206,29 @@ impl CaService {
 
     fn refused(&self, peer: SocketAddr, r: Refusal) -> tonic::Status {
         *self.counts.refused.lock().expect("counts lock").entry(r.reason).or_default() += 1;
-        tracing::warn!(%peer, reason = r.reason, status = ?r.code, "certificate refused: {}", r.message);
+        // Every refusal is counted; a flood's are logged at most
+        // LOGGED_PER_SECOND a second per reason, then once with how many
+        // were left out, so a caller cannot flood the log.
+        let second = self.started.elapsed().as_secs();
+        let left_out = {
+            let mut gate = self.log_gate.lock().expect("log gate lock");
+            let (at, n, dropped) = gate.entry(r.reason).or_insert((second, 0, 0));
+            if *at != second {
+                let d = *dropped;
+                (*at, *n, *dropped) = (second, 0, 0);
+                if d > 0 {
+                    tracing::warn!(reason = r.reason, left_out = d, "certificate refusals not logged in the last second (counted in redirector_ca_requests_refused_total)");
+                }
+            }
+            *n += 1;
+            if *n > LOGGED_PER_SECOND {
+                *dropped += 1;
+            }
+            *n > LOGGED_PER_SECOND
+        };
+        if !left_out {
+            tracing::warn!(%peer, reason = r.reason, status = ?r.code, "certificate refused: {}", r.message);
+        }
         tonic::Status::new(r.code, r.message)
     }
 
@@ -591,8 +621,16 @@ async fn serve_connection(
     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let service = Arc::clone(&service);
         async move {
-            let handler = move |r| Arc::clone(&service).create(r, peer);
-            Ok::<_, Infallible>(istio_api::serve_request(req, handler).await)
+            let handler = {
+                let service = Arc::clone(&service);
+                move |r| Arc::clone(&service).create(r, peer)
+            };
+            let (resp, undecoded) = istio_api::serve_request(req, handler).await;
+            if let Some(status) = undecoded {
+                let reason = if status.code() == Code::Unimplemented { "unknown_method" } else { "bad_frame" };
+                service.refused(peer, refuse(status.code(), reason, status.message().to_string()));
+            }
+            Ok::<_, Infallible>(resp)
         }
     });
     let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())

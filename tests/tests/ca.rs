@@ -40,6 +40,11 @@ fn in_netns<T: Send>(netns: &Path, f: impl FnOnce(&tokio::runtime::Runtime) -> T
 
 /// A client of the CA replicas at `addresses`, trusting the mesh's roots.
 fn client(ca_dir: &Path, addresses: Vec<std::net::SocketAddr>) -> CaClient {
+    client_waiting(ca_dir, addresses, Duration::from_secs(5))
+}
+
+/// [`client`] whose calls may take up to `timeout`.
+fn client_waiting(ca_dir: &Path, addresses: Vec<std::net::SocketAddr>, timeout: Duration) -> CaClient {
     let bundle = ca_dir.join("root-cert.pem");
     let roots = redirector::identity::remote::read_bundle(&bundle).unwrap().0;
     let roots = std::sync::Arc::new(roots);
@@ -51,7 +56,7 @@ fn client(ca_dir: &Path, addresses: Vec<std::net::SocketAddr>) -> CaClient {
             Box::pin(async move { a })
         }),
         std::sync::Arc::new(move || std::sync::Arc::clone(&roots)),
-        Duration::from_secs(5),
+        timeout,
     )
     .unwrap()
 }
@@ -61,6 +66,62 @@ type Answer = Result<IstioCertificateResponse, (String, String)>;
 
 fn ask(rt: &tokio::runtime::Runtime, c: &CaClient, token: &str, req: IstioCertificateRequest) -> Answer {
     rt.block_on(c.create_certificate(token, req)).map_err(|s| (format!("{:?}", s.code()), s.message().to_string()))
+}
+
+/// One HTTP/2 request to the CA at `addr` carrying `body` as it is (gRPC
+/// framing included or not): the `grpc-status` and `grpc-message` the CA
+/// answered with, from the headers or the trailers.
+async fn raw_grpc(ca_dir: &Path, addr: std::net::SocketAddr, token: &str, body: Vec<u8>) -> (String, String) {
+    let roots = redirector::identity::remote::read_bundle(&ca_dir.join("root-cert.pem")).unwrap().0;
+    let mut cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://{addr}/istio.v1.auth.IstioCertificateService/CreateCertificate"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = send.send_request(req, false).unwrap();
+    stream.send_data(body.into(), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.unwrap().unwrap();
+    let pick = |h: &http::HeaderMap| {
+        h.get("grpc-status").map(|s| {
+            let m = h.get("grpc-message").map(|m| m.to_str().unwrap_or_default().to_string()).unwrap_or_default();
+            (s.to_str().unwrap().to_string(), m)
+        })
+    };
+    if let Some(found) = pick(resp.headers()) {
+        return found;
+    }
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    pick(&trailers).unwrap_or_else(|| ("none".into(), String::new()))
+}
+
+/// A gRPC frame: uncompressed, `declared` as its length, then `bytes`.
+fn frame(declared: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut f = vec![0];
+    f.extend_from_slice(&declared.to_be_bytes());
+    f.extend_from_slice(bytes);
+    f
 }
 
 /// A fresh key's CSR for `csr_for`, asked as `as_of` (ImpersonatedIdentity).
@@ -348,10 +409,31 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
             "1 MiB CSR",
             ask(rt, &ca, &agent_a, IstioCertificateRequest::new(huge, Duration::from_mins(1), Some(&id("sa-a1")))),
         ));
+        // Frames that are not a request: garbage protobuf, a frame cut
+        // short, one that claims 1 GiB, a method not served.
+        let frames = rt.block_on(async {
+            let mut out = Vec::new();
+            for (name, body) in [
+                ("garbage", frame(8, &[0xff; 8])),
+                ("truncated", frame(100, &[0x0a; 10])),
+                ("1 GiB frame", frame(1 << 30, &[0x0a; 16])),
+            ] {
+                out.push((name, raw_grpc(&c.ca_dir, addr, &agent_a, body).await));
+            }
+            out
+        });
         // Still serving others after all of it.
         r.push(("a2 by node-a", ask(rt, &ca, &agent_a, request(&id("sa-a2"), Some(&id("sa-a2"))))));
-        r
+        (r, frames)
     });
+    let (results, frames) = results;
+    for (name, (status, message)) in &frames {
+        // INTERNAL (13) for what does not decode, OUT_OF_RANGE (11) over
+        // the size limit: never OK, always a message.
+        assert!(status == "13" || status == "11" || status == "3", "{name}: grpc-status {status} {message}");
+        assert!(!message.is_empty(), "{name}: no grpc-message");
+    }
+    assert_eq!(frames.iter().find(|f| f.0 == "1 GiB frame").unwrap().1 .0, "11", "{frames:?}");
     let get = |name: &str| results.iter().find(|(n, _)| *n == name).map(|(_, a)| a.clone()).unwrap();
     for name in ["a1 by node-a", "agent's own", "a1's own", "a2 by node-a"] {
         let chain = get(name).unwrap_or_else(|e| panic!("{name}: refused {e:?}\n{}", logs(&c))).cert_chain;
@@ -382,7 +464,9 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
     );
     // Counted by reason, and logged.
     let metrics = c.ca_metrics(ca);
-    for reason in ["no_pod_on_node", "not_authorized", "token_refused", "no_token", "bad_csr", "identity_mismatch"] {
+    for reason in
+        ["no_pod_on_node", "not_authorized", "token_refused", "no_token", "bad_csr", "identity_mismatch", "bad_frame"]
+    {
         assert!(
             metrics.contains(&format!("redirector_ca_requests_refused_total{{reason=\"{reason}\"}}")),
             "{reason} not counted: {metrics}"
@@ -390,5 +474,52 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
     }
     let log = std::fs::read_to_string(&c.ca_servers[ca].log).unwrap();
     assert!(log.contains("certificate refused"), "{log}");
+    assert!(log.lines().any(|l| l.contains("certificate refused") && l.contains("bad_frame")), "{log}");
     assert!(eventually(Duration::from_secs(1), || api.token_reviews() > 0));
+    // The three frames and the 1 MiB CSR (over the 64 KiB request limit).
+    assert_eq!(c.ca_counter(ca, "redirector_ca_requests_refused_total{reason=\"bad_frame\"}"), 4, "{metrics}");
+
+    // 10,000 requests at once from one node agent: the first ones are
+    // served, the rest refused as rate limited, and another node's agent,
+    // asking meanwhile, is served.
+    let agent_b = std::fs::read_to_string(c.token_path(1)).unwrap();
+    let (_k, csr) = redirector::identity::csr::new_key_and_csr(&id("sa-a1")).unwrap();
+    let flood = IstioCertificateRequest::new(csr, Duration::from_hours(1), Some(&id("sa-a1")));
+    let (granted, limited, other) = std::thread::scope(|s| {
+        let flooding = s.spawn(|| {
+            in_netns(&netns, |rt| {
+                rt.block_on(async {
+                    let ca = client_waiting(&c.ca_dir, vec![addr], Duration::from_secs(60));
+                    let mut all = tokio::task::JoinSet::new();
+                    for _ in 0..10_000 {
+                        let (ca, token, req) = (ca.clone(), agent_a.clone(), flood.clone());
+                        all.spawn(async move { ca.create_certificate(&token, req).await });
+                    }
+                    let (mut granted, mut limited) = (0, 0);
+                    while let Some(a) = all.join_next().await {
+                        match a.unwrap() {
+                            Ok(_) => granted += 1,
+                            Err(s) if format!("{:?}", s.code()) == "ResourceExhausted" => limited += 1,
+                            Err(s) => panic!("a flood request failed otherwise: {s:?}"),
+                        }
+                    }
+                    (granted, limited)
+                })
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let other = in_netns(&ns_path(&c.nodes[1].ns), |rt| {
+            let ca = rt.block_on(async { client(&c.ca_dir, vec![addr]) });
+            ask(rt, &ca, &agent_b, request(&id("sa-b1"), Some(&id("sa-b1"))))
+        });
+        let (g, l) = flooding.join().unwrap();
+        (g, l, other)
+    });
+    assert!(granted >= 100, "the flood's first requests must be served: {granted} granted, {limited} limited");
+    assert!(limited >= 9_000, "the flood must be rate limited: {granted} granted, {limited} limited");
+    assert_eq!(granted + limited, 10_000, "every request answered as granted or rate limited");
+    assert!(other.is_ok(), "another node's agent must be served during the flood: {other:?}\n{}", logs(&c));
+    let log = std::fs::read_to_string(&c.ca_servers[ca].log).unwrap();
+    let lines = log.lines().filter(|l| l.contains("rate_limited") && l.contains("certificate refused")).count();
+    assert!(lines < 1_000, "the flood's refusals flooded the log: {lines} lines");
 }

@@ -210,7 +210,10 @@ impl Connector {
 /// Answer one HTTP/2 request as the gRPC service: `CreateCertificate`
 /// through `handler`, anything else `UNIMPLEMENTED`. Requests over
 /// [`MAX_REQUEST_BYTES`] are refused undecoded.
-pub async fn serve_request<B, H, F>(req: http::Request<B>, handler: H) -> http::Response<tonic::body::Body>
+pub async fn serve_request<B, H, F>(
+    req: http::Request<B>,
+    handler: H,
+) -> (http::Response<tonic::body::Body>, Option<tonic::Status>)
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
@@ -218,15 +221,28 @@ where
     F: Future<Output = Result<tonic::Response<IstioCertificateResponse>, tonic::Status>> + Send + 'static,
 {
     if req.uri().path() != CREATE_CERTIFICATE {
-        return tonic::Status::unimplemented(format!(
-            "{} is not served here; only {CREATE_CERTIFICATE}",
-            req.uri().path()
-        ))
-        .into_http();
+        let status =
+            tonic::Status::unimplemented(format!("{} is not served here; only {CREATE_CERTIFICATE}", req.uri().path()));
+        return (status.clone().into_http(), Some(status));
     }
     let mut grpc = tonic::server::Grpc::new(
         tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default(),
     )
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    grpc.unary(tower::service_fn(handler), req).await
+    // Whether the message decoded and reached the handler: if not, tonic
+    // answered by itself (a garbage, truncated or oversized frame), and
+    // the caller is told which status it got.
+    let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&reached);
+    let handler = move |r| {
+        seen.store(true, Ordering::Relaxed);
+        handler(r)
+    };
+    let resp = grpc.unary(tower::service_fn(handler), req).await;
+    if reached.load(Ordering::Relaxed) {
+        return (resp, None);
+    }
+    let status = tonic::Status::from_header_map(resp.headers())
+        .unwrap_or_else(|| tonic::Status::internal("the request was not answered"));
+    (resp, Some(status))
 }
