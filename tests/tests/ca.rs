@@ -489,7 +489,7 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
         let flooding = s.spawn(|| {
             in_netns(&netns, |rt| {
                 rt.block_on(async {
-                    let ca = client_waiting(&c.ca_dir, vec![addr], Duration::from_secs(60));
+                    let ca = client_waiting(&c.ca_dir, vec![addr], Duration::from_mins(1));
                     let mut all = tokio::task::JoinSet::new();
                     for _ in 0..10_000 {
                         let (ca, token, req) = (ca.clone(), agent_a.clone(), flood.clone());
