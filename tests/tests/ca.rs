@@ -523,3 +523,107 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
     let lines = log.lines().filter(|l| l.contains("rate_limited") && l.contains("certificate refused")).count();
     assert!(lines < 1_000, "the flood's refusals flooded the log: {lines} lines");
 }
+
+/// Deliverable 3, root rotation: the trust bundle gains a new root beside
+/// the old one, the CA moves to a key under the new root, and the agents
+/// renew onto it at different moments. Throughout, a long-lived
+/// connection a1 -> b1 keeps going, and new connections between a pod
+/// still on the old root and one already on the new work: both roots are
+/// trusted during the overlap.
+#[test]
+fn a_root_rotation_with_both_roots_in_the_bundle_loses_no_connection() {
+    use std::io::{BufRead, BufReader, Write};
+    if !privileged() {
+        return;
+    }
+    let (mut c, _api, kubeconfigs) = cluster("api");
+    let before = c.launch().unwrap();
+    let old = c.start_ca_server(0, &kubeconfigs[0], &["--max-cert-lifetime", "20s"]).unwrap();
+    c.wait_served(&before).unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
+    let b1 = c.pod("b1").ip.clone();
+    c.start_nginx("b1", 8080).unwrap();
+    let mut server = c
+        .in_pod("b1", "python3", &["-c", &format!(
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{b1}', 7000)); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n")])
+        .spawn()
+        .unwrap();
+    c.wait_listening("b1", 7000).unwrap();
+    let mut client = c
+        .in_pod("a1", "python3", &["-u", "-c", &format!(
+            "import socket,sys\ns=socket.create_connection(('{b1}', 7000)); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = client.stdin.take().unwrap();
+    let mut from = BufReader::new(client.stdout.take().unwrap());
+    let mut n = 0;
+    let mut exchange = |c: &Cluster| {
+        n += 1;
+        writeln!(to, "ping {n}").unwrap();
+        let mut line = String::new();
+        from.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), format!("ping {n}"), "the long-lived connection broke\n{}", logs(c));
+    };
+    exchange(&c);
+
+    // The new root, and the bundle the agents read with both roots.
+    let new_dir = c.dir.join("new-ca");
+    assert!(std::process::Command::new(redirector_tests::redirector_bin())
+        .args(["ca", "create"])
+        .arg(&new_dir)
+        .status()
+        .unwrap()
+        .success());
+    let old_root = std::fs::read_to_string(c.ca_dir.join("root-cert.pem")).unwrap();
+    let new_root = std::fs::read_to_string(new_dir.join("root-cert.pem")).unwrap();
+    let bundle = c.ca_dir.join("root-cert.pem");
+    std::fs::write(&bundle, format!("{old_root}{new_root}")).unwrap();
+    for node in 0..2 {
+        assert!(
+            eventually(Duration::from_secs(10), || c
+                .logged(node, "trust bundle changed")
+                .iter()
+                .any(|l| l["fields"]["roots"] == 2)),
+            "node {node} did not take the two-root bundle\n{}",
+            logs(&c)
+        );
+    }
+    exchange(&c);
+
+    // The CA moves to the new root's key (what a rollout of the CA's
+    // Deployment with the new Secret does).
+    let old_dir = std::mem::replace(&mut c.ca_dir, new_dir.clone());
+    let new = c.start_ca_server(1, &kubeconfigs[1], &["--max-cert-lifetime", "20s"]).unwrap();
+    c.stop_ca_server(old);
+    let rotated = |c: &Cluster, node: usize| c.logged(node, "workload certificate rotated").len();
+    let (r0, r1) = (rotated(&c, 0), rotated(&c, 1));
+    // Renewals fall due within 10 s; each node's come at its own moment,
+    // so for a while one side is on the new root and the other the old.
+    let started = std::time::Instant::now();
+    let mut mixed_ok = 0;
+    while started.elapsed() < Duration::from_secs(13) {
+        exchange(&c);
+        let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+        assert_eq!(code, 200, "a new connection during the overlap: {err}\n{}", logs(&c));
+        mixed_ok += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(rotated(&c, 0) > r0 && rotated(&c, 1) > r1, "both nodes must renew from the new CA\n{}", logs(&c));
+    assert!(c.ca_counter(new, "redirector_ca_certificates_issued_total") >= 2, "{}", c.ca_metrics(new));
+    assert!(mixed_ok > 10);
+    exchange(&c);
+    // The old root leaves the bundle: everything now chains to the new.
+    std::fs::write(&bundle, &new_root).unwrap();
+    assert!(eventually(Duration::from_secs(10), || c
+        .logged(1, "trust bundle changed")
+        .iter()
+        .any(|l| l["fields"]["roots"] == 1)));
+    let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
+    assert_eq!(code, 200, "after the old root left the bundle: {err}\n{}", logs(&c));
+    c.ca_dir = old_dir;
+    drop(to);
+    let _ = client.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+}
