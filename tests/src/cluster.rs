@@ -82,6 +82,10 @@ pub struct Cluster {
     pub ca_address: Option<String>,
     /// CA services started by [`Cluster::start_ca_server`].
     pub ca_servers: Vec<CaServer>,
+    /// The API server the CA service of [`Cluster::with_ca_service`]
+    /// asks: it reviews the agents' tokens and knows the cluster's pods
+    /// (loaded from the mesh configuration at each [`Cluster::launch`]).
+    pub ca_api: Option<crate::kubeapi::KubeApi>,
 }
 
 /// A `redirector ca serve` process in a node's network namespace.
@@ -130,6 +134,24 @@ impl Cluster {
         Cluster::build(mode, true)
     }
 
+    /// A cluster whose agents hold no CA key, as in Kubernetes: a CA
+    /// service (`redirector ca serve`, in node-a's network namespace as a
+    /// CA pod on node-a would be) signs every certificate, after checking
+    /// each agent's token and the node of the pod it asks for with the
+    /// test API server. The agents ask it at node-a's address. The
+    /// multi-node mesh tests run on this.
+    pub fn with_ca_service(mode: &'static str) -> Result<Cluster> {
+        let mut c = Cluster::build(mode, false)?;
+        let api = crate::kubeapi::KubeApi::start(&c.dir.join("api"))?;
+        let kubeconfig = c.dir.join("ca.kubeconfig");
+        api.listen_in_netns(&ns_path(&c.nodes[0].ns), &kubeconfig)?;
+        let address = format!("{}:15012", c.nodes[0].ip);
+        c.use_ca_service(&api, &address)?;
+        c.start_ca_server(0, &kubeconfig, &[])?;
+        c.ca_api = Some(api);
+        Ok(c)
+    }
+
     fn build(mode: &'static str, kubernetes_layout: bool) -> Result<Cluster> {
         crate::clean_once();
         let name = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
@@ -154,6 +176,7 @@ impl Cluster {
             agent_in_pod_cgroup: false,
             ca_address: None,
             ca_servers: Vec::new(),
+            ca_api: None,
         };
         for (i, n) in ["node-a", "node-b"].iter().enumerate() {
             let node = Node {
@@ -355,6 +378,14 @@ impl Cluster {
         let yaml = self.mesh_yaml();
         for i in 0..self.nodes.len() {
             self.write_mesh(i, &yaml);
+        }
+        if let Some(api) = &self.ca_api {
+            // What the CA's node check reads: the pods, as scheduled.
+            for o in redirector::cmd::manifest::yaml_objects(&yaml)? {
+                if o["kind"] == "Pod" {
+                    api.apply(o)?;
+                }
+            }
         }
         // A restarted agent appends to its log: count only what this start
         // adds.

@@ -1,6 +1,8 @@
 //! The zero-trust mesh across nodes: two node agents, two pods each,
 //! unmodified clients, HBONE between the nodes. Every test runs in eBPF and
-//! in iptables capture.
+//! in iptables capture. The agents hold no CA key: every certificate comes
+//! from a CA service (`redirector ca serve`) over Istio's certificate API,
+//! as in a cluster ([`Cluster::with_ca_service`]).
 
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ in_both_modes!(
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let b1 = c.pod("b1").ip.clone();
@@ -49,12 +51,25 @@ fn cross_node_request_goes_through_hbone(mode: &'static str) {
     assert!(eventually(Duration::from_secs(5), || !c.logged(1, "HBONE connection closed").is_empty()));
     let inbound = &c.logged(1, "HBONE connection closed")[0];
     assert_eq!(inbound["fields"]["source_principal"], "spiffe://cluster.local/ns/default/sa/sa-a1");
+    // Both sides' certificates came from the CA service: the agents' own,
+    // their gateways' and the four pods' identities, and no node holds a
+    // CA key.
+    let issued = c.ca_counter(0, "redirector_ca_certificates_issued_total");
+    assert!(issued >= 8, "the CA service issued {issued} certificates: {}", c.ca_metrics(0));
+    for n in &c.nodes {
+        let keys = std::process::Command::new("find")
+            .arg(n.state.parent().unwrap())
+            .args(["-name", "*key*.pem"])
+            .output()
+            .unwrap();
+        assert!(keys.stdout.is_empty(), "{} holds a key file: {}", n.name, String::from_utf8_lossy(&keys.stdout));
+    }
 }
 
 /// The node-to-node link carries TLS only: none of the request's bytes, and
 /// TLS application-data records on 15008.
 fn link_carries_only_tls(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let pcap = c.dir.join("link0.pcap");
@@ -101,7 +116,9 @@ fn link_carries_only_tls(mode: &'static str) {
 
 /// A destination whose proxy presents another identity than the one its
 /// service account gives is refused: the client's proxy ends the TLS
-/// handshake, the request fails, the log names both identities.
+/// handshake, the request fails, the log names both identities. The
+/// agents sign with a CA key here: node-b plays a node that mints what it
+/// likes (a CA service refuses it the identity; `ca.rs` tests that).
 fn a_peer_with_the_wrong_identity_is_refused(mode: &'static str) {
     let mut c = Cluster::new(mode).unwrap();
     c.start().unwrap();
@@ -134,7 +151,7 @@ fn a_peer_with_the_wrong_identity_is_refused(mode: &'static str) {
 /// Source identity in the destination's access log and in metric labels on
 /// both sides.
 fn source_identity_is_logged_and_labelled(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let ip = c.pod("b1").ip.clone();
@@ -170,7 +187,7 @@ fn source_identity_is_logged_and_labelled(mode: &'static str) {
 /// the rotations work too.
 fn certificate_rotation_keeps_long_lived_connections(mode: &'static str) {
     use std::io::{BufRead, BufReader, Write};
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.mesh_settings = "  certLifetime: 4s\n".into();
     c.start().unwrap();
     let b1 = c.pod("b1").ip.clone();
@@ -218,7 +235,7 @@ fn certificate_rotation_keeps_long_lived_connections(mode: &'static str) {
 /// port directly: PERMISSIVE (the default) lets it in, STRICT refuses it,
 /// while a mesh client keeps working.
 fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let url = format!("http://{}:8080/", c.pod("b1").ip);
@@ -249,7 +266,7 @@ fn strict_refuses_plaintext_and_permissive_accepts_it(mode: &'static str) {
 /// proxy. PERMISSIVE carries a plaintext client on each (seen by the
 /// proxy); STRICT refuses it on each, while a mesh client keeps working.
 fn a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     let (listed, unlisted) = c.dual_stack("b1").unwrap();
     let dual_a1 = c.dual_stack("a1").unwrap();
     c.dual_stack("a2").unwrap();
@@ -303,7 +320,7 @@ fn a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families(mode: &'stat
 /// DENY blocks the principal it names; ALLOW admits only its principals.
 /// Denials are logged with the peer identity and counted.
 fn authorization_policies_deny_and_allow(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a2, namespace: default}\nspec:\n  selector: {matchLabels: {app: b1}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a2]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-a1, namespace: default}\nspec:\n  selector: {matchLabels: {app: b2}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a1]}}]\n    to: [{operation: {ports: [\"8080\"]}}]\n".into();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
@@ -343,7 +360,7 @@ fn authorization_policies_deny_and_allow(mode: &'static str) {
 /// stays and has no listener to hand the connection to, and the pod's own
 /// connects are refused. A restarted agent takes over.
 fn pod_inbound_is_steered_and_fails_closed_while_the_agent_is_down(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let url = format!("http://{}:8080/", c.pod("b1").ip);
@@ -440,7 +457,7 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     use redirector::identity::Identity;
     use redirector_tests::hbone_client as hc;
     use std::time::{Instant, SystemTime};
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.mesh_settings = "  handshakeTimeout: 1s\n".into();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
@@ -544,7 +561,7 @@ fn the_pqc_compliance_policy_allows_only_the_hybrid_key_exchange() {
     use redirector_tests::hbone_client as hc;
     use rustls::crypto::aws_lc_rs::kx_group;
     use std::time::SystemTime;
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.mesh_settings = "  compliancePolicy: pqc\n".into();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
@@ -600,7 +617,7 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
     use redirector::identity::Identity;
     use redirector_tests::hbone_client as hc;
     use std::time::SystemTime;
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     c.start_nginx("b2", 8080).unwrap();
@@ -670,7 +687,7 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
 /// (as it does where it may route HTTP itself: up to 100 ms): the greeting
 /// comes through at once, the client having sent nothing.
 fn a_server_first_protocol_to_a_service_is_not_held_for_sniffing(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     let b1 = c.pod("b1").ip.clone();
     let vip = "198.18.3.10";
     // No port name, no appProtocol: the protocol is left to sniffing.
@@ -711,7 +728,7 @@ fn access_log_off_silences_connection_lines() {
     if !privileged() {
         return;
     }
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.proxy_settings = "  accessLog: false\n".into();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
@@ -749,7 +766,7 @@ fn connections_to_a_pods_own_proxy_ports_are_refused_at_once(mode: &'static str)
     use redirector::identity::Identity;
     use redirector_tests::hbone_client as hc;
     use std::time::{Instant, SystemTime};
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
     let b1 = c.pod("b1").ip.clone();
@@ -855,7 +872,7 @@ fn slow_idle_and_flooding_clients_leave_the_agent_serving() {
     if !privileged() {
         return;
     }
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.proxy_settings = "  headerReadTimeout: 2s\n".into();
     c.mesh_settings = "  handshakeTimeout: 2s\n".into();
     let b1 = c.pod("b1").ip.clone();
@@ -924,7 +941,7 @@ fn the_nodes_own_traffic_speaks_as_the_agent_not_as_a_tenant() {
     if !privileged() {
         return;
     }
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.extra_yaml = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: tenant-default-only, namespace: default}\nspec:\n  selector: {matchLabels: {app: b1}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]\n".into();
     c.start().unwrap();
     c.start_nginx("b1", 8080).unwrap();
@@ -976,7 +993,7 @@ fn the_agent_stays_under_its_pods_cgroup() {
     if !privileged() {
         return;
     }
-    let mut c = Cluster::new("ebpf").unwrap();
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
     c.agent_in_pod_cgroup = true;
     c.start().unwrap();
     let mount = redirector_tests::cgroup2_mount();

@@ -4,7 +4,8 @@
 //! routing, faults, retries), and every request that leaves the node
 //! reaches the destination pod over HBONE with the source pod's identity.
 //! Client a1 on node-a; httpbin in b1 (node-b) and a2 (same node). Every
-//! test runs in eBPF and in iptables capture.
+//! test runs in eBPF and in iptables capture, with certificates from the
+//! CA service.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -149,7 +150,7 @@ fn metric_sum(c: &Cluster, node: usize, name: &str, labels: &[&str]) -> f64 {
 }
 
 fn the_tutorials_routing_works_between_pods(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     let (b1, a2) = (c.pod("b1").ip.clone(), c.pod("a2").ip.clone());
     c.extra_yaml = services(&b1, &a2);
     c.start().unwrap();
@@ -313,7 +314,7 @@ fn the_tutorials_routing_works_between_pods(mode: &'static str) {
 /// namespace (`credentialName`) and a rotated Secret in place; a server
 /// whose Secret is not a TLS Secret is skipped, named, and the others serve.
 fn the_gateway_reaches_a_strict_pod_over_hbone(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     let (b1, a2) = (c.pod("b1").ip.clone(), c.pod("a2").ip.clone());
     let gateway_id = "cluster.local/ns/istio-system/sa/istio-ingressgateway";
     let (cert1, key1) = certificate(&c.dir, "api.example.com", "one");
@@ -553,7 +554,7 @@ fn service_at(name: &str, vip: &str, ips: &[&str]) -> String {
 /// outlier detection ejecting a failing pod and taking it back, consistent
 /// hashing on a header, and a delay fault.
 fn breakers_outliers_hashing_and_delays_work_between_pods(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     let (b1, b2, a2) = (c.pod("b1").ip.clone(), c.pod("b2").ip.clone(), c.pod("a2").ip.clone());
     c.extra_yaml = service_at("slow", "198.18.3.31", &[&b1])
         + &service_at("pool", "198.18.3.32", &[&b1, &b2])
@@ -684,7 +685,7 @@ for _ in range(an):
 /// reaches `web` and cannot resolve evil's name; evil's own client sees
 /// what evil configured; the `*` is rejected, the DestinationRule ignored.
 fn namespaces_keep_their_traffic(mode: &'static str) {
-    let mut c = Cluster::new(mode).unwrap();
+    let mut c = Cluster::with_ca_service(mode).unwrap();
     c.pods[1].namespace = "evil".into();
     let (b1, b2) = (c.pod("b1").ip.clone(), c.pod("b2").ip.clone());
     let web = service_at("web", "198.18.3.50", &[&b1]);
