@@ -775,6 +775,40 @@ impl Cluster {
         self.ca_metrics(k).lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
     }
 
+    /// A line echo server in pod `server` on `port` and one connection to
+    /// it from pod `client`, kept open (python3: everywhere the tests run).
+    pub fn long_lived_connection(&self, client: &str, server: &str, port: u16) -> Result<LongLived> {
+        let ip = &self.pod(server).ip;
+        let echo = format!(
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{ip}', {port})); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n"
+        );
+        let mut server_process = self.in_pod(server, "python3", &["-c", &echo]).spawn()?;
+        if let Err(e) = self.wait_listening(server, port) {
+            let _ = server_process.kill();
+            let _ = server_process.wait();
+            return Err(e);
+        }
+        let lines = format!(
+            "import socket,sys\ns=socket.create_connection(('{ip}', {port})); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n"
+        );
+        let mut client_process = match self
+            .in_pod(client, "python3", &["-u", "-c", &lines])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = server_process.kill();
+                let _ = server_process.wait();
+                return Err(e.into());
+            }
+        };
+        let to = client_process.stdin.take().context("the client's stdin")?;
+        let from = std::io::BufReader::new(client_process.stdout.take().context("the client's stdout")?);
+        Ok(LongLived { server: server_process, client: client_process, to, from, sent: 0 })
+    }
+
     /// Kill a node's agent as a crash would: nothing is cleaned up.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
@@ -866,6 +900,48 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A long-lived TCP connection from a pod to a line echo server in
+/// another (see [`Cluster::long_lived_connection`]): each
+/// [`LongLived::exchange`] sends a line over it and reads it back. Both
+/// processes end on drop.
+pub struct LongLived {
+    server: Child,
+    client: Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+    sent: u64,
+}
+
+impl LongLived {
+    /// One line there and back over the same connection; an error says
+    /// what came back instead (nothing: the connection broke).
+    pub fn exchange(&mut self) -> Result<()> {
+        use std::io::{BufRead, Write};
+        self.sent += 1;
+        let line = format!("ping {}", self.sent);
+        writeln!(self.to, "{line}").context("the client of the long-lived connection is gone")?;
+        let mut back = String::new();
+        self.from.read_line(&mut back)?;
+        if back.trim() != line {
+            bail!(
+                "the long-lived connection broke after {} lines: sent `{line}`, got `{}`",
+                self.sent - 1,
+                back.trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        for p in [&mut self.client, &mut self.server] {
+            let _ = p.kill();
+            let _ = p.wait();
         }
     }
 }

@@ -216,7 +216,6 @@ fn cluster(dir_name: &str) -> (Cluster, KubeApi, Vec<PathBuf>) {
 /// renewal is retried until the CA is back.
 #[test]
 fn agents_ask_the_ca_service_and_keep_serving_through_its_outages() {
-    use std::io::{BufRead, BufReader, Write};
     if !privileged() {
         return;
     }
@@ -252,30 +251,11 @@ fn agents_ask_the_ca_service_and_keep_serving_through_its_outages() {
 
     // A long-lived connection a1 -> b1 while certificates are renewed, a
     // second replica takes over from the first, and both go away a while.
-    let mut server = c
-        .in_pod("b1", "python3", &["-c", &format!(
-            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{b1}', 7000)); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n")])
-        .spawn()
-        .unwrap();
-    c.wait_listening("b1", 7000).unwrap();
-    let mut client = c
-        .in_pod("a1", "python3", &["-u", "-c", &format!(
-            "import socket,sys\ns=socket.create_connection(('{b1}', 7000)); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to = client.stdin.take().unwrap();
-    let mut from = BufReader::new(client.stdout.take().unwrap());
-    let mut n = 0;
+    let mut open = c.long_lived_connection("a1", "b1", 7000).unwrap();
     let mut exchange = |c: &Cluster, for_how_long: Duration| {
         let started = std::time::Instant::now();
         while started.elapsed() < for_how_long {
-            n += 1;
-            writeln!(to, "ping {n}").unwrap();
-            let mut line = String::new();
-            from.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), format!("ping {n}"), "the long-lived connection broke\n{}", logs(c));
+            open.exchange().unwrap_or_else(|e| panic!("{e}\n{}", logs(c)));
             std::thread::sleep(Duration::from_millis(250));
         }
     };
@@ -321,10 +301,6 @@ fn agents_ask_the_ca_service_and_keep_serving_through_its_outages() {
         exchange(&c, Duration::from_millis(500));
     }
     assert!(c.ca_counter(back, "redirector_ca_certificates_issued_total") > 0);
-    drop(to);
-    let _ = client.wait();
-    let _ = server.kill();
-    let _ = server.wait();
     // New connections use the renewed certificates.
     let (code, err) = c.curl("a2", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "curl a2 -> b1 after the outage: {err}\n{}", logs(&c));
@@ -532,7 +508,6 @@ fn the_ca_grants_only_what_the_node_check_allows_and_refuses_bad_requests() {
 /// trusted during the overlap.
 #[test]
 fn a_root_rotation_with_both_roots_in_the_bundle_loses_no_connection() {
-    use std::io::{BufRead, BufReader, Write};
     if !privileged() {
         return;
     }
@@ -542,29 +517,8 @@ fn a_root_rotation_with_both_roots_in_the_bundle_loses_no_connection() {
     c.wait_served(&before).unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
     let b1 = c.pod("b1").ip.clone();
     c.start_nginx("b1", 8080).unwrap();
-    let mut server = c
-        .in_pod("b1", "python3", &["-c", &format!(
-            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{b1}', 7000)); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n")])
-        .spawn()
-        .unwrap();
-    c.wait_listening("b1", 7000).unwrap();
-    let mut client = c
-        .in_pod("a1", "python3", &["-u", "-c", &format!(
-            "import socket,sys\ns=socket.create_connection(('{b1}', 7000)); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to = client.stdin.take().unwrap();
-    let mut from = BufReader::new(client.stdout.take().unwrap());
-    let mut n = 0;
-    let mut exchange = |c: &Cluster| {
-        n += 1;
-        writeln!(to, "ping {n}").unwrap();
-        let mut line = String::new();
-        from.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), format!("ping {n}"), "the long-lived connection broke\n{}", logs(c));
-    };
+    let mut open = c.long_lived_connection("a1", "b1", 7000).unwrap();
+    let mut exchange = |c: &Cluster| open.exchange().unwrap_or_else(|e| panic!("{e}\n{}", logs(c)));
     exchange(&c);
 
     // The new root, and the bundle the agents read with both roots.
@@ -622,8 +576,4 @@ fn a_root_rotation_with_both_roots_in_the_bundle_loses_no_connection() {
     let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));
     assert_eq!(code, 200, "after the old root left the bundle: {err}\n{}", logs(&c));
     c.ca_dir = old_dir;
-    drop(to);
-    let _ = client.wait();
-    let _ = server.kill();
-    let _ = server.wait();
 }

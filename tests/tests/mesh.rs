@@ -186,46 +186,21 @@ fn source_identity_is_logged_and_labelled(mode: &'static str) {
 /// connection stays open and keeps exchanging bytes; new connections after
 /// the rotations work too.
 fn certificate_rotation_keeps_long_lived_connections(mode: &'static str) {
-    use std::io::{BufRead, BufReader, Write};
     let mut c = Cluster::with_ca_service(mode).unwrap();
     c.mesh_settings = "  certLifetime: 4s\n".into();
     c.start().unwrap();
     let b1 = c.pod("b1").ip.clone();
-    // A line echo server in b1 (socat-free: bash's coproc is not needed,
-    // python3 is everywhere the tests run).
-    let mut server = c
-        .in_pod("b1", "python3", &["-c", &format!(
-            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('{b1}', 7000)); s.listen(8)\nwhile True:\n  c,_=s.accept(); f=c.makefile('rwb', 0)\n  for line in f: f.write(line)\n")])
-        .spawn()
-        .unwrap();
-    c.wait_listening("b1", 7000).unwrap();
-    let mut client = c
-        .in_pod("a1", "python3", &["-u", "-c", &format!(
-            "import socket,sys\ns=socket.create_connection(('{b1}', 7000)); f=s.makefile('rwb', 0)\nfor line in sys.stdin.buffer:\n  f.write(line); sys.stdout.buffer.write(f.readline()); sys.stdout.flush()\n")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to = client.stdin.take().unwrap();
-    let mut from = BufReader::new(client.stdout.take().unwrap());
+    let mut open = c.long_lived_connection("a1", "b1", 7000).unwrap();
     let rotated = |c: &Cluster| {
         c.logged(0, "workload certificate rotated").len() + c.logged(1, "workload certificate rotated").len()
     };
     let started = std::time::Instant::now();
-    let mut n = 0;
     while started.elapsed() < Duration::from_secs(9) {
-        n += 1;
-        writeln!(to, "ping {n}").unwrap();
-        let mut line = String::new();
-        from.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), format!("ping {n}"), "the long-lived connection broke after {:?}", started.elapsed());
+        open.exchange().unwrap_or_else(|e| panic!("{e} ({:?} in)", started.elapsed()));
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(rotated(&c) >= 2, "no certificate rotation happened during the connection");
-    drop(to);
-    let _ = client.wait();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(open);
     // New connections use the new certificates.
     c.start_nginx("b1", 8080).unwrap();
     assert_eq!(c.curl("a2", &format!("http://{b1}:8080/")).0, 200);
