@@ -178,6 +178,22 @@ pub async fn connect(send: &mut h2::client::SendRequest<bytes::Bytes>, authority
     Ok(resp.status().as_u16())
 }
 
+/// A whole HBONE CONNECT from network namespace `netns`: TCP to `hbone`,
+/// mTLS with `cert` offering `groups`, HTTP/2, CONNECT `target`. The key
+/// exchange the handshake used and the CONNECT's status.
+pub async fn connect_offering(
+    netns: &Path,
+    hbone: SocketAddr,
+    cert: Arc<CertifiedKey>,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+    target: SocketAddr,
+) -> Result<(Option<String>, u16)> {
+    let tls = tls_offering(connect_from(netns, hbone)?, cert, groups).await?;
+    let group = key_exchange(&tls);
+    let mut send = h2(tls).await?;
+    Ok((group, connect(&mut send, target).await?))
+}
+
 /// Open `n` CONNECT streams and reset each at once (the "rapid reset"
 /// flood). Returns how many were sent before the server closed the
 /// connection.

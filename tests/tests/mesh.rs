@@ -513,13 +513,15 @@ fn hbone_refuses_bad_certificates_and_stalled_handshakes() {
     // COMPLIANCE_POLICY=pqc) is served, and the hybrid is what was used.
     let b1_app: std::net::SocketAddr = format!("{}:8080", c.pod("b1").ip).parse().unwrap();
     let valid = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - day, now + day).unwrap();
-    let (group, status) = rt.block_on(async {
-        let tcp = hc::connect_from(&node_a, hbone).unwrap();
-        let tls = hc::tls_offering(tcp, valid, &[rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768]).await.unwrap();
-        let group = hc::key_exchange(&tls);
-        let mut h2 = hc::h2(tls).await.unwrap();
-        (group, hc::connect(&mut h2, b1_app).await.unwrap())
-    });
+    let (group, status) = rt
+        .block_on(hc::connect_offering(
+            &node_a,
+            hbone,
+            valid,
+            &[rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768],
+            b1_app,
+        ))
+        .unwrap();
     assert_eq!(group.as_deref(), Some("X25519MLKEM768"));
     assert_eq!(status, 200, "CONNECT over X25519MLKEM768");
 }
@@ -555,12 +557,10 @@ fn the_pqc_compliance_policy_allows_only_the_hybrid_key_exchange() {
     let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now - hour, now + hour).unwrap();
 
     // A client offering the hybrid and X25519 (the default) gets the hybrid.
-    let (group, status) = rt.block_on(async {
-        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), std::sync::Arc::clone(&cert)).await.unwrap();
-        let group = hc::key_exchange(&tls);
-        let mut h2 = hc::h2(tls).await.unwrap();
-        (group, hc::connect(&mut h2, b1_app).await.unwrap())
-    });
+    let default_groups = rustls::crypto::aws_lc_rs::DEFAULT_KX_GROUPS;
+    let (group, status) = rt
+        .block_on(hc::connect_offering(&node_a, hbone, std::sync::Arc::clone(&cert), default_groups, b1_app))
+        .unwrap();
     assert_eq!((group.as_deref(), status), (Some("X25519MLKEM768"), 200));
 
     // X25519 only: no group in common, refused before any certificate.
