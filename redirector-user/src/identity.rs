@@ -396,14 +396,87 @@ pub fn self_signed_ca_pem(trust_domain: &str) -> Result<(String, String), Identi
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A CA in Istio's plug-in layout, as PEM text: what goes into the files
+/// (or the Secret `cacerts`) of that name.
+pub struct PluginCaPem {
+    /// `ca-cert.pem`: the signing certificate.
+    pub cert: String,
+    /// `ca-key.pem`: its key.
+    pub key: String,
+    /// `root-cert.pem`: the roots the mesh trusts.
+    pub root: String,
+    /// `cert-chain.pem`: the signing certificate up to the root.
+    pub chain: String,
+}
+
+/// How long an intermediate CA made by [`intermediate_ca_pem`] lives, at
+/// most (Istio's sample tooling gives its intermediates two years); never
+/// past its root.
+pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_hours(2 * 365 * 24);
+
+/// A fresh intermediate CA signed by the CA in `root_dir` (plug-in layout,
+/// e.g. a root `redirector ca create` made): what a cluster's CA holds when
+/// the root's key stays offline. It may sign workload certificates only
+/// (path length 0), lives [`INTERMEDIATE_LIFETIME`] or until the root
+/// expires, and its chain runs up to the root.
+pub fn intermediate_ca_pem(root_dir: &Path, trust_domain: &str) -> Result<PluginCaPem, IdentityError> {
+    let root = MeshCa::load_plugin(root_dir, trust_domain)?;
+    let issue = |m: String| IdentityError::Issue { identity: "the intermediate CA".into(), message: m };
+    let key = KeyPair::generate().map_err(|e| issue(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+    params.distinguished_name.push(DnType::CommonName, "redirector mesh intermediate CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    let signer_path = root_dir.join(CA_CERT_FILE);
+    let signer =
+        parse_certs(&signer_path, &read_file(&signer_path, "it must hold the CA certificate in PEM")?)?.remove(0);
+    let signer_not_after = x509_parser::parse_x509_certificate(signer.as_ref())
+        .map_err(|e| issue(e.to_string()))?
+        .1
+        .validity()
+        .not_after
+        .to_datetime();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = (now + INTERMEDIATE_LIFETIME).min(signer_not_after);
+    if params.not_after <= now + time::Duration::days(1) {
+        return Err(IdentityError::CaFile {
+            path: root_dir.join(CA_CERT_FILE),
+            message: "expires within a day".into(),
+            fix: "make a new root (`redirector ca create DIR`) and sign the intermediate with it",
+        });
+    }
+    let cert = params.signed_by(&key, &root.issuer).map_err(|e| issue(e.to_string()))?;
+    let pem = |d: &CertificateDer<'_>| ::pem::encode(&::pem::Pem::new("CERTIFICATE", d.to_vec()));
+    let root_pem = std::fs::read_to_string(root_dir.join(ROOT_CERT_FILE))
+        .map_err(|e| IdentityError::Write { path: root_dir.join(ROOT_CERT_FILE), source: e })?;
+    let mut chain = cert.pem();
+    for c in &root.chain {
+        chain.push_str(&pem(c));
+    }
+    for r in &root.root_ders {
+        if !root.chain.contains(r) {
+            chain.push_str(&pem(r));
+        }
+    }
+    Ok(PluginCaPem { cert: cert.pem(), key: key.serialize_pem(), root: root_pem, chain })
+}
+
 /// Write a self-signed root into `dir` in the plug-in layout. Also what
 /// `redirector ca create` does, so nodes can share one.
 pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+    let (pem, key_pem) = self_signed_ca_pem(trust_domain)?;
+    write_plugin_ca(dir, &PluginCaPem { cert: pem.clone(), key: key_pem, root: pem.clone(), chain: pem })
+}
+
+/// Write `ca` into `dir` in the plug-in layout (the key 0600).
+pub fn write_plugin_ca(dir: &Path, ca: &PluginCaPem) -> Result<(), IdentityError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let werr = |path: &Path, source| IdentityError::Write { path: path.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
-    let (pem, key_pem) = self_signed_ca_pem(trust_domain)?;
     // Never through a link planted in the directory, and the key's mode
     // is 0600 also when the file was there before.
     let open = |p: &Path, mode: u32| {
@@ -417,12 +490,12 @@ pub fn write_self_signed_ca(dir: &Path, trust_domain: &str) -> Result<(), Identi
             .and_then(|f| f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode)).map(|()| f))
             .map_err(|e| werr(p, e))
     };
-    for name in [CA_CERT_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
+    for (name, text) in [(CA_CERT_FILE, &ca.cert), (ROOT_CERT_FILE, &ca.root), (CERT_CHAIN_FILE, &ca.chain)] {
         let p = dir.join(name);
-        open(&p, 0o644)?.write_all(pem.as_bytes()).map_err(|e| werr(&p, e))?;
+        open(&p, 0o644)?.write_all(text.as_bytes()).map_err(|e| werr(&p, e))?;
     }
     let p = dir.join(CA_KEY_FILE);
-    open(&p, 0o600)?.write_all(key_pem.as_bytes()).map_err(|e| werr(&p, e))?;
+    open(&p, 0o600)?.write_all(ca.key.as_bytes()).map_err(|e| werr(&p, e))?;
     Ok(())
 }
 

@@ -81,6 +81,11 @@ enum Command {
         /// How long to wait for the DaemonSet, in seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Keep the mesh's root CA out of the cluster: the CA Secret gets an
+        /// intermediate CA signed by the root in this directory (made there
+        /// first if it holds none; keep it offline).
+        #[arg(long)]
+        root_ca: Option<PathBuf>,
     },
     /// Turn the same-node sockmap shortcut on or off while the agent runs
     /// (the kill switch; eBPF mode).
@@ -146,6 +151,10 @@ struct CaArgs {
     /// X25519MLKEM768 key exchange).
     #[arg(long, env = "COMPLIANCE_POLICY", default_value = "")]
     compliance_policy: String,
+    /// create: make an intermediate CA signed by the CA in this directory
+    /// (a root kept offline: its key is read, never copied).
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -282,10 +291,22 @@ fn ca(kube: &KubeArgs, c: CaArgs) -> anyhow::Result<()> {
         node_agents,
         max_cert_lifetime,
         compliance_policy,
+        root,
     } = c;
     if action == "create" {
         if dir.join(redirector::identity::CA_KEY_FILE).exists() {
             anyhow::bail!("{} already holds a CA key; choose an empty directory", dir.display());
+        }
+        if let Some(root) = root {
+            let ca = redirector::identity::intermediate_ca_pem(&root, &trust_domain)?;
+            redirector::identity::write_plugin_ca(&dir, &ca)?;
+            println!(
+                "intermediate CA written to {} (signed by the CA in {}, trust domain {trust_domain}); give it to the CA service (Secret cacerts) and keep {} offline",
+                dir.display(),
+                root.display(),
+                root.display()
+            );
+            return Ok(());
         }
         redirector::identity::write_self_signed_ca(&dir, &trust_domain)?;
         println!(
@@ -293,6 +314,8 @@ fn ca(kube: &KubeArgs, c: CaArgs) -> anyhow::Result<()> {
             dir.display()
         );
         return Ok(());
+    } else if root.is_some() {
+        anyhow::bail!("--root is for `ca create` (an intermediate CA); `ca serve` reads its CA from DIR alone");
     }
     init_logging(false);
     let policy = compliance_policy.parse().map_err(|e| anyhow::anyhow!("--compliance-policy: {e}"))?;
@@ -402,11 +425,13 @@ fn main() -> ExitCode {
         Command::Manifest { profile, image, .. } => {
             redirector::cmd::manifest::generate(&profile, &image).map(|y| print!("{y}"))
         }
-        Command::Install { profile, image, timeout } => (|| {
-            // Check the profile before reaching for the cluster.
+        Command::Install { profile, image, timeout, root_ca } => (|| {
+            // Check the profile and the root before reaching for the cluster.
             redirector::cmd::manifest::documents(&profile, &image)?;
+            let ca = root_ca.as_deref().map(redirector::cmd::cluster::offline_root).transpose()?;
             in_cluster(&cli.kube, |a| async move {
-                redirector::cmd::cluster::install(&a, &profile, &image, std::time::Duration::from_secs(timeout)).await
+                let wait = std::time::Duration::from_secs(timeout);
+                redirector::cmd::cluster::install(&a, &profile, &image, wait, ca).await
             })
         })(),
         Command::Accelerate { state } => cmd::accelerate(&cli.state_dir, state == "on"),

@@ -138,10 +138,15 @@ impl Cluster {
     /// service (`redirector ca serve`, in node-a's network namespace as a
     /// CA pod on node-a would be) signs every certificate, after checking
     /// each agent's token and the node of the pod it asks for with the
-    /// test API server. The agents ask it at node-a's address. The
-    /// multi-node mesh tests run on this.
+    /// test API server. The agents ask it at node-a's address. The CA
+    /// service holds an intermediate (`ca create --root`) whose root stays
+    /// out of the cluster (in `offline-root`): workload chains are leaf,
+    /// intermediate, root. The multi-node mesh tests run on this.
     pub fn with_ca_service(mode: &'static str) -> Result<Cluster> {
         let mut c = Cluster::build(mode, false)?;
+        let root = c.dir.join("offline-root");
+        fs::rename(&c.ca_dir, &root)?;
+        run(Command::new(redirector_bin()).arg("ca").arg("create").arg(&c.ca_dir).arg("--root").arg(&root))?;
         let api = crate::kubeapi::KubeApi::start(&c.dir.join("api"))?;
         let kubeconfig = c.dir.join("ca.kubeconfig");
         api.listen_in_netns(&ns_path(&c.nodes[0].ns), &kubeconfig)?;

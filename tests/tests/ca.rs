@@ -10,7 +10,7 @@ use redirector::identity::istio_api::{CaClient, IstioCertificateRequest, IstioCe
 use redirector::identity::Identity;
 use redirector_tests::cluster::{ns_path, Cluster, AGENT_NAMESPACE};
 use redirector_tests::kubeapi::KubeApi;
-use redirector_tests::{eventually, privileged};
+use redirector_tests::{eventually, pem_der, privileged};
 use serde_json::json;
 
 const TD: &str = "cluster.local";
@@ -153,12 +153,6 @@ fn with_bad_signature(pem: &str) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
     let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
     format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
-}
-
-fn pem_der(pem: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).map(str::trim).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
 }
 
 fn logs(c: &Cluster) -> String {

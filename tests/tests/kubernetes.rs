@@ -630,6 +630,53 @@ fn install_applies_the_profile_makes_the_ca_and_waits_for_every_node() {
     assert!(!ok && out.is_empty(), "{out}");
     assert_eq!(err.trim(), "redirector: error: unknown profile `default`: choose one of minimal, demo");
     assert!(fresh.applied_paths().is_empty());
+
+    // --root-ca: the root is made (or kept) outside the cluster; the
+    // Secret gets an intermediate it signed and the root's certificate,
+    // never the root's key.
+    let offline = KubeApi::start(&dir.join("offline")).unwrap();
+    let root = dir.join("offline-root");
+    let root_arg = root.to_str().unwrap();
+    let (ok, out, err) = cli(&offline, &["install", "--timeout", "60", "--root-ca", root_arg]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("root CA written to") && out.contains("an intermediate under your offline root"), "{out}");
+    let secret = offline.applied("/api/v1/namespaces/redirector-ca/secrets/cacerts").expect("the CA Secret");
+    let data = |f: &str| secret["stringData"][f].as_str().unwrap().to_string();
+    let root_cert = std::fs::read_to_string(root.join("root-cert.pem")).unwrap();
+    let root_key = std::fs::read_to_string(root.join("ca-key.pem")).unwrap();
+    assert_eq!(data("root-cert.pem"), root_cert);
+    assert_ne!(data("ca-cert.pem"), root_cert, "the Secret must hold an intermediate, not the root");
+    assert_eq!(data("cert-chain.pem").matches("BEGIN CERTIFICATE").count(), 2, "intermediate, then root");
+    for path in offline.applied_paths() {
+        let text = offline.applied(&path).unwrap().to_string();
+        assert!(!text.contains(root_key.lines().nth(1).unwrap()), "the root's key went into {path}");
+    }
+    let bundle = offline.applied("/api/v1/namespaces/redirector-system/configmaps/istio-ca-root-cert").unwrap();
+    assert_eq!(bundle["data"]["root-cert.pem"].as_str(), Some(root_cert.as_str()));
+    std::fs::write(dir.join("intermediate.pem"), data("ca-cert.pem")).unwrap();
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(root.join("root-cert.pem"))
+        .arg(dir.join("intermediate.pem"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "the intermediate does not chain to the root: {verify:?}");
+    // A second cluster under the same root: the root is reused, a new
+    // intermediate made.
+    let second = KubeApi::start(&dir.join("second")).unwrap();
+    let (ok, out, err) = cli(&second, &["install", "--timeout", "60", "--root-ca", root_arg]);
+    assert!(ok && !out.contains("root CA written to"), "{out}\n{err}");
+    assert_eq!(std::fs::read_to_string(root.join("ca-key.pem")).unwrap(), root_key, "the root was replaced");
+    let other = second.applied("/api/v1/namespaces/redirector-ca/secrets/cacerts").unwrap();
+    assert_ne!(other["stringData"]["ca-cert.pem"].as_str().unwrap(), data("ca-cert.pem"));
+    // An unreadable root fails before anything is applied.
+    let broken = dir.join("broken-root");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("ca-key.pem"), "not a key").unwrap();
+    let untouched = KubeApi::start(&dir.join("untouched")).unwrap();
+    let (ok, _, err) = cli(&untouched, &["install", "--root-ca", broken.to_str().unwrap()]);
+    assert!(!ok && err.contains("--root-ca") && err.lines().count() == 1, "{err}");
+    assert!(untouched.applied_paths().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -64,6 +64,22 @@ fn cross_node_request_goes_through_hbone(mode: &'static str) {
             .unwrap();
         assert!(keys.stdout.is_empty(), "{} holds a key file: {}", n.name, String::from_utf8_lossy(&keys.stdout));
     }
+    // The CA signs with an intermediate whose root is offline: b1's proxy
+    // presents its leaf and that intermediate, and a peer trusting only
+    // the root accepts it (it just did, for a1).
+    use redirector_tests::hbone_client as hc;
+    let a1 = redirector::identity::Identity::new("cluster.local", "default", "sa-a1");
+    let now = std::time::SystemTime::now();
+    let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now, now + Duration::from_hours(1)).unwrap();
+    let hbone: std::net::SocketAddr = format!("{b1}:15008").parse().unwrap();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let presented = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert).await.unwrap();
+        tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default()
+    });
+    let intermediate = std::fs::read_to_string(c.ca_dir.join("ca-cert.pem")).unwrap();
+    assert_eq!(presented.len(), 2, "leaf and intermediate");
+    assert_eq!(redirector_tests::pem_der(&intermediate), presented[1].as_ref(), "the intermediate follows the leaf");
 }
 
 /// The node-to-node link carries TLS only: none of the request's bytes, and

@@ -46,7 +46,14 @@ fn resource_of(doc: &Value) -> Result<(ApiResource, bool)> {
 /// Apply a profile (server-side apply, field manager `redirector`), make
 /// the mesh CA Secret if there is none, and wait until the DaemonSet is
 /// ready on every node, printing progress.
-pub async fn install(access: &Access, profile: &str, image: &str, timeout: Duration) -> Result<()> {
+pub async fn install(
+    access: &Access,
+    profile: &str,
+    image: &str,
+    timeout: Duration,
+    ca: Option<crate::identity::PluginCaPem>,
+) -> Result<()> {
+    let mut ca = ca;
     let docs = crate::cmd::manifest::documents(profile, image)?;
     let client = client(access).await?;
     let params = PatchParams::apply("redirector").force();
@@ -65,7 +72,7 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
             .map_err(|e| explain(e, &format!("apply {} {name}", ar.kind)))?;
         println!("[{}/{total}] applied {} {name}", i + 1, ar.kind);
         if ar.kind == "Namespace" && name == CA_NAMESPACE {
-            ensure_ca_secret(&client).await?;
+            ensure_ca_secret(&client, ca.take()).await?;
         }
     }
     println!(
@@ -110,16 +117,33 @@ pub async fn install(access: &Access, profile: &str, image: &str, timeout: Durat
     }
 }
 
+/// `install --root-ca DIR`: the root in `dir` (made there if it holds no
+/// CA key) and a fresh intermediate signed by it, for the CA Secret. The
+/// root's key stays in `dir`.
+pub fn offline_root(dir: &std::path::Path) -> Result<crate::identity::PluginCaPem> {
+    let td = crate::identity::DEFAULT_TRUST_DOMAIN;
+    if !dir.join(crate::identity::CA_KEY_FILE).exists() {
+        crate::identity::write_self_signed_ca(dir, td).map_err(|e| anyhow!("--root-ca: {e}"))?;
+        println!("root CA written to {}: keep it offline; it does not go into the cluster", dir.display());
+    }
+    crate::identity::intermediate_ca_pem(dir, td).map_err(|e| anyhow!("--root-ca: {e}"))
+}
+
 /// The mesh CA in Istio's plug-in layout, as a Secret of the CA's
 /// namespace, unless one exists (an operator's own CA, or one made by an
 /// earlier install, is kept); then its roots as the agents' trust bundle,
 /// the ConfigMap `istio-ca-root-cert` of their namespace (no key in it).
-async fn ensure_ca_secret(client: &kube::Client) -> Result<()> {
+/// With `intermediate` (`--root-ca`) the Secret holds that intermediate
+/// and the root's certificate only; else a fresh self-signed root.
+async fn ensure_ca_secret(client: &kube::Client, intermediate: Option<crate::identity::PluginCaPem>) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), CA_NAMESPACE);
     let existing =
         secrets.get_opt(CA_SECRET).await.map_err(|e| explain(e, &format!("read Secret {CA_NAMESPACE}/{CA_SECRET}")))?;
     let root = if let Some(s) = existing {
         println!("      mesh CA: Secret {CA_NAMESPACE}/{CA_SECRET} exists; kept");
+        if intermediate.is_some() {
+            println!("      mesh CA: --root-ca not used (the Secret is kept; delete it to install an intermediate)");
+        }
         let file = crate::identity::ROOT_CERT_FILE;
         let from_data = s.data.as_ref().and_then(|d| d.get(file)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
         let from_string = s.string_data.as_ref().and_then(|d| d.get(file)).cloned();
@@ -127,13 +151,20 @@ async fn ensure_ca_secret(client: &kube::Client) -> Result<()> {
             anyhow!("Secret {CA_NAMESPACE}/{CA_SECRET} has no {file}; give it Istio's plug-in layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)")
         })?
     } else {
-        let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN)
-            .map_err(|e| anyhow!("mesh CA: {e}"))?;
-        let mut data = BTreeMap::new();
-        for name in [crate::identity::CA_CERT_FILE, crate::identity::ROOT_CERT_FILE, crate::identity::CERT_CHAIN_FILE] {
-            data.insert(name.to_string(), cert.clone());
-        }
-        data.insert(crate::identity::CA_KEY_FILE.to_string(), key);
+        let offline = intermediate.is_some();
+        let ca = if let Some(ca) = intermediate {
+            ca
+        } else {
+            let (cert, key) = crate::identity::self_signed_ca_pem(crate::identity::DEFAULT_TRUST_DOMAIN)
+                .map_err(|e| anyhow!("mesh CA: {e}"))?;
+            crate::identity::PluginCaPem { cert: cert.clone(), key, root: cert.clone(), chain: cert }
+        };
+        let data = BTreeMap::from([
+            (crate::identity::CA_CERT_FILE.to_string(), ca.cert),
+            (crate::identity::CA_KEY_FILE.to_string(), ca.key),
+            (crate::identity::ROOT_CERT_FILE.to_string(), ca.root.clone()),
+            (crate::identity::CERT_CHAIN_FILE.to_string(), ca.chain),
+        ]);
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(CA_SECRET.into()),
@@ -149,8 +180,12 @@ async fn ensure_ca_secret(client: &kube::Client) -> Result<()> {
             .create(&PostParams::default(), &secret)
             .await
             .map_err(|e| explain(e, &format!("create Secret {CA_NAMESPACE}/{CA_SECRET}")))?;
-        println!("      mesh CA: generated into Secret {CA_NAMESPACE}/{CA_SECRET} (Istio's plug-in layout; readable by the CA only)");
-        cert
+        if offline {
+            println!("      mesh CA: an intermediate under your offline root, into Secret {CA_NAMESPACE}/{CA_SECRET} (Istio's plug-in layout; readable by the CA only; the root's key is not in the cluster)");
+        } else {
+            println!("      mesh CA: generated into Secret {CA_NAMESPACE}/{CA_SECRET} (Istio's plug-in layout; readable by the CA only)");
+        }
+        ca.root
     };
     let bundle = ConfigMap {
         metadata: kube::api::ObjectMeta {
