@@ -169,6 +169,16 @@ pub async fn h2(tls: Tls) -> Result<h2::client::SendRequest<bytes::Bytes>> {
     Ok(send)
 }
 
+/// [`h2`], with the connection's own task returned: its result says how
+/// the server ended the connection (`Ok` only after a clean end: with TLS
+/// close_notify; an EOF without it is an error).
+pub async fn h2_watched(
+    tls: Tls,
+) -> Result<(h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>)> {
+    let (send, conn) = h2::client::handshake(tls).await?;
+    Ok((send, tokio::spawn(conn)))
+}
+
 /// CONNECT `authority` on an HTTP/2 connection; the response status.
 pub async fn connect(send: &mut h2::client::SendRequest<bytes::Bytes>, authority: SocketAddr) -> Result<u16> {
     let mut send = send.clone().ready().await?;

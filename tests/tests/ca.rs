@@ -232,8 +232,13 @@ fn agents_ask_the_ca_service_and_keep_serving_through_its_outages() {
     );
     let ca0 = c.start_ca_server(0, &kubeconfigs[0], &["--max-cert-lifetime", "20s"]).unwrap();
     c.wait_served(&before).unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
-    // The agents' own, their gateways' and the four pods' identities.
-    assert!(c.ca_counter(ca0, "redirector_ca_certificates_issued_total") >= 8, "{}", c.ca_metrics(ca0));
+    // The agents' own, their gateways' and the four pods' identities (the
+    // first two may wait out a retry backoff of up to 30 s: the CA was down).
+    assert!(
+        eventually(Duration::from_secs(35), || c.ca_counter(ca0, "redirector_ca_certificates_issued_total") >= 8),
+        "{}",
+        c.ca_metrics(ca0)
+    );
     let b1 = c.pod("b1").ip.clone();
     c.start_nginx("b1", 8080).unwrap();
     let (code, err) = c.curl("a1", &format!("http://{b1}:8080/"));

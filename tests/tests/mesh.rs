@@ -54,8 +54,8 @@ fn cross_node_request_goes_through_hbone(mode: &'static str) {
     // Both sides' certificates came from the CA service: the agents' own,
     // their gateways' and the four pods' identities, and no node holds a
     // CA key.
-    let issued = c.ca_counter(0, "redirector_ca_certificates_issued_total");
-    assert!(issued >= 8, "the CA service issued {issued} certificates: {}", c.ca_metrics(0));
+    let issued = || c.ca_counter(0, "redirector_ca_certificates_issued_total");
+    assert!(eventually(Duration::from_secs(10), || issued() >= 8), "the CA issued {}: {}", issued(), c.ca_metrics(0));
     for n in &c.nodes {
         let keys = std::process::Command::new("find")
             .arg(n.state.parent().unwrap())
@@ -670,6 +670,43 @@ fn hbone_refuses_foreign_destinations_and_stream_floods() {
 
     let (code, err) = c.curl("a1", &format!("http://{b1_app}/"));
     assert_eq!(code, 200, "{err}");
+}
+
+/// A stopping agent says goodbye on every HBONE connection it serves:
+/// HTTP/2 GOAWAY, then TLS close_notify, so a peer (ours, ztunnel) moves
+/// new streams to a new connection without an error. Capture plays no part
+/// here: eBPF only.
+#[test]
+fn a_stopping_agent_sends_goaway_then_close_notify_on_hbone() {
+    if !privileged() {
+        return;
+    }
+    use redirector_tests::hbone_client as hc;
+    let mut c = Cluster::with_ca_service("ebpf").unwrap();
+    c.start().unwrap();
+    c.start_nginx("b1", 8080).unwrap();
+    let hbone: std::net::SocketAddr = format!("{}:15008", c.pod("b1").ip).parse().unwrap();
+    let b1_app: std::net::SocketAddr = format!("{}:8080", c.pod("b1").ip).parse().unwrap();
+    let node_a = redirector_tests::cluster::ns_path(&c.nodes[0].ns);
+    let a1 = redirector::identity::Identity::new("cluster.local", "default", "sa-a1");
+    let now = std::time::SystemTime::now();
+    let cert = hc::certificate(&c.ca_dir, "cluster.local", &a1, now, now + Duration::from_hours(1)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (send, conn) = rt.block_on(async {
+        let tls = hc::tls(hc::connect_from(&node_a, hbone).unwrap(), cert).await.unwrap();
+        let (mut send, conn) = hc::h2_watched(tls).await.unwrap();
+        assert_eq!(hc::connect(&mut send, b1_app).await.unwrap(), 200);
+        (send, conn)
+    });
+    let stopped = std::time::Instant::now();
+    c.stop_agent(1);
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), conn).await });
+    let ended = ended.expect("the server did not end the HBONE connection").unwrap();
+    assert!(ended.is_ok(), "the HBONE connection did not end cleanly (GOAWAY, close_notify): {ended:?}");
+    let refused = rt.block_on(async { send.ready().await.map(|_| ()) }).expect_err("a stream after the goodbye");
+    assert!(refused.is_go_away(), "the connection ended without GOAWAY: {refused:?}");
+    assert_eq!(refused.reason(), Some(h2::Reason::NO_ERROR), "{refused:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(5), "{:?}", stopped.elapsed());
 }
 
 /// A server-first protocol (SMTP, MySQL: the server speaks first) to a

@@ -188,7 +188,7 @@ enum Delivered {
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
 pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
     let (caps, metrics) = (Arc::clone(&ctx.caps.plaintext), Arc::clone(&ctx.metrics));
-    accept_until_stopped(listener, stop, "inbound", caps, metrics, move |client, peer| {
+    accept_until_stopped(listener, stop, "inbound", caps, metrics, Duration::ZERO, move |client, peer, _| {
         plaintext_connection(client, peer, Arc::clone(&ctx))
     })
     .await;
@@ -224,17 +224,23 @@ const HBONE_PER_PEER: usize = 256;
 const HANDSHAKES: usize = 512;
 const HANDSHAKES_PER_PEER: usize = 64;
 
+/// How long an HBONE connection has, once its pod's servers stop, to say
+/// goodbye (GOAWAY, its streams reset, TLS close_notify) before it is cut.
+const GOODBYE: Duration = Duration::from_secs(2);
+
 /// Accept until `stop` turns true; each connection's task ends with
-/// `stop` too (a pod that leaves has its connections closed).
+/// `stop` too (a pod that leaves has its connections closed), `goodbye`
+/// after it: the connection is handed `stop` to end itself cleanly first.
 async fn accept_until_stopped<F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     what: &'static str,
     caps: Arc<Caps>,
     metrics: Arc<Metrics>,
+    goodbye: Duration,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -257,13 +263,17 @@ async fn accept_until_stopped<F, Fut>(
             }
             continue;
         };
-        let conn = handle(tcp, peer);
+        let conn = handle(tcp, peer, stop.clone());
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let cut = async {
+                let _ = stop.changed().await;
+                tokio::time::sleep(goodbye).await;
+            };
             tokio::select! {
                 () = conn => {}
-                _ = stop.changed() => {}
+                () = cut => {}
             }
         });
     }
@@ -318,17 +328,22 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
         }
     };
     let (caps, metrics) = (Arc::clone(&ctx.caps.hbone), Arc::clone(&ctx.metrics));
-    accept_until_stopped(listener, stop, "hbone", caps, metrics, move |tcp, peer| {
-        serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx))
+    accept_until_stopped(listener, stop, "hbone", caps, metrics, GOODBYE, move |tcp, peer, stop| {
+        serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx), stop)
     })
     .await;
 }
 
+/// One HBONE connection. When `stop` turns true (the pod leaves, the agent
+/// stops) it says goodbye as HTTP/2 and TLS ask: GOAWAY, its tunnels reset,
+/// then TLS close_notify, so a peer moves new streams to a new connection
+/// without an error (ztunnel logs a close without close_notify).
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
     ctx: Arc<Inbound>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let Some(handshaking) = ctx.caps.handshakes.admit(peer.ip()) else {
         ctx.metrics.over_limit("hbone_handshakes").inc();
@@ -394,6 +409,7 @@ async fn serve_connection(
             Arc::clone(&dead),
         ))
     });
+    let mut stopping = false;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -401,12 +417,29 @@ async fn serve_connection(
                 debug!(%peer, "HBONE peer stopped answering pings; closed");
                 break;
             }
+            _ = stop.changed(), if !stopping => {
+                // GOAWAY now; h2 ends the connection (and the TLS session,
+                // close_notify) once the streams, reset below, are gone.
+                stopping = true;
+                conn.graceful_shutdown();
+                debug!(%peer, "HBONE connection: stopping; GOAWAY sent");
+                continue;
+            }
         };
         match next {
             Some(Ok((req, respond))) => {
                 let ctx = Arc::clone(&ctx);
                 let peer_id = peer_id.clone();
-                tokio::spawn(async move { tunnel_inbound(req, respond, peer, peer_id, ctx).await });
+                let mut stop = stop.clone();
+                tokio::spawn(async move {
+                    if *stop.borrow_and_update() {
+                        return;
+                    }
+                    tokio::select! {
+                        () = tunnel_inbound(req, respond, peer, peer_id, ctx) => {}
+                        _ = stop.changed() => {}
+                    }
+                });
             }
             Some(Err(e)) => {
                 h2_failed(&ctx, peer, &peer_id, &e);
