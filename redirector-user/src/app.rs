@@ -12,6 +12,7 @@
 mod listeners;
 mod placement;
 mod pods;
+mod takeover;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::identity::CertStore;
 use crate::mesh::MeshHandle;
 use crate::proxy::ProxySettings;
 use crate::state::AgentState;
+use crate::sys::handover::Handover;
 use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::Metrics;
 use crate::transport::http_client::Upstreams;
@@ -74,17 +76,25 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     crate::sys::netns::init_home().context("recording the agent's network namespace")?;
     let (certs, ca_origin) = identity(&opts, &mesh)?;
 
+    // An agent running with this state directory hands over its sockets
+    // (the checks above passed: a bad config never disturbs it).
+    let handover = Arc::new(Handover::default());
+    let incoming = {
+        let (dir, h) = (opts.state_dir.clone(), Arc::clone(&handover));
+        tokio::task::spawn_blocking(move || takeover::request(&dir, &h)).await??
+    };
     // The agent's cgroup, then its listeners before any program: a taken
     // port must fail the start before anything is attached (the placement
     // guard moves the agent back on any failure until capture is in).
     let mut placement = Placement::enter(cfg)?;
-    let host = HostListeners::bind(cfg)?;
+    let host = HostListeners::bind(cfg, &handover)?;
     let shared = Shared::new(cfg, &mesh, &certs);
-    let gateways = crate::proxy::gateway::Gateways::start(shared.gateway_context(cfg, &mesh))
-        .await
+    let gateways = crate::proxy::gateway::Gateways::start(shared.gateway_context(cfg, &mesh, &handover))
         .map_err(|e| e.context("starting the gateway listeners"))?;
     let selection = crate::capture::select(cfg)?;
-    let capture: Arc<dyn Capture> = Arc::from(crate::capture::install(cfg, &selection, &placement.capture_at())?);
+    let taking_over = incoming.is_some();
+    let capture: Arc<dyn Capture> =
+        Arc::from(crate::capture::install(cfg, &selection, &placement.capture_at(), taking_over)?);
     placement.keep();
 
     record_state(&opts, &selection, &placement, &host)?;
@@ -104,41 +114,29 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         dns_upstreams: Arc::clone(&shared.dns_upstreams),
         state_dir: opts.state_dir.clone(),
         held: Arc::default(),
+        handover: Arc::clone(&handover),
     });
-    pods::release_leftover_holds(&opts.state_dir, capture.as_ref());
-    let mut tasks = vec![tokio::spawn(pods::run_pod_loop(
+    // After a crash, the holds the last agent left are lifted (this one
+    // holds again what is still pending); in a takeover, only those this
+    // agent does not hold once it has looked at every pod.
+    let leftover_holds = if taking_over {
+        pods::leftover_holds(&opts.state_dir)
+    } else {
+        pods::release_leftover_holds(&opts.state_dir, capture.as_ref());
+        Vec::new()
+    };
+    let (first_pass, first_pass_done) = tokio::sync::oneshot::channel();
+    let pod_loop = tokio::spawn(pods::run_pod_loop(
         Arc::clone(&in_pod),
-        pod_server,
+        Arc::clone(&pod_server),
         mesh.clone(),
-        Arc::clone(&certs),
-        crate::config::agent_identity(cfg),
+        (Arc::clone(&certs), crate::config::agent_identity(cfg)),
+        first_pass,
         rx.clone(),
-    ))];
+    ));
+    let mut tasks = vec![gateways.run(rx.clone())];
     let stats = Arc::new(ProxyStats::default());
-    tasks.push(gateways.run(rx.clone()));
-    for s in host.dns {
-        s.set_nonblocking(true)?;
-        let socket = tokio::net::UdpSocket::from_std(s)?;
-        let upstreams = Arc::clone(&shared.dns_upstreams);
-        tasks.push(crate::proxy::dns::serve(socket, None, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
-    }
-    if let Some(dir) = opts.config_dir.clone() {
-        tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), rx.clone()));
-    }
-    let kube_status = kube.map(|(client, watched, warnings)| {
-        let (task, status) = {
-            // From the cluster, Gateway certificate files only from the
-            // directories the settings name (none unless set).
-            let mut scope = cfg.scope();
-            scope.certificate_dirs.get_or_insert_with(Vec::new);
-            // and host ports only for the agent's own namespace's Gateways
-            // unless the settings say more.
-            scope.gateway_namespaces.get_or_insert_with(|| vec![scope.namespace.clone()]);
-            crate::mesh::kubernetes::spawn(client, watched, warnings, scope, mesh.clone(), rx.clone())
-        };
-        tasks.push(task);
-        status
-    });
+    let kube_status = config_and_dns_tasks(&opts, host.dns, &shared, &mesh, kube, &rx, &mut tasks)?;
     let mut listeners = host.outbound;
     listeners.extend(host.inbound);
     tasks.push(tokio::spawn(proxy::outbound::run(
@@ -162,21 +160,128 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tasks.push(tokio::spawn(admin::serve(host.ready, admin::Role::Readiness, sources, heads, rx)));
     give_back_startup_pages();
 
-    wait_for_signal(signals).await;
-    info!(
-        open = stats.open_count(),
-        drain_ms = cfg.drain_timeout.as_millis() as u64,
-        "shutting down: no new connections, draining open ones"
-    );
-    let _ = tx.send(true);
-    for t in tasks {
-        let _ = t.await;
+    if let Some(from) = incoming {
+        let _ = first_pass_done.await;
+        finish_takeover(from, &handover, &pod_server, leftover_holds).await;
     }
-    // Every task is done (the pod loop held the last other reference):
-    // eBPF capture stays pinned, iptables rules go with the last reference.
-    capture.finish();
-    drop(capture);
+    let handed_over = takeover::offer(&opts.state_dir, Arc::clone(&handover)).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "no takeover socket: a new agent cannot take over from this one without a gap");
+        tokio::sync::oneshot::channel().1
+    });
+    let stop = wait_for_stop(signals, handed_over).await;
+    Running { tx, pod_loop, tasks, capture, in_pod, stats }.stop(stop, cfg, &opts.state_dir).await;
     Ok(())
+}
+
+/// The config sources and the host's DNS servers, as tasks; what `status`
+/// shows of the cluster source.
+fn config_and_dns_tasks(
+    opts: &RunOptions,
+    dns: Vec<std::net::UdpSocket>,
+    shared: &Shared,
+    mesh: &MeshHandle,
+    kube: Option<Kube>,
+    rx: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Option<Arc<std::sync::Mutex<crate::mesh::kubernetes::SourceStatus>>>> {
+    let cfg = &opts.config;
+    for s in dns {
+        s.set_nonblocking(true)?;
+        let socket = tokio::net::UdpSocket::from_std(s)?;
+        let upstreams = Arc::clone(&shared.dns_upstreams);
+        tasks.push(crate::proxy::dns::serve(socket, None, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
+    }
+    if let Some(dir) = opts.config_dir.clone() {
+        tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), rx.clone()));
+    }
+    Ok(kube.map(|(client, watched, warnings)| {
+        // From the cluster, Gateway certificate files only from the
+        // directories the settings name (none unless set).
+        let mut scope = cfg.scope();
+        scope.certificate_dirs.get_or_insert_with(Vec::new);
+        // and host ports only for the agent's own namespace's Gateways
+        // unless the settings say more.
+        scope.gateway_namespaces.get_or_insert_with(|| vec![scope.namespace.clone()]);
+        let (task, status) = crate::mesh::kubernetes::spawn(client, watched, warnings, scope, mesh.clone(), rx.clone());
+        tasks.push(task);
+        status
+    }))
+}
+
+/// What runs, to be stopped.
+struct Running {
+    tx: watch::Sender<bool>,
+    pod_loop: tokio::task::JoinHandle<Vec<watch::Sender<bool>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    capture: Arc<dyn Capture>,
+    in_pod: Arc<crate::inpod::InPod>,
+    stats: Arc<ProxyStats>,
+}
+
+impl Running {
+    /// Stop accepting, drain, and leave the capture in the kernel (and,
+    /// handed over, everything else the next agent serves with).
+    async fn stop(self, stop: Stop, cfg: &AgentConfig, state_dir: &std::path::Path) {
+        let Running { tx, pod_loop, tasks, capture, in_pod, stats } = self;
+        let drain_ms = cfg.drain_timeout.as_millis() as u64;
+        if let Stop::HandedOver(pid) = stop {
+            info!(
+                to_pid = pid,
+                open = stats.open_count(),
+                drain_ms,
+                "handed over: no new connections here, draining open ones"
+            );
+            in_pod.set_handing_over();
+            capture.hand_over();
+        } else {
+            info!(open = stats.open_count(), drain_ms, "shutting down: no new connections, draining open ones");
+            let _ = std::fs::remove_file(state_dir.join(takeover::SOCKET));
+        }
+        let _ = tx.send(true);
+        let closers = pod_loop.await.unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Pods handed over drain too: their connections end by themselves
+        // or at the drain timeout.
+        drain_pods(closers, cfg.drain_timeout).await;
+        // Every task is done (the pod loop held the last other reference):
+        // eBPF capture stays pinned, iptables rules go with the last
+        // reference (unless handed over).
+        capture.finish();
+        drop(capture);
+        if let Stop::HandedOver(pid) = stop {
+            info!(to_pid = pid, "drained; exiting: the agent that took over serves");
+        }
+    }
+}
+
+/// The new agent serves every pod it was handed (or the wait is over):
+/// the old one may stop accepting. Sockets of pods not served here are
+/// closed; holds the old agent left on pods this one does not hold are
+/// lifted.
+async fn finish_takeover(from: takeover::Incoming, h: &Arc<Handover>, pods: &Arc<AgentPods>, holds: Vec<PathBuf>) {
+    let deadline = tokio::time::Instant::now() + takeover::ANSWER * 2;
+    while h.inherited.names().iter().any(|n| n.starts_with("pod/")) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = h.inherited.names();
+    h.inherited.forget("");
+    pods.release_holds_not_ours(&holds);
+    let _ = tokio::task::spawn_blocking(move || from.serving(&left)).await;
+}
+
+/// Wait for every handed-over pod's connections to end, `drain` at most;
+/// then the rest are closed.
+async fn drain_pods(closers: Vec<watch::Sender<bool>>, drain: std::time::Duration) {
+    if closers.is_empty() {
+        return;
+    }
+    let all = futures_util::future::join_all(closers.iter().map(watch::Sender::closed));
+    if tokio::time::timeout(drain, all).await.is_err() {
+        tracing::warn!("drain timeout: closing the pods' connections still open");
+    }
+    drop(closers);
 }
 
 /// Load and compile the mesh directory; a config with errors fails the
@@ -354,7 +459,12 @@ impl Shared {
         }
     }
 
-    fn gateway_context(&self, cfg: &AgentConfig, mesh: &MeshHandle) -> crate::proxy::gateway::GatewayContext {
+    fn gateway_context(
+        &self,
+        cfg: &AgentConfig,
+        mesh: &MeshHandle,
+        handover: &Arc<Handover>,
+    ) -> crate::proxy::gateway::GatewayContext {
         crate::proxy::gateway::GatewayContext {
             mesh: mesh.clone(),
             upstreams: self.gateway_upstreams.clone(),
@@ -364,6 +474,7 @@ impl Shared {
             header_read_timeout: cfg.header_read_timeout,
             handshake_timeout: cfg.handshake_timeout,
             max_connections: cfg.max_connections,
+            handover: Arc::clone(handover),
         }
     }
 
@@ -379,7 +490,7 @@ impl Shared {
             access_log: cfg.access_log,
             workloads: Arc::new(crate::proxy::source::Workloads::new(mount.to_path_buf())),
             workload: Arc::clone(&self.host_workload),
-            close_on_stop: false,
+            close: None,
         }
     }
 }
@@ -493,10 +604,19 @@ fn catch_signals() -> Result<Signals> {
     })
 }
 
-async fn wait_for_signal(signals: Signals) {
+/// Why the agent stops.
+#[derive(Clone, Copy)]
+enum Stop {
+    Signal,
+    /// A new agent (this pid) took over.
+    HandedOver(u32),
+}
+
+async fn wait_for_stop(signals: Signals, handed_over: tokio::sync::oneshot::Receiver<u32>) -> Stop {
     let Signals { mut term, mut int } = signals;
     tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+        _ = term.recv() => Stop::Signal,
+        _ = int.recv() => Stop::Signal,
+        Ok(pid) = handed_over => Stop::HandedOver(pid),
     }
 }

@@ -72,6 +72,10 @@ pub trait Capture: Send + Sync {
     /// says so); iptables rules, which would send workloads to a closed
     /// port, go when the capture is dropped.
     fn finish(&self);
+
+    /// The agent handed over to the next, which serves with this capture
+    /// as it is: nothing is removed when this one is dropped.
+    fn hand_over(&self) {}
 }
 
 /// The capture mode chosen, and what the kernel was found to have.
@@ -93,14 +97,17 @@ pub struct Placement<'a> {
     pub proxy_cgroup_id: u64,
 }
 
-/// Install the selected capture.
-pub fn install(cfg: &AgentConfig, sel: &Selection, at: &Placement<'_>) -> Result<Box<dyn Capture>> {
+/// Install the selected capture. `taking_over`: an agent with the same
+/// settings runs it now and hands over, so rules in place are kept as they
+/// are (rewriting them would open a gap).
+pub fn install(cfg: &AgentConfig, sel: &Selection, at: &Placement<'_>, taking_over: bool) -> Result<Box<dyn Capture>> {
     let installed: Box<dyn Capture> = if sel.mode == CaptureMode::Iptables {
         let rel = iptables::relative(at.mount, at.proxy_cgroup)?;
-        Box::new(Iptables { _rules: IptablesCapture::install(cfg, rel)?, cfg: cfg.clone() })
+        let rules = if taking_over { IptablesCapture::adopt(cfg, rel)? } else { IptablesCapture::install(cfg, rel)? };
+        Box::new(Iptables { rules, cfg: cfg.clone(), taking_over })
     } else {
         let capture = EbpfCapture::install(cfg, at.root, at.proxy_cgroup_id, sel.socket_storage)?;
-        Box::new(Ebpf { steering: capture.steering.clone(), capture, cfg: cfg.clone() })
+        Box::new(Ebpf { steering: capture.steering.clone(), capture, cfg: cfg.clone(), taking_over })
     };
     info!(mode = sel.mode.name(), reason = %sel.reason, "capture mode chosen");
     if sel.cilium {
@@ -151,6 +158,8 @@ struct Ebpf {
     /// sk_lookup, where pods get a nat PREROUTING rule.
     steering: Option<Arc<PodSteering>>,
     cfg: AgentConfig,
+    /// Pods' nat rules an agent handing over left are kept.
+    taking_over: bool,
 }
 
 impl Capture for Ebpf {
@@ -180,7 +189,7 @@ impl Capture for Ebpf {
         // sk_lookup, both families, on kernels that have it; otherwise the
         // nat rules (iptables and ip6tables), as ztunnel's in-pod mode does.
         let Some(steering) = self.steering.as_ref().filter(|_| !pod.ips.is_empty()) else {
-            return nat_steering(ns, &self.cfg, false);
+            return nat_steering(ns, &self.cfg, false, self.taking_over);
         };
         // Rules an iptables-mode agent left in this namespace go first.
         let _ = iptables::remove_in_pod(&ns);
@@ -227,9 +236,10 @@ impl Capture for Ebpf {
 
 /// iptables capture: Istio's nat rules in our own chains.
 struct Iptables {
-    /// Removed when dropped.
-    _rules: IptablesCapture,
+    /// Removed when dropped, unless handed over.
+    rules: IptablesCapture,
     cfg: AgentConfig,
+    taking_over: bool,
 }
 
 impl Capture for Iptables {
@@ -245,7 +255,7 @@ impl Capture for Iptables {
     fn steer_inbound(&self, pod: &WorkloadNet, _: &PodListeners<'_>) -> Result<Undo> {
         let ns = Arc::clone(pod.netns.as_ref().context("an in-pod workload has a namespace")?);
         // The pod's rules capture its outbound connections too.
-        nat_steering(ns, &self.cfg, true)
+        nat_steering(ns, &self.cfg, true, self.taking_over)
     }
 
     fn enroll(&self, _: &[PathBuf]) -> Result<Undo> {
@@ -256,12 +266,19 @@ impl Capture for Iptables {
     fn clear_leftover_refusals(&self) {}
 
     fn finish(&self) {}
+
+    fn hand_over(&self) {
+        self.rules.keep_installed();
+    }
 }
 
 /// Nat rules in the pod's namespace: inbound to the plaintext listener,
-/// and with `outbound` the pod's connects to its outbound listener.
-fn nat_steering(ns: Arc<crate::sys::netns::Netns>, cfg: &AgentConfig, outbound: bool) -> Result<Undo> {
-    iptables::install_in_pod(&ns, cfg, outbound).context("installing the pod's iptables rules")?;
+/// and with `outbound` the pod's connects to its outbound listener. With
+/// `keep`, rules already there (an agent handing over put them) stay.
+fn nat_steering(ns: Arc<crate::sys::netns::Netns>, cfg: &AgentConfig, outbound: bool, keep: bool) -> Result<Undo> {
+    if !(keep && iptables::in_pod_present(&ns, outbound)) {
+        iptables::install_in_pod(&ns, cfg, outbound).context("installing the pod's iptables rules")?;
+    }
     Ok(Box::new(move || {
         if let Err(e) = iptables::remove_in_pod(&ns) {
             warn!(error = %e, "removing a pod's iptables rules");

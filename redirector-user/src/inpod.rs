@@ -25,6 +25,7 @@ pub mod cgroups;
 
 use crate::identity::Identity;
 use crate::mesh::pods::PodInfo;
+use crate::sys::handover::Handover;
 use crate::sys::netns::Netns;
 use crate::transport::socket::WorkloadNet;
 
@@ -93,21 +94,37 @@ pub struct PodListeners {
     pub hbone6: Option<tokio::net::TcpListener>,
 }
 
-pub fn open_listeners(w: &WorkloadNet, outbound: u16, inbound: u16, hbone: u16) -> io::Result<PodListeners> {
+/// The name prefix of a pod's sockets in a [`Handover`]: its network
+/// namespace, which is the pod's for its whole life.
+pub fn socket_prefix(w: &WorkloadNet) -> String {
+    format!("pod/{}/", w.netns.as_ref().map_or(0, |n| n.inode))
+}
+
+/// Open the pod's listeners in its namespace, or take those the agent
+/// before this one handed over.
+pub fn open_listeners(
+    w: &WorkloadNet,
+    h: &Handover,
+    outbound: u16,
+    inbound: u16,
+    hbone: u16,
+) -> io::Result<PodListeners> {
+    let prefix = socket_prefix(w);
+    let listen = |name: &str, addr: SocketAddr| h.tokio_tcp(&format!("{prefix}{name}"), || w.listen(addr));
     // One listener per family, each seeing its own family's addresses
     // (no v4-mapped addresses to unwrap).
-    let v6 = |port: u16, ip: Ipv6Addr| match w.listen(SocketAddr::from((ip, port))) {
+    let v6 = |name: &str, port: u16, ip: Ipv6Addr| match listen(name, SocketAddr::from((ip, port))) {
         Ok(l) => Ok(Some(l)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) => Ok(None),
         Err(e) => Err(e),
     };
     Ok(PodListeners {
-        outbound: w.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, outbound)))?,
-        outbound6: v6(outbound, Ipv6Addr::LOCALHOST)?,
-        inbound: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound)))?,
-        inbound6: v6(inbound, Ipv6Addr::UNSPECIFIED)?,
-        hbone: w.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, hbone)))?,
-        hbone6: v6(hbone, Ipv6Addr::UNSPECIFIED)?,
+        outbound: listen("outbound", SocketAddr::from((Ipv4Addr::LOCALHOST, outbound)))?,
+        outbound6: v6("outbound6", outbound, Ipv6Addr::LOCALHOST)?,
+        inbound: listen("inbound", SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound)))?,
+        inbound6: v6("inbound6", inbound, Ipv6Addr::UNSPECIFIED)?,
+        hbone: listen("hbone", SocketAddr::from((Ipv4Addr::UNSPECIFIED, hbone)))?,
+        hbone6: v6("hbone6", hbone, Ipv6Addr::UNSPECIFIED)?,
     })
 }
 
@@ -126,7 +143,10 @@ pub trait PodServer: Send + Sync {
 /// A pod being served. Dropping it stops the tasks (closing the pod's
 /// listeners and connections) and runs the undo steps.
 pub struct PodHandle {
+    /// Turned true: the pod's listeners stop accepting.
     pub stop: tokio::sync::watch::Sender<bool>,
+    /// Turned true or dropped: the pod's open connections end.
+    close: tokio::sync::watch::Sender<bool>,
     /// Undoes the pod's state in the kernel (its enrollment or refusal,
     /// its inbound steering): run when the pod leaves the mesh, never when
     /// the agent stops (see [`PodHandle::keep_capture`]).
@@ -137,7 +157,12 @@ pub struct PodHandle {
 
 impl PodHandle {
     pub fn new(stop: tokio::sync::watch::Sender<bool>) -> PodHandle {
-        PodHandle { stop, capture: Vec::new(), undo: Vec::new() }
+        PodHandle { stop, close: tokio::sync::watch::channel(false).0, capture: Vec::new(), undo: Vec::new() }
+    }
+
+    /// What the pod's connections watch to know they must end.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.close.subscribe()
     }
 
     /// The agent is stopping, not the pod leaving: its capture stays in
@@ -147,11 +172,23 @@ impl PodHandle {
     pub fn keep_capture(&mut self) {
         self.capture.clear();
     }
+
+    /// The agent hands the pod to the next one, which serves it with the
+    /// same sockets: nothing is undone (capture, holds, steering are the
+    /// next agent's now), the listeners stop accepting when the handle
+    /// drops, and the open connections drain: they end when the returned
+    /// sender turns true or is dropped.
+    pub fn hand_over(&mut self) -> tokio::sync::watch::Sender<bool> {
+        self.capture.clear();
+        self.undo.clear();
+        std::mem::replace(&mut self.close, tokio::sync::watch::channel(false).0)
+    }
 }
 
 impl Drop for PodHandle {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        let _ = self.close.send(true);
         for u in self.capture.drain(..).chain(self.undo.drain(..)) {
             u();
         }
@@ -175,6 +212,8 @@ pub struct InPod {
     /// Pods that could not be started (no namespace, no cgroup), with why:
     /// retried on each reconcile, shown by status.
     pub problems: Mutex<HashMap<(String, String), String>>,
+    /// The agent is handing its pods to the next one.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl InPod {
@@ -186,7 +225,17 @@ impl InPod {
             served: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
+            handing_over: false.into(),
         }
+    }
+
+    /// From now on the agent stops by handing its pods over.
+    pub fn set_handing_over(&self) {
+        self.handing_over.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The pods of this node the mesh enrolls and that live in a namespace
@@ -347,5 +396,18 @@ impl InPod {
             }
             m.clear();
         }
+    }
+
+    /// The agent handed its pods to the next one: stop accepting, undo
+    /// nothing, and return what ends each pod's open connections (see
+    /// [`PodHandle::hand_over`]).
+    pub fn hand_over(&self) -> Vec<tokio::sync::watch::Sender<bool>> {
+        let mut closers = Vec::new();
+        for map in [&self.served, &self.pending] {
+            let mut m = map.lock().expect("in-pod lock");
+            closers.extend(m.values_mut().map(|s| s.handle.hand_over()));
+            m.clear();
+        }
+        closers
     }
 }

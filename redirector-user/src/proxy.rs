@@ -57,20 +57,22 @@ pub struct ProxySettings {
     /// The workload whose listener this is: where upstream sockets are
     /// made and who the connections are from.
     pub(crate) workload: Arc<WorkloadNet>,
-    /// Close open connections when the listeners stop (a pod that left),
-    /// instead of draining them.
-    pub(crate) close_on_stop: bool,
+    /// Open connections end when this turns true or its sender goes (a
+    /// pod that left, an agent that stops), independently of the
+    /// listeners' stop (a pod handed to the next agent drains). `None`:
+    /// they drain for the `drain` time after the listeners stop.
+    pub(crate) close: Option<watch::Receiver<bool>>,
 }
 
 /// Serve `listeners` until `shutdown` turns true: at most
 /// `max_connections` at once (over it, a connection is closed and
 /// counted), `handle` for each. Then wait up to `drain` for open
-/// connections to finish. With `close_on_stop`, open connections end with
-/// the listeners instead (a pod that left).
+/// connections to finish. With `close`, open connections end when it
+/// says instead (see [`ProxySettings::close`]).
 pub(crate) async fn serve<F, Fut>(
     listeners: Vec<TcpListener>,
     max_connections: usize,
-    close_on_stop: bool,
+    close: Option<watch::Receiver<bool>>,
     stats: Arc<ProxyStats>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -86,6 +88,7 @@ pub(crate) async fn serve<F, Fut>(
         let stats = Arc::clone(&stats);
         let handle = handle.clone();
         let mut shutdown = shutdown.clone();
+        let close = close.clone();
         accept_tasks.push(tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -107,16 +110,16 @@ pub(crate) async fn serve<F, Fut>(
                     warn!(%client, limit = max_connections, "connection limit reached; closing");
                     continue;
                 };
-                let mut stop = shutdown.clone();
+                let close = close.clone();
                 let handle = handle.clone();
                 tokio::spawn(async move {
                     // Built inside the task, so the connection's (large)
                     // future is laid out in place, not moved into it.
                     let conn = handle(stream, client);
-                    if close_on_stop {
+                    if let Some(mut close) = close {
                         tokio::select! {
                             () = conn => {}
-                            _ = stop.changed() => {}
+                            _ = close.wait_for(|c| *c) => {}
                         }
                     } else {
                         conn.await;

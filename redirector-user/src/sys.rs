@@ -3,6 +3,7 @@
 //! nothing here knows about the mesh or the proxy.
 
 pub mod cgroup;
+pub mod handover;
 pub mod machine;
 pub mod netns;
 pub mod process;

@@ -387,6 +387,26 @@ impl Topology {
         }
     }
 
+    /// Start a second agent with the same settings while one runs: it
+    /// takes over. Waits until it says it serves; returns the agent it
+    /// took over from (still draining, or gone).
+    pub fn take_over(&mut self) -> Result<Child> {
+        let complete = |t: &Topology| {
+            t.log_lines()
+                .iter()
+                .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("takeover complete")))
+                .count()
+        };
+        let before = complete(self);
+        let old = self.agent.take().context("no agent runs")?;
+        let config = self.state.parent().unwrap().join("agent.yaml");
+        self.start_agent_with(config)?;
+        if !eventually(Duration::from_secs(20), || complete(self) > before) {
+            bail!("the takeover did not complete: {}", fs::read_to_string(&self.log)?);
+        }
+        Ok(old)
+    }
+
     /// Kill the agent without letting it clean up (a crash).
     pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.agent.take() {
@@ -462,6 +482,23 @@ impl Topology {
             c.pre_exec(move || fs::write(&procs, "0"));
         }
         c.output().expect("run in cgroup")
+    }
+
+    /// As [`Topology::run_in_cgroup`], started in the background (its
+    /// output piped).
+    pub fn spawn_in_cgroup(&self, cg: &Path, script: &str) -> Child {
+        fs::create_dir_all(cg).unwrap();
+        let procs = cg.join("cgroup.procs");
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", Self::ns_path(&self.client_ns).display()))
+            .args(["bash", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: test helper; writes this child's pid into the cgroup.
+        unsafe {
+            c.pre_exec(move || fs::write(&procs, "0"));
+        }
+        c.spawn().expect("spawn in cgroup")
     }
 
     /// Start a server in the server namespace on `addr`.

@@ -424,3 +424,133 @@ fn a_forced_ebpf_mode_on_a_kernel_without_a_hook_fails_naming_it() {
     assert!(!t.bpffs.exists());
     assert!(!t.cgroup.join("redirector-proxy").exists());
 }
+
+/// A python3 client in an enrolled cgroup: a new connection to
+/// `host:port` every 10 ms for `secs` seconds (each sends a line and reads
+/// the server's first), and beside them one connection opened first that
+/// exchanges a line every 100 ms for the whole run. Prints
+/// `new_ok= new_failed= long_ok= long_failed= errors=`.
+fn steady_load_script(host: &str, port: u16, secs: f64) -> String {
+    format!(
+        r#"python3 - <<'PY'
+import socket, time
+def one(s):
+    s.sendall(b"hello\n")
+    return s.makefile().readline()
+long = socket.create_connection(("{host}", {port}), timeout=5)
+lf = long.makefile("rwb")
+lf.write(b"hello\n"); lf.flush()
+first = lf.readline()
+long_ok = long_failed = ok = failed = 0
+errors = []
+end = time.time() + {secs}
+next_long = 0.0
+while time.time() < end:
+    t0 = time.time()
+    try:
+        s = socket.create_connection(("{host}", {port}), timeout=5)
+        line = one(s)
+        s.close()
+        if line.startswith("peer="):
+            ok += 1
+        else:
+            failed += 1; errors.append("new: " + repr(line))
+    except Exception as e:
+        failed += 1; errors.append("new: " + str(e))
+    if t0 >= next_long:
+        next_long = t0 + 0.1
+        try:
+            lf.write(b"ping %d\n" % long_ok); lf.flush()
+            if lf.readline() == b"ping %d\n" % long_ok:
+                long_ok += 1
+            else:
+                long_failed += 1; errors.append("long: bad echo")
+        except Exception as e:
+            long_failed += 1; errors.append("long: " + str(e))
+    time.sleep(max(0.0, 0.01 - (time.time() - t0)))
+long.close()
+print("new_ok=%d new_failed=%d long_ok=%d long_failed=%d errors=%r" % (ok, failed, long_ok, long_failed, errors[:5]))
+PY"#
+    )
+}
+
+fn field(out: &str, name: &str) -> u64 {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+}
+
+/// Issue 21's takeover on a dev box: a second `redirector run` with the
+/// same settings takes the running agent's sockets and serves; under a
+/// new connection every 10 ms not one fails, a connection opened before
+/// keeps working through the old agent, which drains and exits by itself
+/// once that connection ends; a second takeover in a row works too.
+fn a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits(mode: &'static str) {
+    let mut t = Topology::with_mode(mode).unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent_with_proxy("  drainTimeout: 30s\n").unwrap();
+    let app = t.cgroup.join("steady");
+    std::fs::create_dir_all(&app).unwrap();
+    let out = t.redirector().arg("enroll").arg(&app).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let first_pid = t.agent_pid().unwrap();
+
+    let script = steady_load_script(SERVER_V4, 8080, 6.0);
+    let load = t.spawn_in_cgroup(&app, &script);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut old = t.take_over().unwrap();
+    let out = load.wait_with_output().unwrap();
+    // The long-lived connection closed with the script: the old agent has
+    // nothing left to drain and exits by itself, well before the 30 s
+    // drain timeout.
+    let old_exit = eventually(Duration::from_secs(10), || old.try_wait().unwrap().is_some());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(old_exit, "the old agent did not exit after draining: {}", std::fs::read_to_string(&t.log).unwrap());
+    assert!(old.wait().unwrap().success());
+    assert_eq!(field(&text, "new_failed"), 0, "{text}");
+    assert_eq!(field(&text, "long_failed"), 0, "{text}");
+    assert!(field(&text, "new_ok") > 100, "{text}");
+    assert!(field(&text, "long_ok") > 20, "{text}");
+    assert!(peers.lock().unwrap().len() as u64 > field(&text, "new_ok"));
+    let said =
+        |m: &str| t.log_lines().iter().any(|l| l["fields"]["message"].as_str().is_some_and(|x| x.starts_with(m)));
+    assert!(said("takeover: sockets handed to the new agent"));
+    assert!(said("takeover: sockets received from the running agent"));
+    assert!(said("drained; exiting"));
+    // The new agent serves (its own record, its own count).
+    let second_pid = t.agent_pid().unwrap();
+    assert_ne!(first_pid, second_pid);
+    let s = t.status();
+    assert_eq!(s["agent_pid"], second_pid, "{s}");
+    assert!(s["proxy"]["forwarded"].as_u64().unwrap() > 0, "{s}");
+    if mode == "iptables" {
+        let jumps = t.nat_rules().iter().filter(|r| r.contains("-A OUTPUT -p tcp -j REDIRECTOR_OUTPUT")).count();
+        assert_eq!(jumps, 2, "the rules stay, not doubled: {:#?}", t.nat_rules());
+    } else {
+        assert_eq!(attached_programs(&t.cgroup).len(), CGROUP_PROGRAMS);
+    }
+
+    // And again, with no load: the third agent takes over from the second.
+    let mut second = t.take_over().unwrap();
+    assert!(eventually(Duration::from_secs(10), || second.try_wait().unwrap().is_some()));
+    let out = t.run_in_cgroup(&app, &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    assert!(upstream_locals_contain(&t, printed_peer(&out).unwrap()));
+}
+
+mod a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits_in {
+    #[test]
+    fn ebpf() {
+        if redirector_tests::privileged() {
+            super::a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits("ebpf");
+        }
+    }
+    #[test]
+    fn iptables() {
+        if redirector_tests::privileged() {
+            super::a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits("iptables");
+        }
+    }
+}

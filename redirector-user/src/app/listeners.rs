@@ -1,18 +1,20 @@
 //! The agent's own listeners in its namespace: outbound (15001) and host
 //! inbound (15006) on loopback, admin (localhost), metrics and readiness,
 //! DNS. All bound before anything is attached, so a taken port fails the
-//! start with nothing left behind.
+//! start with nothing left behind. An agent taking over from another is
+//! handed the same sockets instead ([`Handover`]), each by its name.
 
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{anyhow, Result};
 use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::config::AgentConfig;
+use crate::sys::handover::Handover;
 
 /// Every listener of the agent's own namespace.
 pub(super) struct HostListeners {
@@ -25,30 +27,30 @@ pub(super) struct HostListeners {
 }
 
 impl HostListeners {
-    pub(super) fn bind(cfg: &AgentConfig) -> Result<HostListeners> {
-        let outbound = bind_loopback(cfg.outbound_port, "proxy.outboundPort")?;
-        let inbound = bind_loopback(cfg.inbound_port, "proxy.inboundPort")?;
-        let admin = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.admin_port)), false)
-            .map_err(|e| bind_error(cfg.admin_port, "proxy.adminPort", e))?;
+    pub(super) fn bind(cfg: &AgentConfig, h: &Handover) -> Result<HostListeners> {
+        let outbound = bind_loopback(h, "outbound", cfg.outbound_port, "proxy.outboundPort")?;
+        let inbound = bind_loopback(h, "inbound", cfg.inbound_port, "proxy.inboundPort")?;
+        let tcp = |name: &str, ip: IpAddr, port: u16, field: &str| -> Result<TcpListener> {
+            let addr = SocketAddr::new(ip, port);
+            let l = h
+                .tcp(&format!("host/{name}/{addr}"), || bind_std(addr, false))
+                .map_err(|e| bind_error(port, field, e))?;
+            Ok(TcpListener::from_std(l)?)
+        };
+        let admin = tcp("admin", Ipv4Addr::LOCALHOST.into(), cfg.admin_port, "proxy.adminPort")?;
         // Prometheus and the kubelet reach these from outside the node.
-        let metrics = bind_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.metrics_port)), false)
-            .map_err(|e| bind_error(cfg.metrics_port, "proxy.metricsPort", e))?;
-        let ready = bind_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.readiness_port)), false)
-            .map_err(|e| bind_error(cfg.readiness_port, "proxy.readinessPort", e))?;
+        let metrics = tcp("metrics", Ipv4Addr::UNSPECIFIED.into(), cfg.metrics_port, "proxy.metricsPort")?;
+        let ready = tcp("ready", Ipv4Addr::UNSPECIFIED.into(), cfg.readiness_port, "proxy.readinessPort")?;
         // The DNS server on loopback (IPv6 where the namespace has ::1).
-        let mut dns = vec![std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.dns_port)))
-            .map_err(|e| bind_error(cfg.dns_port, "proxy.dnsPort", e))?];
-        if let Ok(s) = std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, cfg.dns_port))) {
+        let udp = |ip: IpAddr| {
+            let addr = SocketAddr::new(ip, cfg.dns_port);
+            h.udp(&format!("host/dns/{addr}"), || std::net::UdpSocket::bind(addr))
+        };
+        let mut dns = vec![udp(Ipv4Addr::LOCALHOST.into()).map_err(|e| bind_error(cfg.dns_port, "proxy.dnsPort", e))?];
+        if let Ok(s) = udp(Ipv6Addr::LOCALHOST.into()) {
             dns.push(s);
         }
-        Ok(HostListeners {
-            outbound,
-            inbound,
-            admin: TcpListener::from_std(admin)?,
-            metrics: TcpListener::from_std(metrics)?,
-            ready: TcpListener::from_std(ready)?,
-            dns,
-        })
+        Ok(HostListeners { outbound, inbound, admin, metrics, ready, dns })
     }
 }
 
@@ -78,11 +80,16 @@ fn bind_std(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListener>
     Ok(s.into())
 }
 
-/// Bind 127.0.0.1:port and, where the namespace has IPv6, [::1]:port.
-fn bind_loopback(port: u16, field: &str) -> Result<Vec<TcpListener>> {
-    let v4 = bind_std(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false).map_err(|e| bind_error(port, field, e))?;
+/// Bind 127.0.0.1:port and, where the namespace has IPv6, [::1]:port
+/// (or take those handed over).
+fn bind_loopback(h: &Handover, name: &str, port: u16, field: &str) -> Result<Vec<TcpListener>> {
+    let listen = |ip: IpAddr, v6only: bool| {
+        let addr = SocketAddr::new(ip, port);
+        h.tcp(&format!("host/{name}/{addr}"), || bind_std(addr, v6only))
+    };
+    let v4 = listen(Ipv4Addr::LOCALHOST.into(), false).map_err(|e| bind_error(port, field, e))?;
     let mut out = vec![TcpListener::from_std(v4)?];
-    match bind_std(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), true) {
+    match listen(Ipv6Addr::LOCALHOST.into(), true) {
         Ok(v6) => out.push(TcpListener::from_std(v6)?),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(bind_error(port, field, e)),
         Err(e) => warn!(port, error = %e, "no IPv6 loopback listener; IPv6 capture is off"),

@@ -22,6 +22,7 @@ use crate::identity::CertStore;
 use crate::inpod::PodHandle;
 use crate::mesh::pods::{PodInfo, UntilReady};
 use crate::proxy::ProxySettings;
+use crate::sys::handover::Handover;
 use crate::telemetry::connection::ProxyStats;
 use crate::telemetry::Metrics;
 use crate::transport::http_client::{Connector, Upstreams};
@@ -44,6 +45,9 @@ pub(super) struct AgentPods {
     pub(super) state_dir: PathBuf,
     /// Pod cgroups frozen until their proxy is ready.
     pub(super) held: Arc<Mutex<BTreeSet<PathBuf>>>,
+    /// The pods' sockets: handed over by the agent before this one, and
+    /// ours to hand to the next.
+    pub(super) handover: Arc<Handover>,
 }
 
 fn set_frozen(cgroup: &Path, frozen: bool) -> std::io::Result<()> {
@@ -63,6 +67,16 @@ pub(super) fn release_leftover_holds(state_dir: &Path, capture: &dyn Capture) {
     capture.clear_leftover_refusals();
 }
 
+/// The pod cgroups the agent before this one froze, as it recorded them.
+pub(super) fn leftover_holds(state_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string(state_dir.join(HELD_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// Record the frozen pod cgroups (one path a line) for the next agent.
 fn write_held(file: &Path, held: &BTreeSet<PathBuf>) {
     let text: String = held.iter().fold(String::new(), |mut t, p| {
@@ -74,6 +88,15 @@ fn write_held(file: &Path, held: &BTreeSet<PathBuf>) {
 }
 
 impl AgentPods {
+    /// Thaw the cgroups of `holds` (an agent handing over froze them)
+    /// that this agent does not hold itself.
+    pub(super) fn release_holds_not_ours(&self, holds: &[PathBuf]) {
+        let held = self.held.lock().expect("held lock");
+        for c in holds.iter().filter(|c| !held.contains(*c)) {
+            let _ = set_frozen(c, false);
+        }
+    }
+
     /// Freeze `cgroups` until their proxy is ready (Istio's
     /// holdApplicationUntilProxyStarts), recorded for the next agent.
     fn freeze(&self, handle: &mut PodHandle, cgroups: &[PathBuf]) -> Result<()> {
@@ -102,25 +125,30 @@ impl AgentPods {
     /// The pod's DNS socket, in its namespace.
     fn dns_socket(&self, w: &WorkloadNet) -> Result<Option<tokio::net::UdpSocket>> {
         let Some(ns) = w.netns.as_ref() else { return Ok(None) };
-        let s = ns
-            .run(|| std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, self.cfg.dns_port))))?
+        let name = format!("{}dns", crate::inpod::socket_prefix(w));
+        let s = self
+            .handover
+            .udp(&name, || {
+                ns.run(|| std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, self.cfg.dns_port))))?
+            })
             .context("opening the DNS listener in the pod's network namespace")?;
         s.set_nonblocking(true)?;
         Ok(Some(tokio::net::UdpSocket::from_std(s)?))
     }
 
     /// The proxy's tasks for the pod: outbound, HBONE, plaintext inbound,
-    /// DNS, all ending with `stop`.
+    /// DNS, all ending with `ending`.
     fn spawn_servers(
         &self,
         w: &Arc<WorkloadNet>,
         listeners: crate::inpod::PodListeners,
         dns: Option<tokio::net::UdpSocket>,
-        stop: &watch::Receiver<bool>,
+        ending: &crate::proxy::inbound::Ending,
     ) {
+        let stop = &ending.stop;
         let mut settings = self.settings.clone();
         settings.workload = Arc::clone(w);
-        settings.close_on_stop = true;
+        settings.close = Some(ending.close.clone());
         // The pod's own HTTP clients: its requests leave from its namespace
         // with its identity, over HBONE to enrolled pods.
         settings.upstreams = Upstreams::new(Connector {
@@ -164,10 +192,10 @@ impl AgentPods {
         });
         // Each family's listener, with the pod's caps shared between them.
         for l in std::iter::once(listeners.hbone).chain(listeners.hbone6) {
-            tokio::spawn(crate::proxy::inbound::serve(l, Arc::clone(&inbound), stop.clone()));
+            tokio::spawn(crate::proxy::inbound::serve(l, Arc::clone(&inbound), ending.clone()));
         }
         for l in std::iter::once(listeners.inbound).chain(listeners.inbound6) {
-            tokio::spawn(crate::proxy::inbound::serve_plaintext(l, Arc::clone(&inbound), stop.clone()));
+            tokio::spawn(crate::proxy::inbound::serve_plaintext(l, Arc::clone(&inbound), ending.clone()));
         }
         if let Some(s) = dns {
             let upstreams = Arc::clone(&self.dns_upstreams);
@@ -209,13 +237,17 @@ impl crate::inpod::PodServer for AgentPods {
             anyhow::bail!("waiting for its certificate ({id}) from {}", self.certs.origin());
         }
         let ports = (self.cfg.outbound_port, self.cfg.inbound_port, self.cfg.hbone_port);
-        let listeners = crate::inpod::open_listeners(&w, ports.0, ports.1, ports.2)
-            .context("opening the proxy's listeners in the pod's network namespace")?;
-        let dns = self.dns_socket(&w)?;
         let (stop, stop_rx) = watch::channel(false);
         // As in `hold`: a step that fails drops the handle, undoing the
         // steps before it.
         let mut handle = PodHandle::new(stop);
+        let (handover, prefix) = (Arc::clone(&self.handover), crate::inpod::socket_prefix(&w));
+        handle.undo.push(Box::new(move || {
+            handover.ours.forget(&prefix);
+        }));
+        let listeners = crate::inpod::open_listeners(&w, &self.handover, ports.0, ports.1, ports.2)
+            .context("opening the proxy's listeners in the pod's network namespace")?;
+        let dns = self.dns_socket(&w)?;
         let at = PodListeners {
             inbound: &listeners.inbound,
             inbound6: listeners.inbound6.as_ref(),
@@ -232,22 +264,26 @@ impl crate::inpod::PodServer for AgentPods {
             let inode = w.netns.as_ref().map_or(0, |n| n.inode);
             handle.undo.push(Box::new(move || pool.forget(inode)));
         }
-        self.spawn_servers(&w, listeners, dns, &stop_rx);
+        let ending = crate::proxy::inbound::Ending { stop: stop_rx, close: handle.closing() };
+        self.spawn_servers(&w, listeners, dns, &ending);
         Ok(handle)
     }
 }
 
 /// The pod loop: every 250 ms, rotate due certificates (forgetting those
 /// of service accounts no pod uses), and on a mesh change (or every 2 s
-/// while a pod has a problem) reconcile the pods this node serves.
+/// while a pod has a problem) reconcile the pods this node serves;
+/// `first_pass` is told when every pod has been looked at once. On stop,
+/// what ends the connections of pods handed to the next agent.
 pub(super) async fn run_pod_loop(
     pods: Arc<crate::inpod::InPod>,
     server: Arc<AgentPods>,
     mesh: crate::mesh::MeshHandle,
-    certs: Arc<CertStore>,
-    own: crate::identity::Identity,
+    (certs, own): (Arc<CertStore>, crate::identity::Identity),
+    first_pass: tokio::sync::oneshot::Sender<()>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Vec<watch::Sender<bool>> {
+    let mut first_pass = Some(first_pass);
     let mut seen = 0;
     let mut arrivals = certs.arrivals();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -292,6 +328,13 @@ pub(super) async fn run_pod_loop(
         retry = tokio::time::Instant::now();
         let m = mesh.current();
         pods.reconcile(&m.pods, server.as_ref(), certs.trust_domain());
+        if let Some(tx) = first_pass.take() {
+            let _ = tx.send(());
+        }
+    }
+    if pods.handing_over() {
+        return pods.hand_over();
     }
     pods.stop_keeping_capture();
+    Vec::new()
 }

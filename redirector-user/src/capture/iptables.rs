@@ -307,9 +307,10 @@ pub fn relative(mount: &Path, cgroup: &Path) -> Result<String, IptablesError> {
     Ok(format!("/{}", rel.display()))
 }
 
-/// The installed iptables capture. Dropping it removes the rules.
+/// The installed iptables capture. Dropping it removes the rules, unless
+/// they were handed to the next agent ([`IptablesCapture::keep_installed`]).
 pub struct IptablesCapture {
-    _private: (),
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl IptablesCapture {
@@ -352,12 +353,31 @@ impl IptablesCapture {
             enrolled = spec.enrolled.len(),
             "iptables capture installed"
         );
-        Ok(IptablesCapture { _private: () })
+        Ok(IptablesCapture { keep: false.into() })
+    }
+
+    /// Take over the rules an agent with the same settings installed, as
+    /// they are (no gap); install them if there are none.
+    pub fn adopt(cfg: &AgentConfig, proxy_cgroup_rel: String) -> Result<IptablesCapture, IptablesError> {
+        if our_rules_in(&save(Family::V4)?).is_empty() {
+            return Self::install(cfg, proxy_cgroup_rel);
+        }
+        info!(chains = ?CHAINS, "iptables capture adopted from the agent handing over");
+        Ok(IptablesCapture { keep: false.into() })
+    }
+
+    /// The next agent serves with these rules: leave them when dropped.
+    pub fn keep_installed(&self) {
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl Drop for IptablesCapture {
     fn drop(&mut self) {
+        if self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            info!("iptables capture left in place for the agent that took over");
+            return;
+        }
         match remove_all() {
             Ok(n) => info!(rules = n, "iptables capture removed"),
             Err(e) => tracing::warn!(error = %e, "removing the iptables capture"),
@@ -530,6 +550,17 @@ pub fn install_in_pod(ns: &crate::sys::netns::Netns, cfg: &AgentConfig, outbound
         }
     }
     Ok(())
+}
+
+/// Whether the pod's namespace has our rules (both chains, or the inbound
+/// one without `outbound`), in every family.
+pub fn in_pod_present(ns: &crate::sys::netns::Netns, outbound: bool) -> bool {
+    Family::ALL.iter().all(|f| {
+        run_in_pod(ns, f.save(), &["-t", "nat"], None).is_ok_and(|saved| {
+            saved.contains(&format!(":{POD_CHAIN_INBOUND} "))
+                && (!outbound || saved.contains(&format!(":{POD_CHAIN_OUTPUT} ")))
+        })
+    })
 }
 
 /// Remove exactly the pod's rules from its namespace.

@@ -45,6 +45,8 @@ pub struct GatewayContext {
     /// Connections one gateway port serves at once; more are closed as
     /// they arrive.
     pub max_connections: usize,
+    /// Its listeners, handed over from the agent before or to the next.
+    pub handover: Arc<crate::sys::handover::Handover>,
 }
 
 /// The acceptor of a port's HTTPS servers (`None` for plain HTTP), which
@@ -66,10 +68,17 @@ fn sources(certs: &[GatewayTls]) -> String {
     certs.iter().map(|t| t.source.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-async fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayContext) -> Result<JoinHandle<()>> {
+fn listen(port: u16, acceptor: watch::Receiver<Acceptor>, ctx: GatewayContext) -> Result<JoinHandle<()>> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener =
-        TcpListener::bind(addr).await.with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
+    let listener = ctx
+        .handover
+        .tcp(&format!("gateway/{port}"), || {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .and_then(TcpListener::from_std)
+        .with_context(|| format!("gateway port {port}: cannot listen on {addr}"))?;
     let slots = Arc::new(tokio::sync::Semaphore::new(ctx.max_connections));
     Ok(tokio::spawn(async move {
         loop {
@@ -127,10 +136,10 @@ struct Open {
     task: JoinHandle<()>,
 }
 
-async fn open(port: u16, tls: Vec<GatewayTls>, ctx: GatewayContext) -> Result<Open> {
+fn open(port: u16, tls: Vec<GatewayTls>, ctx: GatewayContext) -> Result<Open> {
     let a = acceptor(&tls).with_context(|| format!("gateway port {port}"))?;
     let (acceptor, rx) = watch::channel(a);
-    let task = listen(port, rx, ctx).await?;
+    let task = listen(port, rx, ctx)?;
     info!(port, tls = %sources(&tls), "gateway listening");
     Ok(Open { tls, acceptor, task })
 }
@@ -144,10 +153,10 @@ pub struct Gateways {
 impl Gateways {
     /// Open the listeners of the current mesh; an error (a port in use)
     /// fails the start.
-    pub async fn start(ctx: GatewayContext) -> Result<Gateways> {
+    pub fn start(ctx: GatewayContext) -> Result<Gateways> {
         let mut g = Gateways { ctx, open: BTreeMap::new() };
         for (port, tls) in g.ctx.mesh.current().gateway_ports() {
-            let o = open(port, tls, g.ctx.clone()).await?;
+            let o = open(port, tls, g.ctx.clone())?;
             g.open.insert(port, o);
         }
         Ok(g)
@@ -160,6 +169,7 @@ impl Gateways {
             if let Some(o) = self.open.remove(&p) {
                 o.task.abort();
                 let _ = o.task.await;
+                drop(self.ctx.handover.ours.take(&format!("gateway/{p}")));
                 info!(port = p, "gateway listener closed");
             }
         }
@@ -182,7 +192,7 @@ impl Gateways {
             }
         }
         for (port, tls) in want {
-            match open(port, tls, self.ctx.clone()).await {
+            match open(port, tls, self.ctx.clone()) {
                 Ok(o) => {
                     self.open.insert(port, o);
                 }

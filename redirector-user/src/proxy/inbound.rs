@@ -186,9 +186,9 @@ enum Delivered {
 /// Serve the pod's plaintext inbound listener (15006): connections from
 /// outside the mesh, steered here by the pod's inbound capture. STRICT
 /// refuses them; otherwise AuthorizationPolicy decides (with no identity).
-pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
+pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Inbound>, ending: Ending) {
     let (caps, metrics) = (Arc::clone(&ctx.caps.plaintext), Arc::clone(&ctx.metrics));
-    accept_until_stopped(listener, stop, "inbound", caps, metrics, Duration::ZERO, move |client, peer, _| {
+    accept_until_stopped(listener, ending, "inbound", caps, metrics, Duration::ZERO, move |client, peer, _| {
         plaintext_connection(client, peer, Arc::clone(&ctx))
     })
     .await;
@@ -224,25 +224,38 @@ const HBONE_PER_PEER: usize = 256;
 const HANDSHAKES: usize = 512;
 const HANDSHAKES_PER_PEER: usize = 64;
 
-/// How long an HBONE connection has, once its pod's servers stop, to say
-/// goodbye (GOAWAY, its streams reset, TLS close_notify) before it is cut.
+/// How long an HBONE connection has, once told to close, to say goodbye
+/// (its streams reset, TLS close_notify) before it is cut.
 const GOODBYE: Duration = Duration::from_secs(2);
 
-/// Accept until `stop` turns true; each connection's task ends with
-/// `stop` too (a pod that leaves has its connections closed), `goodbye`
-/// after it: the connection is handed `stop` to end itself cleanly first.
+/// When a pod's inbound listeners and connections end.
+#[derive(Clone)]
+pub struct Ending {
+    /// Turned true: the listeners stop accepting and HBONE connections
+    /// send GOAWAY (a pod that leaves, an agent that stops or hands over).
+    pub stop: watch::Receiver<bool>,
+    /// Turned true or dropped: open connections end, `GOODBYE` later at
+    /// most (at once for a pod that leaves; after the drain for one handed
+    /// to the next agent).
+    pub close: watch::Receiver<bool>,
+}
+
+/// Accept until `ending.stop` turns true; each connection's task ends
+/// `goodbye` after `ending.close`: the connection is handed `ending` to
+/// end itself cleanly first.
 async fn accept_until_stopped<F, Fut>(
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    ending: Ending,
     what: &'static str,
     caps: Arc<Caps>,
     metrics: Arc<Metrics>,
     goodbye: Duration,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, Ending) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut stop = ending.stop.clone();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -263,12 +276,12 @@ async fn accept_until_stopped<F, Fut>(
             }
             continue;
         };
-        let conn = handle(tcp, peer, stop.clone());
-        let mut stop = stop.clone();
+        let conn = handle(tcp, peer, ending.clone());
+        let mut close = ending.close.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let cut = async {
-                let _ = stop.changed().await;
+                let _ = close.wait_for(|c| *c).await;
                 tokio::time::sleep(goodbye).await;
             };
             tokio::select! {
@@ -316,9 +329,9 @@ async fn plaintext_connection(client: tokio::net::TcpStream, peer: SocketAddr, c
     ctx.deliver(Delivered::Plain(client), upstream, peer, None, dst, None).await;
 }
 
-/// Serve HBONE on `listener` until `stop` turns true; then every tunnel
-/// of this pod is closed.
-pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiver<bool>) {
+/// Serve HBONE on `listener` until `ending.stop` turns true; every tunnel
+/// of this pod is closed at `ending.close`.
+pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, ending: Ending) {
     let identity = ctx.workload.identity.clone().expect("an in-pod workload has an identity");
     let tls = match crate::tls::server_config(&ctx.certs, &identity) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(c),
@@ -328,23 +341,25 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Inbound>, stop: watch::Receiv
         }
     };
     let (caps, metrics) = (Arc::clone(&ctx.caps.hbone), Arc::clone(&ctx.metrics));
-    accept_until_stopped(listener, stop, "hbone", caps, metrics, GOODBYE, move |tcp, peer, stop| {
-        serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx), stop)
+    accept_until_stopped(listener, ending, "hbone", caps, metrics, GOODBYE, move |tcp, peer, ending| {
+        serve_connection(tcp, peer, tls.clone(), Arc::clone(&ctx), ending)
     })
     .await;
 }
 
-/// One HBONE connection. When `stop` turns true (the pod leaves, the agent
-/// stops) it says goodbye as HTTP/2 and TLS ask: GOAWAY, its tunnels reset,
-/// then TLS close_notify, so a peer moves new streams to a new connection
-/// without an error (ztunnel logs a close without close_notify).
+/// One HBONE connection. When `ending.stop` turns true (the pod leaves,
+/// the agent stops or hands over) it says goodbye as HTTP/2 and TLS ask:
+/// GOAWAY, its tunnels finished (or reset at `ending.close`), then TLS
+/// close_notify, so a peer moves new streams to a new connection without
+/// an error (ztunnel logs a close without close_notify).
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
     ctx: Arc<Inbound>,
-    mut stop: watch::Receiver<bool>,
+    ending: Ending,
 ) {
+    let mut stop = ending.stop;
     let Some(handshaking) = ctx.caps.handshakes.admit(peer.ip()) else {
         ctx.metrics.over_limit("hbone_handshakes").inc();
         ctx.metrics.hbone_refused("handshakes_over_limit").inc();
@@ -430,14 +445,14 @@ async fn serve_connection(
             Some(Ok((req, respond))) => {
                 let ctx = Arc::clone(&ctx);
                 let peer_id = peer_id.clone();
-                let mut stop = stop.clone();
+                let mut close = ending.close.clone();
                 tokio::spawn(async move {
-                    if *stop.borrow_and_update() {
+                    if *close.borrow_and_update() {
                         return;
                     }
                     tokio::select! {
                         () = tunnel_inbound(req, respond, peer, peer_id, ctx) => {}
-                        _ = stop.changed() => {}
+                        _ = close.wait_for(|c| *c) => {}
                     }
                 });
             }

@@ -36,11 +36,11 @@ pub(crate) async fn run(
     drain: Duration,
 ) {
     let own: Arc<[SocketAddr]> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let (max, close_on_stop) = (settings.max_connections, settings.close_on_stop);
+    let (max, close) = (settings.max_connections, settings.close.clone());
     let settings = Arc::new(settings);
     let handler_stats = Arc::clone(&stats);
     // Cloned once per connection (three reference counts), then consumed.
-    super::serve(listeners, max, close_on_stop, stats, shutdown, drain, move |stream, client| async move {
+    super::serve(listeners, max, close, stats, shutdown, drain, move |stream, client| async move {
         let Some(dst) = destination(&stream, client, &own, &handler_stats) else { return };
         proxy_to(stream, client, dst, &settings, &handler_stats).await;
     })
@@ -384,7 +384,7 @@ mod tests {
             access_log: false,
             workloads: Arc::new(source::Workloads::new("/nonexistent".into())),
             workload,
-            close_on_stop: false,
+            close: None,
         }
     }
 
