@@ -125,6 +125,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pods::release_leftover_holds(&opts.state_dir, capture.as_ref());
         Vec::new()
     };
+    if taking_over {
+        certificates_before_taking_over(&in_pod, &mesh, &certs).await;
+    }
     let (first_pass, first_pass_done) = tokio::sync::oneshot::channel();
     let pod_loop = tokio::spawn(pods::run_pod_loop(
         Arc::clone(&in_pod),
@@ -269,6 +272,19 @@ async fn finish_takeover(from: takeover::Incoming, h: &Arc<Handover>, pods: &Arc
     h.inherited.forget("");
     pods.release_holds_not_ours(&holds);
     let _ = tokio::task::spawn_blocking(move || from.serving(&left)).await;
+}
+
+/// In a takeover, the pods' certificates first: a pod this agent cannot
+/// serve yet would be held (its connects refused) while the old agent
+/// still serves it well. Waits [`takeover::ANSWER`] twice at most; a pod
+/// still without one is held as at any start.
+async fn certificates_before_taking_over(pods: &crate::inpod::InPod, mesh: &MeshHandle, certs: &Arc<CertStore>) {
+    let ids = pods.identities(&mesh.current().pods, certs.trust_domain());
+    certs.want(ids.iter());
+    let deadline = tokio::time::Instant::now() + takeover::ANSWER * 2;
+    while !ids.iter().all(|id| certs.ready(id)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Wait for every handed-over pod's connections to end, `drain` at most;

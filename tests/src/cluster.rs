@@ -461,7 +461,8 @@ impl Cluster {
         fs::write(
             &cfg,
             format!(
-                "capture:\n  cgroupRoot: \"\"\nproxy:\n  drainTimeout: 1s\n  connectTimeout: 3s\n{}mesh:\n{}{}",
+                "capture:\n  cgroupRoot: \"\"\nproxy:\n{}  connectTimeout: 3s\n{}mesh:\n{}{}",
+                if self.proxy_settings.contains("drainTimeout") { "" } else { "  drainTimeout: 1s\n" },
                 self.proxy_settings,
                 match &self.ca_address {
                     None => format!("  caDir: {}\n", self.ca_dir.display()),
@@ -812,6 +813,23 @@ impl Cluster {
         let to = client_process.stdin.take().context("the client's stdin")?;
         let from = std::io::BufReader::new(client_process.stdout.take().context("the client's stdout")?);
         Ok(LongLived { server: server_process, client: client_process, to, from, sent: 0 })
+    }
+
+    /// Start a second agent on node `i` with the same settings while one
+    /// runs: it takes over. Waits until it says it serves; returns the
+    /// agent it took over from (draining, or gone).
+    pub fn take_over(&mut self, i: usize) -> Result<Child> {
+        let before = self.logged(i, "takeover complete").len();
+        let old = self.nodes[i].agent.take().context("no agent runs")?;
+        self.start_agent(i)?;
+        if !eventually(Duration::from_secs(20), || self.logged(i, "takeover complete").len() > before) {
+            bail!(
+                "the takeover on {} did not complete: {}",
+                self.nodes[i].name,
+                fs::read_to_string(&self.nodes[i].log)?
+            );
+        }
+        Ok(old)
     }
 
     /// Kill a node's agent as a crash would: nothing is cleaned up.

@@ -407,6 +407,12 @@ impl Topology {
         Ok(old)
     }
 
+    /// The running agent's process, which this topology no longer stops
+    /// (the caller does).
+    pub fn detach_agent(&mut self) -> Option<Child> {
+        self.agent.take()
+    }
+
     /// Kill the agent without letting it clean up (a crash).
     pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.agent.take() {
@@ -814,4 +820,61 @@ pub fn pem_der(pem: &str) -> Vec<u8> {
         .map(str::trim)
         .collect();
     base64::engine::general_purpose::STANDARD.decode(b64).expect("PEM")
+}
+
+/// A python3 client (run it in an enrolled cgroup or a pod): a new connection to
+/// `host:port` every 10 ms for `secs` seconds (each sends a line and reads
+/// the server's first), and beside them one connection opened first that
+/// exchanges a line every 100 ms for the whole run. Prints
+/// `new_ok= new_failed= long_ok= long_failed= errors=`.
+pub fn steady_load_script(host: &str, port: u16, secs: f64) -> String {
+    format!(
+        r#"python3 - <<'PY'
+import socket, time
+def one(s):
+    s.sendall(b"hello\n")
+    return s.makefile().readline()
+long = socket.create_connection(("{host}", {port}), timeout=5)
+lf = long.makefile("rwb")
+lf.write(b"hello\n"); lf.flush()
+first = lf.readline()
+long_ok = long_failed = ok = failed = 0
+errors = []
+end = time.time() + {secs}
+next_long = 0.0
+while time.time() < end:
+    t0 = time.time()
+    try:
+        s = socket.create_connection(("{host}", {port}), timeout=5)
+        line = one(s)
+        s.close()
+        if line.startswith("peer="):
+            ok += 1
+        else:
+            failed += 1; errors.append("new: " + repr(line))
+    except Exception as e:
+        failed += 1; errors.append("new: " + str(e))
+    if t0 >= next_long:
+        next_long = t0 + 0.1
+        try:
+            lf.write(b"ping %d\n" % long_ok); lf.flush()
+            if lf.readline() == b"ping %d\n" % long_ok:
+                long_ok += 1
+            else:
+                long_failed += 1; errors.append("long: bad echo")
+        except Exception as e:
+            long_failed += 1; errors.append("long: " + str(e))
+    time.sleep(max(0.0, 0.01 - (time.time() - t0)))
+long.close()
+print("new_ok=%d new_failed=%d long_ok=%d long_failed=%d errors=%r" % (ok, failed, long_ok, long_failed, errors[:5]))
+PY"#
+    )
+}
+
+/// The number `name=N` in a line of `name=value` words.
+pub fn field(out: &str, name: &str) -> u64 {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {out:?}"))
 }

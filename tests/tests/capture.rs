@@ -425,62 +425,6 @@ fn a_forced_ebpf_mode_on_a_kernel_without_a_hook_fails_naming_it() {
     assert!(!t.cgroup.join("redirector-proxy").exists());
 }
 
-/// A python3 client in an enrolled cgroup: a new connection to
-/// `host:port` every 10 ms for `secs` seconds (each sends a line and reads
-/// the server's first), and beside them one connection opened first that
-/// exchanges a line every 100 ms for the whole run. Prints
-/// `new_ok= new_failed= long_ok= long_failed= errors=`.
-fn steady_load_script(host: &str, port: u16, secs: f64) -> String {
-    format!(
-        r#"python3 - <<'PY'
-import socket, time
-def one(s):
-    s.sendall(b"hello\n")
-    return s.makefile().readline()
-long = socket.create_connection(("{host}", {port}), timeout=5)
-lf = long.makefile("rwb")
-lf.write(b"hello\n"); lf.flush()
-first = lf.readline()
-long_ok = long_failed = ok = failed = 0
-errors = []
-end = time.time() + {secs}
-next_long = 0.0
-while time.time() < end:
-    t0 = time.time()
-    try:
-        s = socket.create_connection(("{host}", {port}), timeout=5)
-        line = one(s)
-        s.close()
-        if line.startswith("peer="):
-            ok += 1
-        else:
-            failed += 1; errors.append("new: " + repr(line))
-    except Exception as e:
-        failed += 1; errors.append("new: " + str(e))
-    if t0 >= next_long:
-        next_long = t0 + 0.1
-        try:
-            lf.write(b"ping %d\n" % long_ok); lf.flush()
-            if lf.readline() == b"ping %d\n" % long_ok:
-                long_ok += 1
-            else:
-                long_failed += 1; errors.append("long: bad echo")
-        except Exception as e:
-            long_failed += 1; errors.append("long: " + str(e))
-    time.sleep(max(0.0, 0.01 - (time.time() - t0)))
-long.close()
-print("new_ok=%d new_failed=%d long_ok=%d long_failed=%d errors=%r" % (ok, failed, long_ok, long_failed, errors[:5]))
-PY"#
-    )
-}
-
-fn field(out: &str, name: &str) -> u64 {
-    out.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {out:?}"))
-}
-
 /// Issue 21's takeover on a dev box: a second `redirector run` with the
 /// same settings takes the running agent's sockets and serves; under a
 /// new connection every 10 ms not one fails, a connection opened before
@@ -553,4 +497,80 @@ mod a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits_in {
             super::a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits("iptables");
         }
     }
+}
+
+/// A takeover while the running agent is wedged (SIGSTOPped): the new
+/// agent gets no answer, kills it, and serves alone; what the old agent's
+/// stop left in the kernel refuses connections in between instead of
+/// letting them around the proxy.
+#[test]
+fn a_takeover_from_a_wedged_agent_times_out_and_the_new_one_serves_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    t.start_agent("").unwrap();
+    let app = t.cgroup.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    assert!(t.redirector().arg("enroll").arg(&app).output().unwrap().status.success());
+    let mut old = t.detach_agent().unwrap();
+    // SAFETY: plain signal send to our own child.
+    unsafe { libc::kill(old.id() as i32, libc::SIGSTOP) };
+    t.start_agent("").unwrap();
+    let said =
+        |m: &str| t.log_lines().iter().any(|l| l["fields"]["message"].as_str().is_some_and(|x| x.starts_with(m)));
+    assert!(said("the running agent did not answer the takeover in time"));
+    let status = old.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{status:?}");
+    let out = t.run_in_cgroup(&app, &bash_connect(SERVER_V4, 8080));
+    assert!(out.status.success(), "{out:?}");
+    assert!(upstream_locals_contain(&t, printed_peer(&out).unwrap()));
+    assert_eq!(peers.lock().unwrap().len(), 1);
+}
+
+/// Bad input in the state directory: a stale takeover socket (nothing
+/// listens) is removed; one answered by a program that is not an agent is
+/// not trusted. Either way the agent says so in one line and starts alone.
+#[test]
+fn a_stale_or_foreign_takeover_socket_is_not_trusted() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    std::fs::create_dir_all(&t.state).unwrap();
+    let path = t.state.join("takeover.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    t.start_agent("").unwrap();
+    let said = |t: &Topology, m: &str| {
+        t.log_lines().iter().any(|l| l["fields"]["message"].as_str().is_some_and(|x| x.starts_with(m)))
+    };
+    assert!(said(&t, "a stale takeover socket was left"));
+    assert!(!said(&t, "takeover: sockets received"));
+    t.stop_agent();
+
+    // A python3 process listening on the path: not an agent.
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\ns.bind('{}')\ns.listen(4)\nprint('up', flush=True)\ntime.sleep(60)\n",
+        path.display()
+    );
+    let _ = std::fs::remove_file(&path);
+    let mut foreign = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(foreign.stdout.take().unwrap()), &mut up).unwrap();
+    t.start_agent("").unwrap();
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    assert!(
+        said(&t, "the takeover socket is not answered by an agent"),
+        "{}",
+        std::fs::read_to_string(&t.log).unwrap()
+    );
+    assert!(!said(&t, "takeover: sockets received"));
+    let s = t.status();
+    assert_eq!(s["agent_pid"], t.agent_pid().unwrap(), "{s}");
 }

@@ -32,6 +32,7 @@ in_both_modes!(
     a_server_first_protocol_to_a_service_is_not_held_for_sniffing,
     connections_to_a_pods_own_proxy_ports_are_refused_at_once,
     a_dual_stack_pod_under_strict_refuses_plaintext_on_both_families,
+    a_takeover_on_either_node_fails_no_cross_node_connection,
 );
 
 fn cross_node_request_goes_through_hbone(mode: &'static str) {
@@ -1052,4 +1053,50 @@ fn the_agent_stays_under_its_pods_cgroup() {
     let url = format!("http://{}:8080/", c.pod("b1").ip);
     assert_eq!(c.curl("a1", &url).0, 200, "the mesh must work with the agents in their pods' cgroups");
     assert!(eventually(Duration::from_secs(3), || !c.logged(1, "HBONE connection closed").is_empty()));
+}
+
+/// Issue 21's takeover across nodes: under a new connection every 10 ms
+/// from a pod on node-a to a pod on node-b (HBONE), node-b's agent and
+/// then node-a's are taken over; not one connection fails, and an HBONE
+/// connection opened before both completes its exchanges through the old
+/// agents, which exit by themselves once it ends.
+fn a_takeover_on_either_node_fails_no_cross_node_connection(mode: &'static str) {
+    let mut c = Cluster::with_ca_service(mode).unwrap();
+    c.proxy_settings = "  drainTimeout: 30s\n".into();
+    c.start().unwrap();
+    let b1 = c.pod("b1").ip.clone();
+    let addr: std::net::SocketAddr = format!("{b1}:7100").parse().unwrap();
+    let _server = redirector_tests::Server::start(&redirector_tests::cluster::ns_path(&c.pod("b1").ns), addr);
+    let script = redirector_tests::steady_load_script(&b1, 7100, 9.0);
+    let load = c.in_pod("a1", "bash", &["-c", &script]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut old_b = c.take_over(1).unwrap();
+    let mut old_a = c.take_over(0).unwrap();
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let logs = || {
+        format!(
+            "node-a: {}\nnode-b: {}",
+            std::fs::read_to_string(&c.nodes[0].log).unwrap(),
+            std::fs::read_to_string(&c.nodes[1].log).unwrap()
+        )
+    };
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(redirector_tests::field(&text, "new_failed"), 0, "{text}\n{}", logs());
+    assert_eq!(redirector_tests::field(&text, "long_failed"), 0, "{text}\n{}", logs());
+    assert!(redirector_tests::field(&text, "new_ok") > 100, "{text}");
+    // The takeovers happened while the load ran (the script lasts 9 s).
+    assert!(c.logged(0, "takeover complete").len() == 1 && c.logged(1, "takeover complete").len() == 1);
+    for (old, node) in [(&mut old_a, 0), (&mut old_b, 1)] {
+        assert!(
+            eventually(Duration::from_secs(10), || old.try_wait().unwrap().is_some()),
+            "the old agent of node {node} did not exit after draining: {}",
+            logs()
+        );
+        assert!(old.wait().unwrap().success());
+        assert_eq!(c.logged(node, "drained; exiting").len(), 1);
+    }
+    // Served by the new agents: the next request still carried over HBONE.
+    c.start_nginx("b1", 8080).unwrap();
+    assert_eq!(c.curl("a1", &format!("http://{b1}:8080/")).0, 200);
 }
