@@ -68,7 +68,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // fails the start before anything is bound or attached.
     let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.scope())?);
     let kube = prepare_kube(&opts).await?;
-    let signals = catch_signals()?;
+    let mut signals = catch_signals()?;
     let missing = crate::sys::machine::missing_capabilities();
     if !missing.is_empty() {
         bail!("redirector run needs root or the capabilities {}: run it with sudo", missing.join(", "));
@@ -167,12 +167,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let _ = first_pass_done.await;
         finish_takeover(from, &handover, &pod_server, leftover_holds).await;
     }
-    let handed_over = takeover::offer(&opts.state_dir, Arc::clone(&handover)).unwrap_or_else(|e| {
-        tracing::warn!(error = %format!("{e:#}"), "no takeover socket: a new agent cannot take over from this one without a gap");
-        tokio::sync::oneshot::channel().1
-    });
-    let stop = wait_for_stop(signals, handed_over).await;
+    let handed_over = offer_takeover(&opts.state_dir, &handover);
+    let stop = wait_for_stop(&mut signals, handed_over).await;
     Running { tx, pod_loop, tasks, capture, in_pod, stats }.stop(stop, cfg, &opts.state_dir).await;
+    if let (Stop::HandedOver(_), Some(_)) = (stop, &opts.kubernetes) {
+        // A DaemonSet pod's container that exits by itself is restarted
+        // (and would take the node back): this one, drained and holding
+        // nothing, waits for the rollout to delete its pod.
+        info!("handed over and drained: waiting for SIGTERM (the rollout removes this pod)");
+        wait_for_stop(&mut signals, tokio::sync::oneshot::channel().1).await;
+    }
     Ok(())
 }
 
@@ -272,6 +276,14 @@ async fn finish_takeover(from: takeover::Incoming, h: &Arc<Handover>, pods: &Arc
     h.inherited.forget("");
     pods.release_holds_not_ours(&holds);
     let _ = tokio::task::spawn_blocking(move || from.serving(&left)).await;
+}
+
+/// Answer takeovers from now on; without the socket, none can happen.
+fn offer_takeover(state_dir: &std::path::Path, handover: &Arc<Handover>) -> tokio::sync::oneshot::Receiver<u32> {
+    takeover::offer(state_dir, Arc::clone(handover)).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "no takeover socket: a new agent cannot take over from this one without a gap");
+        tokio::sync::oneshot::channel().1
+    })
 }
 
 /// In a takeover, the pods' certificates first: a pod this agent cannot
@@ -628,11 +640,10 @@ enum Stop {
     HandedOver(u32),
 }
 
-async fn wait_for_stop(signals: Signals, handed_over: tokio::sync::oneshot::Receiver<u32>) -> Stop {
-    let Signals { mut term, mut int } = signals;
+async fn wait_for_stop(signals: &mut Signals, handed_over: tokio::sync::oneshot::Receiver<u32>) -> Stop {
     tokio::select! {
-        _ = term.recv() => Stop::Signal,
-        _ = int.recv() => Stop::Signal,
+        _ = signals.term.recv() => Stop::Signal,
+        _ = signals.int.recv() => Stop::Signal,
         Ok(pid) = handed_over => Stop::HandedOver(pid),
     }
 }

@@ -735,6 +735,25 @@ async fn status_verify_and_version_read_every_node_agent() {
         "{out}"
     );
     assert!(out.contains("ok   istio CRDs") && out.contains("present"), "{out}");
+    // A rollout's surge pod beside node-b's agent (the takeover): the node
+    // shows two agent pods in takeover; node-a does not.
+    api.add_agent("redirector-g5h6i", "node-b", Some(node("node-b", synced.clone())));
+    let (ok, out, err) = cli(&api, &["status", "--cluster"]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(out.matches("IN TAKEOVER: 2 agent pods on this node").count(), 2, "{out}");
+    let (_, out, _) = cli(&api, &["status", "--cluster", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let takeover = |node: &str| {
+        v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["node"] == node)
+            .map(|a| a["takeover"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(takeover("node-a").iter().all(serde_json::Value::is_null), "{v}");
+    assert!(takeover("node-b").iter().all(serde_json::Value::is_string), "{v}");
     source.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,20 +80,31 @@ fn every_profile_and_deploy_file_passes_the_kubernetes_schemas() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The rollout takes over instead of replacing: a surge pod beside the old
+/// one, never fewer than one per node, and no host port (a hostNetwork
+/// pod's declared ports) that would keep the surge pod off the node.
+#[test]
+fn the_daemonset_rolls_out_by_takeover() {
+    let yaml = redirector::cmd::manifest::generate("minimal", redirector::cmd::manifest::DEFAULT_IMAGE).unwrap();
+    let ds = yaml.split("\n---").find(|d| d.contains("kind: DaemonSet\n") && d.contains("name: redirector\n")).unwrap();
+    assert!(ds.contains("maxSurge: 1") && ds.contains("maxUnavailable: 0"), "{ds}");
+    assert!(!ds.contains("containerPort") && !ds.contains("hostPort"), "{ds}");
+}
+
 #[test]
 fn a_broken_manifest_is_caught() {
     let Some(tool) = validator() else { return };
     let dir = scratch();
     let yaml = redirector::cmd::manifest::generate("minimal", redirector::cmd::manifest::DEFAULT_IMAGE).unwrap();
     // A wrong type, as a hand edit might make it.
-    let broken = yaml.replacen("containerPort: 15020", "containerPort: metrics", 1);
+    let broken = yaml.replacen("terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: thirty", 1);
     let file = dir.join("broken.yaml");
     std::fs::write(&file, broken).unwrap();
     let (ok, report) = validate(&tool, &file);
     assert!(!ok, "the validator accepted a broken DaemonSet:\n{report}");
     assert!(
         report.contains("did not validate for resource daemonset/redirector")
-            && report.contains("containerPort: 'metrics' is not of type 'integer'"),
+            && report.contains("terminationGracePeriodSeconds: 'thirty' is not of type 'integer'"),
         "{report}"
     );
     // A misspelt field: strict mode rejects what Kubernetes would drop.

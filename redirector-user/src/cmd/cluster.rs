@@ -353,8 +353,13 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
                 }
                 Err(e) => (format!("UNREACHABLE ({e})"), "?".into(), 0, Vec::new(), Value::Null),
             };
+            // Two agent pods on one node: a rollout's surge pod took over
+            // (or is taking over) and the other drains.
+            let on_node = agents.iter().filter(|b| b.node == a.node).count();
+            let takeover = (on_node > 1)
+                .then(|| format!("{on_node} agent pods on this node: the newest serves, the others drain"));
             serde_json::json!({"node": a.node, "pod": a.pod, "ready": a.ready, "config": sync, "configVersion": version,
-                               "mode": mode, "pods": pods, "podProblems": problems, "held": held})
+                               "mode": mode, "pods": pods, "podProblems": problems, "held": held, "takeover": takeover})
         })
         .collect();
     if json {
@@ -372,6 +377,9 @@ pub async fn status(access: &Access, json: bool) -> Result<()> {
             r["configVersion"],
             r["pods"].as_array().map_or(0, std::vec::Vec::len)
         );
+        if let Some(t) = r["takeover"].as_str() {
+            println!("    IN TAKEOVER: {t}");
+        }
         for p in r["pods"].as_array().into_iter().flatten() {
             println!("    enrolled {}", p.as_str().unwrap_or_default());
         }
