@@ -203,7 +203,9 @@ impl Pool {
         let source = from.identity.clone().ok_or(TunnelError::NoIdentity)?;
         let key = PoolKey { netns: from.netns.as_ref().map_or(0, |n| n.inode), source, peer, peer_identity };
         // A pooled connection the peer has just closed fails the first
-        // request: dial once more.
+        // request: dial again. Twice: during a takeover at the peer, the
+        // fresh connection may land on the agent that is just stopping
+        // (its GOAWAY refuses the stream before anything of it was read).
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -227,7 +229,7 @@ impl Pool {
             .await;
             let (resp, stream) = match sent {
                 Ok(r) => r,
-                Err(e) if attempt == 1 => {
+                Err(e) if attempt < 3 => {
                     debug!(%peer, error = %e, "pooled HBONE connection failed; dialling again");
                     self.conns.lock().expect("pool lock").remove(&key);
                     continue;
