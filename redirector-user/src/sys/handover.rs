@@ -225,11 +225,6 @@ pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
     socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
 }
 
-/// Borrow each descriptor of a list.
-pub fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
-    fds.iter().map(AsFd::as_fd).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
