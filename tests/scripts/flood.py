@@ -35,18 +35,34 @@ seconds = float(sys.argv[5])
 start = time.time()
 poll = select.poll()
 socks = {}
-for _ in range(count):
-    s = socket.socket()
-    s.setblocking(False)
-    try:
-        s.connect((host, port))
-    except BlockingIOError:
-        pass
-    except OSError:
-        s.close()
-        continue
-    socks[s.fileno()] = s
-    poll.register(s, select.POLLOUT)
+# At most this many connects in flight: a burst of thousands of SYNs
+# overflows the listener's SYN queue, the kernel answers with SYN cookies,
+# and a cookie connection whose ACK meets a full accept queue is dropped
+# without a trace on the server: the client holds a connection no server
+# ever saw (and none can close). Pacing keeps every connection one the
+# server accepts.
+IN_FLIGHT = 256
+opened, pending = 0, set()
+
+
+def open_more():
+    global opened
+    while opened < count and len(pending) < IN_FLIGHT:
+        opened += 1
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        socks[s.fileno()] = s
+        pending.add(s.fileno())
+        poll.register(s, select.POLLOUT)
+
+
 connected, closed, last_close = set(), set(), 0.0
 next_line = start
 def done():
@@ -56,10 +72,12 @@ def done():
 
 
 while not done():
+    open_more()
     for fd, ev in poll.poll(100):
         s = socks[fd]
         if fd not in connected and ev & select.POLLOUT and not ev & (select.POLLERR | select.POLLHUP):
             connected.add(fd)
+            pending.discard(fd)
             poll.modify(s, select.POLLIN)
             if mode == "slow":
                 try:
@@ -77,6 +95,7 @@ while not done():
                 last_close = time.time() - start
                 poll.unregister(s)
         elif fd not in connected:
+            pending.discard(fd)
             poll.unregister(s)
     if mode == "slow" and time.time() >= next_line:
         next_line += 0.5
