@@ -65,7 +65,9 @@ enum Task {
         /// Only these suites (comma-separated: local,cross-node).
         #[arg(long)]
         suite: Option<String>,
-        /// Only these scenarios (comma-separated: standard,max-rps,conn-rate,bulk).
+        /// Only these scenarios (comma-separated: standard,max-rps,conn-rate,bulk,
+        /// takeover; takeover replaces the agent under a steady load, in the
+        /// ebpf and iptables modes).
         #[arg(long)]
         scenarios: Option<String>,
     },
@@ -279,34 +281,66 @@ fn bench(
 ) -> Result<()> {
     build(true)?;
     sh(cargo().args(["build", "--release", "--package", "redirector-tests", "--bin", "redirector-bench"]))?;
+    sh(cargo().args(["build", "--release", "--package", "redirector-tests", "--bin", "takeover-bench"]))?;
     if !is_root() {
         bail!("the benchmark needs root (namespaces, cgroups, eBPF, iptables); run: sudo -E cargo xtask bench");
     }
+    // `takeover` is its own binary (it replaces the agent mid-run); the
+    // other scenarios are the throughput and latency suites.
+    let (takeover, rest) = match scenarios.as_deref() {
+        None => (suite.is_none(), None),
+        Some(list) => {
+            let rest: Vec<&str> = list.split(',').filter(|s| *s != "takeover").collect();
+            (rest.len() < list.split(',').count(), (!rest.is_empty()).then(|| rest.join(",")))
+        }
+    };
+    let takeover_modes: Option<Vec<&str>> =
+        modes.as_deref().map(|m| m.split(',').filter(|m| ["ebpf", "iptables"].contains(m)).collect());
     let root = root_dir();
-    let mut c = Command::new(root.join("target/release/redirector-bench"));
-    c.env("REDIRECTOR_BIN", root.join("target/release/redirector")).arg("--results").arg(root.join("results"));
-    if quick {
-        c.arg("--quick");
+    if rest.is_some() || scenarios.is_none() {
+        let mut c = Command::new(root.join("target/release/redirector-bench"));
+        c.env("REDIRECTOR_BIN", root.join("target/release/redirector")).arg("--results").arg(root.join("results"));
+        if quick {
+            c.arg("--quick");
+        }
+        if let Some(j) = json {
+            c.arg("--json").arg(j);
+        }
+        if let Some(r) = rounds {
+            c.args(["--rounds", &r.to_string()]);
+        }
+        if let Some(s) = seconds {
+            c.args(["--seconds", &s.to_string()]);
+        }
+        if let Some(m) = &modes {
+            c.args(["--modes", m]);
+        }
+        if let Some(s) = rest {
+            c.args(["--scenarios", &s]);
+        }
+        if let Some(s) = suite {
+            c.args(["--suite", &s]);
+        }
+        sh(&mut c)?;
     }
-    if let Some(j) = json {
-        c.arg("--json").arg(j);
+    if takeover && takeover_modes.as_ref().is_none_or(|m| !m.is_empty()) {
+        let mut c = Command::new(root.join("target/release/takeover-bench"));
+        c.env("REDIRECTOR_BIN", root.join("target/release/redirector")).arg("--results").arg(root.join("results"));
+        if quick {
+            c.arg("--quick");
+        }
+        if let Some(r) = rounds {
+            c.args(["--rounds", &r.to_string()]);
+        }
+        if let Some(s) = seconds {
+            c.args(["--seconds", &s.max(3.0).to_string()]);
+        }
+        if let Some(m) = takeover_modes {
+            c.args(["--modes", &m.join(",")]);
+        }
+        sh(&mut c)?;
     }
-    if let Some(r) = rounds {
-        c.args(["--rounds", &r.to_string()]);
-    }
-    if let Some(s) = seconds {
-        c.args(["--seconds", &s.to_string()]);
-    }
-    if let Some(m) = modes {
-        c.args(["--modes", &m]);
-    }
-    if let Some(s) = scenarios {
-        c.args(["--scenarios", &s]);
-    }
-    if let Some(s) = suite {
-        c.args(["--suite", &s]);
-    }
-    sh(&mut c)
+    Ok(())
 }
 
 fn lint() -> Result<()> {
