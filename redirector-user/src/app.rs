@@ -66,7 +66,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     set_compliance_policy(cfg)?;
     // The mesh config and the cluster first: a bad config or missing RBAC
     // fails the start before anything is bound or attached.
-    let mesh = MeshHandle::new(load_mesh(opts.config_dir.as_deref(), &cfg.scope())?);
+    let (mesh, since) = load_mesh(opts.config_dir.as_deref(), &cfg.scope())?;
+    let mesh = MeshHandle::new(mesh);
     let kube = prepare_kube(&opts).await?;
     let mut signals = catch_signals()?;
     let missing = crate::sys::machine::missing_capabilities();
@@ -139,7 +140,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     ));
     let mut tasks = vec![gateways.run(rx.clone())];
     let stats = Arc::new(ProxyStats::default());
-    let kube_status = config_and_dns_tasks(&opts, host.dns, &shared, &mesh, kube, &rx, &mut tasks)?;
+    let kube_status = config_and_dns_tasks(&opts, host.dns, &shared, (&mesh, since), kube, &rx, &mut tasks)?;
     let mut listeners = host.outbound;
     listeners.extend(host.inbound);
     tasks.push(tokio::spawn(proxy::outbound::run(
@@ -186,7 +187,7 @@ fn config_and_dns_tasks(
     opts: &RunOptions,
     dns: Vec<std::net::UdpSocket>,
     shared: &Shared,
-    mesh: &MeshHandle,
+    (mesh, since): (&MeshHandle, Option<crate::mesh::Since>),
     kube: Option<Kube>,
     rx: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -198,8 +199,8 @@ fn config_and_dns_tasks(
         let upstreams = Arc::clone(&shared.dns_upstreams);
         tasks.push(crate::proxy::dns::serve(socket, None, mesh.clone(), upstreams, cfg.proxy_mark, rx.clone()));
     }
-    if let Some(dir) = opts.config_dir.clone() {
-        tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), rx.clone()));
+    if let (Some(dir), Some(since)) = (opts.config_dir.clone(), since) {
+        tasks.push(crate::mesh::watch(dir, cfg.scope(), mesh.clone(), since, rx.clone()));
     }
     Ok(kube.map(|(client, watched, warnings)| {
         // From the cluster, Gateway certificate files only from the
@@ -316,14 +317,17 @@ async fn drain_pods(closers: Vec<watch::Sender<bool>>, drain: std::time::Duratio
 /// start, naming the first problem (the directory is the user's own YAML:
 /// a mistake is said at once, and nothing is half-started). Once running,
 /// a bad change rejects only the object it breaks ([`crate::mesh::watch`]).
-fn load_mesh(dir: Option<&std::path::Path>, scope: &crate::mesh::Scope) -> Result<crate::mesh::Mesh> {
-    let Some(dir) = dir else { return Ok(crate::mesh::Mesh::default()) };
-    let compiled = crate::mesh::source_dir::load_dir(dir).and_then(|docs| crate::mesh::Mesh::compile_in(&docs, scope));
-    match compiled {
+fn load_mesh(
+    dir: Option<&std::path::Path>,
+    scope: &crate::mesh::Scope,
+) -> Result<(crate::mesh::Mesh, Option<crate::mesh::Since>)> {
+    let Some(dir) = dir else { return Ok((crate::mesh::Mesh::default(), None)) };
+    let (docs, since) = crate::mesh::read_dir(dir);
+    match docs.and_then(|docs| crate::mesh::Mesh::compile_in(&docs, scope)) {
         Ok(m) => {
             crate::mesh::log_warnings(&m);
             info!(dir = %dir.display(), services = m.services.len(), "mesh config loaded");
-            Ok(m)
+            Ok((m, Some(since)))
         }
         Err(problems) => bail!(
             "mesh config rejected: {}{}; fix it (`redirector analyze {}` lists every problem) and start again",

@@ -103,19 +103,38 @@ pub fn log_warnings(mesh: &Mesh) {
     }
 }
 
-/// Watch `dir` and apply each good change; a bad one is logged with its
-/// file, document, field and reason, and the last good mesh stays.
+/// The directory as the mesh in force was read from it: a watch started
+/// later (after a takeover's wait, say) applies every change made since
+/// the read, not only those after the watch began.
+pub struct Since {
+    last: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    accepted: Option<Arc<Documents>>,
+}
+
+/// Read `dir` for the mesh to start with, and what a [`watch`] continues
+/// from (the fingerprint taken first: a change while reading is seen
+/// again, never missed).
+pub fn read_dir(dir: &Path) -> (Result<Documents, Vec<source_dir::Problem>>, Since) {
+    let last = fingerprint(dir);
+    let docs = source_dir::load_dir(dir);
+    let accepted = docs.as_ref().ok().map(|d| Arc::new(d.clone()));
+    (docs, Since { last, accepted })
+}
+
+/// Watch `dir` from `since` and apply each good change; a bad one is
+/// logged with its file, document, field and reason, and the last good
+/// mesh stays.
 pub fn watch(
     dir: PathBuf,
     scope: Scope,
     handle: MeshHandle,
+    since: Since,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last = fingerprint(&dir);
-        // What the mesh in force was compiled from: a rejected change to
-        // an object falls back to its version here.
-        let mut accepted: Option<Arc<Documents>> = source_dir::load_dir(&dir).ok().map(Arc::new);
+        let Since { mut last, mut accepted } = since;
+        // `accepted`: what the mesh in force was compiled from; a rejected
+        // change to an object falls back to its version there.
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {

@@ -499,6 +499,73 @@ mod a_takeover_fails_no_connection_and_the_old_agent_drains_and_exits_in {
     }
 }
 
+/// A mesh config change made while a second agent takes over is applied
+/// once, by the agent that serves afterwards: not lost in the window
+/// between the new agent reading the directory and watching it (it
+/// watches from what it read), not applied by the old agent once it has
+/// handed over (its watch stops there). One capture mode: the config path
+/// is the same in both.
+#[test]
+fn a_config_change_during_a_takeover_applies_once() {
+    if !privileged() {
+        return;
+    }
+    let mut t = Topology::new().unwrap();
+    let peers = t.server(&format!("{SERVER_V4}:8080"));
+    let dir = t.state.parent().unwrap().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: tcp, port: 7000, targetPort: 8080}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}}}\nsubsets:\n- addresses: [{{ip: {SERVER_V4}}}]\n  ports: [{{name: tcp, port: 8080}}]\n"
+        )
+    };
+    std::fs::write(dir.join("first.yaml"), service("first", "198.19.0.30")).unwrap();
+    t.config_dir = Some(dir.clone());
+    t.start_agent("").unwrap();
+    let app = t.cgroup.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    assert!(t.redirector().arg("enroll").arg(&app).output().unwrap().status.success());
+    let out = t.run_in_cgroup(&app, &bash_connect("198.19.0.30", 7000));
+    assert!(out.status.success(), "the first Service is routed: {out:?}");
+
+    // The new agent logs apart, so its own lines can be counted.
+    let old_log = t.log.clone();
+    t.log = t.state.parent().unwrap().join("agent-2.log");
+    let writer = {
+        let dir = dir.clone();
+        let second = service("second", "198.19.0.31");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(40));
+            std::fs::write(dir.join("second.yaml"), second).unwrap();
+        })
+    };
+    let mut old = t.take_over().unwrap();
+    writer.join().unwrap();
+    let before = peers.lock().unwrap().len();
+    let routed = eventually(Duration::from_secs(5), || {
+        t.run_in_cgroup(&app, &bash_connect("198.19.0.31", 7000)).status.success()
+    });
+    let new_log = std::fs::read_to_string(&t.log).unwrap();
+    assert!(routed, "the change made during the takeover is applied by the new agent: {new_log}");
+    assert!(peers.lock().unwrap().len() > before);
+    // Once: the new agent read it at its start or applied it after, not both.
+    let with_both = t
+        .log_lines()
+        .iter()
+        .filter(|l| {
+            let m = l["fields"]["message"].as_str().unwrap_or("");
+            (m == "mesh config loaded" || m == "mesh config applied") && l["fields"]["services"] == 2
+        })
+        .count();
+    assert_eq!(with_both, 1, "{new_log}");
+    // The old agent applies nothing once it has handed over.
+    assert!(eventually(Duration::from_secs(10), || old.try_wait().unwrap().is_some()));
+    let old_lines = std::fs::read_to_string(&old_log).unwrap();
+    let after_handover = old_lines.split("handed over: no new connections here").nth(1).unwrap_or("");
+    assert!(after_handover.contains("drained; exiting"), "{old_lines}");
+    assert!(!after_handover.contains("mesh config applied"), "{old_lines}");
+}
+
 /// A takeover while the running agent is wedged (SIGSTOPped): the new
 /// agent gets no answer, kills it, and serves alone; what the old agent's
 /// stop left in the kernel refuses connections in between instead of
