@@ -170,7 +170,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let handed_over = offer_takeover(&opts.state_dir, &handover);
     let stop = wait_for_stop(&mut signals, handed_over).await;
-    Running { tx, pod_loop, tasks, capture, in_pod, stats }.stop(stop, cfg, &opts.state_dir).await;
+    Running { tx, pod_loop, tasks, capture, in_pod, stats, handover }.stop(stop, cfg, &opts.state_dir).await;
     if let (Stop::HandedOver(_), Some(_)) = (stop, &opts.kubernetes) {
         // A DaemonSet pod's container that exits by itself is restarted
         // (and would take the node back): this one, drained and holding
@@ -224,13 +224,14 @@ struct Running {
     capture: Arc<dyn Capture>,
     in_pod: Arc<crate::inpod::InPod>,
     stats: Arc<ProxyStats>,
+    handover: Arc<Handover>,
 }
 
 impl Running {
     /// Stop accepting, drain, and leave the capture in the kernel (and,
     /// handed over, everything else the next agent serves with).
     async fn stop(self, stop: Stop, cfg: &AgentConfig, state_dir: &std::path::Path) {
-        let Running { tx, pod_loop, tasks, capture, in_pod, stats } = self;
+        let Running { tx, pod_loop, tasks, capture, in_pod, stats, handover } = self;
         let drain_ms = cfg.drain_timeout.as_millis() as u64;
         if let Stop::HandedOver(pid) = stop {
             info!(
@@ -245,6 +246,11 @@ impl Running {
             info!(open = stats.open_count(), drain_ms, "shutting down: no new connections, draining open ones");
             let _ = std::fs::remove_file(state_dir.join(takeover::SOCKET));
         }
+        // The duplicates kept for a takeover go first: a listener must close
+        // when its accept loop ends, so a new connection is refused at
+        // once (not completed by the kernel and left unanswered).
+        handover.ours.forget("");
+        handover.inherited.forget("");
         let _ = tx.send(true);
         let closers = pod_loop.await.unwrap_or_default();
         for t in tasks {
